@@ -1,0 +1,42 @@
+"""Model registry: ``get_model(name) -> ModelDef`` for every name in ``MODELS``.
+
+Model modules are imported lazily, so listing names never touches weight packages.
+``get_model`` raises ``UnknownModel`` for a name not in ``MODELS`` and
+``ModelUnavailable`` (with the exact install command) when weights or the
+architecture package are missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from runner.models.base import ModelDef, ModelUnavailable, Preprocess, UnknownModel, imagenet_labels
+
+__all__ = [
+    "MODELS",
+    "ModelDef",
+    "ModelUnavailable",
+    "Preprocess",
+    "UnknownModel",
+    "get_model",
+    "imagenet_labels",
+]
+
+_MODULES: dict[str, str] = {
+    "mobilenet_v2": "runner.models.mobilenet_v2",
+    "efficientnet_lite0": "runner.models.efficientnet_lite0",
+    "tiny": "runner.models.tiny",
+}
+
+MODELS: tuple[str, ...] = tuple(_MODULES)
+
+
+def get_model(name: str) -> ModelDef:
+    """Return the ``ModelDef`` registered under ``name``."""
+    try:
+        module_name = _MODULES[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+    module = importlib.import_module(module_name)
+    model_def: ModelDef = module.model_def()
+    return model_def
