@@ -1,0 +1,83 @@
+"""The axes dmx knows: their levels, the pipeline stage they act on, and where they apply.
+
+Adding an axis is one entry in ``AXES``. An axis that does not apply to a cell (an OpenVINO
+hint on a torch cell) is null in that cell and does not multiply the matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+Factors = Mapping[str, "str | None"]
+
+DECODE, PREPROCESS, INFER = "decode", "preprocess", "infer"
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One dimension of the matrix.
+
+    ``levels`` lists the allowed plain levels; ``open_levels`` marks axes whose levels may also be
+    mappings (decoder variants such as ``{name: libjpeg, build: 9e}``) or free integers.
+    ``applies`` decides from a cell's other factors whether the axis means anything there.
+    """
+
+    name: str
+    stage: str
+    levels: tuple[str, ...]
+    doc: str
+    applies: Callable[[Factors], bool] = field(default=lambda f: True)
+    integer: bool = False
+    mapping_levels: bool = False
+
+
+def _backend_is(name: str) -> Callable[[Factors], bool]:
+    return lambda f: f.get("backend") == name
+
+
+def _on_cuda_torch(f: Factors) -> bool:
+    return f.get("backend") == "torch" and str(f.get("device") or "cpu").startswith("cuda")
+
+
+RESIZE_LEVELS = (
+    "pil-bilinear", "pil-bicubic", "cv2-linear", "cv2-area", "cv2-cubic",
+    "torch-bilinear", "torch-bilinear-aa",
+)
+
+AXES: dict[str, Axis] = {
+    a.name: a
+    for a in (
+        Axis("decoder", DECODE, ("pil", "opencv", "simplejpeg", "turbojpeg", "libjpeg"),
+             "image decoding library (a mapping adds a package version or libjpeg build)",
+             mapping_levels=True),
+        Axis("exif", DECODE, ("apply", "ignore"),
+             "EXIF orientation: apply (Pillow exif_transpose / OpenCV default) or ignore"),
+        Axis("color", DECODE, ("rgb", "bgr"),
+             "channel order handed to the model (bgr reproduces the classic channel swap)"),
+        Axis("resize", PREPROCESS, RESIZE_LEVELS, "resize library and interpolation"),
+        Axis("backend", INFER, ("torch", "onnxruntime", "openvino"), "inference engine"),
+        Axis("precision", INFER, ("fp32", "fp16", "bf16", "int8"), "numeric precision asked for"),
+        Axis("openvino_hint", INFER, ("default", "f32", "bf16", "f16", "accuracy"),
+             "OpenVINO INFERENCE_PRECISION_HINT (default = the plugin's own choice; "
+             "accuracy = EXECUTION_MODE_HINT ACCURACY)", applies=_backend_is("openvino")),
+        Axis("ort_opt", INFER, ("disable", "basic", "extended", "all"),
+             "ONNX Runtime graph optimisation level", applies=_backend_is("onnxruntime")),
+        Axis("threads", INFER, (), "intra-op threads set on every backend", integer=True),
+        Axis("device", INFER, ("cpu", "cuda"), "device the model runs on (cuda:N allowed)"),
+        Axis("tf32", INFER, ("on", "off"), "TF32 for fp32 matmul/conv on CUDA (torch)",
+             applies=_on_cuda_torch),
+    )
+}
+
+AXIS_ORDER: tuple[str, ...] = tuple(AXES)
+
+# The level a pipeline uses for an axis the spec does not sweep.
+DEFAULT_LEVELS: dict[str, str] = {
+    "decoder": "pil", "exif": "apply", "color": "rgb", "resize": "pil-bilinear",
+    "backend": "torch", "precision": "fp32", "device": "cpu", "tf32": "off",
+}
+
+
+def stage_axes(stage: str, present: tuple[str, ...]) -> tuple[str, ...]:
+    """Axes of ``present`` that act on ``stage``, in canonical order."""
+    return tuple(a for a in AXIS_ORDER if a in present and AXES[a].stage == stage)

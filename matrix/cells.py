@@ -1,0 +1,91 @@
+"""Expansion of a spec into cells, and the reference cell."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterator, Mapping
+
+from .axes import AXES, DECODE, DEFAULT_LEVELS, INFER, PREPROCESS
+from .errors import SpecError
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of levels. A factor is ``None`` where its axis does not apply."""
+
+    cell_id: str
+    factors: tuple[tuple[str, str | None], ...]
+
+    def __getitem__(self, axis: str) -> str | None:
+        return dict(self.factors).get(axis)
+
+    def get(self, axis: str, default: str | None = None) -> str | None:
+        v = dict(self.factors).get(axis)
+        return default if v is None else v
+
+    def key(self, stage: str) -> tuple[tuple[str, str | None], ...]:
+        """The factors acting on one stage; equal keys mean the stage's work is shared."""
+        stages = {DECODE: (DECODE,), PREPROCESS: (DECODE, PREPROCESS), INFER: (INFER,)}[stage]
+        return tuple((a, v) for a, v in self.factors if AXES[a].stage in stages)
+
+    def label(self) -> str:
+        return " ".join(f"{a}={v}" for a, v in self.factors if v is not None)
+
+
+def make_cell(factors: Mapping[str, str | None], order: tuple[str, ...]) -> Cell:
+    """Build a cell, nulling axes that do not apply; the id hashes the non-null factors."""
+    full = {a: factors.get(a) for a in order}
+    context = {**DEFAULT_LEVELS, **{a: v for a, v in full.items() if v is not None}}
+    for a in order:
+        if full[a] is not None and not AXES[a].applies(context):
+            full[a] = None
+    items = tuple((a, full[a]) for a in order)
+    text = ";".join(f"{a}={v}" for a, v in items if v is not None)
+    return Cell(hashlib.sha1(text.encode()).hexdigest()[:10], items)
+
+
+def _matches(cell: Cell, partial: Mapping[str, str]) -> bool:
+    return all(cell[a] == v for a, v in partial.items())
+
+
+def expand(spec: Spec) -> list[Cell]:
+    """All cells of the spec: the product of its axes, minus ``exclude``, plus ``include``."""
+    order = spec.axis_names
+    seen: dict[str, Cell] = {}
+    for combo in itertools.product(*(levels for _, levels in spec.axes)):
+        cell = make_cell(dict(zip(order, combo)), order)
+        if any(_matches(cell, ex) for ex in spec.exclude):
+            continue
+        seen.setdefault(cell.cell_id, cell)
+    base = {a: levels[0] for a, levels in spec.axes}
+    base.update(spec.reference)
+    for inc in spec.include:
+        cell = make_cell({**base, **inc}, order)
+        seen.setdefault(cell.cell_id, cell)
+    return list(seen.values())
+
+
+def reference_cell(spec: Spec, cells: list[Cell]) -> Cell:
+    """The cell every other cell is compared to; axes the reference omits take their first level."""
+    order = spec.axis_names
+    factors = {a: levels[0] for a, levels in spec.axes}
+    factors.update(spec.reference)
+    ref = make_cell(factors, order)
+    for c in cells:
+        if c.cell_id == ref.cell_id:
+            return c
+    raise SpecError("reference", f"{ref.label()} is not a cell of the matrix (is it excluded?); "
+                                 f"choose levels from the axes: "
+                                 + "; ".join(f"{a}: {', '.join(l)}" for a, l in spec.axes))
+
+
+def iter_stage_keys(cells: list[Cell], stage: str) -> Iterator[tuple]:
+    """Distinct stage keys in first-seen order."""
+    seen = set()
+    for c in cells:
+        k = c.key(stage)
+        if k not in seen:
+            seen.add(k)
+            yield k

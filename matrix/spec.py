@@ -1,0 +1,316 @@
+"""The matrix spec: YAML in, a validated frozen ``Spec`` out.
+
+Everything in a spec is data except ``model.torch`` (``"pkg.module:factory"``), which names code
+to import: a spec that uses it is trusted configuration.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from .axes import AXES, AXIS_ORDER
+from .errors import SpecError
+
+TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference",
+            "calibration", "check")
+DATASET_KEYS = ("path", "limit")
+MODEL_KEYS = ("name", "torch", "weights", "onnx", "input", "task", "opset", "labels")
+INPUT_KEYS = ("mode", "resize", "size", "mean", "std")
+TASKS = ("classification", "tensor")
+_CUDA = re.compile(r"^cuda(:\d+)?$")
+_VARIANT = re.compile(r"^(\w+)(?::[0-9a-z]+|\[[^\]]+\])$")  # libjpeg:9e, pil[pillow==9.4.0]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the images are: a folder (recursive), a glob, or a text/CSV manifest of paths."""
+
+    path: str
+    limit: int | None
+    base_dir: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A built-in model name, or user artifacts: a torch factory and/or an ONNX file."""
+
+    name: str | None = None
+    torch: str | None = None
+    weights: str | None = None
+    onnx: str | None = None
+    input: Mapping[str, Any] | None = None
+    task: str = "classification"
+    opset: int = 18
+    labels: str | None = None
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    dataset: DatasetSpec
+    model: ModelSpec
+    axes: tuple[tuple[str, tuple[str, ...]], ...]
+    include: tuple[Mapping[str, str], ...]
+    exclude: tuple[Mapping[str, str], ...]
+    reference: Mapping[str, str]
+    calibration_limit: int
+    check: Mapping[str, Any]
+    raw: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.axes)
+
+    def levels(self, axis: str) -> tuple[str, ...]:
+        return dict(self.axes)[axis]
+
+    @property
+    def digest(self) -> str:
+        """Stable hash of the normalised spec: a run directory belongs to exactly one."""
+        blob = json.dumps(self.raw, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
+    """Read a YAML spec file, apply ``key=value`` overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("", f"spec file not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SpecError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_spec(raw, base_dir=str(p.resolve().parent), overrides=overrides)
+
+
+def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = ()) -> Spec:
+    """Validate a spec given as plain data (the parsed YAML)."""
+    if not isinstance(raw, dict):
+        raise SpecError("", "a spec must be a YAML mapping with keys " + ", ".join(TOP_KEYS))
+    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
+    for ov in overrides:
+        apply_override(raw, ov)
+    _reject_unknown("", raw, TOP_KEYS)
+    name = raw.get("name", "dmx-run")
+    if not isinstance(name, str) or not name:
+        raise SpecError("name", "must be a non-empty string")
+    dataset = _parse_dataset(raw.get("dataset"), base_dir)
+    model = _parse_model(raw.get("model"), base_dir)
+    axes = _parse_axes(raw.get("axes"))
+    include = tuple(_parse_partial(f"include[{i}]", c, axes) for i, c in
+                    enumerate(_as_list("include", raw.get("include"))))
+    exclude = tuple(_parse_partial(f"exclude[{i}]", c, axes) for i, c in
+                    enumerate(_as_list("exclude", raw.get("exclude"))))
+    reference = _parse_partial("reference", raw.get("reference") or {}, axes)
+    calibration = raw.get("calibration") or {}
+    if not isinstance(calibration, dict):
+        raise SpecError("calibration", "must be a mapping like {limit: 16}")
+    _reject_unknown("calibration", calibration, ("limit",))
+    cal_limit = _positive_int("calibration.limit", calibration.get("limit", 16))
+    check = raw.get("check") or {}
+    if not isinstance(check, dict):
+        raise SpecError("check", "must be a mapping of metric tolerances")
+    normalised = {
+        "name": name,
+        "dataset": {"path": dataset.path, "limit": dataset.limit},
+        "model": {k: v for k, v in model.__dict__.items() if v is not None},
+        "axes": {a: list(v) for a, v in axes},
+        "include": [dict(c) for c in include],
+        "exclude": [dict(c) for c in exclude],
+        "reference": dict(reference),
+        "calibration": {"limit": cal_limit},
+        "check": check,
+    }
+    return Spec(name, dataset, model, axes, include, exclude, reference, cal_limit, check,
+                normalised)
+
+
+def apply_override(raw: dict, text: str) -> None:
+    """Apply one Hydra-style override: ``backend=torch,openvino``, ``dataset.limit=10``."""
+    if "=" not in text:
+        raise SpecError("-o", f"override {text!r} must look like key=value (e.g. backend=torch,openvino)")
+    key, value = text.split("=", 1)
+    key = key.strip().lstrip("+")
+    if key in AXES:
+        key = f"axes.{key}"
+    parts = key.split(".")
+    if parts[0] not in TOP_KEYS:
+        raise SpecError(key, f"unknown key; allowed: {', '.join(TOP_KEYS)} or an axis "
+                             f"({', '.join(AXIS_ORDER)})")
+    if parts[0] == "axes" and len(parts) == 2:
+        parsed: Any = [_scalar(v) for v in value.split(",") if v.strip()]
+    else:
+        parsed = _scalar(value)
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else {"name": child} if part == "model" else None
+            if child is None:
+                raise SpecError(key, f"cannot set a field of {part!r}, which is not a mapping")
+            node[part] = child
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text.strip())
+    except yaml.YAMLError:
+        return text.strip()
+
+
+def _reject_unknown(where: str, d: Mapping, allowed: tuple[str, ...]) -> None:
+    for k in d:
+        if k not in allowed:
+            key = f"{where}.{k}" if where else str(k)
+            raise SpecError(key, f"unknown key; allowed: {', '.join(allowed)}")
+
+
+def _as_list(key: str, v: Any) -> list:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise SpecError(key, "must be a list of mappings axis: level")
+    return v
+
+
+def _positive_int(key: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise SpecError(key, f"must be a positive integer, got {v!r}")
+    return v
+
+
+def _parse_dataset(d: Any, base_dir: str) -> DatasetSpec:
+    if d is None:
+        raise SpecError("dataset", "missing; give {path: images/} (a folder, a glob or a manifest)")
+    if isinstance(d, str):
+        d = {"path": d}
+    if not isinstance(d, dict):
+        raise SpecError("dataset", "must be a mapping {path: ..., limit: N}")
+    _reject_unknown("dataset", d, DATASET_KEYS)
+    path = d.get("path")
+    if not isinstance(path, str) or not path:
+        raise SpecError("dataset.path", "missing; a folder, a glob (** recursive) or a .txt/.csv manifest")
+    limit = d.get("limit")
+    if limit is not None:
+        limit = _positive_int("dataset.limit", limit)
+    return DatasetSpec(path=path, limit=limit, base_dir=base_dir)
+
+
+def _parse_model(m: Any, base_dir: str) -> ModelSpec:
+    if m is None:
+        raise SpecError("model", "missing; a built-in name (mobilenet_v2, efficientnet_lite0) or "
+                                 "{torch: pkg.mod:factory, input: {...}} or {onnx: file.onnx, input: {...}}")
+    if isinstance(m, str):
+        m = {"name": m}
+    if not isinstance(m, dict):
+        raise SpecError("model", "must be a built-in name or a mapping")
+    _reject_unknown("model", m, MODEL_KEYS)
+    kinds = [k for k in ("name", "torch", "onnx") if m.get(k)]
+    if not kinds:
+        raise SpecError("model", "give one of name (built-in), torch (pkg.mod:factory) or onnx (file)")
+    if "name" in kinds and len(kinds) > 1:
+        raise SpecError("model", "a built-in name cannot be combined with torch/onnx artifacts")
+    if m.get("torch") and not re.match(r"^[\w.]+:\w+$", str(m["torch"])):
+        raise SpecError("model.torch", f"must look like package.module:factory, got {m['torch']!r}")
+    task = m.get("task", "classification")
+    if task not in TASKS:
+        raise SpecError("model.task", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    inp = m.get("input")
+    if inp is not None:
+        if not isinstance(inp, dict):
+            raise SpecError("model.input", "must be a mapping {size, resize, mode, mean, std}")
+        _reject_unknown("model.input", inp, INPUT_KEYS)
+    if not m.get("name") and inp is None:
+        raise SpecError("model.input", "a torch/onnx model needs input: {size: 224, mode: "
+                                       "resize-crop|stretch, resize: 256, mean: [...], std: [...]}")
+
+    def rel(p: Any) -> str | None:
+        return None if p is None else str((Path(base_dir) / str(p)).resolve())
+
+    onnx_path = rel(m.get("onnx"))
+    if onnx_path and not Path(onnx_path).is_file():
+        raise SpecError("model.onnx", f"file not found: {m['onnx']}")
+    opset = m.get("opset", 18)
+    if not isinstance(opset, int) or not 7 <= opset <= 23:
+        raise SpecError("model.opset", f"must be an integer ONNX opset 7-23, got {opset!r}")
+    return ModelSpec(name=m.get("name"), torch=m.get("torch"), weights=rel(m.get("weights")),
+                     onnx=onnx_path, input=inp, task=task, opset=opset, labels=rel(m.get("labels")))
+
+
+def normalise_level(axis: str, level: Any, key: str) -> str:
+    """Canonical string for a level; mappings become ``name:build`` or ``name[package]``."""
+    spec = AXES[axis]
+    if isinstance(level, dict) and spec.mapping_levels:
+        _reject_unknown(key, level, ("name", "build", "package"))
+        name = level.get("name")
+        if name not in spec.levels:
+            raise SpecError(f"{key}.name", f"unknown {axis} {name!r}; allowed: {', '.join(spec.levels)}")
+        if level.get("build") and level.get("package"):
+            raise SpecError(key, "give build or package, not both")
+        if level.get("build"):
+            return normalise_level(axis, f"{name}:{level['build']}", key)
+        if level.get("package"):
+            return normalise_level(axis, f"{name}[{level['package']}]", key)
+        return name
+    if isinstance(level, bool) or not isinstance(level, (str, int)):
+        raise SpecError(key, f"a level must be a string, got {level!r}")
+    text = str(level)
+    if spec.integer:
+        if not text.isdigit() or int(text) < 1:
+            raise SpecError(key, f"{axis} levels are positive integers, got {text!r}")
+        return text
+    if axis == "device" and _CUDA.match(text):
+        return text
+    variant = _VARIANT.match(text) if spec.mapping_levels else None
+    if variant and variant.group(1) in spec.levels:
+        return text
+    if text not in spec.levels:
+        raise SpecError(key, f"unknown level {text!r}; allowed: {', '.join(spec.levels)}")
+    if axis == "decoder" and text == "libjpeg":
+        raise SpecError(key, "libjpeg needs a build, e.g. {name: libjpeg, build: 9e}")
+    return text
+
+
+def _parse_axes(a: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    if not isinstance(a, dict) or not a:
+        raise SpecError("axes", "missing; a mapping axis -> list of levels, axes: "
+                                + ", ".join(AXIS_ORDER))
+    out = []
+    for axis in a:
+        if axis not in AXES:
+            raise SpecError(f"axes.{axis}", f"unknown axis; allowed: {', '.join(AXIS_ORDER)}")
+    for axis in AXIS_ORDER:  # canonical order, whatever order the YAML used
+        if axis not in a:
+            continue
+        levels = a[axis] if isinstance(a[axis], list) else [a[axis]]
+        if not levels:
+            raise SpecError(f"axes.{axis}", "needs at least one level")
+        norm = tuple(normalise_level(axis, lv, f"axes.{axis}") for lv in levels)
+        if len(set(norm)) != len(norm):
+            raise SpecError(f"axes.{axis}", f"a level is listed twice: {list(norm)}")
+        out.append((axis, norm))
+    return tuple(out)
+
+
+def _parse_partial(key: str, c: Any, axes: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, str]:
+    if not isinstance(c, dict):
+        raise SpecError(key, "must be a mapping axis: level")
+    known = dict(axes)
+    out = {}
+    for axis, level in c.items():
+        if axis not in known:
+            raise SpecError(f"{key}.{axis}", f"not an axis of this spec; axes: {', '.join(known)}")
+        norm = normalise_level(axis, level, f"{key}.{axis}")
+        if norm not in known[axis]:
+            raise SpecError(f"{key}.{axis}", f"level {norm!r} is not in axes.{axis}; "
+                                              f"allowed: {', '.join(known[axis])}")
+        out[axis] = norm
+    return out

@@ -1,0 +1,70 @@
+"""A fingerprint of the environment a run used: package versions, CPU flags, libjpeg builds."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import re
+import sys
+from typing import Any
+
+PACKAGES = ("dmx", "torch", "onnx", "onnxruntime", "openvino", "opencv-python-headless", "pillow",
+            "numpy", "pyarrow", "duckdb", "ray", "nncf", "jpeglib", "simplejpeg", "PyTurboJPEG")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+             "amx_bf16", "amx_int8", "amx_tile", "fma", "f16c")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model and the ISA flags that change numerics (bf16/fp16/int8 kernels)."""
+    model, flags = platform.processor() or None, set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"model": model, "count": os.cpu_count(),
+            "isa": {f: (f in flags) for f in ISA_FLAGS} if flags else None}
+
+
+def libjpeg_versions() -> dict[str, str | None]:
+    """The libjpeg(-turbo) builds behind Pillow and OpenCV in this process."""
+    out: dict[str, str | None] = {}
+    try:
+        from PIL import features
+        turbo = features.check_feature("libjpeg_turbo")
+        out["pillow"] = f"{'libjpeg-turbo' if turbo else 'libjpeg'} {features.version('jpg')}"
+    except ImportError:
+        out["pillow"] = None
+    try:
+        import cv2
+        m = re.search(r"^\s*JPEG:\s*(.+)$", cv2.getBuildInformation(), re.M)
+        out["opencv"] = m.group(1).strip() if m else None
+    except ImportError:
+        out["opencv"] = None
+    return out
+
+
+def fingerprint() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu": cpu_info(),
+        "packages": package_versions(),
+        "libjpeg": libjpeg_versions(),
+    }

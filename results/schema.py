@@ -1,0 +1,89 @@
+"""The data contract between ``runner/`` and ``analysis/``: Parquet column names, types, units.
+
+``ROW_COLUMNS`` is the single source of truth; the README's column table is generated from it
+(``dmx schema``) so the two cannot drift apart.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+# (name, type, unit, meaning)
+ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
+    ("run_id", pa.string(), "", "id of the run (one per run directory)"),
+    ("cell_id", pa.string(), "", "id of the cell: a hash of its non-null factors"),
+    ("image_id", pa.string(), "", "image path relative to the dataset root"),
+    # one string column per axis of the spec sits here (decoder, exif, resize, backend, ...)
+    ("status", pa.string(), "", "ok | error | skipped"),
+    ("error_stage", pa.string(), "", "read | decode | preprocess | model-build | infer | reference"),
+    ("error", pa.string(), "", "error message, or why the cell was skipped"),
+    ("is_reference", pa.bool_(), "", "this row belongs to the reference cell"),
+    ("decoded_h", pa.int32(), "px", "height of the decoded image, before any resize"),
+    ("decoded_w", pa.int32(), "px", "width of the decoded image, before any resize"),
+    ("shape_match", pa.bool_(), "", "decoded shape equals the reference cell's decoded shape"),
+    ("px_equal", pa.bool_(), "", "model input equals the reference's, bit for bit (0-255 scale, "
+                                 "after resize/crop, before normalisation)"),
+    ("px_max_abs", pa.float64(), "0-255", "max abs difference of the model input vs the reference"),
+    ("px_mean_abs", pa.float64(), "0-255", "mean abs difference of the model input"),
+    ("px_frac_diff", pa.float64(), "0-1", "fraction of input pixels (any channel) that differ"),
+    ("px_psnr", pa.float64(), "dB", "PSNR of the model input vs the reference (inf if equal)"),
+    ("out_max_abs", pa.float64(), "logits", "max abs difference of the output vs the reference cell"),
+    ("out_mean_abs", pa.float64(), "logits", "mean abs difference of the output"),
+    ("out_rel_l2", pa.float64(), "ratio", "||out - ref|| / ||ref||"),
+    ("out_cosine", pa.float64(), "-1..1", "cosine similarity of output and reference output"),
+    ("out_sqnr_db", pa.float64(), "dB", "signal-to-quantisation-noise ratio, 10 log10(|ref|^2/|out-ref|^2)"),
+    ("out_kl", pa.float64(), "nats", "KL(softmax(ref) || softmax(out)) (classification)"),
+    ("top1", pa.int32(), "class", "top-1 class of this cell (classification)"),
+    ("top1_ref", pa.int32(), "class", "top-1 class of the reference cell"),
+    ("top1_agree", pa.bool_(), "", "top1 == top1_ref"),
+    ("top5_overlap", pa.float64(), "0-1", "|top-5 ∩ reference top-5| / 5"),
+    ("top5", pa.list_(pa.int32()), "class", "top-5 classes of this cell, best first"),
+    ("top5_prob", pa.list_(pa.float32()), "0-1", "softmax probabilities of top5"),
+    ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
+    ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
+    ("decode_ms", pa.float64(), "ms", "decode time of this image for this cell's decoder"),
+    ("preprocess_ms", pa.float64(), "ms", "resize/crop/normalise time"),
+    ("latency_ms", pa.float64(), "ms", "inference time per image (batch time / batch size)"),
+)
+
+FIXED_HEAD = ("run_id", "cell_id", "image_id")
+
+
+def row_schema(axes: tuple[str, ...]) -> pa.Schema:
+    """Schema of ``rows/`` for a spec with these axes (axis columns follow ``image_id``)."""
+    fields = [pa.field(n, t) for n, t, _, _ in ROW_COLUMNS[:3]]
+    fields += [pa.field(a, pa.string()) for a in axes]
+    fields += [pa.field(n, t) for n, t, _, _ in ROW_COLUMNS[3:]]
+    return pa.schema(fields)
+
+
+CELL_COLUMNS = (
+    ("cell_id", pa.string()), ("is_reference", pa.bool_()), ("status", pa.string()),
+    ("skip_reason", pa.string()), ("label", pa.string()),
+)
+
+
+def cell_schema(axes: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([pa.field(n, t) for n, t in CELL_COLUMNS[:1]]
+                     + [pa.field(a, pa.string()) for a in axes]
+                     + [pa.field(n, t) for n, t in CELL_COLUMNS[1:]])
+
+
+IMAGE_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+    ("image_id", pa.string()), ("path", pa.string()), ("format", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("subsampling", pa.string()),
+    ("progressive", pa.bool_()), ("arithmetic", pa.bool_()), ("exif_orientation", pa.int32()),
+    ("components", pa.int32()), ("color_mode", pa.string()), ("icc", pa.bool_()),
+    ("bytes", pa.int64()), ("sha256", pa.string()), ("error", pa.string()),
+)
+IMAGE_SCHEMA = pa.schema([pa.field(n, t) for n, t in IMAGE_COLUMNS])
+
+
+def columns_markdown() -> str:
+    """The README's table of row columns."""
+    lines = ["| column | type | unit | meaning |", "| --- | --- | --- | --- |"]
+    for name, typ, unit, meaning in ROW_COLUMNS:
+        lines.append(f"| `{name}` | {typ} | {unit} | {meaning} |")
+        if name == "image_id":
+            lines.append("| `<axis>` | string | | one column per axis of the spec, the cell's level "
+                         "(null where the axis does not apply) |")
+    return "\n".join(lines)

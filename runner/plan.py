@@ -1,0 +1,52 @@
+"""The execution plan shipped to workers: cells, reference, model artifacts, chunks. Plain data."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from matrix import Cell
+
+from .backends.base import ModelArtifacts
+from .convert import ResolvedModel
+from .dataset import ImageRef
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A slice of the dataset: the unit of scheduling, retry and resume."""
+
+    index: int
+    images: tuple[ImageRef, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_id: str
+    axes: tuple[str, ...]
+    cells: tuple[Cell, ...]
+    reference_id: str
+    skipped: Mapping[str, str]
+    model: ResolvedModel
+    artifacts: ModelArtifacts
+    threads: int = 1
+    batch: int = 8
+    reuse_check_every: int = 4          # recompute one batch per infer setting every N chunks
+
+    @property
+    def reference(self) -> Cell:
+        return next(c for c in self.cells if c.cell_id == self.reference_id)
+
+    def active_cells(self) -> list[Cell]:
+        return [c for c in self.cells if c.cell_id not in self.skipped]
+
+
+def make_chunks(images: list[ImageRef], size: int) -> list[Chunk]:
+    return [Chunk(i // size, tuple(images[i: i + size])) for i in range(0, len(images), size)]
+
+
+def default_chunk_size(n_images: int, n_prep_variants: int, workers: int) -> int:
+    """Big enough to batch inference, small enough to spread over workers and bound memory:
+    about 4 chunks per worker, at most ~256 preprocessed inputs (150 MB at 224 px) per chunk."""
+    by_memory = max(1, 256 // max(1, n_prep_variants))
+    by_spread = max(1, -(-n_images // (4 * max(1, workers))))
+    return max(1, min(64, by_memory, max(by_spread, 4)))

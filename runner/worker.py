@@ -1,0 +1,266 @@
+"""One worker's job: all cells of the matrix over one chunk of images.
+
+Work is shared wherever the factors allow: each image is decoded once per decode variant,
+preprocessed once per preprocessing variant, and each distinct input tensor is inferred once per
+backend setting (key: setting + hash of the tensor bytes); the other cells reuse that output.
+The reference cell's results stay at hand, so divergence is computed right here.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from matrix import Cell
+from matrix.axes import AXES, DECODE, INFER, PREPROCESS
+from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
+
+from . import metrics
+from .backends import BACKENDS, BackendRunner, InferSetting
+from .decoders import DecodeError, DecodeOptions, get_decoder
+from .imageinfo import read_image_info
+from .plan import Chunk, Plan
+from .preprocess import PreprocessError, model_input_pixels, normalise
+
+
+@dataclass
+class _Failure:
+    stage: str
+    message: str
+
+
+@dataclass
+class _Prepped:
+    pixels: np.ndarray          # (H, W, 3) float32, 0-255
+    tensor: np.ndarray          # (3, H, W) float32, normalised
+    digest: bytes
+    ms: float
+
+
+@dataclass
+class ChunkResult:
+    chunk: int
+    rows: pa.Table
+    images: pa.Table
+    counters: dict[str, float]
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _setting_key(setting: InferSetting) -> str:
+    return ",".join(f"{k}={v}" for k, v in setting.__dict__.items() if v is not None)
+
+
+class Worker:
+    """Holds built backends for the life of the process (a Ray actor or the local executor)."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.runners: dict[InferSetting, BackendRunner | _Failure] = {}
+        self.counters: Counter[str] = Counter()
+
+    def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
+        if setting not in self.runners:
+            cls = BACKENDS[setting.backend]
+            r = cls(self.plan.artifacts, setting, threads=self.plan.threads)
+            try:
+                r.activate()
+                self.counters["model_builds"] += 1
+                self.runners[setting] = r
+            except Exception as e:  # a backend's build can fail in library-specific ways
+                self.runners[setting] = _Failure("model-build", f"{type(e).__name__}: {e}")
+        return self.runners[setting]
+
+    def process_chunk(self, chunk: Chunk) -> ChunkResult:
+        plan = self.plan
+        before = Counter(self.counters)
+        cells = plan.active_cells()
+        ref = plan.reference
+        n = len(chunk.images)
+
+        raw: list[bytes | _Failure] = []
+        image_rows = []
+        for img in chunk.images:
+            try:
+                with open(img.path, "rb") as f:
+                    raw.append(f.read())
+            except OSError as e:
+                raw.append(_Failure("read", f"{type(e).__name__}: {e.strerror or e}"))
+            info = read_image_info(img.path) if not isinstance(raw[-1], _Failure) else {}
+            image_rows.append({"image_id": img.image_id, "path": img.path,
+                               **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
+            if isinstance(raw[-1], _Failure):
+                image_rows[-1]["error"] = raw[-1].message
+
+        decoded: dict[tuple, list[tuple[np.ndarray, float] | _Failure]] = {}
+        for key in _unique(c.key(DECODE) for c in cells):
+            decoded[key] = [self._decode(data, dict(key)) for data in raw]
+
+        prepped: dict[tuple, list[_Prepped | _Failure]] = {}
+        for key in _unique(c.key(PREPROCESS) for c in cells):
+            dkey = tuple((a, v) for a, v in key if AXES[a].stage == DECODE)
+            resize = dict(key).get("resize") or "pil-bilinear"
+            prepped[key] = [self._preprocess(d, resize) for d in decoded[dkey]]
+
+        outputs: dict[tuple, dict[bytes, tuple[np.ndarray, float] | _Failure]] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        for ikey in _unique(c.key(INFER) for c in cells):
+            setting = InferSetting.from_factors(dict(ikey))
+            inputs: dict[bytes, np.ndarray] = {}
+            for c in cells:
+                if c.key(INFER) == ikey:
+                    for p in prepped[c.key(PREPROCESS)]:
+                        if isinstance(p, _Prepped):
+                            inputs.setdefault(p.digest, p.tensor)
+            outputs[ikey] = self._infer(setting, inputs, chunk.index)
+            r = self.runners.get(setting)
+            if isinstance(r, BackendRunner):
+                infos[_setting_key(setting)] = r.info() | {"build_s": round(r.build_s, 3)}
+
+        rows = self._rows(chunk, cells, ref, decoded, prepped, outputs, infos, n)
+        counters = {k: v - before.get(k, 0) for k, v in self.counters.items()}
+        counters["images"] = n
+        return ChunkResult(chunk.index, rows,
+                           pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), counters, infos)
+
+    def _decode(self, data: bytes | _Failure, factors: dict) -> tuple[np.ndarray, float] | _Failure:
+        if isinstance(data, _Failure):
+            return data
+        t = time.perf_counter()
+        try:
+            dec = get_decoder(factors.get("decoder") or "pil")
+            img = dec.decode(data, DecodeOptions(exif=factors.get("exif") or "apply"))
+        except DecodeError as e:
+            return _Failure("decode", str(e))
+        if factors.get("color") == "bgr":
+            img = np.ascontiguousarray(img[..., ::-1])
+        self.counters["decodes"] += 1
+        return img, (time.perf_counter() - t) * 1e3
+
+    def _preprocess(self, d: tuple[np.ndarray, float] | _Failure, resize: str) -> _Prepped | _Failure:
+        if isinstance(d, _Failure):
+            return d
+        t = time.perf_counter()
+        try:
+            pixels = model_input_pixels(d[0], resize, self.plan.model.preprocess)
+        except PreprocessError as e:
+            return _Failure("preprocess", str(e))
+        tensor = normalise(pixels, self.plan.model.preprocess)
+        self.counters["resizes"] += 1
+        digest = hashlib.blake2b(tensor.tobytes(), digest_size=16).digest()
+        return _Prepped(pixels, tensor, digest, (time.perf_counter() - t) * 1e3)
+
+    def _infer(self, setting: InferSetting, inputs: dict[bytes, np.ndarray],
+               chunk_index: int) -> dict[bytes, tuple[np.ndarray, float] | _Failure]:
+        if not inputs:
+            return {}
+        runner = self.runner(setting)
+        if isinstance(runner, _Failure):
+            return {k: runner for k in inputs}
+        keys = list(inputs)
+        out: dict[bytes, tuple[np.ndarray, float] | _Failure] = {}
+        b = self.plan.batch
+        for start in range(0, len(keys), b):
+            part = keys[start: start + b]
+            batch = np.stack([inputs[k] for k in part])
+            t = time.perf_counter()
+            try:
+                y = runner.infer(batch)
+            except Exception as e:  # an inference failure is data: error rows, not a crash
+                for k in part:
+                    out[k] = _Failure("infer", f"{type(e).__name__}: {e}")
+                continue
+            per_image = (time.perf_counter() - t) * 1e3 / len(part)
+            self.counters["inferences"] += len(part)
+            for k, yk in zip(part, y):
+                out[k] = (yk, per_image)
+            if start == 0 and self.plan.reuse_check_every and chunk_index % self.plan.reuse_check_every == 0:
+                again = runner.infer(batch)
+                self.counters["determinism_checks"] += 1
+                diff = float(np.max(np.abs(again - y))) if y.size else 0.0
+                if diff > 0:
+                    self.counters["determinism_mismatches"] += 1
+                    self.counters["determinism_max_abs"] = max(self.counters["determinism_max_abs"], diff)
+        return out
+
+    def _rows(self, chunk: Chunk, cells: list[Cell], ref: Cell, decoded: dict, prepped: dict,
+              outputs: dict, infos: dict, n: int) -> pa.Table:
+        plan = self.plan
+        cols: dict[str, list] = defaultdict(list)
+        classify = plan.model.task == "classification"
+        seen_outputs: set[tuple] = set()
+        ref_dec, ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
+        ref_out = outputs[ref.key(INFER)]
+        for cell in plan.cells:
+            skip = plan.skipped.get(cell.cell_id)
+            setting = InferSetting.from_factors(dict(cell.key(INFER)))
+            eff = None if skip else infos.get(_setting_key(setting), {}).get("precision_effective")
+            for i, img in enumerate(chunk.images):
+                row: dict[str, Any] = {"run_id": plan.run_id, "cell_id": cell.cell_id,
+                                       "image_id": img.image_id, **dict(cell.factors),
+                                       "is_reference": cell.cell_id == plan.reference_id,
+                                       "precision_effective": eff}
+                if skip:
+                    row.update(status="skipped", error=skip)
+                    _append(cols, row)
+                    continue
+                d = decoded[cell.key(DECODE)][i]
+                p = prepped[cell.key(PREPROCESS)][i]
+                o = outputs[cell.key(INFER)].get(p.digest) if isinstance(p, _Prepped) else p
+                failure = next((x for x in (d, p, o) if isinstance(x, _Failure)), None)
+                if not isinstance(d, _Failure):
+                    row.update(decoded_h=d[0].shape[0], decoded_w=d[0].shape[1], decode_ms=d[1])
+                if isinstance(p, _Prepped):
+                    row["preprocess_ms"] = p.ms
+                if failure:
+                    row.update(status="error", error_stage=failure.stage, error=failure.message)
+                    _append(cols, row)
+                    continue
+                y, latency = o
+                out_key = (cell.key(INFER), p.digest)
+                row.update(status="ok", latency_ms=latency, reused=out_key in seen_outputs)
+                seen_outputs.add(out_key)
+                if classify:
+                    row["top5"], row["top5_prob"] = metrics.top5_of(y)
+                rd, rp = ref_dec[i], ref_pre[i]
+                ro = ref_out.get(rp.digest) if isinstance(rp, _Prepped) else None
+                if isinstance(rd, _Failure) or not isinstance(rp, _Prepped) or not isinstance(ro, tuple):
+                    row.update(error_stage="reference", error="the reference cell failed on this "
+                                                              "image: no divergence measured")
+                    _append(cols, row)
+                    continue
+                row["shape_match"] = rd[0].shape == d[0].shape
+                row.update(metrics.input_divergence(p.pixels, rp.pixels))
+                row.update(metrics.output_divergence(y, ro[0]))
+                if classify:
+                    row.update(metrics.classification_divergence(y, ro[0]))
+                _append(cols, row)
+        self.counters["reuses"] += sum(1 for r in cols["reused"] if r)
+        schema = row_schema(plan.axes)
+        length = len(cols["cell_id"])
+        return pa.table({f.name: cols[f.name] if f.name in cols else [None] * length
+                         for f in schema}, schema=schema)
+
+
+def _append(cols: dict[str, list], row: dict[str, Any]) -> None:
+    """Append a row to column lists, padding columns this row lacks with nulls."""
+    length = len(cols["cell_id"])
+    for k, v in row.items():
+        col = cols[k]
+        if len(col) < length:
+            col.extend([None] * (length - len(col)))
+        col.append(v)
+    for k, col in cols.items():
+        if len(col) < length + 1:
+            col.append(None)
+
+
+def _unique(keys):
+    seen: dict = {}
+    for k in keys:
+        seen.setdefault(k, None)
+    return list(seen)
