@@ -87,8 +87,9 @@ class RayExecutor:
         import ray
         self.where = ray_init(self.address, self.workers)
         actor_cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(_WorkerActor)
-        plan_ref = ray.put(plan)
-        actors = [actor_cls.remote(plan_ref) for _ in range(self.workers)]
+        # The plan is passed by value (it is small): an actor restarted after a crash must not
+        # depend on an object-store reference that may be gone.
+        actors = [actor_cls.remote(plan) for _ in range(self.workers)]
         queue = list(chunks)
         pending: dict = {}
         load = {i: 0 for i in range(len(actors))}

@@ -31,7 +31,7 @@ def _torch(antialias: bool) -> ResizeFn:
     def resize(img: np.ndarray, h: int, w: int) -> np.ndarray:
         import torch
         import torch.nn.functional as F
-        t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        t = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1)[None]
         out = F.interpolate(t, size=(h, w), mode="bilinear", align_corners=False,
                             antialias=antialias)
         return out[0].permute(1, 2, 0).contiguous().numpy()

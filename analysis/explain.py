@@ -1,0 +1,240 @@
+"""Which factors drive the divergence: contrasts, main effects, interactions, worst images.
+
+All numbers come from DuckDB over the run's Parquet files. The ranking uses one-factor-at-a-
+time contrasts: a cell that differs from the reference in exactly one axis (axes that only
+apply to that level, such as ``openvino_hint`` for ``backend=openvino``, are reported as its
+detail), so each effect is that factor's alone.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from matrix.axes import AXES
+from results.store import RunDir
+
+from .db import load_sql, open_run
+
+PRIMARY = "cos_dist_mean"
+METRIC_LABELS = {
+    "cos_dist_mean": "cosine distance (mean)",
+    "max_abs_p95": "max abs (p95)",
+    "top1_disagree": "top-1 disagreement",
+}
+
+
+@dataclass
+class Contrast:
+    """One level of one factor, all other factors at the reference."""
+
+    factor: str
+    level: str
+    detail: str
+    cell_id: str
+    n: int
+    cos_dist_mean: float | None
+    cos_dist_ci: tuple[float, float] | None
+    cos_dist_p50: float | None
+    cos_dist_p95: float | None
+    cos_dist_max: float | None
+    max_abs_mean: float | None
+    max_abs_p95: float | None
+    max_abs_max: float | None
+    top1_disagree: float | None
+    top1_ci: tuple[float, float] | None
+    px_mean_abs: float | None
+    px_equal_frac: float | None
+    shape_mismatches: int
+    precision: str | None
+    precision_effective: str | None
+    worst: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Explanation:
+    run_id: str
+    spec_name: str
+    reference: str
+    images: int
+    cells: int
+    status: list[dict[str, Any]]
+    contrasts: list[Contrast]
+    eta_squared: dict[str, float]
+    interactions: list[dict[str, Any]]
+    precision_mismatches: list[dict[str, Any]]
+    skipped: dict[str, str]
+    determinism: dict[str, Any]
+
+    def ranking(self) -> list[dict[str, Any]]:
+        """Most important first: contrasts ordered by the primary metric, then top-1, max abs."""
+        out = []
+        for c in sorted(self.contrasts, key=_rank_key):
+            out.append({"factor": c.factor, "level": c.level, "detail": c.detail or None,
+                        "metric": "cosine_distance_mean", "effect": c.cos_dist_mean,
+                        "top1_disagreement": c.top1_disagree, "max_abs_p95": c.max_abs_p95,
+                        "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
+                        "shape_mismatches": c.shape_mismatches, "n": c.n, "cell_id": c.cell_id,
+                        "precision_effective": c.precision_effective})
+        return out
+
+    def factor_ranking(self) -> list[dict[str, Any]]:
+        """One line per factor: its strongest level."""
+        best: dict[str, Contrast] = {}
+        for c in sorted(self.contrasts, key=_rank_key):
+            best.setdefault(c.factor, c)
+        return [{"factor": f, "level": c.level, "detail": c.detail or None,
+                 "metric": "cosine_distance_mean", "effect": c.cos_dist_mean,
+                 "top1_disagreement": c.top1_disagree, "max_abs_max": c.max_abs_max,
+                 "eta_squared": self.eta_squared.get(f)} for f, c in best.items()]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "spec": self.spec_name, "reference": self.reference,
+                "images": self.images, "cells": self.cells, "ranking": self.ranking(),
+                "factors": self.factor_ranking(), "contrasts": [asdict(c) for c in self.contrasts],
+                "eta_squared": self.eta_squared, "interactions": self.interactions,
+                "precision_mismatches": self.precision_mismatches, "status": self.status,
+                "skipped_cells": self.skipped, "determinism": self.determinism}
+
+
+def _rank_key(c: Contrast) -> tuple:
+    neg = lambda v: -(v if v is not None and not math.isnan(v) else -1.0)  # noqa: E731
+    return (neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95), c.factor, c.level)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Wilson score 95% interval for a proportion k/n."""
+    if n <= 0:
+        return None
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """Normal-approximation 95% interval for a mean."""
+    if mean is None or sd is None or n < 2:
+        return None
+    half = z * sd / math.sqrt(n)
+    return (max(0.0, mean - half), mean + half)
+
+
+def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
+                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    res = con.execute(sql, params or {})
+    names = [d[0] for d in res.description]
+    return [dict(zip(names, r)) for r in res.fetchall()]
+
+
+def _axes(con: duckdb.DuckDBPyConnection) -> list[str]:
+    cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
+    return [c for c in cols if c in AXES]
+
+
+def _ident(name: str) -> str:
+    if name not in AXES:
+        raise ValueError(f"not an axis: {name}")
+    return f'"{name}"'
+
+
+def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
+    run = RunDir(path)
+    manifest = run.read_manifest()
+    con = open_run(path)
+    axes = _axes(con)
+    cells = query_dicts(con, "SELECT * FROM cells")
+    ref = next(c for c in cells if c["is_reference"])
+    stats = {s["cell_id"]: s for s in query_dicts(con, load_sql("cell_stats"))}
+
+    contrasts = []
+    for c in cells:
+        if c["is_reference"] or c["status"] != "ok" or c["cell_id"] not in stats:
+            continue
+        main = [a for a in axes if c[a] != ref[a] and ref[a] is not None]
+        dependent = [a for a in axes if c[a] != ref[a] and ref[a] is None]
+        if len(main) != 1:
+            continue
+        s = stats[c["cell_id"]]
+        n_top1 = s["n_top1"] or 0
+        flips = s["top1_flips"] or 0
+        contrasts.append(Contrast(
+            factor=main[0], level=str(c[main[0]]),
+            detail=" ".join(f"{a}={c[a]}" for a in dependent), cell_id=c["cell_id"], n=s["n"],
+            cos_dist_mean=s["cos_dist_mean"],
+            cos_dist_ci=mean_ci(s["cos_dist_mean"], s["cos_dist_sd"], s["n"]),
+            cos_dist_p50=s["cos_dist_p50"], cos_dist_p95=s["cos_dist_p95"],
+            cos_dist_max=s["cos_dist_max"], max_abs_mean=s["max_abs_mean"],
+            max_abs_p95=s["max_abs_p95"], max_abs_max=s["max_abs_max"],
+            top1_disagree=flips / n_top1 if n_top1 else None, top1_ci=wilson(flips, n_top1),
+            px_mean_abs=s["px_mean_abs"], px_equal_frac=s["px_equal_frac"],
+            shape_mismatches=int(s["shape_mismatches"] or 0),
+            precision=c.get("precision"), precision_effective=s["precision_effective"]))
+
+    if contrasts:
+        by_cell: dict[str, list] = {}
+        for d in query_dicts(con, load_sql("worst_images"),
+                             {"cells": [c.cell_id for c in contrasts], "per_cell": worst_per_cell}):
+            by_cell.setdefault(d.pop("cell_id"), []).append(d)
+        for c in contrasts:
+            c.worst = [w for w in by_cell.get(c.cell_id, []) if (w["max_abs"] or 0) > 0]
+
+    eta, inter = main_effects(con, axes)
+    mismatches: dict[str, dict[str, Any]] = {}
+    for c in cells:
+        s = stats.get(c["cell_id"])
+        asked = c.get("precision") or "fp32"
+        if s and s["precision_effective"] and not s["precision_effective"].startswith(asked):
+            setting = " ".join(f"{a}={c[a]}" for a in axes
+                               if AXES[a].stage == "infer" and c[a] is not None)
+            m = mismatches.setdefault(setting, {"label": setting, "asked": asked,
+                                                "effective": s["precision_effective"], "cells": 0})
+            m["cells"] += 1
+    status = query_dicts(con, load_sql("row_status"))
+    counters = manifest.get("counters", {})
+    return Explanation(
+        run_id=manifest["run_id"], spec_name=manifest["spec"]["name"],
+        reference=manifest.get("reference", ""), images=manifest.get("images", 0),
+        cells=len(cells), status=status, contrasts=contrasts, eta_squared=eta,
+        interactions=inter, precision_mismatches=list(mismatches.values()),
+        skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
+        determinism={k: counters.get(k, 0) for k in
+                     ("determinism_checks", "determinism_mismatches", "determinism_max_abs")})
+
+
+def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],
+                 metric: str = "1 - out_cosine") -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Eta-squared per factor over the full factorial, and the strongest two-factor interactions
+    (share of variance of the cell means of a pair beyond both main effects)."""
+    varying = [a for a in axes
+               if con.execute(f"SELECT count(DISTINCT {_ident(a)}) FROM cells").fetchone()[0] > 1]
+    if not varying:
+        return {}, []
+    pairs = list(itertools.combinations(varying, 2))
+    sets = [f"({_ident(a)})" for a in varying] + [f"({_ident(a)}, {_ident(b)})" for a, b in pairs]
+    grouping = ", ".join(f"GROUPING({_ident(a)}) AS g_{a}" for a in varying)
+    cols = ", ".join(_ident(a) for a in varying)
+    base = (f"SELECT {cols}, {metric} AS m FROM rows WHERE status = 'ok' AND out_cosine IS NOT NULL")
+    total = con.execute(f"SELECT count(*), avg(m), var_pop(m) FROM ({base})").fetchone()
+    n, grand, var = total
+    if not n or not var:
+        return {a: 0.0 for a in varying}, []
+    ss_total = var * n
+    q = (f"SELECT {cols}, {grouping}, count(*) AS n, avg(m) AS mean FROM ({base}) "
+         f"GROUP BY GROUPING SETS ({', '.join(sets)})")
+    ss: dict[tuple[str, ...], float] = {}
+    for d in query_dicts(con, q):
+        key = tuple(a for a in varying if d[f"g_{a}"] == 0)
+        ss[key] = ss.get(key, 0.0) + d["n"] * (d["mean"] - grand) ** 2
+    eta = {a: ss.get((a,), 0.0) / ss_total for a in varying}
+    inter = []
+    for a, b in pairs:
+        share = (ss.get((a, b), 0.0) - ss.get((a,), 0.0) - ss.get((b,), 0.0)) / ss_total
+        inter.append({"factors": [a, b], "eta_squared": max(0.0, share)})
+    inter.sort(key=lambda d: -d["eta_squared"])
+    return dict(sorted(eta.items(), key=lambda kv: -kv[1])), inter[:5]

@@ -1,0 +1,139 @@
+"""Turning an Explanation into text a person reads in 30 seconds, or Markdown for an issue."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .explain import Contrast, Explanation
+
+
+def g(v: float | None, digits: int = 3) -> str:
+    """Compact number: 3 significant digits, '-' for missing, 'inf' kept."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1e4 or abs(v) < 1e-3:
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}g}"
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _props(w: dict[str, Any]) -> str:
+    bits = []
+    if w.get("exif_orientation") and w["exif_orientation"] != 1:
+        bits.append(f"EXIF orientation {w['exif_orientation']}")
+    if w.get("color_mode") and w["color_mode"] != "RGB":
+        bits.append(w["color_mode"])
+    if w.get("subsampling"):
+        bits.append(w["subsampling"])
+    if w.get("progressive"):
+        bits.append("progressive")
+    if w.get("shape_match") is False:
+        bits.append(f"shape differs ({w.get('decoded_w')}x{w.get('decoded_h')})")
+    return ", ".join(bits)
+
+
+def _level(c: Contrast) -> str:
+    return f"{c.level} ({c.detail})" if c.detail else c.level
+
+
+def _why(c: Contrast) -> str:
+    notes = []
+    if c.shape_mismatches:
+        notes.append(f"{c.shape_mismatches} image(s) decode to another shape")
+    if c.px_equal_frac is not None and c.px_equal_frac == 1.0 and (c.cos_dist_mean or 0) > 0:
+        notes.append("inputs identical: the model/backend alone")
+    elif c.px_equal_frac is not None and c.px_equal_frac < 1.0:
+        notes.append(f"input differs on {pct(1 - c.px_equal_frac)} of images "
+                     f"(mean {g(c.px_mean_abs)} /255)")
+    if c.precision and c.precision_effective and not c.precision_effective.startswith(c.precision):
+        notes.append(f"asked {c.precision}, ran {c.precision_effective}")
+    return "; ".join(notes)
+
+
+def render_text(e: Explanation, top_images: int = 3) -> str:
+    out = [f"dmx explain - run {e.run_id} (spec {e.spec_name!r}): {e.images} images x {e.cells} cells",
+           f"reference: {e.reference}", ""]
+    factors = e.factor_ranking()
+    if not factors:
+        out.append("No one-factor contrast to rank: no cell differs from the reference in exactly "
+                   "one factor (or none ran).")
+    else:
+        out.append("Factors ranked by how far they move the model output (each changed alone, "
+                   "everything else at the reference):")
+        by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
+        for i, f in enumerate(factors, 1):
+            c = by_key[(f["factor"], f["level"], f["detail"])]
+            eta = f" | eta² {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
+            out.append(f"  {i}. {f['factor']:<14} {_level(c):<34} cos dist {g(c.cos_dist_mean):>8}"
+                       f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
+            why = _why(c)
+            if why:
+                out.append(f"     {'':<14} {why}")
+    out += ["", "Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of logits):",
+            f"  {'factor':<13} {'level':<34} {'n':>4} {'cos mean [95% CI]':>28} {'p95':>9} "
+            f"{'max abs p95':>11} {'max':>9} {'top-1 flips [95% CI]':>22} {'px mean':>8} {'ran':>6}"]
+    for c in sorted(e.contrasts, key=lambda c: (c.factor, c.level, c.detail)):
+        ci = f"[{g(c.cos_dist_ci[0], 2)}, {g(c.cos_dist_ci[1], 2)}]" if c.cos_dist_ci else ""
+        tci = f"[{pct(c.top1_ci[0])}, {pct(c.top1_ci[1])}]" if c.top1_ci else ""
+        out.append(f"  {c.factor:<13} {_level(c)[:34]:<34} {c.n:>4} {g(c.cos_dist_mean) + ' ' + ci:>28} "
+                   f"{g(c.cos_dist_p95):>9} {g(c.max_abs_p95):>11} {g(c.max_abs_max):>9} "
+                   f"{pct(c.top1_disagree) + ' ' + tci:>22} {g(c.px_mean_abs):>8} "
+                   f"{c.precision_effective or '-':>6}")
+    if e.eta_squared:
+        out += ["", "Share of output variance explained over the full factorial (eta², cosine distance):",
+                "  " + "  ".join(f"{a} {g(v, 2)}" for a, v in e.eta_squared.items())]
+        strong = [i for i in e.interactions if i["eta_squared"] > 0.01]
+        if strong:
+            out.append("  strongest interactions: " + "  ".join(
+                f"{' x '.join(i['factors'])} {g(i['eta_squared'], 2)}" for i in strong[:3]))
+    ranked = sorted(e.contrasts, key=lambda c: -(c.cos_dist_mean or 0))
+    shown = [c for c in ranked if c.worst][:6]
+    if shown:
+        out += ["", "Images that diverge most, per contrast:"]
+        for c in shown:
+            out.append(f"  {c.factor}={_level(c)}:")
+            for w in c.worst[:top_images]:
+                flip = "" if w["top1_agree"] else f", top-1 {w['top1_ref']} -> {w['top1']}"
+                props = _props(w)
+                out.append(f"    {w['image_id']:<30} cos dist {g(w['cos_dist'])}, max abs "
+                           f"{g(w['max_abs'])}{flip}{' [' + props + ']' if props else ''}")
+    if e.precision_mismatches:
+        out += ["", "Precision asked vs actually run (read back from the backend):"]
+        for m in e.precision_mismatches:
+            out.append(f"  {m['label']}: asked {m['asked']}, ran {m['effective']} ({m['cells']} cells)")
+    out += ["", "Rows: " + " | ".join(
+        f"{s['status']}{'/' + s['error_stage'] if s['error_stage'] else ''} {s['n']} "
+        f"({s['images']} images)" for s in e.status)]
+    for label, reason in list(e.skipped.items())[:5]:
+        out.append(f"  skipped {label}: {reason}")
+    if len(e.skipped) > 5:
+        out.append(f"  ... and {len(e.skipped) - 5} more skipped cells")
+    d = e.determinism
+    if d.get("determinism_checks"):
+        out.append(f"Reuse guard: {int(d['determinism_checks'])} batches recomputed, "
+                   f"{int(d.get('determinism_mismatches', 0))} differed "
+                   f"(max abs {g(d.get('determinism_max_abs') or 0.0)})")
+    return "\n".join(out)
+
+
+def render_markdown(e: Explanation) -> str:
+    lines = [f"## dmx explain: `{e.spec_name}` (run `{e.run_id}`)", "",
+             f"{e.images} images x {e.cells} cells; reference: `{e.reference}`", "",
+             "| # | factor | level | cos dist mean | top-1 flips | max abs (max) | eta² | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
+    for i, f in enumerate(e.factor_ranking(), 1):
+        c = by_key[(f["factor"], f["level"], f["detail"])]
+        lines.append(f"| {i} | {f['factor']} | {_level(c)} | {g(c.cos_dist_mean)} | "
+                     f"{pct(c.top1_disagree)} | {g(c.max_abs_max)} | {g(f.get('eta_squared'), 2)} | {_why(c)} |")
+    if e.precision_mismatches:
+        lines += ["", "**Precision asked vs run:** " + "; ".join(
+            f"`{m['label']}` asked {m['asked']}, ran {m['effective']}" for m in e.precision_mismatches)]
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The ``dmx`` command. Library code raises typed errors; only this module turns them into one
+line on stderr and an exit code (2 for bad input, 1 for a failed gate, 130 for Ctrl-C)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from matrix import SpecError
+    from results import RunDirError
+    from runner.convert import ConversionError
+    from runner.executors import ExecutorError
+    from runner.models.base import ModelUnavailable, UnknownModel
+    from runner.models.loading import ModelLoadError
+    return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
+            UnknownModel, ModelLoadError)
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray (default: embedded local Ray, or the cluster at --address/RAY_ADDRESS) "
+                        "or local (in-process)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
+    p.add_argument("--chunk-size", type=int, default=None, help="images per chunk (default: sized from the matrix)")
+    p.add_argument("--batch", type=int, default=8, help="inference batch size (default 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dmx", description="Sweep a matrix of image pipeline variants "
+                                 "over a dataset and explain which factors make outputs diverge.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a matrix spec into a run directory")
+    p.add_argument("spec", help="matrix spec (YAML)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. -o backend=torch,openvino -o dataset.limit=10")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    _add_run_options(p)
+
+    p = sub.add_parser("plan", help="print the expanded cells and the reference")
+    p.add_argument("spec")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("explain", help="rank the factors that drive divergence in a run")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+
+    p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images)")
+    p.add_argument("run_dir")
+    p.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+
+    p = sub.add_parser("demo", help="run the built-in demo on real photos and explain it")
+    p.add_argument("--out", default="dmx-demo", help="folder for the demo images and run (default ./dmx-demo)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    _add_run_options(p)
+
+    sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
+    return ap
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from matrix import load_spec
+    spec = load_spec(a.spec, a.override)
+    return _run_and_report(spec, a, a.out, resume=a.resume, explain=False, spec_path=a.spec)
+
+
+def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, explain: bool,
+                    spec_path: str) -> int:
+    from runner.sweep import RunOptions, run_spec
+    opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
+                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet)
+    try:
+        s = run_spec(spec, opts)
+    except KeyboardInterrupt:
+        print(f"\ndmx: interrupted; finished chunks are saved. Resume with:\n"
+              f"  dmx run {spec_path} --out {out} --resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
+          f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
+    c = s.counters
+    print(f"dmx: work done: {int(c.get('decodes', 0))} decodes, {int(c.get('resizes', 0))} resizes, "
+          f"{int(c.get('inferences', 0))} inferences ({int(c.get('reuses', 0))} outputs reused), "
+          f"{int(c.get('model_builds', 0))} model builds", file=sys.stderr)
+    if explain:
+        from analysis.explain import explain_run
+        from analysis.render import render_text
+        print(render_text(explain_run(out)))
+    else:
+        print(f"dmx: next: dmx explain {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from matrix import load_spec
+    from runner.sweep import plan_cells
+    spec = load_spec(a.spec, a.override)
+    cells, ref = plan_cells(spec)
+    print(f"spec {spec.name!r}: {len(cells)} cells; reference {ref.cell_id}: {ref.label()}")
+    for c in cells:
+        mark = "*" if c.cell_id == ref.cell_id else " "
+        print(f"{mark} {c.cell_id}  {c.label()}")
+    return 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from analysis.explain import explain_run
+    from analysis.render import render_markdown, render_text
+    e = explain_run(a.run_dir)
+    if a.format == "json":
+        print(json.dumps(e.to_json(), indent=2, default=_json_default))
+    elif a.format == "markdown":
+        print(render_markdown(e))
+    else:
+        print(render_text(e))
+    return 0
+
+
+def _json_default(v: object) -> object:
+    if isinstance(v, float):
+        return None
+    return str(v)
+
+
+def cmd_sql(a: argparse.Namespace) -> int:
+    import duckdb
+    from analysis.db import open_run
+    con = open_run(a.run_dir)
+    if not a.query:
+        return _sql_prompt(con, a.run_dir)
+    try:
+        rel = con.sql(a.query)
+    except duckdb.Error as e:
+        raise CliError(f"SQL: {str(e).splitlines()[0]}") from None
+    if rel is None:
+        return 0
+    if a.format == "csv":
+        import csv
+        w = csv.writer(sys.stdout)
+        w.writerow(rel.columns)
+        w.writerows(rel.fetchall())
+    elif a.format == "json":
+        cols = rel.columns
+        print(json.dumps([dict(zip(cols, r)) for r in rel.fetchall()], default=str, indent=1))
+    else:
+        rel.show(max_rows=200, max_width=200)
+    return 0
+
+
+def _sql_prompt(con, run_dir: str) -> int:
+    import duckdb
+    root = Path(run_dir).resolve()
+    print(f"dmx sql: views rows, cells, images over {root}. End a statement with ';', quit with "
+          f"Ctrl-D.\nIn the duckdb CLI: CREATE VIEW rows AS SELECT * FROM "
+          f"read_parquet('{root}/rows/*/part-0.parquet', hive_partitioning=true);")
+    if not sys.stdin.isatty():
+        return 0
+    buf = ""
+    while True:
+        try:
+            line = input("dmx> " if not buf else "...> ")
+        except EOFError:
+            print()
+            return 0
+        buf += line + "\n"
+        if buf.strip().endswith(";"):
+            try:
+                rel = con.sql(buf)
+                if rel is not None:
+                    rel.show(max_rows=50, max_width=200)
+            except duckdb.Error as e:
+                print(f"error: {str(e).splitlines()[0]}")
+            buf = ""
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from dmx.demo_data import build_demo_images
+    from matrix import parse_spec
+    import yaml
+    root = Path(a.out)
+    images = root / "images"
+    print(f"dmx demo: building the demo images in {images} (real photos from matplotlib, "
+          "scikit-image and scikit-learn, re-encoded by Pillow and OpenCV)", file=sys.stderr)
+    build_demo_images(str(images))
+    raw = yaml.safe_load(files("dmx").joinpath("demo.yaml").read_text(encoding="utf-8"))
+    overrides = [f"dataset.limit={a.limit}"] if a.limit else []
+    spec = parse_spec(raw, base_dir=str(root.resolve()), overrides=overrides)
+    run_dir = root / "run"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # the demo's own previous run; a fresh one each time
+    return _run_and_report(spec, a, str(run_dir), resume=False, explain=True, spec_path="(demo)")
+
+
+def cmd_schema(a: argparse.Namespace) -> int:
+    from results.schema import columns_markdown
+    print(columns_markdown())
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd_sql,
+            "demo": cmd_demo, "schema": cmd_schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        return COMMANDS[args.command](args)
+    except _user_errors() as e:
+        print(f"dmx: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ndmx: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
