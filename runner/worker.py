@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,7 +190,7 @@ class Worker:
     def _rows(self, chunk: Chunk, cells: list[Cell], ref: Cell, decoded: dict, prepped: dict,
               outputs: dict, infos: dict, n: int) -> pa.Table:
         plan = self.plan
-        cols: dict[str, list] = defaultdict(list)
+        out_rows: list[dict[str, Any]] = []
         classify = plan.model.task == "classification"
         seen_outputs: set[tuple] = set()
         ref_dec, ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
@@ -206,7 +206,7 @@ class Worker:
                                        "precision_effective": eff}
                 if skip:
                     row.update(status="skipped", error=skip)
-                    _append(cols, row)
+                    out_rows.append(row)
                     continue
                 d = decoded[cell.key(DECODE)][i]
                 p = prepped[cell.key(PREPROCESS)][i]
@@ -218,7 +218,7 @@ class Worker:
                     row["preprocess_ms"] = p.ms
                 if failure:
                     row.update(status="error", error_stage=failure.stage, error=failure.message)
-                    _append(cols, row)
+                    out_rows.append(row)
                     continue
                 y, latency = o
                 out_key = (cell.key(INFER), p.digest)
@@ -231,32 +231,16 @@ class Worker:
                 if isinstance(rd, _Failure) or not isinstance(rp, _Prepped) or not isinstance(ro, tuple):
                     row.update(error_stage="reference", error="the reference cell failed on this "
                                                               "image: no divergence measured")
-                    _append(cols, row)
+                    out_rows.append(row)
                     continue
                 row["shape_match"] = rd[0].shape == d[0].shape
                 row.update(metrics.input_divergence(p.pixels, rp.pixels))
                 row.update(metrics.output_divergence(y, ro[0]))
                 if classify:
                     row.update(metrics.classification_divergence(y, ro[0]))
-                _append(cols, row)
-        self.counters["reuses"] += sum(1 for r in cols["reused"] if r)
-        schema = row_schema(plan.axes)
-        length = len(cols["cell_id"])
-        return pa.table({f.name: cols[f.name] if f.name in cols else [None] * length
-                         for f in schema}, schema=schema)
-
-
-def _append(cols: dict[str, list], row: dict[str, Any]) -> None:
-    """Append a row to column lists, padding columns this row lacks with nulls."""
-    length = len(cols["cell_id"])
-    for k, v in row.items():
-        col = cols[k]
-        if len(col) < length:
-            col.extend([None] * (length - len(col)))
-        col.append(v)
-    for k, col in cols.items():
-        if len(col) < length + 1:
-            col.append(None)
+                out_rows.append(row)
+        self.counters["reuses"] += sum(1 for r in out_rows if r.get("reused"))
+        return pa.Table.from_pylist(out_rows, schema=row_schema(plan.axes))
 
 
 def _unique(keys):
