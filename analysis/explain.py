@@ -143,6 +143,23 @@ def _ident(name: str) -> str:
     return f'"{name}"'
 
 
+def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
+              s: dict[str, Any]) -> Contrast:
+    n_top1 = s["n_top1"] or 0
+    flips = s["top1_flips"] or 0
+    return Contrast(
+        factor=factor, level=level, detail=" ".join(f"{a}={c[a]}" for a in others),
+        cell_id=c["cell_id"], n=s["n"], cos_dist_mean=s["cos_dist_mean"],
+        cos_dist_ci=mean_ci(s["cos_dist_mean"], s["cos_dist_sd"], s["n"]),
+        cos_dist_p50=s["cos_dist_p50"], cos_dist_p95=s["cos_dist_p95"],
+        cos_dist_max=s["cos_dist_max"], max_abs_mean=s["max_abs_mean"],
+        max_abs_p95=s["max_abs_p95"], max_abs_max=s["max_abs_max"],
+        top1_disagree=flips / n_top1 if n_top1 else None, top1_ci=wilson(flips, n_top1),
+        px_mean_abs=s["px_mean_abs"], px_equal_frac=s["px_equal_frac"],
+        shape_mismatches=int(s["shape_mismatches"] or 0),
+        precision=c.get("precision"), precision_effective=s["precision_effective"])
+
+
 def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
     run = RunDir(path)
     manifest = run.read_manifest()
@@ -152,30 +169,22 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
     ref = next(c for c in cells if c["is_reference"])
     stats = {s["cell_id"]: s for s in query_dicts(con, load_sql("cell_stats"))}
 
-    contrasts = []
+    # A level's contrast is the cell with that level that differs from the reference in the
+    # fewest other factors: exactly one where the matrix has it; otherwise (say int8, which
+    # torch cannot run) the nearest cells, with the other changed factors named in ``detail``.
+    nearest: dict[tuple[str, str], list[tuple[int, dict[str, Any], list[str]]]] = {}
     for c in cells:
         if c["is_reference"] or c["status"] != "ok" or c["cell_id"] not in stats:
             continue
         main = [a for a in axes if c[a] != ref[a] and ref[a] is not None]
-        dependent = [a for a in axes if c[a] != ref[a] and ref[a] is None]
-        if len(main) != 1:
-            continue
-        s = stats[c["cell_id"]]
-        n_top1 = s["n_top1"] or 0
-        flips = s["top1_flips"] or 0
-        contrasts.append(Contrast(
-            factor=main[0], level=str(c[main[0]]),
-            detail=" ".join(f"{a}={c[a]}" for a in dependent), cell_id=c["cell_id"], n=s["n"],
-            cos_dist_mean=s["cos_dist_mean"],
-            cos_dist_ci=mean_ci(s["cos_dist_mean"], s["cos_dist_sd"], s["n"]),
-            cos_dist_p50=s["cos_dist_p50"], cos_dist_p95=s["cos_dist_p95"],
-            cos_dist_max=s["cos_dist_max"], max_abs_mean=s["max_abs_mean"],
-            max_abs_p95=s["max_abs_p95"], max_abs_max=s["max_abs_max"],
-            top1_disagree=flips / n_top1 if n_top1 else None, top1_ci=wilson(flips, n_top1),
-            px_mean_abs=s["px_mean_abs"], px_equal_frac=s["px_equal_frac"],
-            shape_mismatches=int(s["shape_mismatches"] or 0),
-            precision=c.get("precision"), precision_effective=s["precision_effective"]))
-
+        for a in main:
+            nearest.setdefault((a, str(c[a])), []).append((len(main), c, main))
+    contrasts = []
+    for (factor, level), found in nearest.items():
+        fewest = min(k for k, _, _ in found)
+        for _, c, _ in (f for f in found if f[0] == fewest):
+            others = [a for a in axes if a != factor and c[a] != ref[a]]
+            contrasts.append(_contrast(factor, level, c, others, stats[c["cell_id"]]))
     if contrasts:
         by_cell: dict[str, list] = {}
         for d in query_dicts(con, load_sql("worst_images"),

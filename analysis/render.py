@@ -61,6 +61,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
     out = [f"dmx explain - run {e.run_id} (spec {e.spec_name!r}): {e.images} images x {e.cells} cells",
            f"reference: {e.reference}", ""]
     factors = e.factor_ranking()
+    fw = max([len(_level(c)) for c in e.contrasts] + [10])
     if not factors:
         out.append("No one-factor contrast to rank: no cell differs from the reference in exactly "
                    "one factor (or none ran).")
@@ -71,18 +72,19 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         for i, f in enumerate(factors, 1):
             c = by_key[(f["factor"], f["level"], f["detail"])]
             eta = f" | eta² {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
-            out.append(f"  {i}. {f['factor']:<14} {_level(c):<34} cos dist {g(c.cos_dist_mean):>8}"
+            out.append(f"  {i}. {f['factor']:<14} {_level(c):<{fw}} cos dist {g(c.cos_dist_mean):>8}"
                        f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
             why = _why(c)
             if why:
                 out.append(f"     {'':<14} {why}")
+    lw = max([len(_level(c)) for c in e.contrasts] + [10])
     out += ["", "Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of logits):",
-            f"  {'factor':<13} {'level':<34} {'n':>4} {'cos mean [95% CI]':>28} {'p95':>9} "
+            f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'cos mean [95% CI]':>28} {'p95':>9} "
             f"{'max abs p95':>11} {'max':>9} {'top-1 flips [95% CI]':>22} {'px mean':>8} {'ran':>6}"]
     for c in sorted(e.contrasts, key=lambda c: (c.factor, c.level, c.detail)):
         ci = f"[{g(c.cos_dist_ci[0], 2)}, {g(c.cos_dist_ci[1], 2)}]" if c.cos_dist_ci else ""
         tci = f"[{pct(c.top1_ci[0])}, {pct(c.top1_ci[1])}]" if c.top1_ci else ""
-        out.append(f"  {c.factor:<13} {_level(c)[:34]:<34} {c.n:>4} {g(c.cos_dist_mean) + ' ' + ci:>28} "
+        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {c.n:>4} {g(c.cos_dist_mean) + ' ' + ci:>28} "
                    f"{g(c.cos_dist_p95):>9} {g(c.max_abs_p95):>11} {g(c.max_abs_max):>9} "
                    f"{pct(c.top1_disagree) + ' ' + tci:>22} {g(c.px_mean_abs):>8} "
                    f"{c.precision_effective or '-':>6}")

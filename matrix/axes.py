@@ -62,7 +62,13 @@ AXES: dict[str, Axis] = {
              "accuracy = EXECUTION_MODE_HINT ACCURACY)", applies=_backend_is("openvino")),
         Axis("ort_opt", INFER, ("disable", "basic", "extended", "all"),
              "ONNX Runtime graph optimisation level", applies=_backend_is("onnxruntime")),
+        Axis("conversion", INFER, ("onnx-dynamo", "onnx-legacy", "openvino-from-onnx",
+                                   "openvino-from-torch"),
+             "how the backend's model was made: torch's dynamo or legacy ONNX exporter, or "
+             "OpenVINO from ONNX / straight from torch",
+             applies=lambda f: f.get("backend") in ("onnxruntime", "openvino")),
         Axis("threads", INFER, (), "intra-op threads set on every backend", integer=True),
+        Axis("batch", INFER, (), "inference batch size", integer=True),
         Axis("device", INFER, ("cpu", "cuda"), "device the model runs on (cuda:N allowed)"),
         Axis("tf32", INFER, ("on", "off"), "TF32 for fp32 matmul/conv on CUDA (torch)",
              applies=_on_cuda_torch),

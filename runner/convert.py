@@ -123,32 +123,60 @@ def _cached(key: str, filename: str, make: Callable[[Path], dict[str, Any]]) -> 
     return str(target), meta
 
 
-def export_onnx(model: ResolvedModel, digest: str) -> tuple[str, dict]:
-    """torch -> ONNX with torch's dynamo exporter, dynamic batch, cached by weights hash."""
+def export_onnx(model: ResolvedModel, digest: str, exporter: str = "onnx-dynamo") -> tuple[str, dict]:
+    """torch -> ONNX with dynamic batch, cached by weights hash. ``onnx-dynamo`` is torch's
+    default ``torch.export``-based exporter; ``onnx-legacy`` the TorchScript one (dynamo=False)."""
     import torch
 
-    key = f"{digest}-onnx-dynamo-op{model.opset}-torch{torch.__version__}"
+    dynamo = exporter == "onnx-dynamo"
+    key = f"{digest}-{exporter}-op{model.opset}-torch{torch.__version__}"
+
+    def make(out: Path) -> dict[str, Any]:
+        import contextlib
+        import io
+        import logging
+        from .models.loading import build_torch_model
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+        net = build_torch_model(model.torch_factory, model.weights)
+        dummy = torch.zeros(2, 3, model.preprocess.crop, model.preprocess.crop)
+        if dynamo:
+            shape_args: dict[str, Any] = {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=1024)},)}
+        else:
+            shape_args = {"dynamic_axes": {"input": {0: "batch"}, "output": {0: "batch"}}}
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                torch.onnx.export(net, (dummy,), str(out), dynamo=dynamo, opset_version=model.opset,
+                                  input_names=["input"], output_names=["output"], external_data=False,
+                                  **shape_args)
+        except Exception as e:  # torch.onnx raises many types; report the step and message
+            raise ConversionError(f"torch.onnx.export ({exporter}) failed: {type(e).__name__}: {e}") from e
+        return {"command": f"torch.onnx.export(dynamo={dynamo}, opset_version={model.opset}, "
+                           "dynamic batch)", "torch": torch.__version__}
+
+    return _cached(key, "model.onnx", make)
+
+
+def openvino_from_torch(model: ResolvedModel, digest: str) -> tuple[str, dict]:
+    """torch -> OpenVINO IR directly with ``openvino.convert_model`` (no ONNX in between)."""
+    import openvino as ov
+    import torch
+
+    key = f"{digest}-ov-from-torch-ov{ov.__version__.split('-')[0]}-torch{torch.__version__}"
 
     def make(out: Path) -> dict[str, Any]:
         from .models.loading import build_torch_model
         net = build_torch_model(model.torch_factory, model.weights)
-        dummy = torch.zeros(2, 3, model.preprocess.crop, model.preprocess.crop)
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        import contextlib
-        import io
-        import logging
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
+        crop = model.preprocess.crop
         try:
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                torch.onnx.export(net, (dummy,), str(out), dynamo=True, opset_version=model.opset,
-                                  input_names=["input"], output_names=["output"],
-                                  dynamic_shapes=({0: batch},), external_data=False)
-        except Exception as e:  # torch.onnx raises many types; report the step and message
-            raise ConversionError(f"torch.onnx.export (dynamo) failed: {type(e).__name__}: {e}") from e
-        return {"command": f"torch.onnx.export(dynamo=True, opset_version={model.opset}, "
-                           "dynamic batch)", "torch": torch.__version__}
+            ovm = ov.convert_model(net, example_input=torch.zeros(1, 3, crop, crop),
+                                   input=[(-1, 3, crop, crop)])
+        except Exception as e:  # the PyTorch frontend raises many types
+            raise ConversionError(f"openvino.convert_model(torch) failed: {type(e).__name__}: {e}") from e
+        ov.save_model(ovm, str(out), compress_to_fp16=False)
+        return {"command": "openvino.convert_model(torch module, example_input), "
+                           "save_model(compress_to_fp16=False)", "openvino": ov.__version__}
 
-    return _cached(key, "model.onnx", make)
+    return _cached(key, "model.xml", make)
 
 
 def convert_fp16(onnx_path: str, digest: str) -> tuple[str, dict]:
@@ -196,15 +224,15 @@ def quantize_ort_int8(onnx_path: str, digest: str, calib: np.ndarray,
     return _cached(key, "model-int8.onnx", make)
 
 
-def quantize_openvino_int8(onnx_path: str, digest: str, calib: np.ndarray,
+def quantize_openvino_int8(src_path: str, digest: str, calib: np.ndarray,
                            calib_ids: list[str]) -> tuple[str, dict]:
     """Post-training int8 quantisation with NNCF on the OpenVINO model (saved as IR)."""
-    key = f"{digest}-{_file_digest(onnx_path)[:12]}-nncf-{hashlib.sha1(calib.tobytes()).hexdigest()[:12]}"
+    key = f"{digest}-{_file_digest(src_path)[:12]}-nncf-{hashlib.sha1(calib.tobytes()).hexdigest()[:12]}"
 
     def make(out: Path) -> dict[str, Any]:
         import nncf
         import openvino as ov
-        model = ov.Core().read_model(onnx_path)
+        model = ov.Core().read_model(src_path)
         data = nncf.Dataset([calib[i: i + 1] for i in range(len(calib))])
         q = nncf.quantize(model, data, subset_size=len(calib))
         ov.save_model(q, str(out))
@@ -214,40 +242,106 @@ def quantize_openvino_int8(onnx_path: str, digest: str, calib: np.ndarray,
     return _cached(key, "model-int8.xml", make)
 
 
-def prepare_artifacts(model: ResolvedModel, settings: Iterable[tuple[str, str]],
+ONNX_EXPORTERS = ("onnx-dynamo", "onnx-legacy")
+
+
+def file_key(backend: str, precision: str, conversion: str | None) -> str:
+    """Which model file a (backend, precision, conversion) runs; shared with the backends.
+
+    onnxruntime: ``ort:<exporter>:<precision>``; openvino: ``ov:<source>`` for float precisions
+    (the precision is a compile hint) and ``ov:<source>:int8`` for NNCF-quantised models.
+    """
+    if backend == "onnxruntime":
+        return f"ort:{conversion or 'onnx-dynamo'}:{precision}"
+    if backend == "openvino":
+        source = {None: "onnx-dynamo", "openvino-from-onnx": "onnx-dynamo",
+                  "openvino-from-torch": "torch"}.get(conversion, conversion)
+        return f"ov:{source}" + (":int8" if precision == "int8" else "")
+    return f"{backend}:{precision}"
+
+
+def conversion_unsupported(backend: str, conversion: str | None) -> str | None:
+    """A conversion level that means nothing for this backend (a skipped cell)."""
+    if conversion is None:
+        return None
+    if backend == "onnxruntime" and conversion not in ONNX_EXPORTERS:
+        return f"conversion {conversion} makes an OpenVINO model; onnxruntime runs ONNX (onnx-dynamo, onnx-legacy)"
+    if backend == "torch":
+        return "torch runs the eager model: conversion does not apply"
+    return None
+
+
+def prepare_artifacts(model: ResolvedModel, settings: Iterable[tuple[str, str, str | None]],
                       calibration: Callable[[], tuple[np.ndarray, list[str]]]) -> ModelArtifacts:
-    """Make every model file the (backend, precision) pairs need; failures become skip reasons."""
+    """Make every model file the (backend, precision, conversion) settings need. A conversion
+    that fails is recorded as the reason its cells are skipped, not raised."""
     settings = set(settings)
     files: dict[str, str] = {}
     notes: dict[str, Any] = {}
-    needs_onnx = any(b in ("onnxruntime", "openvino") for b, _ in settings)
     from .models.loading import build_torch_model
     digest = "onnx-" + _file_digest(model.onnx)[:20] if model.onnx else \
         weights_digest(model, lambda: build_torch_model(model.torch_factory, model.weights))
-    if model.onnx:
-        files["fp32"] = model.onnx
-        notes["onnx"] = {"command": "user-supplied ONNX file", "path": model.onnx}
-    elif needs_onnx:
-        try:
-            files["fp32"], notes["onnx"] = export_onnx(model, digest)
-        except ConversionError as e:
-            notes["onnx-fp32"] = str(e)
-    if "fp32" in files and ("onnxruntime", "fp16") in settings:
-        files["fp16"], notes["onnx-fp16"] = convert_fp16(files["fp32"], digest)
-    int8_ort = "fp32" in files and ("onnxruntime", "int8") in settings
-    int8_ov = "fp32" in files and ("openvino", "int8") in settings
-    if int8_ort or int8_ov:
-        calib, ids = calibration()
-        notes["calibration_images"] = ids
-        if int8_ort:
-            files["int8"], notes["onnx-int8"] = quantize_ort_int8(files["fp32"], digest, calib, ids)
-        if int8_ov:
+    calib: list = []
+
+    def calibration_once() -> tuple[np.ndarray, list[str]]:
+        if not calib:
+            calib.extend(calibration())
+            notes["calibration_images"] = calib[1]
+        return calib[0], calib[1]
+
+    def base_onnx(exporter: str) -> str | None:
+        key = f"onnx:{exporter}"
+        if key not in files and key not in notes:
+            if model.onnx:
+                files[key], notes[key] = model.onnx, {"command": "user-supplied ONNX file"}
+            elif model.torch_factory is None:
+                notes[key] = "no torch model to export"
+            else:
+                try:
+                    files[key], notes[key] = export_onnx(model, digest, exporter)
+                except ConversionError as e:
+                    notes[key] = str(e)
+        return files.get(key)
+
+    for backend, precision, conversion in sorted(settings, key=str):
+        if backend not in ("onnxruntime", "openvino") or conversion_unsupported(backend, conversion):
+            continue
+        key = file_key(backend, precision, conversion)
+        if key in files or key in notes:
+            continue
+        if backend == "openvino" and key.startswith("ov:torch"):
+            try:
+                src, notes["ov:torch"] = openvino_from_torch(model, digest)
+                files["ov:torch"] = src
+            except ConversionError as e:
+                notes[key] = str(e)
+                continue
+        else:
+            exporter = key.split(":")[1]
+            src = base_onnx(exporter)
+            if src is None:
+                notes[key] = notes[f"onnx:{exporter}"]
+                continue
+        if backend == "onnxruntime":
+            if precision == "fp32":
+                files[key] = src
+            elif precision == "fp16":
+                files[key], notes[key] = convert_fp16(src, digest)
+            elif precision == "int8":
+                x, ids = calibration_once()
+                files[key], notes[key] = quantize_ort_int8(src, digest, x, ids)
+            else:
+                notes[key] = f"onnxruntime's CPU provider has no {precision} kernels for this model"
+        elif precision == "int8":
             try:
                 import nncf  # noqa: F401
             except ImportError:
-                notes["openvino-int8"] = "int8 on OpenVINO needs NNCF: pip install 'dmx[int8]'"
-            else:
-                files["int8-openvino"], notes["openvino-int8"] = quantize_openvino_int8(
-                    files["fp32"], digest, calib, ids)
+                notes[key] = "int8 on OpenVINO needs NNCF: pip install 'dmx[int8]'"
+                continue
+            x, ids = calibration_once()
+            files[key], notes[key] = quantize_openvino_int8(src, digest, x, ids)
+        else:
+            files[key] = src
     return ModelArtifacts(name=model.name, task=model.task, torch_factory=model.torch_factory,
-                          weights=model.weights, files=files, conversion_notes=notes)
+                          weights=model.weights, files=files, conversion_notes=notes,
+                          input_shape=(3, model.preprocess.crop, model.preprocess.crop))

@@ -163,7 +163,7 @@ class Worker:
             return {k: runner for k in inputs}
         keys = list(inputs)
         out: dict[bytes, tuple[np.ndarray, float] | _Failure] = {}
-        b = self.plan.batch
+        b = setting.batch or self.plan.batch
         for start in range(0, len(keys), b):
             part = keys[start: start + b]
             batch = np.stack([inputs[k] for k in part])

@@ -73,7 +73,7 @@ def test_normalise_gives_chw_with_mean_and_std_applied():
 @pytest.fixture(scope="module")
 def tiny_artifacts():
     model = resolve_model(ModelSpec(name="tiny"))
-    settings = {("torch", "fp32"), ("onnxruntime", "fp32"), ("openvino", "fp32")}
+    settings = {("torch", "fp32", None), ("onnxruntime", "fp32", None), ("openvino", "fp32", None)}
     return model, prepare_artifacts(model, settings, calibration=lambda: None)
 
 
@@ -109,6 +109,6 @@ def test_openvino_default_hint_reports_what_the_plugin_chose(tiny_artifacts):
 
 def test_conversion_is_cached_by_weights_hash(tiny_artifacts):
     model, art = tiny_artifacts
-    again = prepare_artifacts(model, {("onnxruntime", "fp32")}, calibration=lambda: None)
-    assert again.files["fp32"] == art.files["fp32"]
-    assert again.conversion_notes["onnx"]["cached"] is True
+    again = prepare_artifacts(model, {("onnxruntime", "fp32", None)}, calibration=lambda: None)
+    assert again.files["ort:onnx-dynamo:fp32"] == art.files["ort:onnx-dynamo:fp32"]
+    assert again.conversion_notes["onnx:onnx-dynamo"]["cached"] is True

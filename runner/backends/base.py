@@ -25,6 +25,8 @@ class InferSetting:
     threads: int | None = None
     device: str = "cpu"
     tf32: str | None = None
+    conversion: str | None = None
+    batch: int | None = None
 
     @classmethod
     def from_factors(cls, factors: Mapping[str, str | None]) -> "InferSetting":
@@ -35,7 +37,9 @@ class InferSetting:
                    ort_opt=factors.get("ort_opt"),
                    threads=int(threads) if threads else None,
                    device=factors.get("device") or "cpu",
-                   tf32=factors.get("tf32"))
+                   tf32=factors.get("tf32"),
+                   conversion=factors.get("conversion"),
+                   batch=int(factors["batch"]) if factors.get("batch") else None)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,18 @@ class ModelArtifacts:
     weights: str | None
     files: Mapping[str, str] = field(default_factory=dict)
     conversion_notes: Mapping[str, Any] = field(default_factory=dict)
+    input_shape: tuple[int, int, int] = (3, 224, 224)
+
+    def file_for(self, setting: "InferSetting") -> str | None:
+        from runner.convert import file_key
+        return self.files.get(file_key(setting.backend, setting.precision, setting.conversion))
+
+    def missing_reason(self, setting: "InferSetting") -> str:
+        """Why no model file exists for this setting (the conversion's error, if any)."""
+        from runner.convert import file_key
+        key = file_key(setting.backend, setting.precision, setting.conversion)
+        note = self.conversion_notes.get(key)
+        return note if isinstance(note, str) else f"no model file for {key}"
 
     def build_torch(self) -> Any:
         from runner.models.loading import build_torch_model
@@ -76,8 +92,10 @@ class BackendRunner:
         return None
 
     def activate(self) -> None:
+        """Build the session, then run one warm-up batch so latencies exclude lazy init."""
         t = time.perf_counter()
         self._activate()
+        self._infer(np.zeros((1, *self.artifacts.input_shape), np.float32))
         self.build_s = time.perf_counter() - t
         self.active = True
 

@@ -39,11 +39,12 @@ class OnnxRuntimeRunner(BackendRunner):
             import onnxruntime as ort
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 return f"device {setting.device}: onnxruntime has no CUDAExecutionProvider here"
-        if setting.precision == "bf16":
-            return "onnxruntime's CPU provider has no bf16 kernels for this model"
-        if setting.precision not in artifacts.files:
-            return artifacts.conversion_notes.get(
-                f"onnx-{setting.precision}", f"no {setting.precision} ONNX model was produced")
+        from runner.convert import conversion_unsupported
+        reason = conversion_unsupported("onnxruntime", setting.conversion)
+        if reason:
+            return reason
+        if artifacts.file_for(setting) is None:
+            return artifacts.missing_reason(setting)
         return None
 
     def _activate(self) -> None:
@@ -58,7 +59,7 @@ class OnnxRuntimeRunner(BackendRunner):
         providers = ["CPUExecutionProvider"]
         if self.setting.device.startswith("cuda"):
             providers.insert(0, "CUDAExecutionProvider")
-        self.path = self.artifacts.files[self.setting.precision]
+        self.path = self.artifacts.file_for(self.setting)
         self.session = ort.InferenceSession(self.path, so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 

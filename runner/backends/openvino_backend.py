@@ -30,12 +30,8 @@ class OpenVinoRunner(BackendRunner):
             import openvino as ov
             if "GPU" not in ov.Core().available_devices:
                 return f"device {setting.device}: OpenVINO sees no GPU plugin device here"
-        if setting.precision == "int8":
-            if "int8-openvino" not in artifacts.files:
-                return artifacts.conversion_notes.get(
-                    "openvino-int8", "int8 on OpenVINO needs NNCF (pip install 'dmx[int8]')")
-        elif "fp32" not in artifacts.files:
-            return "no ONNX model to convert to OpenVINO"
+        if artifacts.file_for(setting) is None:
+            return artifacts.missing_reason(setting)
         return None
 
     def config(self) -> dict[str, Any]:
@@ -53,8 +49,7 @@ class OpenVinoRunner(BackendRunner):
         import openvino as ov
         self._ov = ov
         core = ov.Core()
-        key = "int8-openvino" if self.setting.precision == "int8" else "fp32"
-        self.path = self.artifacts.files[key]
+        self.path = self.artifacts.file_for(self.setting)
         model = core.read_model(self.path)
         device = "GPU" if self.setting.device.startswith("cuda") else "CPU"
         self.compiled = core.compile_model(model, device, self.config())

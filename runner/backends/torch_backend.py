@@ -17,6 +17,8 @@ class TorchRunner(BackendRunner):
     def unsupported(cls, artifacts: ModelArtifacts, setting: InferSetting) -> str | None:
         if artifacts.torch_factory is None:
             return "the model was given as ONNX only; torch needs model.torch"
+        if setting.conversion is not None:
+            return "torch runs the eager model: conversion does not apply"
         if setting.precision not in _DTYPES:
             return (f"torch has no {setting.precision} path for a float model "
                     "(int8 runs on onnxruntime and openvino)")
