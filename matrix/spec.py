@@ -260,6 +260,8 @@ def normalise_level(axis: str, level: Any, key: str) -> str:
         if level.get("package"):
             return normalise_level(axis, f"{name}[{level['package']}]", key)
         return name
+    if isinstance(level, bool) and set(spec.levels) == {"on", "off"}:
+        level = "on" if level else "off"  # YAML 1.1 reads a bare on/off as a boolean
     if isinstance(level, bool) or not isinstance(level, (str, int)):
         raise SpecError(key, f"a level must be a string, got {level!r}")
     text = str(level)

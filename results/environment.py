@@ -59,6 +59,28 @@ def libjpeg_versions() -> dict[str, str | None]:
     return out
 
 
+def gpu_info() -> dict[str, Any]:
+    """GPU name, driver, CUDA and cuDNN versions as torch sees them (None on a CPU machine)."""
+    try:
+        import torch
+    except ImportError:
+        return {"available": False, "reason": "torch not installed"}
+    info: dict[str, Any] = {"available": bool(torch.cuda.is_available()),
+                            "torch_cuda": torch.version.cuda}
+    if not info["available"]:
+        return info
+    info["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["cudnn"] = torch.backends.cudnn.version()
+    try:
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+        info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        info["driver"] = None
+    return info
+
+
 def fingerprint() -> dict[str, Any]:
     return {
         "python": sys.version.split()[0],
@@ -67,4 +89,5 @@ def fingerprint() -> dict[str, Any]:
         "cpu": cpu_info(),
         "packages": package_versions(),
         "libjpeg": libjpeg_versions(),
+        "gpu": gpu_info(),
     }

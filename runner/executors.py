@@ -86,7 +86,11 @@ class RayExecutor:
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_result: OnResult) -> None:
         import ray
         self.where = ray_init(self.address, self.workers)
-        actor_cls = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(_WorkerActor)
+        # Every actor runs every cell of its chunks (the reference output must be at hand), so
+        # when some cells run on CUDA each actor asks for an equal share of one GPU.
+        gpus = 1.0 / self.workers if plan.needs_gpu else 0
+        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3,
+                               max_task_retries=3)(_WorkerActor)
         # The plan is passed by value (it is small): an actor restarted after a crash must not
         # depend on an object-store reference that may be gone.
         actors = [actor_cls.remote(plan) for _ in range(self.workers)]

@@ -36,6 +36,10 @@ class Plan:
     def reference(self) -> Cell:
         return next(c for c in self.cells if c.cell_id == self.reference_id)
 
+    @property
+    def needs_gpu(self) -> bool:
+        return any(str(c.get("device", "cpu")).startswith("cuda") for c in self.active_cells())
+
     def active_cells(self) -> list[Cell]:
         return [c for c in self.cells if c.cell_id not in self.skipped]
 
