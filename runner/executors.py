@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Iterable
 
 from .plan import Chunk, Plan
@@ -50,11 +51,18 @@ class _WorkerActor:
 def ray_init(address: str | None, workers: int) -> str:
     """Attach to ``address``/``RAY_ADDRESS``, reuse a running session, or start a local Ray with
     no dashboard, a bounded object store and its temp files under dmx's cache."""
-    import ray
     from .convert import cache_dir
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Ray >= 2.59 starts clusters with token auth on; a driver only sends the token in
+        # token mode. Sending it to a cluster without auth is harmless, so use it when found.
+        if "RAY_AUTH_MODE" not in os.environ and (
+                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file()):
+            os.environ["RAY_AUTH_MODE"] = "token"
+    import ray  # after RAY_AUTH_MODE: Ray reads it when first imported
     if ray.is_initialized():
         return "existing session"
-    address = address or os.environ.get("RAY_ADDRESS")
     common = dict(logging_level=logging.ERROR, log_to_driver=True, include_dashboard=False)
     if address:
         try:
@@ -84,8 +92,8 @@ class RayExecutor:
         self.where = ""
 
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_result: OnResult) -> None:
+        self.where = ray_init(self.address, self.workers)  # before importing ray: auth mode
         import ray
-        self.where = ray_init(self.address, self.workers)
         # Every actor runs every cell of its chunks (the reference output must be at hand), so
         # when some cells run on CUDA each actor asks for an equal share of one GPU.
         gpus = 1.0 / self.workers if plan.needs_gpu else 0
