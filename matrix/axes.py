@@ -5,6 +5,7 @@ hint on a torch cell) is null in that cell and does not multiply the matrix.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -35,6 +36,11 @@ def _backend_is(name: str) -> Callable[[Factors], bool]:
     return lambda f: f.get("backend") == name
 
 
+def _decoder_in(*names: str) -> Callable[[Factors], bool]:
+    """Applies when the cell's decoder library (``libjpeg:9e`` -> libjpeg) is one of ``names``."""
+    return lambda f: re.split(r"[:\[]", str(f.get("decoder") or "pil"))[0] in names
+
+
 def _on_cuda_torch(f: Factors) -> bool:
     return f.get("backend") == "torch" and str(f.get("device") or "cpu").startswith("cuda")
 
@@ -54,6 +60,18 @@ AXES: dict[str, Axis] = {
              "EXIF orientation: apply (Pillow exif_transpose / OpenCV default) or ignore"),
         Axis("color", DECODE, ("rgb", "bgr"),
              "channel order handed to the model (bgr reproduces the classic channel swap)"),
+        Axis("reduce", DECODE, ("1", "2", "4", "8"),
+             "decode at 1/n size per side with the library's DCT scaling (Pillow draft, OpenCV "
+             "IMREAD_REDUCED_COLOR_n, simplejpeg/PyTurboJPEG scaling); jpeglib has none",
+             applies=_decoder_in("pil", "opencv", "simplejpeg", "turbojpeg")),
+        Axis("dct", DECODE, ("islow", "ifast", "float"),
+             "inverse DCT (libjpeg dct_method; simplejpeg/PyTurboJPEG fast DCT, no float); "
+             "Pillow and OpenCV have no such choice",
+             applies=_decoder_in("libjpeg", "simplejpeg", "turbojpeg")),
+        Axis("upsample", DECODE, ("fancy", "fast"),
+             "chroma upsampling (libjpeg do_fancy_upsampling, simplejpeg fastupsample, "
+             "TJFLAG_FASTUPSAMPLE); Pillow and OpenCV have no such choice",
+             applies=_decoder_in("libjpeg", "simplejpeg", "turbojpeg")),
         Axis("resize", PREPROCESS, RESIZE_LEVELS, "resize library and interpolation"),
         Axis("backend", INFER, ("torch", "onnxruntime", "openvino"), "inference engine"),
         Axis("precision", INFER, ("fp32", "fp16", "bf16", "int8"), "numeric precision asked for"),
@@ -79,7 +97,8 @@ AXIS_ORDER: tuple[str, ...] = tuple(AXES)
 
 # The level a pipeline uses for an axis the spec does not sweep.
 DEFAULT_LEVELS: dict[str, str] = {
-    "decoder": "pil", "exif": "apply", "color": "rgb", "resize": "pil-bilinear",
+    "decoder": "pil", "exif": "apply", "color": "rgb", "reduce": "1", "dct": "islow",
+    "upsample": "fancy", "resize": "pil-bilinear",
     "backend": "torch", "precision": "fp32", "device": "cpu", "tf32": "off",
 }
 

@@ -41,6 +41,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
     ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
     ("decode_ms", pa.float64(), "ms", "decode time of this image for this cell's decoder"),
+    ("decode_note", pa.string(), "", "what the decoder converted beyond a plain YCbCr/RGB decode "
+                                     "(e.g. 'CMYK->RGB (Pillow convert)', reduce fallbacks); null when nothing"),
     ("preprocess_ms", pa.float64(), "ms", "resize/crop/normalise time"),
     ("latency_ms", pa.float64(), "ms", "inference time per image (batch time / batch size)"),
 )

@@ -21,7 +21,7 @@ from results.environment import fingerprint
 from .backends import BACKENDS, InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, list_images
-from .decoders import DecodeError, DecodeOptions, DecoderUnavailable, get_decoder
+from .decoders import DecodeError, decode_options, get_decoder, unavailable_reason
 from .executors import LocalExecutor, RayExecutor
 from .plan import Plan, default_chunk_size, make_chunks
 from .preprocess import PreprocessError, model_input_pixels, normalise
@@ -62,12 +62,9 @@ def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
 
 
 def _static_skip_reason(cell: Cell) -> str | None:
-    """Reasons known before any model file exists: a decoder or backend missing here."""
-    try:
-        get_decoder(cell.get("decoder", "pil"))
-    except DecoderUnavailable as e:
-        return str(e)
-    return None
+    """Reasons known before any model file exists: a decoder (or a decode option it lacks)
+    that cannot run here."""
+    return unavailable_reason(dict(cell.factors))
 
 
 def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
@@ -80,7 +77,9 @@ def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
         if len(ids) >= spec.calibration_limit:
             break
         try:
-            pixels = decoder.decode(Path(img.path).read_bytes(), DecodeOptions(ref.get("exif", "apply")))
+            pixels = decoder.decode(Path(img.path).read_bytes(), decode_options(dict(ref.factors)))
+            if ref.get("color") == "bgr":
+                pixels = np.ascontiguousarray(pixels[..., ::-1])
             x = model_input_pixels(pixels, ref.get("resize", "pil-bilinear"), model.preprocess)
         except (OSError, DecodeError, PreprocessError):
             continue

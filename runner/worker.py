@@ -22,7 +22,7 @@ from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 
 from . import metrics
 from .backends import BACKENDS, BackendRunner, InferSetting
-from .decoders import DecodeError, DecodeOptions, get_decoder
+from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
 from .imageinfo import read_image_info
 from .plan import Chunk, Plan
 from .preprocess import PreprocessError, model_input_pixels, normalise
@@ -32,6 +32,13 @@ from .preprocess import PreprocessError, model_input_pixels, normalise
 class _Failure:
     stage: str
     message: str
+
+
+@dataclass
+class _Decoded:
+    pixels: np.ndarray          # (H, W, 3) uint8, RGB (BGR for color=bgr)
+    ms: float
+    note: str | None            # what the decoder converted (e.g. "CMYK->RGB (Pillow convert)")
 
 
 @dataclass
@@ -96,7 +103,7 @@ class Worker:
             if isinstance(raw[-1], _Failure):
                 image_rows[-1]["error"] = raw[-1].message
 
-        decoded: dict[tuple, list[tuple[np.ndarray, float] | _Failure]] = {}
+        decoded: dict[tuple, list[_Decoded | _Failure]] = {}
         for key in _unique(c.key(DECODE) for c in cells):
             decoded[key] = [self._decode(data, dict(key)) for data in raw]
 
@@ -127,26 +134,27 @@ class Worker:
         return ChunkResult(chunk.index, rows,
                            pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), counters, infos)
 
-    def _decode(self, data: bytes | _Failure, factors: dict) -> tuple[np.ndarray, float] | _Failure:
+    def _decode(self, data: bytes | _Failure,
+                factors: dict) -> _Decoded | _Failure:
         if isinstance(data, _Failure):
             return data
         t = time.perf_counter()
         try:
             dec = get_decoder(factors.get("decoder") or "pil")
-            img = dec.decode(data, DecodeOptions(exif=factors.get("exif") or "apply"))
-        except DecodeError as e:
+            img = dec.decode(data, decode_options(factors))
+        except (DecodeError, DecoderUnavailable) as e:
             return _Failure("decode", str(e))
         if factors.get("color") == "bgr":
             img = np.ascontiguousarray(img[..., ::-1])
         self.counters["decodes"] += 1
-        return img, (time.perf_counter() - t) * 1e3
+        return _Decoded(img, (time.perf_counter() - t) * 1e3, dec.last_note)
 
-    def _preprocess(self, d: tuple[np.ndarray, float] | _Failure, resize: str) -> _Prepped | _Failure:
+    def _preprocess(self, d: _Decoded | _Failure, resize: str) -> _Prepped | _Failure:
         if isinstance(d, _Failure):
             return d
         t = time.perf_counter()
         try:
-            pixels = model_input_pixels(d[0], resize, self.plan.model.preprocess)
+            pixels = model_input_pixels(d.pixels, resize, self.plan.model.preprocess)
         except PreprocessError as e:
             return _Failure("preprocess", str(e))
         tensor = normalise(pixels, self.plan.model.preprocess)
@@ -213,7 +221,8 @@ class Worker:
                 o = outputs[cell.key(INFER)].get(p.digest) if isinstance(p, _Prepped) else p
                 failure = next((x for x in (d, p, o) if isinstance(x, _Failure)), None)
                 if not isinstance(d, _Failure):
-                    row.update(decoded_h=d[0].shape[0], decoded_w=d[0].shape[1], decode_ms=d[1])
+                    row.update(decoded_h=d.pixels.shape[0], decoded_w=d.pixels.shape[1],
+                               decode_ms=d.ms, decode_note=d.note)
                 if isinstance(p, _Prepped):
                     row["preprocess_ms"] = p.ms
                 if failure:
@@ -233,7 +242,7 @@ class Worker:
                                                               "image: no divergence measured")
                     out_rows.append(row)
                     continue
-                row["shape_match"] = rd[0].shape == d[0].shape
+                row["shape_match"] = rd.pixels.shape == d.pixels.shape
                 row.update(metrics.input_divergence(p.pixels, rp.pixels))
                 row.update(metrics.output_divergence(y, ro[0]))
                 if classify:
