@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+EXIT_GATE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -25,8 +26,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from runner.executors import ExecutorError
     from runner.models.base import ModelUnavailable, UnknownModel
     from runner.models.loading import ModelLoadError
+    from analysis.check import CheckError
+    from analysis.diff import DiffError
     return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError)
+            UnknownModel, ModelLoadError, CheckError, DiffError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dmx-demo", help="folder for the demo images and run (default ./dmx-demo)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images")
     _add_run_options(p)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page about a run")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+
+    p = sub.add_parser("check", help="CI gate: exit 1 when a cell breaks a tolerance against the reference")
+    p.add_argument("run_dir")
+    p.add_argument("--max-abs", type=float, default=None, metavar="LOGITS",
+                   help="max abs output difference per image, in output units (default: not checked)")
+    p.add_argument("--max-rel-l2", type=float, default=None, metavar="RATIO",
+                   help="max ||out - ref|| / ||ref|| per image (default: 10 x torch.testing's rtol "
+                        "of the precision the cell ran at; fp32 1.3e-5)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="min cosine similarity of the outputs per image (default 0.999; int8: none)")
+    p.add_argument("--min-top1", type=float, default=None, metavar="FRACTION",
+                   help="min share of images whose top-1 class equals the reference's (default 1.0)")
+    p.add_argument("--scope", choices=("all", "same-input"), default=None,
+                   help="all rows (default), or only rows whose model input equals the reference's")
+    p.add_argument("--allow-lower-precision", action="store_true", default=None,
+                   help="do not fail a cell that ran at a lower precision than it asked for")
+    p.add_argument("--allow-errors", action="store_true", default=None,
+                   help="do not fail a cell whose rows error where the reference's did not")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("diff", help="compare two runs of one spec: cells that moved, environment changes")
+    p.add_argument("run_a", help="the baseline run directory")
+    p.add_argument("run_b", help="the run to compare with it")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--fail-if-moved", action="store_true", help="exit 1 when any cell moved")
 
     sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
     return ap
@@ -209,6 +241,39 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return _run_and_report(spec, a, str(run_dir), resume=False, explain=True, spec_path="(demo)")
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    import time
+    from analysis.report import write_report
+    t = time.perf_counter()
+    out = write_report(a.run_dir, a.out or Path(a.run_dir) / "report.html")
+    print(f"dmx: report written to {out} ({out.stat().st_size / 1e6:.1f} MB in "
+          f"{time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from analysis.check import check_run, render_check_text
+    given = {"max_abs": a.max_abs, "max_rel_l2": a.max_rel_l2, "min_cosine": a.min_cosine,
+             "min_top1_agreement": a.min_top1, "scope": a.scope,
+             "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors}
+    result = check_run(a.run_dir, {k: v for k, v in given.items() if v is not None})
+    if a.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(render_check_text(result))
+    return 0 if result.passed else EXIT_GATE
+
+
+def cmd_diff(a: argparse.Namespace) -> int:
+    from analysis.diff import diff_runs, render_diff_text
+    result = diff_runs(a.run_a, a.run_b)
+    if a.json:
+        print(json.dumps(result.to_json(), indent=2, default=str))
+    else:
+        print(render_diff_text(result))
+    return EXIT_GATE if a.fail_if_moved and result.moved else 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from results.schema import columns_markdown
     print(columns_markdown())
@@ -216,7 +281,8 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd_sql,
-            "demo": cmd_demo, "schema": cmd_schema}
+            "demo": cmd_demo, "report": cmd_report, "check": cmd_check, "diff": cmd_diff,
+            "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,7 +53,10 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        # No min/max statistics on float columns: they leave NaN out, and DuckDB trusts them,
+        # so NaN outputs would become invisible to `isnan(...)` filters.
+        stats = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+        pq.write_table(table, tmp, compression="zstd", write_statistics=stats)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

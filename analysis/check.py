@@ -1,0 +1,302 @@
+"""The CI gate: does every cell of a run stay within tolerance of the reference cell?
+
+What is judged, per non-reference cell whose status is ``ok`` (rows of the reference cell
+are never judged; skipped cells are listed, not failed):
+
+- ``precision``: the cell ran at the precision it asked for, or a more precise one. An OpenVINO
+  cell that asked fp32 and ran bf16 (the CPU plugin's default on avx512_bf16/AMX machines)
+  fails here. ``allow_lower_precision: true`` turns this off.
+- ``max_rel_l2``: worst per-image ``out_rel_l2 = ||out - ref|| / ||ref||``. The default depends on
+  the precision the cell *effectively* ran at: ``10 x rtol`` of torch.testing's table, fp32 1.3e-6
+  -> 1.3e-5, fp16 1e-3 -> 1e-2, bf16 1.6e-2 -> 1.6e-1; tf32 (10-bit mantissa, not in the table)
+  is given fp16's rtol; int8 gets no default. Why relative L2 rather than torch.testing's
+  elementwise ``|out - ref| <= atol + rtol * |ref|``: rows carry only summaries, not the logits,
+  so the elementwise test cannot be evaluated, and ``|ref|`` cannot be recovered from them. The
+  norm-wise form ``||out - ref|| <= rtol * ||ref||`` is what the elementwise test implies (up to
+  the atol term, negligible next to the norm of a logit vector) and is scale-free. The factor
+  10 allows for a whole forward pass rather than one op (measured here: ONNX Runtime and
+  OpenVINO-f32 vs torch on MobileNetV2 reach 1.6e-6, above fp32's per-op 1.3e-6).
+- ``min_cosine``: worst per-image cosine similarity of the logits; default 0.999 for floating
+  point precisions, none for int8.
+- ``min_top1_agreement``: share of images whose top-1 class equals the reference's; default 1.0.
+- ``max_abs``: worst per-image max abs difference, in output units (logits). No default: a
+  tolerance in logits depends on the model's logit scale, which the rows do not carry.
+- ``errors``: a row that fails (decode, preprocess, infer) on an image the reference cell
+  handled is a failure. ``allow_errors: true`` turns this off.
+
+``scope``: ``all`` (default) judges every row: a resize or decoder change is a pipeline change,
+and a gate on a pipeline must catch it. ``same-input`` judges only rows whose model input equals
+the reference's bit for bit (``px_equal``), i.e. the numerics of backend and precision alone;
+``errors`` and ``precision`` are judged in both scopes.
+
+Tolerances come from, lowest priority first: these defaults, the spec's ``check:`` section
+(stored in the manifest), the ``tolerances`` argument (the CLI's flags). A key set to ``null``
+turns that check off.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import duckdb
+import pyarrow as pa
+
+from results.store import RunDir
+
+from .db import load_sql, open_run
+from .explain import query_dicts
+from .render import g, pct
+
+
+class CheckError(ValueError):
+    """A tolerance cannot be used as given (unknown key, wrong type, unknown scope)."""
+
+
+SCOPES = ("all", "same-input")
+# torch.testing.assert_close's default (rtol, atol) per dtype; tf32 has fp16's 10-bit mantissa.
+TORCH_TESTING = {"fp32": (1.3e-6, 1e-5), "fp16": (1e-3, 1e-5), "bf16": (1.6e-2, 1e-5)}
+RTOL = {"fp32": 1.3e-6, "tf32": 1e-3, "fp16": 1e-3, "bf16": 1.6e-2}
+WHOLE_MODEL_ALLOWANCE = 10.0  # the table is per op; a forward pass chains many
+DEFAULT_MIN_COSINE = 0.999
+DEFAULT_MIN_TOP1 = 1.0
+MANTISSA_BITS = {"fp32": 23, "tf32": 10, "fp16": 10, "bf16": 7, "int8": 0}
+AUTO = "auto"
+
+NUMBER_KEYS = ("max_abs", "max_rel_l2", "min_cosine", "min_top1_agreement")
+FLAG_KEYS = ("allow_lower_precision", "allow_errors")
+KEYS = NUMBER_KEYS + FLAG_KEYS + ("scope",)
+DEFAULTS: dict[str, Any] = {"max_abs": None, "max_rel_l2": AUTO, "min_cosine": AUTO,
+                            "min_top1_agreement": DEFAULT_MIN_TOP1, "scope": "all",
+                            "allow_lower_precision": False, "allow_errors": False}
+
+
+def precision_family(name: str | None) -> str | None:
+    """``fp32``/``tf32``/``fp16``/``bf16``/``int8`` for a precision label (``int8+bf16`` -> int8),
+    None when unknown."""
+    if not name:
+        return None
+    base = name.split("+")[0].strip().lower()
+    return base if base in MANTISSA_BITS else None
+
+
+def default_limits(family: str | None) -> dict[str, float | None]:
+    """Per-row limits when the user sets none, for a cell that ran at ``family``."""
+    rtol = RTOL.get(family or "")
+    return {"max_abs": None,
+            "max_rel_l2": rtol * WHOLE_MODEL_ALLOWANCE if rtol is not None else None,
+            "min_cosine": DEFAULT_MIN_COSINE if family != "int8" else None}
+
+
+def resolve_tolerances(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Merge tolerance layers (later wins) over ``DEFAULTS``; validates keys and values."""
+    out = dict(DEFAULTS)
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in KEYS:
+                raise CheckError(f"check: unknown tolerance {key!r} (known: {', '.join(KEYS)})")
+            out[key] = _validate(key, value)
+    return out
+
+
+def _validate(key: str, value: Any) -> Any:
+    if key == "scope":
+        if value not in SCOPES:
+            raise CheckError(f"check.scope: {value!r} is not one of {', '.join(SCOPES)}")
+        return value
+    if key in FLAG_KEYS:
+        if not isinstance(value, bool):
+            raise CheckError(f"check.{key}: must be true or false, not {value!r}")
+        return value
+    if value is None or value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise CheckError(f"check.{key}: must be a number, 'auto' or null, not {value!r}")
+    if value < 0 or (key in ("min_cosine", "min_top1_agreement") and value > 1):
+        raise CheckError(f"check.{key}: {value} is out of range")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One cell breaking one tolerance, with the numbers seen."""
+
+    cell_id: str
+    cell: str
+    check: str
+    limit: float | str | None
+    seen: float | str | None
+    rows_bad: int
+    rows: int
+    image_id: str | None = None
+    precision: str | None = None
+    precision_effective: str | None = None
+
+
+@dataclass
+class CheckResult:
+    run_id: str
+    spec_name: str
+    tolerances: dict[str, Any]
+    cells_judged: int
+    failures: list[Failure]
+    not_judged: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    limits_by_precision: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def failing_cells(self) -> list[str]:
+        return list(dict.fromkeys(f.cell_id for f in self.failures))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "spec": self.spec_name, "passed": self.passed,
+                "tolerances": self.tolerances, "limits_by_precision": self.limits_by_precision,
+                "cells_judged": self.cells_judged, "failing_cells": len(self.failing_cells),
+                "failures": [_json_safe(asdict(f)) for f in self.failures],
+                "not_judged": self.not_judged, "skipped_cells": self.skipped}
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) -> CheckResult:
+    """Judge every non-reference ok cell of a run; ``tolerances`` overrides the spec's
+    ``check:`` section, which overrides the defaults (see the module docstring)."""
+    manifest = RunDir(run_dir).read_manifest()
+    tol = resolve_tolerances(manifest.get("spec", {}).get("check"), tolerances)
+    con = open_run(run_dir)
+    cells = query_dicts(con, "SELECT * FROM cells")
+    effective = {d["cell_id"]: d["precision_effective"]
+                 for d in query_dicts(con, load_sql("cell_precision"))}
+    judged = [c for c in cells if not c["is_reference"] and c["status"] == "ok"]
+
+    failures: list[Failure] = []
+    limits: dict[str, dict[str, float | None]] = {}
+    used: dict[str, dict[str, float | None]] = {}
+    for c in judged:
+        asked = c.get("precision") or "fp32"
+        eff = effective.get(c["cell_id"])
+        family = precision_family(eff) or precision_family(asked)
+        limits[c["cell_id"]] = _cell_limits(tol, family)
+        used.setdefault(family or "unknown", limits[c["cell_id"]])
+        if (not tol["allow_lower_precision"] and precision_family(eff) and precision_family(asked)
+                and MANTISSA_BITS[precision_family(eff)] < MANTISSA_BITS[precision_family(asked)]):
+            failures.append(Failure(c["cell_id"], c["label"], "precision", asked, eff, 0, 0,
+                                    precision=asked, precision_effective=eff))
+
+    stats = {s["cell_id"]: s for s in _cell_stats(con, limits, tol["scope"] == "same-input")}
+    errors = {e["cell_id"]: e for e in query_dicts(con, load_sql("check_new_errors"))}
+    not_judged = []
+    for c in judged:
+        cid, label = c["cell_id"], c["label"]
+        asked, eff = c.get("precision") or "fp32", effective.get(cid)
+        if not tol["allow_errors"] and cid in errors:
+            e = errors[cid]
+            failures.append(Failure(cid, label, "errors", 0, f"{e['stage']}: {e['example']}",
+                                    int(e["n"]), int(e["n"]), e["image_id"], asked, eff))
+        s = stats.get(cid)
+        if not s or not s["n"]:
+            not_judged.append(label)
+            continue
+        lim = limits[cid]
+        for check, worst, image, bad, limit in (
+                ("max_rel_l2", s["rel_l2"], s["rel_l2_image"], s["rel_l2_bad"], lim["max_rel_l2"]),
+                ("min_cosine", s["cosine"], s["cosine_image"], s["cosine_bad"], lim["min_cosine"]),
+                ("max_abs", s["max_abs"], s["max_abs_image"], s["max_abs_bad"], lim["max_abs"])):
+            if limit is not None and bad:
+                failures.append(Failure(cid, label, check, limit, _seen(worst), int(bad), int(s["n"]),
+                                        image, asked, eff))
+        min_top1 = tol["min_top1_agreement"]
+        if min_top1 is not None and s["n_top1"]:
+            agreement = 1 - s["top1_flips"] / s["n_top1"]
+            if agreement < min_top1:
+                failures.append(Failure(cid, label, "min_top1_agreement", min_top1, agreement,
+                                        int(s["top1_flips"]), int(s["n_top1"]), s["top1_image"],
+                                        asked, eff))
+    return CheckResult(
+        run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
+        cells_judged=len(judged), failures=failures, not_judged=not_judged,
+        skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
+        limits_by_precision=used)
+
+
+def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | None]:
+    auto = default_limits(family)
+    return {k: (auto[k] if tol[k] == AUTO else tol[k]) for k in ("max_abs", "max_rel_l2", "min_cosine")}
+
+
+def _cell_stats(con: duckdb.DuckDBPyConnection, limits: dict[str, dict[str, float | None]],
+                same_input: bool) -> list[dict[str, Any]]:
+    """Worst values and rows breaking the limits, per cell (``check_cells.sql``)."""
+    table = pa.table({"cell_id": pa.array(list(limits), pa.string()),
+                      **{k: pa.array([lim[k] for lim in limits.values()], pa.float64())
+                         for k in ("max_abs", "max_rel_l2", "min_cosine")}})
+    con.register("limits", table)
+    try:
+        return query_dicts(con, load_sql("check_cells"), {"same_input": same_input})
+    finally:
+        con.unregister("limits")
+
+
+def _seen(v: float | None) -> float | str | None:
+    if v is None:
+        return None
+    return "nan" if math.isnan(v) or v == -2.0 else v  # -2: check_cells.sql's mark for a NaN cosine
+
+
+CHECK_WORDS = {"precision": "precision", "errors": "errors", "max_rel_l2": "rel L2",
+               "min_cosine": "cosine", "max_abs": "max abs", "min_top1_agreement": "top-1 agree"}
+
+
+def describe_failure(f: Failure) -> str:
+    """One line: what broke, the limit and the number seen."""
+    if f.check == "precision":
+        return f"precision: asked {f.limit}, ran {f.seen}"
+    if f.check == "errors":
+        return f"errors: {f.rows_bad} row(s) failed where the reference did not (e.g. {f.image_id}: {f.seen})"
+    if f.check == "min_top1_agreement":
+        return (f"top-1 agreement {pct(_num(f.seen))} < {pct(_num(f.limit))} "
+                f"({f.rows_bad}/{f.rows} flipped, e.g. {f.image_id})")
+    op = ">" if f.check.startswith("max") else "<"
+    digits = 6 if f.check == "min_cosine" else 3
+    return (f"{CHECK_WORDS[f.check]} {g(_num(f.seen), digits)} {op} {g(_num(f.limit), digits)} "
+            f"on {f.rows_bad}/{f.rows} images (worst {f.image_id})")
+
+
+def _num(v: float | str | None) -> float | None:
+    if isinstance(v, str):
+        return float(v) if v == "nan" else None
+    return v
+
+
+def render_check_text(r: CheckResult) -> str:
+    """The gate's verdict for a terminal or a CI log."""
+    tol = r.tolerances
+    lines = [f"dmx check - run {r.run_id} (spec {r.spec_name!r}), scope {tol['scope']}: "
+             f"{'PASS' if r.passed else 'FAIL'} - {len(r.failing_cells)} of {r.cells_judged} "
+             f"judged cell(s) break a tolerance"]
+    limits = "; ".join(f"{p}: rel L2 <= {g(v['max_rel_l2'])}, cosine >= {g(v['min_cosine'], 6)}"
+                       + (f", max abs <= {g(v['max_abs'])}" if v["max_abs"] is not None else "")
+                       for p, v in sorted(r.limits_by_precision.items()))
+    if limits:
+        lines.append(f"limits per effective precision - {limits}; top-1 agreement >= "
+                     f"{g(tol['min_top1_agreement'])}")
+    by_cell: dict[str, list[Failure]] = {}
+    for f in r.failures:
+        by_cell.setdefault(f.cell_id, []).append(f)
+    for cid, fs in by_cell.items():
+        lines.append(f"  FAIL {cid} {fs[0].cell}")
+        for f in fs:
+            lines.append(f"       {describe_failure(f)}")
+    if r.not_judged:
+        lines.append(f"  {len(r.not_judged)} cell(s) have no rows in scope {tol['scope']}: only their "
+                     "precision and errors were judged")
+    if r.skipped:
+        lines.append(f"  skipped cells (not judged): {len(r.skipped)}")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""``dmx diff``: the same spec run twice (two machines, two library versions): what moved?
+
+Rows are joined on (cell_id, image_id); cell ids hash a cell's factors, so they are stable across
+runs of one spec. Per cell: mean and max |delta| of ``out_max_abs`` (logits) and of the cosine
+distance to the reference, the top-1 agreement with the reference in each run, images whose top-1
+class itself changed between the runs, the largest |delta| of the top-1 probability (the only
+number that moves when the *reference* cell's own output moves, since its divergences are 0 by
+construction), rows present in one run only, and rows whose status changed. Beside that, the
+environment differences (packages, CPU ISA flags, libjpeg builds, backend precisions).
+
+A cell has *moved* when any row is in one run only, changed status or top-1 class, or a delta
+exceeds its tolerance: ``max_abs`` 1e-5 logits (torch.testing's fp32 atol), ``cos_dist`` 1e-6,
+``top1_prob`` 1e-5.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import duckdb
+
+from results.store import RunDir
+
+from .db import load_sql, open_run
+from .explain import query_dicts
+from .render import g, pct
+
+DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
+
+
+class DiffError(ValueError):
+    """The diff cannot be made as asked (unknown tolerance key)."""
+
+
+@dataclass(frozen=True)
+class CellDiff:
+    """How one cell's rows moved from run A to run B (deltas are |B - A|)."""
+
+    cell_id: str
+    label: str
+    rows_a: int
+    rows_b: int
+    only_a: int
+    only_b: int
+    status_changed: int
+    compared: int
+    max_abs_delta_mean: float | None
+    max_abs_delta_max: float | None
+    max_abs_image: str | None
+    cos_delta_mean: float | None
+    cos_delta_max: float | None
+    top1_prob_delta_max: float | None
+    top1_agree_a: float | None
+    top1_agree_b: float | None
+    top1_changed: int
+    top1_image: str | None
+    is_reference: bool
+    reasons: tuple[str, ...]
+
+    @property
+    def moved(self) -> bool:
+        return bool(self.reasons)
+
+
+@dataclass(frozen=True)
+class EnvDiff:
+    """One environment entry that differs: ``section`` (packages, cpu, libjpeg, ...), its key."""
+
+    section: str
+    key: str
+    a: Any
+    b: Any
+
+
+@dataclass
+class DiffResult:
+    run_a: dict[str, Any]
+    run_b: dict[str, Any]
+    same_spec: bool
+    tolerances: dict[str, float]
+    cells: list[CellDiff]
+    environment: list[EnvDiff]
+    cell_status: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def moved(self) -> list[CellDiff]:
+        return sorted((c for c in self.cells if c.moved), key=_move_key)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_a": self.run_a, "run_b": self.run_b, "same_spec": self.same_spec,
+                "tolerances": self.tolerances, "cells_compared": len(self.cells),
+                "cells_moved": len(self.moved),
+                "moved": [_json_safe(asdict(c) | {"reasons": list(c.reasons)}) for c in self.moved],
+                "environment": [asdict(e) for e in self.environment],
+                "cell_status": self.cell_status}
+
+
+def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _move_key(c: CellDiff) -> tuple:
+    big = lambda v: -(v if v is not None and not math.isnan(v) else math.inf)  # noqa: E731
+    return (not c.is_reference, -(c.only_a + c.only_b + c.status_changed + c.top1_changed),
+            big(c.max_abs_delta_max), c.label)
+
+
+def diff_runs(dir_a: str | Path, dir_b: str | Path,
+              tolerances: Mapping[str, float] | None = None) -> DiffResult:
+    """Compare run B against run A, per cell and per environment entry."""
+    tol = dict(DEFAULT_DIFF_TOLERANCES)
+    for k, v in (tolerances or {}).items():
+        if k not in tol:
+            raise DiffError(f"diff: unknown tolerance {k!r} (known: {', '.join(tol)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise DiffError(f"diff: tolerance {k} must be a number >= 0, not {v!r}")
+        tol[k] = float(v)
+    ma, mb = RunDir(dir_a).read_manifest(), RunDir(dir_b).read_manifest()
+    con_a, con_b = open_run(dir_a), open_run(dir_b)
+    con = duckdb.connect()
+    con.register("a_rows", con_a.sql(load_sql("diff_rows")).to_arrow_table())
+    con.register("b_rows", con_b.sql(load_sql("diff_rows")).to_arrow_table())
+    refs = {ma.get("reference_cell"), mb.get("reference_cell")}
+    cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in query_dicts(con, load_sql("diff_cells"))]
+    return DiffResult(
+        run_a=_run_info(dir_a, ma), run_b=_run_info(dir_b, mb),
+        same_spec=ma.get("spec_digest") == mb.get("spec_digest"), tolerances=tol, cells=cells,
+        environment=environment_diff(ma, mb), cell_status=_cell_status_changes(con_a, con_b))
+
+
+def _run_info(path: str | Path, m: dict[str, Any]) -> dict[str, Any]:
+    return {"path": str(path), "run_id": m.get("run_id"), "spec": m.get("spec", {}).get("name"),
+            "spec_digest": m.get("spec_digest"), "started": m.get("started"),
+            "hostname": m.get("environment", {}).get("hostname")}
+
+
+def _cell_diff(d: dict[str, Any], tol: dict[str, float], is_reference: bool) -> CellDiff:
+    reasons = []
+    if d["only_a"] or d["only_b"]:
+        reasons.append(f"rows in one run only (A {d['only_a']}, B {d['only_b']})")
+    if d["status_changed"]:
+        reasons.append(f"{d['status_changed']} row(s) changed status")
+    if d["top1_changed"]:
+        reasons.append(f"top-1 class changed on {d['top1_changed']} image(s), e.g. {d['top1_image']}")
+    for key, value, what in (("max_abs", d["max_abs_delta_max"], "max abs"),
+                             ("cos_dist", d["cos_delta_max"], "cosine distance"),
+                             ("top1_prob", d["top1_prob_delta_max"], "top-1 probability")):
+        if value is not None and (math.isnan(value) or value > tol[key]):
+            reasons.append(f"{what} moved by up to {g(value)} (> {g(tol[key])})")
+    fields = {k: d[k] for k in CellDiff.__dataclass_fields__ if k in d}
+    return CellDiff(**fields, is_reference=is_reference, reasons=tuple(reasons))
+
+
+def _cell_status_changes(con_a: duckdb.DuckDBPyConnection,
+                         con_b: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """Cells whose status (ok / skipped / error) or skip reason differs, or that exist in one run."""
+    q = "SELECT cell_id, label, status, skip_reason FROM cells"
+    a = {d["cell_id"]: d for d in query_dicts(con_a, q)}
+    b = {d["cell_id"]: d for d in query_dicts(con_b, q)}
+    out = []
+    for cid in sorted(a.keys() | b.keys()):
+        x, y = a.get(cid), b.get(cid)
+        if x is None or y is None or (x["status"], x["skip_reason"]) != (y["status"], y["skip_reason"]):
+            out.append({"cell_id": cid, "label": (x or y)["label"], "a": _status(x), "b": _status(y)})
+    return out
+
+
+def _status(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "absent"
+    return cell["status"] + (f": {cell['skip_reason']}" if cell["skip_reason"] else "")
+
+
+def environment_diff(ma: dict[str, Any], mb: dict[str, Any]) -> list[EnvDiff]:
+    """Entries of the two manifests' environments (and backends' read-back precision and
+    version) that differ."""
+    ea, eb = ma.get("environment", {}), mb.get("environment", {})
+    out: list[EnvDiff] = []
+    for section, xa, xb in (
+            ("python", {"version": ea.get("python")}, {"version": eb.get("python")}),
+            ("platform", {"platform": ea.get("platform")}, {"platform": eb.get("platform")}),
+            ("packages", ea.get("packages", {}), eb.get("packages", {})),
+            ("cpu", {k: v for k, v in ea.get("cpu", {}).items() if k != "isa"},
+             {k: v for k, v in eb.get("cpu", {}).items() if k != "isa"}),
+            ("cpu isa", ea.get("cpu", {}).get("isa", {}), eb.get("cpu", {}).get("isa", {})),
+            ("libjpeg", ea.get("libjpeg", {}), eb.get("libjpeg", {})),
+            ("backend", _backends(ma), _backends(mb))):
+        for key in sorted(set(xa) | set(xb)):
+            if xa.get(key) != xb.get(key):
+                out.append(EnvDiff(section, key, xa.get(key), xb.get(key)))
+    return out
+
+
+def _backends(m: dict[str, Any]) -> dict[str, str]:
+    """Per inference setting: the version and the precision the backend actually ran."""
+    return {setting: f"{info.get('version')} ran {info.get('precision_effective')}"
+            for setting, info in (m.get("backends") or {}).items() if isinstance(info, dict)}
+
+
+def render_diff_text(d: DiffResult, limit: int = 30) -> str:
+    """What moved, for a terminal: environment first (the likely cause), then the cells."""
+    a, b = d.run_a, d.run_b
+    moved = d.moved
+    out = [f"dmx diff - A {a['run_id']} ({a['path']}) vs B {b['run_id']} ({b['path']}): "
+           f"{len(moved)} of {len(d.cells)} cells moved"]
+    if not d.same_spec:
+        out.append(f"  note: different specs (digest {a['spec_digest']} vs {b['spec_digest']}); "
+                   "only cells with the same factors are compared")
+    if d.environment:
+        out.append("Environment differences (A -> B):")
+        width = max(len(f"{e.section} {e.key}") for e in d.environment)
+        for e in d.environment:
+            out.append(f"  {e.section + ' ' + e.key:<{width}}  {_short(e.a)} -> {_short(e.b)}")
+    else:
+        out.append("Environment: identical (packages, CPU, libjpeg, backends)")
+    for s in d.cell_status:
+        out.append(f"  cell {s['label']}: {s['a']} -> {s['b']}")
+    if moved:
+        out.append("Cells that moved (|B - A| per image, max abs in logits; top-1 agreement is with "
+                   "each run's reference):")
+        for c in moved[:limit]:
+            out.append(f"  {'[reference] ' if c.is_reference else ''}{c.label}  ({c.cell_id})")
+            out.append(f"      {'; '.join(c.reasons)}")
+            out.append(f"      d max abs mean {g(c.max_abs_delta_mean)}, max {g(c.max_abs_delta_max)} "
+                       f"({c.max_abs_image or '-'}) | d cos dist max {g(c.cos_delta_max)} | top-1 "
+                       f"agreement {pct(c.top1_agree_a)} -> {pct(c.top1_agree_b)} | "
+                       f"{c.compared} images compared")
+        if len(moved) > limit:
+            out.append(f"  ... and {len(moved) - limit} more (--json lists all)")
+    else:
+        out.append(f"No cell moved beyond max abs {g(d.tolerances['max_abs'])}, cosine distance "
+                   f"{g(d.tolerances['cos_dist'])}, top-1 probability {g(d.tolerances['top1_prob'])}.")
+    return "\n".join(out)
+
+
+def _short(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= 40 else s[:37] + "..."

@@ -1,0 +1,5 @@
+-- One run's side of `dmx diff`: per (cell, image) the numbers compared across runs.
+SELECT r.cell_id, r.image_id, c.label, r.status, r.error_stage,
+       r.out_max_abs, 1 - r.out_cosine AS cos_dist, r.top1, r.top1_agree,
+       r.top5_prob[1] AS top1_prob
+FROM rows r JOIN cells c USING (cell_id)
