@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -73,6 +74,8 @@ def ray_init(address: str | None, workers: int) -> str:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     tmp = cache_dir() / "ray"
+    if len(str(tmp)) > 50:  # Ray's socket paths below it must stay under 107 bytes
+        tmp = Path(tempfile.gettempdir()) / f"dmx-ray-{os.getuid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     ray.init(num_cpus=max(workers, 1), object_store_memory=512 * 1024 * 1024,
              _temp_dir=str(tmp), **common)

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -122,3 +123,35 @@ def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tm
 
     small, large = peak_rss_mb(40), peak_rss_mb(400)
     assert large < 1.2 * small, (small, large)
+
+
+def test_run_attaches_to_an_existing_ray_cluster(photo_dir: Path, tmp_path: Path):
+    """`ray start --head` on this machine, then `dmx run --address` (token auth as Ray sets it).
+    The head runs in its own process group so that stopping it leaves the test session's Ray."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    ray_tmp = tempfile.mkdtemp(prefix="dmxray", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    port = "6399"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", port,
+                             "--num-cpus", "2", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        spec = write_spec(tmp_path, photo_dir)
+        out = tmp_path / "run"
+        r = subprocess.run([sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out),
+                            "--address", f"127.0.0.1:{port}", "--quiet"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        import json
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["ray"] == f"cluster 127.0.0.1:{port}"
+        assert len(pairs(out)) == 12 * 7
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
