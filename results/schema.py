@@ -40,6 +40,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("top5_prob", pa.list_(pa.float32()), "0-1", "softmax probabilities of top5"),
     ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
     ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
+    ("decoder_version", pa.string(), "", "the decoding library and its version that ran (e.g. 'pillow 13.0.0')"),
+    ("decoder_libjpeg", pa.string(), "", "the libjpeg(-turbo) build behind that decoder, as it reports it"),
     ("decode_ms", pa.float64(), "ms", "decode time of this image for this cell's decoder"),
     ("decode_note", pa.string(), "", "what the decoder converted beyond a plain YCbCr/RGB decode "
                                      "(e.g. 'CMYK->RGB (Pillow convert)', reduce fallbacks); null when nothing"),

@@ -68,6 +68,7 @@ class Worker:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.runners: dict[InferSetting, BackendRunner | _Failure] = {}
+        self.decoder_versions: dict[str, dict[str, str | None]] = {}
         self.counters: Counter[str] = Counter()
 
     def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
@@ -140,7 +141,10 @@ class Worker:
             return data
         t = time.perf_counter()
         try:
-            dec = get_decoder(factors.get("decoder") or "pil")
+            label = factors.get("decoder") or "pil"
+            dec = get_decoder(label)
+            if label not in self.decoder_versions:
+                self.decoder_versions[label] = dec.version()
             img = dec.decode(data, decode_options(factors))
         except (DecodeError, DecoderUnavailable) as e:
             return _Failure("decode", str(e))
@@ -223,6 +227,9 @@ class Worker:
                 if not isinstance(d, _Failure):
                     row.update(decoded_h=d.pixels.shape[0], decoded_w=d.pixels.shape[1],
                                decode_ms=d.ms, decode_note=d.note)
+                    v = self.decoder_versions.get(cell.get("decoder", "pil")) or {}
+                    row.update(decoder_version=f"{v.get('library')} {v.get('version')}" if v else None,
+                               decoder_libjpeg=v.get("libjpeg"))
                 if isinstance(p, _Prepped):
                     row["preprocess_ms"] = p.ms
                 if failure:
