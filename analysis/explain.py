@@ -52,7 +52,12 @@ class Contrast:
     shape_mismatches: int
     precision: str | None
     precision_effective: str | None
+    n_same_input: int = 0
+    cos_dist_same_input: float | None = None
+    n_diff_input: int = 0
+    cos_dist_diff_input: float | None = None
     worst: list[dict[str, Any]] = field(default_factory=list)
+    concentrated: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,6 +106,29 @@ class Explanation:
                 "skipped_cells": self.skipped, "determinism": self.determinism}
 
 
+def register_views(con: duckdb.DuckDBPyConnection, e: Explanation) -> None:
+    """The attribution results as DuckDB views: ``contrasts``, ``effects``, ``interactions``."""
+    import pyarrow as pa
+    scalar = (int, float, str, bool, type(None))
+    contrasts = [{k: v for k, v in asdict(c).items() if isinstance(v, scalar)}
+                 | {"concentrated_in": (f"{c.concentrated['property']}="
+                                        f"{'/'.join(c.concentrated['values'])}" if c.concentrated else None),
+                    "rank": i}
+                 for i, c in enumerate(sorted(e.contrasts, key=_rank_key), 1)]
+    effects = [{"factor": f, "eta_squared": v} for f, v in e.eta_squared.items()]
+    inter = [{"factor_a": i["factors"][0], "factor_b": i["factors"][1],
+              "eta_squared": i["eta_squared"]} for i in e.interactions]
+    for name, rows, schema in (
+            ("contrasts", contrasts, None),
+            ("effects", effects, pa.schema([("factor", pa.string()), ("eta_squared", pa.float64())])),
+            ("interactions", inter, pa.schema([("factor_a", pa.string()), ("factor_b", pa.string()),
+                                              ("eta_squared", pa.float64())]))):
+        table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else None
+        if table is not None:
+            con.register(f"_{name}_arrow", table)
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_arrow")
+
+
 def _rank_key(c: Contrast) -> tuple:
     neg = lambda v: -(v if v is not None and not math.isnan(v) else -1.0)  # noqa: E731
     return (neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95), c.factor, c.level)
@@ -132,6 +160,36 @@ def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
     return [dict(zip(names, r)) for r in res.fetchall()]
 
 
+COS_EPS = 1e-6   # a row "diverges" when 1 - cosine exceeds this (or its input/shape differs)
+
+
+def concentration(split: dict[str, list[tuple[str, int, int]]],
+                  min_score: float = 0.6) -> dict[str, Any] | None:
+    """The image property whose values best separate divergent from identical images.
+
+    For each property, the values where most images diverge form the "divergent" set; its
+    score is (share of divergent images inside it) - (share of the others inside it). The best
+    property is returned when its score is at least ``min_score``, e.g. all divergent images
+    are 4:2:0 and no 4:4:4 image diverges. None when every image (or none) diverges.
+    """
+    best = None
+    for prop, values in split.items():
+        div = sum(v[2] for v in values)
+        total = sum(v[1] for v in values)
+        others = total - div
+        if div == 0 or others == 0:
+            return None
+        chosen = [v for v in values if v[2] > (v[1] - v[2])]
+        d_in = sum(v[2] for v in chosen)
+        o_in = sum(v[1] - v[2] for v in chosen)
+        score = d_in / div - o_in / others
+        if score >= min_score and (best is None or score > best["score"]):
+            best = {"property": prop, "values": sorted(v[0] for v in chosen), "score": round(score, 3),
+                    "divergent_in": d_in, "divergent_total": div, "others_in": o_in,
+                    "others_total": others}
+    return best
+
+
 def _axes(con: duckdb.DuckDBPyConnection) -> list[str]:
     cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall()]
     return [c for c in cols if c in AXES]
@@ -157,7 +215,9 @@ def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
         top1_disagree=flips / n_top1 if n_top1 else None, top1_ci=wilson(flips, n_top1),
         px_mean_abs=s["px_mean_abs"], px_equal_frac=s["px_equal_frac"],
         shape_mismatches=int(s["shape_mismatches"] or 0),
-        precision=c.get("precision"), precision_effective=s["precision_effective"])
+        precision=c.get("precision"), precision_effective=s["precision_effective"],
+        n_same_input=int(s["n_same_input"] or 0), cos_dist_same_input=s["cos_dist_same_input"],
+        n_diff_input=int(s["n_diff_input"] or 0), cos_dist_diff_input=s["cos_dist_diff_input"])
 
 
 def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
@@ -192,6 +252,14 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
             by_cell.setdefault(d.pop("cell_id"), []).append(d)
         for c in contrasts:
             c.worst = [w for w in by_cell.get(c.cell_id, []) if (w["max_abs"] or 0) > 0]
+
+        splits: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
+        for d in query_dicts(con, load_sql("property_split"),
+                             {"cells": [c.cell_id for c in contrasts], "cos_eps": COS_EPS}):
+            splits.setdefault(d["cell_id"], {}).setdefault(d["property"], []).append(
+                (d["value"], d["n"], d["n_divergent"]))
+        for c in contrasts:
+            c.concentrated = concentration(splits.get(c.cell_id, {}))
 
     eta, inter = main_effects(con, axes)
     mismatches: dict[str, dict[str, Any]] = {}

@@ -43,6 +43,13 @@ def _level(c: Contrast) -> str:
     return f"{c.level} ({c.detail})" if c.detail else c.level
 
 
+def concentrated_text(k: dict[str, Any] | None) -> str:
+    if not k:
+        return ""
+    return (f"divergent on {k['divergent_in']}/{k['divergent_total']} images with {k['property']} "
+            f"{'/'.join(k['values'])}, {k['others_in']}/{k['others_total']} of the identical ones")
+
+
 def _why(c: Contrast) -> str:
     notes = []
     if c.shape_mismatches:
@@ -52,6 +59,12 @@ def _why(c: Contrast) -> str:
     elif c.px_equal_frac is not None and c.px_equal_frac < 1.0:
         notes.append(f"input differs on {pct(1 - c.px_equal_frac)} of images "
                      f"(mean {g(c.px_mean_abs)} /255)")
+        if c.n_same_input:
+            notes.append(f"output moves only where the input does: cos dist {g(c.cos_dist_diff_input)} "
+                         f"there vs {g(c.cos_dist_same_input)} on identical inputs")
+    k = concentrated_text(c.concentrated)
+    if k:
+        notes.append(k)
     if c.precision and c.precision_effective and not c.precision_effective.startswith(c.precision):
         notes.append(f"asked {c.precision}, ran {c.precision_effective}")
     return "; ".join(notes)
@@ -74,9 +87,8 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
             eta = f" | eta² {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
             out.append(f"  {i}. {f['factor']:<14} {_level(c):<{fw}} cos dist {g(c.cos_dist_mean):>8}"
                        f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
-            why = _why(c)
-            if why:
-                out.append(f"     {'':<14} {why}")
+            for note in _why(c).split("; ") if _why(c) else []:
+                out.append(f"     {'':<14} {note}")
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     out += ["", "Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of logits):",
             f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'cos mean [95% CI]':>28} {'p95':>9} "

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
 
-    p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images)")
+    p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images, contrasts, "
+                                   "effects, interactions)")
     p.add_argument("run_dir")
     p.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -173,7 +174,9 @@ def _json_default(v: object) -> object:
 def cmd_sql(a: argparse.Namespace) -> int:
     import duckdb
     from analysis.db import open_run
+    from analysis.explain import explain_run, register_views
     con = open_run(a.run_dir)
+    register_views(con, explain_run(a.run_dir))
     if not a.query:
         return _sql_prompt(con, a.run_dir)
     try:
@@ -198,7 +201,7 @@ def cmd_sql(a: argparse.Namespace) -> int:
 def _sql_prompt(con, run_dir: str) -> int:
     import duckdb
     root = Path(run_dir).resolve()
-    print(f"dmx sql: views rows, cells, images over {root}. End a statement with ';', quit with "
+    print(f"dmx sql: views rows, cells, images, contrasts, effects, interactions over {root}. End a statement with ';', quit with "
           f"Ctrl-D.\nIn the duckdb CLI: CREATE VIEW rows AS SELECT * FROM "
           f"read_parquet('{root}/rows/*/part-0.parquet', hive_partitioning=true);")
     if not sys.stdin.isatty():

@@ -41,6 +41,9 @@ def output_divergence(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     noise = float(d @ d)
     signal = float(b @ b)
     na, nb = math.sqrt(float(a @ a)), math.sqrt(signal)
+    if noise == 0:  # identical outputs: exact values, not 1 - 1e-16 from rounding
+        return {"out_max_abs": 0.0, "out_mean_abs": 0.0, "out_rel_l2": 0.0, "out_cosine": 1.0,
+                "out_sqnr_db": math.inf}
     return {
         "out_max_abs": float(np.max(np.abs(d))) if d.size else 0.0,
         "out_mean_abs": float(np.mean(np.abs(d))) if d.size else 0.0,

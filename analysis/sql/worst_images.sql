@@ -1,7 +1,7 @@
 -- The images that diverge most in the given cells, with the file properties that explain why.
 SELECT
     r.cell_id, r.image_id,
-    1 - r.out_cosine AS cos_dist, r.out_max_abs AS max_abs, r.top1, r.top1_ref, r.top1_agree,
+    CASE WHEN r.out_cosine IS NULL THEN NULL ELSE greatest(1 - r.out_cosine, 0.0) END AS cos_dist, r.out_max_abs AS max_abs, r.top1, r.top1_ref, r.top1_agree,
     r.shape_match, r.px_mean_abs, r.decoded_w, r.decoded_h,
     i.width, i.height, i.subsampling, i.progressive, i.exif_orientation, i.color_mode
 FROM rows r LEFT JOIN images i USING (image_id)
