@@ -54,6 +54,7 @@ class RunSummary:
     chunks_resumed: int
     wall_s: float
     counters: dict[str, float]
+    minimum: dict[str, int]
 
 
 def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
@@ -161,6 +162,13 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads},
         "batch": opts.batch,
         "plan": {"decode_variants": n_dec, "preprocess_variants": n_pre, "infer_settings": n_inf},
+        # The least work the spec needs: every image decoded once per decode variant and
+        # preprocessed once per preprocessing variant, every model built once per worker.
+        # Counters equal these when every image decodes; reused outputs cut inferences below
+        # images x preprocessing variants x settings.
+        "minimum": {"decodes": len(images) * n_dec, "resizes": len(images) * n_pre,
+                    "inferences_without_reuse": len(images) * n_pre * n_inf,
+                    "model_builds": executor.workers * n_inf},
         "environment": fingerprint(),
         "counters": old.get("counters", {}) if old else {},
         "backends": old.get("backends", {}) if old else {},
@@ -197,7 +205,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     return RunSummary(out=str(run.root), run_id=run_id, images=n_images, cells=len(cells),
                       skipped_cells=len(skipped), rows=totals["rows"], errors=totals["errors"],
                       chunks_run=len(todo), chunks_resumed=len(done), wall_s=wall,
-                      counters=dict(counters))
+                      counters=dict(counters), minimum=manifest["minimum"])
 
 
 def _cells_table(spec: Spec, cells: list[Cell], ref: Cell, skipped: dict[str, str]) -> pa.Table:
