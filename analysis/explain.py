@@ -20,12 +20,12 @@ from results.store import RunDir
 
 from .db import load_sql, open_run
 
-PRIMARY = "cos_dist_mean"
-METRIC_LABELS = {
-    "cos_dist_mean": "cosine distance (mean)",
-    "max_abs_p95": "max abs (p95)",
-    "top1_disagree": "top-1 disagreement",
-}
+# The ranking metric: median over images of the cosine distance of the outputs, i.e. how far a
+# factor moves a typical image. A factor that moves few images a lot (EXIF orientation on the
+# rotated files) has a median near 0 and is listed apart as "rare but large", with the images.
+RANK_METRIC = "cosine_distance_median"
+RARE_SHARE = 0.5        # "rare": fewer than half of the images diverge
+RARE_FACTOR = 10.0      # "large": the worst image moves 10x more than the typical one
 
 
 @dataclass
@@ -76,16 +76,23 @@ class Explanation:
     determinism: dict[str, Any]
 
     def ranking(self) -> list[dict[str, Any]]:
-        """Most important first: contrasts ordered by the primary metric, then top-1, max abs."""
+        """Most important first: contrasts by median cosine distance, then mean, top-1, max abs."""
         out = []
         for c in sorted(self.contrasts, key=_rank_key):
             out.append({"factor": c.factor, "level": c.level, "detail": c.detail or None,
-                        "metric": "cosine_distance_mean", "effect": c.cos_dist_mean,
+                        "metric": RANK_METRIC, "effect": c.cos_dist_p50,
+                        "cosine_distance_mean": c.cos_dist_mean, "cosine_distance_max": c.cos_dist_max,
+                        "rare_but_large": is_rare_but_large(c),
                         "top1_disagreement": c.top1_disagree, "max_abs_p95": c.max_abs_p95,
                         "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
                         "shape_mismatches": c.shape_mismatches, "n": c.n, "cell_id": c.cell_id,
                         "precision_effective": c.precision_effective})
         return out
+
+    def rare_but_large(self) -> list[Contrast]:
+        """Contrasts that move few images, but a lot, worst first."""
+        return sorted((c for c in self.contrasts if is_rare_but_large(c)),
+                      key=lambda c: -(c.cos_dist_max or 0.0))
 
     def factor_ranking(self) -> list[dict[str, Any]]:
         """One line per factor: its strongest level."""
@@ -93,7 +100,8 @@ class Explanation:
         for c in sorted(self.contrasts, key=_rank_key):
             best.setdefault(c.factor, c)
         return [{"factor": f, "level": c.level, "detail": c.detail or None,
-                 "metric": "cosine_distance_mean", "effect": c.cos_dist_mean,
+                 "metric": RANK_METRIC, "effect": c.cos_dist_p50,
+                 "cosine_distance_mean": c.cos_dist_mean,
                  "top1_disagreement": c.top1_disagree, "max_abs_max": c.max_abs_max,
                  "eta_squared": self.eta_squared.get(f)} for f, c in best.items()]
 
@@ -131,7 +139,18 @@ def register_views(con: duckdb.DuckDBPyConnection, e: Explanation) -> None:
 
 def _rank_key(c: Contrast) -> tuple:
     neg = lambda v: -(v if v is not None and not math.isnan(v) else -1.0)  # noqa: E731
-    return (neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95), c.factor, c.level)
+    return (neg(c.cos_dist_p50), neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95),
+            c.factor, c.level)
+
+
+def is_rare_but_large(c: Contrast) -> bool:
+    """Few images diverge, but those by far more than the typical image."""
+    if not c.n or not c.cos_dist_max:
+        return False
+    share = 1.0 - (c.px_equal_frac if c.px_equal_frac is not None else 0.0)
+    if c.concentrated:
+        share = c.concentrated["divergent_total"] / max(1, c.n)
+    return share < RARE_SHARE and c.cos_dist_max > RARE_FACTOR * max(c.cos_dist_p50 or 0.0, 1e-9)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:

@@ -79,27 +79,37 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         out.append("No one-factor contrast to rank: no cell differs from the reference in exactly "
                    "one factor (or none ran).")
     else:
-        out.append("Factors ranked by how far they move the model output (each changed alone, "
-                   "everything else at the reference):")
+        out.append("Factors ranked by how far they move a typical image's output (median cosine "
+                   "distance; each changed alone, everything else at the reference):")
         by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
         for i, f in enumerate(factors, 1):
             c = by_key[(f["factor"], f["level"], f["detail"])]
             eta = f" | eta² {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
-            out.append(f"  {i}. {f['factor']:<14} {_level(c):<{fw}} cos dist {g(c.cos_dist_mean):>8}"
+            out.append(f"  {i}. {f['factor']:<14} {_level(c):<{fw}} median {g(c.cos_dist_p50):>8}"
+                       f" | mean {g(c.cos_dist_mean):>8}"
                        f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
             for note in _why(c).split("; ") if _why(c) else []:
                 out.append(f"     {'':<14} {note}")
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     out += ["", "Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of logits):",
-            f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'cos mean [95% CI]':>28} {'p95':>9} "
+            f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'median':>9} {'cos mean [95% CI]':>28} {'p95':>9} "
             f"{'max abs p95':>11} {'max':>9} {'top-1 flips [95% CI]':>22} {'px mean':>8} {'ran':>6}"]
     for c in sorted(e.contrasts, key=lambda c: (c.factor, c.level, c.detail)):
         ci = f"[{g(c.cos_dist_ci[0], 2)}, {g(c.cos_dist_ci[1], 2)}]" if c.cos_dist_ci else ""
         tci = f"[{pct(c.top1_ci[0])}, {pct(c.top1_ci[1])}]" if c.top1_ci else ""
-        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {c.n:>4} {g(c.cos_dist_mean) + ' ' + ci:>28} "
+        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {c.n:>4} {g(c.cos_dist_p50):>9} "
+                   f"{g(c.cos_dist_mean) + ' ' + ci:>28} "
                    f"{g(c.cos_dist_p95):>9} {g(c.max_abs_p95):>11} {g(c.max_abs_max):>9} "
                    f"{pct(c.top1_disagree) + ' ' + tci:>22} {g(c.px_mean_abs):>8} "
                    f"{c.precision_effective or '-':>6}")
+    rare = e.rare_but_large()
+    if rare:
+        out += ["", "Rare but large (few images, far moved):"]
+        for c in rare:
+            worst = ", ".join(f"{w['image_id']} ({g(w['cos_dist'])})" for w in c.worst[:3])
+            k = concentrated_text(c.concentrated)
+            out.append(f"  {c.factor}={_level(c)}: up to {g(c.cos_dist_max)} on {worst}"
+                       + (f"; {k}" if k else ""))
     if e.eta_squared:
         out += ["", "Share of output variance explained over the full factorial (eta², cosine distance):",
                 "  " + "  ".join(f"{a} {g(v, 2)}" for a, v in e.eta_squared.items())]

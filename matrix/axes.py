@@ -56,8 +56,9 @@ AXES: dict[str, Axis] = {
         Axis("decoder", DECODE, ("pil", "opencv", "simplejpeg", "turbojpeg", "libjpeg"),
              "image decoding library (a mapping adds a package version or libjpeg build)",
              mapping_levels=True),
-        Axis("exif", DECODE, ("apply", "ignore"),
-             "EXIF orientation: apply (Pillow exif_transpose / OpenCV default) or ignore"),
+        Axis("exif", DECODE, ("apply", "ignore", "native"),
+             "EXIF orientation: apply (Pillow exif_transpose / OpenCV default), ignore, or native "
+             "(each library's own default: OpenCV applies it, Pillow ignores it)"),
         Axis("color", DECODE, ("rgb", "bgr"),
              "channel order handed to the model (bgr reproduces the classic channel swap)"),
         Axis("reduce", DECODE, ("1", "2", "4", "8"),

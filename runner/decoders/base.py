@@ -11,12 +11,12 @@ from __future__ import annotations
 import io
 import struct
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-EXIF_MODES = ("apply", "ignore")
+EXIF_MODES = ("apply", "ignore", "native")
 REDUCTIONS = (1, 2, 4, 8)
 DCT_METHODS = ("islow", "ifast", "float")
 UPSAMPLING = ("fancy", "fast")
@@ -35,7 +35,8 @@ class DecoderUnavailable(RuntimeError):
 class DecodeOptions:
     """How to decode. The defaults are every library's own defaults.
 
-    ``exif``: apply | ignore the EXIF orientation. ``reduce``: decode at 1/reduce of the stored
+    ``exif``: apply | ignore the EXIF orientation, or ``native``: whatever the library does by
+    default (OpenCV applies it, Pillow and the libjpeg-level decoders ignore it). ``reduce``: decode at 1/reduce of the stored
     size per side (1, 2, 4, 8; pixels rounded up) with the library's DCT scaling. ``dct``: the
     inverse DCT, libjpeg's ``dct_method`` (islow | ifast | float). ``upsample``: chroma
     upsampling, libjpeg's ``do_fancy_upsampling`` (fancy | fast).
@@ -68,6 +69,9 @@ class Decoder:
     #: Chroma upsampling modes the library offers.
     upsamplings: tuple[str, ...] = ("fancy",)
 
+    #: What the library does with EXIF orientation when nobody asks (``exif: native``).
+    native_exif: str = "ignore"
+
     last_note: str | None = None
 
     def unsupported(self, options: DecodeOptions) -> str | None:
@@ -91,6 +95,8 @@ class Decoder:
             raise DecoderUnavailable(reason)
         if not data:
             raise DecodeError("empty file (0 bytes)")
+        if options.exif == "native":
+            options = replace(options, exif=self.native_exif)
         out = self._decode(data, options)
         if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
             raise DecodeError(f"{self.system_name} returned {out.dtype} {out.shape}, not RGB uint8")

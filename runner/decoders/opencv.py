@@ -14,6 +14,7 @@ from .base import REDUCTIONS, DecodeError, Decoder, DecodeOptions, source_header
 
 class OpenCVDecoder(Decoder):
     system_name = "opencv"
+    native_exif = "apply"
     reductions = REDUCTIONS
 
     def _decode(self, data: bytes, options: DecodeOptions) -> np.ndarray:
