@@ -28,8 +28,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from runner.models.loading import ModelLoadError
     from analysis.check import CheckError
     from analysis.diff import DiffError
+    from runner.envs import EnvBuildError
     return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError, CheckError, DiffError)
+            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -104,8 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--fail-if-moved", action="store_true", help="exit 1 when any cell moved")
 
+    _add_envs_parser(sub)
     sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
     return ap
+
+
+def _add_envs_parser(sub) -> None:
+    p = sub.add_parser("envs", help="the environments of decoder package-version levels "
+                                    "(pil[pillow==9.4.0]): list, build, prune")
+    envs = p.add_subparsers(dest="envs_command", required=True)
+    q = envs.add_parser("list", help="cached environments: path, requirements, exact versions, "
+                                     "libjpeg, size (MB), last used")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q = envs.add_parser("build", help="build (or find) environments, once, with uv")
+    q.add_argument("what", nargs="+", metavar="SPEC|REQ",
+                   help="a spec file (builds its pil[...]/opencv[...] decoder levels), or "
+                        "requirements for one environment, e.g. 'pillow==9.4.0' numpy")
+    q = envs.add_parser("prune", help="remove cached environments (default: all)")
+    q.add_argument("--unused-days", type=float, default=None, metavar="N",
+                   help="remove only those not used for N days")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -279,6 +297,57 @@ def cmd_diff(a: argparse.Namespace) -> int:
     return EXIT_GATE if a.fail_if_moved and result.moved else 0
 
 
+def cmd_envs(a: argparse.Namespace) -> int:
+    import time
+    from runner.envs import ensure_env, iter_env_rows, list_envs, prune_envs
+    if a.envs_command == "list":
+        rows = list(iter_env_rows())
+        if a.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        for r in rows:
+            print(f"{r['path']}\n  requirements {' '.join(r['requirements'])}\n"
+                  f"  installed    {' '.join(f'{k}=={v}' for k, v in r['versions'].items())}\n"
+                  f"  libjpeg      {r['libjpeg']}\n"
+                  f"  {r['size_mb']} MB, built {r['built_at']}, last used {r['last_used']}")
+        if not rows:
+            print("dmx: no environments (they are built by `dmx envs build` or by a run)",
+                  file=sys.stderr)
+        return 0
+    if a.envs_command == "build":
+        spec_file = Path(a.what[0])
+        if len(a.what) == 1 and spec_file.suffix in (".yaml", ".yml"):
+            from matrix import load_spec
+            from runner.decoders import DecoderUnavailable
+            from runner.decoders.isolated import is_isolated_label, requirements_for
+            spec = load_spec(spec_file)
+            labels = [lb for lb in (spec.levels("decoder") if "decoder" in spec.axis_names else ())
+                      if is_isolated_label(lb)]
+            if not labels:
+                raise CliError(f"{spec_file} has no decoder package-version level "
+                               "(e.g. {name: pil, package: \"pillow==9.4.0\"})")
+            try:
+                sets = [requirements_for(lb) for lb in labels]
+            except DecoderUnavailable as e:
+                raise CliError(str(e)) from None
+        else:
+            sets = [list(a.what)]
+        for reqs in sets:
+            t = time.perf_counter()
+            e = ensure_env(reqs)
+            print(f"{'built ' if e.built else 'cached'} {e.path} in "
+                  f"{time.perf_counter() - t:.2f} s: {' '.join(e.requirements)} -> "
+                  f"{' '.join(f'{k}=={v}' for k, v in e.versions.items())}; {e.libjpeg_summary()}")
+        return 0
+    keep = None
+    if a.unused_days is not None:
+        cutoff = time.time() - a.unused_days * 86400
+        keep = {e.key for e in list_envs() if e.last_used >= cutoff}
+    removed = prune_envs(keep)
+    print(f"dmx: removed {len(removed)} environment folder(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from results.schema import columns_markdown
     print(columns_markdown())
@@ -287,7 +356,7 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd_sql,
             "demo": cmd_demo, "report": cmd_report, "check": cmd_check, "diff": cmd_diff,
-            "schema": cmd_schema}
+            "envs": cmd_envs, "schema": cmd_schema}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,9 +20,14 @@ from .errors import SpecError
 TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference",
             "calibration", "check")
 DATASET_KEYS = ("path", "limit")
-MODEL_KEYS = ("name", "torch", "weights", "onnx", "input", "task", "opset", "labels")
-INPUT_KEYS = ("mode", "resize", "size", "mean", "std")
-TASKS = ("classification", "tensor")
+MODEL_KEYS = ("name", "torch", "weights", "onnx", "input", "task", "opset", "labels", "detection")
+INPUT_KEYS = ("mode", "resize", "size", "mean", "std", "pad", "scale", "channels")
+INPUT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
+TASKS = ("classification", "detection", "tensor")
+DETECTION_LAYOUTS = ("yolox", "yolov5", "yolo", "yolo-transposed", "boxes-scores")
+DETECTION_KEYS = ("layout", "decoder", "strides", "score_threshold", "nms_iou", "class_agnostic",
+                  "nms_plus_one", "max_detections", "rank_k", "match_iou", "same_iou", "same_score")
+_FRACTIONS = ("score_threshold", "nms_iou", "match_iou", "same_iou", "same_score")
 _CUDA = re.compile(r"^cuda(:\d+)?$")
 _VARIANT = re.compile(r"^(\w+)(?::[0-9a-z]+|\[[^\]]+\])$")  # libjpeg:9e, pil[pillow==9.4.0]
 
@@ -48,6 +53,7 @@ class ModelSpec:
     task: str = "classification"
     opset: int = 18
     labels: str | None = None
+    detection: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,9 @@ def apply_override(raw: dict, text: str) -> None:
         raise SpecError(key, f"unknown key; allowed: {', '.join(TOP_KEYS)} or an axis "
                              f"({', '.join(AXIS_ORDER)})")
     if parts[0] == "axes" and len(parts) == 2:
-        parsed: Any = [_scalar(v) for v in value.split(",") if v.strip()]
+        # split on commas outside [...]: pil[pillow>=9,<10] is one level
+        items = re.findall(r"(?:[^,\[]|\[[^\]]*\])+", value)
+        parsed: Any = [_scalar(v) for v in items if v.strip()]
     else:
         parsed = _scalar(value)
     node = raw
@@ -228,9 +236,12 @@ def _parse_model(m: Any, base_dir: str) -> ModelSpec:
         if not isinstance(inp, dict):
             raise SpecError("model.input", "must be a mapping {size, resize, mode, mean, std}")
         _reject_unknown("model.input", inp, INPUT_KEYS)
+        _check_input(inp)
+    detection = _parse_detection(m.get("detection"), needed=task == "detection" and not m.get("name"))
     if not m.get("name") and inp is None:
         raise SpecError("model.input", "a torch/onnx model needs input: {size: 224, mode: "
-                                       "resize-crop|stretch, resize: 256, mean: [...], std: [...]}")
+                                       "resize-crop|stretch|letterbox|letterbox-center, resize: 256, mean: [...], "
+                                       "std: [...]}")
 
     def rel(p: Any) -> str | None:
         return None if p is None else str((Path(base_dir) / str(p)).resolve())
@@ -242,7 +253,60 @@ def _parse_model(m: Any, base_dir: str) -> ModelSpec:
     if not isinstance(opset, int) or not 7 <= opset <= 23:
         raise SpecError("model.opset", f"must be an integer ONNX opset 7-23, got {opset!r}")
     return ModelSpec(name=m.get("name"), torch=m.get("torch"), weights=rel(m.get("weights")),
-                     onnx=onnx_path, input=inp, task=task, opset=opset, labels=rel(m.get("labels")))
+                     onnx=onnx_path, input=inp, task=task, opset=opset, labels=rel(m.get("labels")),
+                     detection=detection)
+
+
+def _check_input(inp: Mapping[str, Any]) -> None:
+    if "mode" in inp and inp["mode"] not in INPUT_MODES:
+        raise SpecError("model.input.mode", f"unknown mode {inp['mode']!r}; allowed: {', '.join(INPUT_MODES)}")
+    if "channels" in inp and inp["channels"] not in ("rgb", "bgr"):
+        raise SpecError("model.input.channels", f"must be rgb or bgr (the order the model expects), "
+                                                f"got {inp['channels']!r}")
+    pad = inp.get("pad", 0)
+    if isinstance(pad, bool) or not isinstance(pad, (int, float)) or not 0 <= pad <= 255:
+        raise SpecError("model.input.pad", f"letterbox pad value on the 0-255 scale, got {pad!r}")
+    scale = inp.get("scale", 1)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise SpecError("model.input.scale", f"pixels are divided by scale (255 for 0-1 inputs, 1 for "
+                                             f"raw 0-255 inputs), got {scale!r}")
+
+
+def _parse_detection(d: Any, needed: bool) -> dict[str, Any] | None:
+    """``model.detection``: the output layout (or a user decoder) and the post-processing and
+    comparison thresholds; every key but layout/decoder has a documented default."""
+    if d is None:
+        if needed:
+            raise SpecError("model.detection", "a detection model needs {layout: "
+                            + "|".join(DETECTION_LAYOUTS) + "} or {decoder: pkg.module:function}")
+        return None
+    if not isinstance(d, dict):
+        raise SpecError("model.detection", "must be a mapping {layout: ..., score_threshold: ...}")
+    _reject_unknown("model.detection", d, DETECTION_KEYS)
+    if d.get("layout") is not None and d["layout"] not in DETECTION_LAYOUTS:
+        raise SpecError("model.detection.layout", f"unknown layout {d['layout']!r}; allowed: "
+                                                  f"{', '.join(DETECTION_LAYOUTS)}")
+    if d.get("decoder") is not None and not re.match(r"^[\w.]+:\w+$", str(d["decoder"])):
+        raise SpecError("model.detection.decoder", f"must look like package.module:function, got {d['decoder']!r}")
+    if needed and not d.get("layout") and not d.get("decoder"):
+        raise SpecError("model.detection", "give layout (" + ", ".join(DETECTION_LAYOUTS)
+                        + ") or decoder (pkg.module:function)")
+    for k in _FRACTIONS:
+        v = d.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+            raise SpecError(f"model.detection.{k}", f"must be a number from 0 to 1, got {v!r}")
+    for k in ("max_detections", "rank_k"):
+        if d.get(k) is not None:
+            _positive_int(f"model.detection.{k}", d[k])
+    strides = d.get("strides")
+    if strides is not None and (not isinstance(strides, list) or not strides
+                                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in strides)):
+        raise SpecError("model.detection.strides", f"must be a list of positive integers like [8, 16, 32], "
+                                                   f"got {strides!r}")
+    for k in ("class_agnostic", "nms_plus_one"):
+        if d.get(k) is not None and not isinstance(d[k], bool):
+            raise SpecError(f"model.detection.{k}", f"must be true or false, got {d[k]!r}")
+    return dict(d)
 
 
 def normalise_level(axis: str, level: Any, key: str) -> str:

@@ -21,7 +21,8 @@ from results.environment import fingerprint
 from .backends import BACKENDS, InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, list_images
-from .decoders import DecodeError, decode_options, get_decoder, unavailable_reason
+from .decoders import (DecodeError, decode_options, ensure_decoder_envs, get_decoder,
+                       unavailable_reason)
 from .executors import LocalExecutor, RayExecutor
 from .plan import Plan, default_chunk_size, make_chunks
 from .preprocess import PreprocessError, model_input_pixels, normalise
@@ -114,6 +115,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
     images = list_images(spec.dataset)
+    ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
     executor = (RayExecutor(opts.workers, opts.address) if opts.executor == "ray"

@@ -290,9 +290,22 @@ def test_a_missing_libturbojpeg_makes_turbojpeg_unavailable(tmp_path: Path):
         TurboJpegDecoder(lib_path=str(tmp_path / "libturbojpeg.so.0"))
 
 
-def test_a_package_version_level_is_unavailable_with_a_reason():
-    with pytest.raises(DecoderUnavailable, match="isolated environments"):
-        get_decoder("pil[pillow==9.4.0]")
+def test_a_package_version_of_a_library_without_an_isolated_decoder_is_unavailable():
+    with pytest.raises(DecoderUnavailable, match="pil and opencv only"):
+        get_decoder("simplejpeg[simplejpeg==1.7]")
+
+
+def test_nvjpeg_without_torchvision_or_a_gpu_is_unavailable_with_the_reason():
+    import torch
+    try:
+        import torchvision  # noqa: F401
+        has_tv = True
+    except (ImportError, RuntimeError):
+        has_tv = False
+    if has_tv and torch.cuda.is_available():
+        pytest.skip("this machine can decode on the GPU")
+    with pytest.raises(DecoderUnavailable, match="nvjpeg"):
+        get_decoder("nvjpeg")
 
 
 def test_decode_options_reject_unknown_values():

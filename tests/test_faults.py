@@ -23,10 +23,10 @@ AXES = {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear", "
 
 @pytest.fixture(scope="module")
 def many_photos(photo_dir: Path, tmp_path_factory) -> Path:
-    """48 real JPEGs (copies of the photo fixtures under distinct names)."""
+    """96 real JPEGs (copies of the photo fixtures under distinct names)."""
     d = tmp_path_factory.mktemp("many")
     good = sorted(photo_dir.glob("*.jpg"))
-    for i in range(48):
+    for i in range(96):
         shutil.copy(good[i % len(good)], d / f"img{i:03d}.jpg")
     return d
 
@@ -61,12 +61,12 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_resume_completes(many_photos: P
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     done_before = len(list(out.glob("rows/chunk=*/part-0.parquet")))
-    assert 0 < done_before < 48
+    assert 0 < done_before < 96
     assert not list(out.rglob("*.tmp"))                    # no half-written file left behind
     r = subprocess.run(cmd + ["--resume", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = pairs(out)
-    assert len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 48
+    assert len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
 
 
 def test_a_ray_worker_killed_mid_chunk_is_restarted_and_no_row_is_lost(many_photos: Path,
@@ -100,7 +100,7 @@ def test_a_ray_worker_killed_mid_chunk_is_restarted_and_no_row_is_lost(many_phot
     t.join()
     assert killed, "no worker was caught mid-chunk"
     got = pairs(out)
-    assert s.rows == len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 48
+    assert s.rows == len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
 
 
 def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tmp_path: Path):

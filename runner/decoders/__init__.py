@@ -2,11 +2,12 @@
 
 Adding a decoder is one module with a ``Decoder`` subclass plus one line in ``_FACTORIES``.
 Optional libraries are imported inside each decoder, so a missing one only makes its level
-unavailable (skipped cells).
+unavailable (skipped cells). A label with a package version (``pil[pillow==9.4.0]``) is an
+``IsolatedDecoder`` in its own environment (``runner.envs``), built on first use.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .base import DecodeError, Decoder, DecoderUnavailable, DecodeOptions
 
@@ -40,14 +41,34 @@ def _turbojpeg(label: str) -> Decoder:
     return TurboJpegDecoder()
 
 
+def _nvjpeg(label: str) -> Decoder:
+    from .nvjpeg import NvJpegDecoder
+    return NvJpegDecoder()
+
+
 _FACTORIES: dict[str, Callable[[str], Decoder]] = {
     "pil": _pil,
     "opencv": _opencv,
     "simplejpeg": _simplejpeg,
     "turbojpeg": _turbojpeg,
     "libjpeg": _libjpeg,
+    "nvjpeg": _nvjpeg,
 }
 _CACHE: dict[str, Decoder] = {}
+_UNAVAILABLE: dict[str, str] = {}   # package-version labels whose env failed: not retried per call
+
+
+def _isolated(label: str) -> Decoder:
+    """A package-version label; a failed environment build is remembered for this process."""
+    if label in _UNAVAILABLE:
+        raise DecoderUnavailable(_UNAVAILABLE[label])
+    from ..envs import EnvBuildError
+    from .isolated import IsolatedDecoder
+    try:
+        return IsolatedDecoder(label)
+    except (EnvBuildError, DecoderUnavailable) as e:
+        _UNAVAILABLE[label] = str(e)
+        raise DecoderUnavailable(str(e)) from None
 
 
 def get_decoder(label: str) -> Decoder:
@@ -57,8 +78,8 @@ def get_decoder(label: str) -> Decoder:
         return _CACHE[label]
     name = label.split(":")[0].split("[")[0]
     if "[" in label:
-        raise DecoderUnavailable(f"{label}: decoder package versions in isolated environments "
-                                 "are not supported by this dmx version")
+        _CACHE[label] = decoder = _isolated(label)
+        return decoder
     factory = _FACTORIES.get(name)
     if factory is None:
         raise DecoderUnavailable(f"decoder {label!r} is not available in this installation "
@@ -78,6 +99,13 @@ def decode_options(factors: Mapping[str, str | None]) -> DecodeOptions:
                          upsample=factors.get("upsample") or "fancy")
 
 
+def ensure_decoder_envs(labels: Iterable[str | None]) -> None:
+    """Build (or find) the environment of every package-version level up front; raises
+    ``runner.envs.EnvBuildError`` naming the requirement and uv's last lines."""
+    from .isolated import ensure_decoder_envs as ensure
+    ensure(labels)
+
+
 def unavailable_reason(factors: Mapping[str, str | None]) -> str | None:
     """Why a cell's decoder cannot run here with the cell's decode options, or None."""
     try:
@@ -88,4 +116,4 @@ def unavailable_reason(factors: Mapping[str, str | None]) -> str | None:
 
 
 __all__ = ["DecodeError", "DecodeOptions", "Decoder", "DecoderUnavailable", "decode_options",
-           "get_decoder", "unavailable_reason"]
+           "ensure_decoder_envs", "get_decoder", "unavailable_reason"]

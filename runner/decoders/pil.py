@@ -50,6 +50,6 @@ class PilDecoder(Decoder):
     def version(self) -> dict[str, str | None]:
         import PIL
         from PIL import features
+        turbo = features.version("libjpeg_turbo")
         return {"library": "pillow", "version": PIL.__version__,
-                "libjpeg": features.version("jpg"),
-                "libjpeg_turbo": str(features.check_feature("libjpeg_turbo"))}
+                "libjpeg": f"libjpeg-turbo {turbo}" if turbo else f"libjpeg {features.version('jpg')}"}
