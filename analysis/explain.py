@@ -29,6 +29,30 @@ RARE_FACTOR = 10.0      # "large": the worst image moves 10x more than the typic
 
 
 @dataclass
+class DetectionContrast:
+    """A detector contrast's agreement with the reference: candidate order and final boxes."""
+
+    n: int
+    tau_mean: float | None
+    tau_p50: float | None
+    tau_min: float | None
+    topk_mean: float | None
+    reordered_frac: float        # share of images whose top-k candidate order differs (tau < 1)
+    changed_frac: float          # share of images whose final detection set is not "the same"
+    changed_ci: tuple[float, float] | None
+    boxes_ref: int
+    boxes: int
+    matched: int
+    missed: int
+    extra: int
+    iou_mean: float | None
+    iou_min: float | None
+    score_delta_max: float | None
+    class_flips: int
+    changed_images: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class Contrast:
     """One level of one factor, all other factors at the reference."""
 
@@ -58,6 +82,7 @@ class Contrast:
     cos_dist_diff_input: float | None = None
     worst: list[dict[str, Any]] = field(default_factory=list)
     concentrated: dict[str, Any] | None = None
+    detection: DetectionContrast | None = None
 
 
 @dataclass
@@ -74,6 +99,24 @@ class Explanation:
     precision_mismatches: list[dict[str, Any]]
     skipped: dict[str, str]
     determinism: dict[str, Any]
+    task: str = "classification"
+    detection_rules: dict[str, Any] = field(default_factory=dict)
+
+    def candidate_ranking(self) -> list[Contrast]:
+        """Detector contrasts, the one that reorders the pre-NMS candidates most first (lowest
+        mean Kendall tau, then lowest top-k overlap); one line per factor, its strongest level."""
+        return _best_per_factor(sorted((c for c in self.contrasts if c.detection), key=_tau_key))
+
+    def box_ranking(self) -> list[Contrast]:
+        """Detector contrasts, the one that changes the final boxes on most images first (then
+        most boxes missed + extra, then lowest mean IoU); one line per factor."""
+        return _best_per_factor(sorted((c for c in self.contrasts if c.detection), key=_box_key))
+
+    def order_only(self) -> list[Contrast]:
+        """Contrasts that reorder the candidates but leave every final detection set the same:
+        the divergence a look at the post-NMS boxes does not show."""
+        return sorted((c for c in self.contrasts if c.detection and c.detection.reordered_frac > 0
+                       and c.detection.changed_frac == 0), key=_tau_key)
 
     def ranking(self) -> list[dict[str, Any]]:
         """Most important first: contrasts by median cosine distance, then mean, top-1, max abs."""
@@ -106,7 +149,16 @@ class Explanation:
                  "eta_squared": self.eta_squared.get(f)} for f, c in best.items()]
 
     def to_json(self) -> dict[str, Any]:
+        det = None
+        if self.task == "detection":
+            name = lambda c: {"factor": c.factor, "level": c.level, "detail": c.detail or None,  # noqa: E731
+                              **{k: v for k, v in asdict(c.detection).items() if k != "changed_images"}}
+            det = {"rules": self.detection_rules,
+                   "candidate_ranking": [name(c) for c in self.candidate_ranking()],
+                   "box_ranking": [name(c) for c in self.box_ranking()],
+                   "order_only": [name(c) for c in self.order_only()]}
         return {"run_id": self.run_id, "spec": self.spec_name, "reference": self.reference,
+                "task": self.task, "detection": det,
                 "images": self.images, "cells": self.cells, "ranking": self.ranking(),
                 "factors": self.factor_ranking(), "contrasts": [asdict(c) for c in self.contrasts],
                 "eta_squared": self.eta_squared, "interactions": self.interactions,
@@ -119,6 +171,8 @@ def register_views(con: duckdb.DuckDBPyConnection, e: Explanation) -> None:
     import pyarrow as pa
     scalar = (int, float, str, bool, type(None))
     contrasts = [{k: v for k, v in asdict(c).items() if isinstance(v, scalar)}
+                 | ({f"det_{k}": v for k, v in asdict(c.detection).items() if isinstance(v, scalar)}
+                    if c.detection else {})
                  | {"concentrated_in": (f"{c.concentrated['property']}="
                                         f"{'/'.join(c.concentrated['values'])}" if c.concentrated else None),
                     "rank": i}
@@ -141,6 +195,41 @@ def _rank_key(c: Contrast) -> tuple:
     neg = lambda v: -(v if v is not None and not math.isnan(v) else -1.0)  # noqa: E731
     return (neg(c.cos_dist_p50), neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95),
             c.factor, c.level)
+
+
+def _tau_key(c: Contrast) -> tuple:
+    d = c.detection
+    return (_nan_last(d.tau_mean), _nan_last(d.topk_mean), c.factor, c.level)
+
+
+def _box_key(c: Contrast) -> tuple:
+    d = c.detection
+    return (-d.changed_frac, -(d.missed + d.extra + d.class_flips), _nan_last(d.iou_mean),
+            _tau_key(c))
+
+
+def _nan_last(v: float | None) -> float:
+    return 2.0 if v is None or math.isnan(v) else v
+
+
+def _best_per_factor(ranked: list[Contrast]) -> list[Contrast]:
+    seen: dict[str, Contrast] = {}
+    for c in ranked:
+        seen.setdefault(c.factor, c)
+    return list(seen.values())
+
+
+def _detection_contrast(s: dict[str, Any]) -> DetectionContrast:
+    n = int(s["n"] or 0)
+    changed = int(s["n_changed"] or 0)
+    return DetectionContrast(
+        n=n, tau_mean=s["tau_mean"], tau_p50=s["tau_p50"], tau_min=s["tau_min"],
+        topk_mean=s["topk_mean"], reordered_frac=(s["n_reordered"] or 0) / n if n else 0.0,
+        changed_frac=changed / n if n else 0.0, changed_ci=wilson(changed, n),
+        boxes_ref=int(s["boxes_ref"] or 0), boxes=int(s["boxes"] or 0), matched=int(s["matched"] or 0),
+        missed=int(s["missed"] or 0), extra=int(s["extra"] or 0), iou_mean=s["iou_mean"],
+        iou_min=s["iou_min"], score_delta_max=s["score_delta_max"],
+        class_flips=int(s["class_flips"] or 0))
 
 
 def is_rare_but_large(c: Contrast) -> bool:
@@ -280,6 +369,18 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
         for c in contrasts:
             c.concentrated = concentration(splits.get(c.cell_id, {}))
 
+    task = (manifest.get("model") or {}).get("task") or "classification"
+    if task == "detection" and contrasts:
+        det_stats = {s["cell_id"]: s for s in query_dicts(con, load_sql("det_cell_stats"))}
+        changed: dict[str, list[dict[str, Any]]] = {}
+        for d in query_dicts(con, load_sql("det_worst_images"),
+                             {"cells": [c.cell_id for c in contrasts], "per_cell": worst_per_cell}):
+            changed.setdefault(d.pop("cell_id"), []).append(d)
+        for c in contrasts:
+            if c.cell_id in det_stats:
+                c.detection = _detection_contrast(det_stats[c.cell_id])
+                c.detection.changed_images = changed.get(c.cell_id, [])
+
     eta, inter = main_effects(con, axes)
     mismatches: dict[str, dict[str, Any]] = {}
     for c in cells:
@@ -300,7 +401,8 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
         interactions=inter, precision_mismatches=list(mismatches.values()),
         skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
         determinism={k: counters.get(k, 0) for k in
-                     ("determinism_checks", "determinism_mismatches", "determinism_max_abs")})
+                     ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
+        task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}))
 
 
 def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],

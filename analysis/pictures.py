@@ -26,8 +26,9 @@ class PictureError(RuntimeError):
 def preprocess_from_manifest(spec: Mapping[str, Any]):
     """``runner.models.base.Preprocess`` from ``manifest["model"]["preprocess"]``."""
     from runner.models.base import Preprocess
+    extra = {k: spec[k] for k in ("pad", "scale", "channels") if k in spec}  # absent in older runs
     return Preprocess(mode=spec["mode"], resize=int(spec["resize"]), crop=int(spec["crop"]),
-                      mean=tuple(spec["mean"]), std=tuple(spec["std"]))
+                      mean=tuple(spec["mean"]), std=tuple(spec["std"]), **extra)
 
 
 def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess: Any) -> np.ndarray:
@@ -44,7 +45,8 @@ def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess:
         img = get_decoder(factors.get("decoder") or "pil").decode(data, decode_options(factors))
         if factors.get("color") == "bgr":
             img = np.ascontiguousarray(img[..., ::-1])
-        return model_input_pixels(img, factors.get("resize") or "pil-bilinear", preprocess)
+        return model_input_pixels(img, factors.get("resize") or "pil-bilinear", preprocess,
+                                  factors.get("fit"))
     except (DecodeError, DecoderUnavailable, PreprocessError, KeyError, ValueError) as e:
         raise PictureError(f"cannot re-render {Path(path).name}: {e}") from None
 

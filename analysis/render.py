@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .explain import Contrast, Explanation
+from .explain import Contrast, DetectionContrast, Explanation
 
 
 def g(v: float | None, digits: int = 3) -> str:
@@ -70,16 +70,94 @@ def _why(c: Contrast) -> str:
     return "; ".join(notes)
 
 
+def _rules(e: Explanation) -> dict[str, Any]:
+    """The run's detection tolerances (manifest), with the documented defaults."""
+    return {"rank_k": 100, "match_iou": 0.5, "same_iou": 0.9, "same_score": 0.05, **e.detection_rules}
+
+
+def _boxes(d: DetectionContrast) -> str:
+    return (f"{d.boxes_ref} ref boxes -> {d.boxes}: {d.matched} matched, {d.missed} missed, "
+            f"{d.extra} extra")
+
+
+def render_detection(e: Explanation, top_images: int = 3) -> list[str]:
+    """A detector's two questions: which factors reorder the raw candidates, which change the
+    final boxes; and the contrasts that do the first without the second."""
+    r = _rules(e)
+    cands, boxes = e.candidate_ranking(), e.box_ranking()
+    if not cands:
+        return []
+    w = max(len(_level(c)) for c in e.contrasts)
+    reorder = [c for c in cands if c.detection.reordered_frac > 0]
+    change = [c for c in boxes if c.detection.changed_frac > 0]
+    out = ["Change the candidate ranking: " + (", ".join(
+               f"{c.factor}={_level(c)} (tau {g(c.detection.tau_mean)}, {pct(c.detection.reordered_frac)} of images)"
+               for c in reorder) or "none"),
+           "Change the final boxes:       " + (", ".join(
+               f"{c.factor}={_level(c)} ({pct(c.detection.changed_frac)} of images, "
+               f"{c.detection.missed} missed + {c.detection.extra} extra of {c.detection.boxes_ref} boxes)"
+               for c in change) or "none"),
+           "",
+           f"Candidate ranking - pre-NMS score order vs the reference (Kendall tau over the top-{r['rank_k']} "
+           "candidates, 1 = same order; each factor changed alone):"]
+    for i, c in enumerate(cands, 1):
+        d = c.detection
+        out.append(f"  {i}. {c.factor:<14} {_level(c):<{w}} tau mean {g(d.tau_mean):>6} (min {g(d.tau_min)})"
+                   f" | reordered on {pct(d.reordered_frac):>6} of images | top-{r['rank_k']} overlap "
+                   f"{pct(d.topk_mean)} | raw max abs p95 {g(c.max_abs_p95)}")
+    out += ["", f"Final boxes - post-NMS vs the reference (greedy match at IoU {r['match_iou']}; same = every "
+                f"box matched at IoU >= {r['same_iou']}, |score delta| <= {r['same_score']}, same class):"]
+    for i, c in enumerate(boxes, 1):
+        d = c.detection
+        ci = f" [{pct(d.changed_ci[0])}, {pct(d.changed_ci[1])}]" if d.changed_ci else ""
+        out.append(f"  {i}. {c.factor:<14} {_level(c):<{w}} changed on {pct(d.changed_frac):>6}{ci} of "
+                   f"{d.n} images | {_boxes(d)} | mean IoU {g(d.iou_mean)} | max score delta "
+                   f"{g(d.score_delta_max)} | class flips {d.class_flips}")
+    lw = max(len(_level(c)) for c in e.contrasts)
+    out += ["", "Detection evidence - every one-factor contrast (boxes summed over images):",
+            f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'tau mean':>8} {'tau min':>8} {'top-k':>7} "
+            f"{'reordered':>9} {'changed [95% CI]':>24} {'ref':>5} {'boxes':>5} {'match':>5} {'miss':>5} "
+            f"{'extra':>5} {'IoU':>6} {'dscore':>7} {'flips':>5}"]
+    for c in sorted((c for c in e.contrasts if c.detection), key=lambda c: (c.factor, c.level, c.detail)):
+        d = c.detection
+        ci = f"[{pct(d.changed_ci[0])}, {pct(d.changed_ci[1])}]" if d.changed_ci else ""
+        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {d.n:>4} {g(d.tau_mean):>8} {g(d.tau_min):>8} "
+                   f"{pct(d.topk_mean):>7} {pct(d.reordered_frac):>9} {pct(d.changed_frac) + ' ' + ci:>24} "
+                   f"{d.boxes_ref:>5} {d.boxes:>5} {d.matched:>5} {d.missed:>5} {d.extra:>5} "
+                   f"{g(d.iou_mean):>6} {g(d.score_delta_max):>7} {d.class_flips:>5}")
+    quiet = e.order_only()
+    if quiet:
+        out += ["", "Reorder the candidates but leave the final boxes the same (invisible after NMS):"]
+        for c in quiet:
+            d = c.detection
+            out.append(f"  {c.factor}={_level(c)}: tau mean {g(d.tau_mean)} (min {g(d.tau_min)}), raw max "
+                       f"abs p95 {g(c.max_abs_p95)}; boxes same on all {d.n} images (mean IoU "
+                       f"{g(d.iou_mean)}, max score delta {g(d.score_delta_max)})")
+    shown = [c for c in boxes if c.detection.changed_images][:6]
+    if shown:
+        out += ["", "Images whose final boxes change most, per contrast:"]
+        for c in shown:
+            out.append(f"  {c.factor}={_level(c)}:")
+            for im in c.detection.changed_images[:top_images]:
+                out.append(f"    {im['image_id']:<30} {im['det_n_ref']} -> {im['det_n']} boxes "
+                           f"({im['det_missed']} missed, {im['det_extra']} extra), mean IoU "
+                           f"{g(im['det_mean_iou'])}, tau {g(im['det_rank_tau'])}")
+    return out + [""]
+
+
 def render_text(e: Explanation, top_images: int = 3) -> str:
     out = [f"dmx explain - run {e.run_id} (spec {e.spec_name!r}): {e.images} images x {e.cells} cells",
            f"reference: {e.reference}", ""]
+    if e.task == "detection":
+        out += render_detection(e, top_images)
     factors = e.factor_ranking()
     fw = max([len(_level(c)) for c in e.contrasts] + [10])
     if not factors:
         out.append("No one-factor contrast to rank: no cell differs from the reference in exactly "
                    "one factor (or none ran).")
     else:
-        out.append("Factors ranked by how far they move a typical image's output (median cosine "
+        what = "raw head" if e.task == "detection" else "output"
+        out.append(f"Factors ranked by how far they move a typical image's {what} (median cosine "
                    "distance; each changed alone, everything else at the reference):")
         by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
         for i, f in enumerate(factors, 1):
@@ -91,7 +169,8 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
             for note in _why(c).split("; ") if _why(c) else []:
                 out.append(f"     {'':<14} {note}")
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
-    out += ["", "Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of logits):",
+    unit = "the raw detector head" if e.task == "detection" else "logits"
+    out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}):",
             f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'median':>9} {'cos mean [95% CI]':>28} {'p95':>9} "
             f"{'max abs p95':>11} {'max':>9} {'top-1 flips [95% CI]':>22} {'px mean':>8} {'ran':>6}"]
     for c in sorted(e.contrasts, key=lambda c: (c.factor, c.level, c.detail)):
@@ -124,7 +203,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         for c in shown:
             out.append(f"  {c.factor}={_level(c)}:")
             for w in c.worst[:top_images]:
-                flip = "" if w["top1_agree"] else f", top-1 {w['top1_ref']} -> {w['top1']}"
+                flip = f", top-1 {w['top1_ref']} -> {w['top1']}" if w["top1_agree"] is False else ""
                 props = _props(w)
                 out.append(f"    {w['image_id']:<30} cos dist {g(w['cos_dist'])}, max abs "
                            f"{g(w['max_abs'])}{flip}{' [' + props + ']' if props else ''}")
@@ -157,6 +236,15 @@ def render_markdown(e: Explanation) -> str:
         c = by_key[(f["factor"], f["level"], f["detail"])]
         lines.append(f"| {i} | {f['factor']} | {_level(c)} | {g(c.cos_dist_mean)} | "
                      f"{pct(c.top1_disagree)} | {g(c.max_abs_max)} | {g(f.get('eta_squared'), 2)} | {_why(c)} |")
+    if e.task == "detection" and e.candidate_ranking():
+        lines += ["", "| factor | level | candidate tau mean (min) | top-k overlap | boxes changed on | "
+                      "missed / extra of ref boxes | mean IoU | max score delta |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in e.box_ranking():
+            d = c.detection
+            lines.append(f"| {c.factor} | {_level(c)} | {g(d.tau_mean)} ({g(d.tau_min)}) | {pct(d.topk_mean)} | "
+                         f"{pct(d.changed_frac)} of {d.n} | {d.missed} / {d.extra} of {d.boxes_ref} | "
+                         f"{g(d.iou_mean)} | {g(d.score_delta_max)} |")
     if e.precision_mismatches:
         lines += ["", "**Precision asked vs run:** " + "; ".join(
             f"`{m['label']}` asked {m['asked']}, ran {m['effective']}" for m in e.precision_mismatches)]

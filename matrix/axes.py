@@ -50,10 +50,12 @@ RESIZE_LEVELS = (
     "torch-bilinear", "torch-bilinear-aa",
 )
 
+FIT_LEVELS = ("letterbox", "letterbox-center", "stretch", "resize-crop")
+
 AXES: dict[str, Axis] = {
     a.name: a
     for a in (
-        Axis("decoder", DECODE, ("pil", "opencv", "simplejpeg", "turbojpeg", "libjpeg"),
+        Axis("decoder", DECODE, ("pil", "opencv", "simplejpeg", "turbojpeg", "libjpeg", "nvjpeg"),
              "image decoding library (a mapping adds a package version or libjpeg build)",
              mapping_levels=True),
         Axis("exif", DECODE, ("apply", "ignore", "native"),
@@ -74,6 +76,11 @@ AXES: dict[str, Axis] = {
              "TJFLAG_FASTUPSAMPLE); Pillow and OpenCV have no such choice",
              applies=_decoder_in("libjpeg", "simplejpeg", "turbojpeg")),
         Axis("resize", PREPROCESS, RESIZE_LEVELS, "resize library and interpolation"),
+        Axis("fit", PREPROCESS, FIT_LEVELS,
+             "how the image fits the model's square input: letterbox (aspect kept, padded right/"
+             "bottom with the model's pad value: YOLOX, DAMO-YOLO), letterbox-center (padded on "
+             "both sides: Ultralytics), stretch, or resize-crop (shorter side, center crop); "
+             "absent, the model's own fit"),
         Axis("backend", INFER, ("torch", "onnxruntime", "openvino"), "inference engine"),
         Axis("precision", INFER, ("fp32", "fp16", "bf16", "int8"), "numeric precision asked for"),
         Axis("openvino_hint", INFER, ("default", "f32", "bf16", "f16", "accuracy"),

@@ -14,7 +14,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("image_id", pa.string(), "", "image path relative to the dataset root"),
     # one string column per axis of the spec sits here (decoder, exif, resize, backend, ...)
     ("status", pa.string(), "", "ok | error | skipped"),
-    ("error_stage", pa.string(), "", "read | decode | preprocess | model-build | infer | reference"),
+    ("error_stage", pa.string(), "", "read | decode | preprocess | model-build | infer | postprocess "
+                                                  "(detector output decoding) | reference"),
     ("error", pa.string(), "", "error message, or why the cell was skipped"),
     ("is_reference", pa.bool_(), "", "this row belongs to the reference cell"),
     ("decoded_h", pa.int32(), "px", "height of the decoded image, before any resize"),
@@ -26,7 +27,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("px_mean_abs", pa.float64(), "0-255", "mean abs difference of the model input"),
     ("px_frac_diff", pa.float64(), "0-1", "fraction of input pixels (any channel) that differ"),
     ("px_psnr", pa.float64(), "dB", "PSNR of the model input vs the reference (inf if equal)"),
-    ("out_max_abs", pa.float64(), "logits", "max abs difference of the output vs the reference cell"),
+    ("out_max_abs", pa.float64(), "logits", "max abs difference of the output vs the reference cell "
+                                            "(detection: over the raw head, all outputs concatenated)"),
     ("out_mean_abs", pa.float64(), "logits", "mean abs difference of the output"),
     ("out_rel_l2", pa.float64(), "ratio", "||out - ref|| / ||ref||"),
     ("out_cosine", pa.float64(), "-1..1", "cosine similarity of output and reference output"),
@@ -38,6 +40,23 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("top5_overlap", pa.float64(), "0-1", "|top-5 ∩ reference top-5| / 5"),
     ("top5", pa.list_(pa.int32()), "class", "top-5 classes of this cell, best first"),
     ("top5_prob", pa.list_(pa.float32()), "0-1", "softmax probabilities of top5"),
+    ("det_rank_tau", pa.float64(), "-1..1", "detection: Kendall tau-b of pre-NMS candidate scores, cell vs "
+                                            "reference, over the union of both top-k candidates (k = "
+                                            "detection.rank_k, default 100); 1 = same order"),
+    ("det_topk_overlap", pa.float64(), "0-1", "detection: |top-k candidates ∩ reference top-k| / k"),
+    ("det_n_ref", pa.int32(), "boxes", "detection: boxes the reference cell kept after NMS"),
+    ("det_n", pa.int32(), "boxes", "detection: boxes this cell kept after NMS"),
+    ("det_matched", pa.int32(), "boxes", "detection: boxes matched one-to-one with the reference's (greedy, "
+                                          "class-agnostic, IoU >= detection.match_iou, default 0.5; boxes "
+                                          "compared in decoded-image pixels)"),
+    ("det_missed", pa.int32(), "boxes", "detection: reference boxes without a match (det_n_ref - det_matched)"),
+    ("det_extra", pa.int32(), "boxes", "detection: boxes of this cell without a match (det_n - det_matched)"),
+    ("det_mean_iou", pa.float64(), "0-1", "detection: mean IoU of the matched pairs (null if none)"),
+    ("det_score_delta_max", pa.float64(), "0-1", "detection: max |score - reference score| over matched pairs"),
+    ("det_class_flips", pa.int32(), "boxes", "detection: matched pairs whose class differs"),
+    ("det_same", pa.bool_(), "", "detection: same final set: equal counts, all matched with IoU >= "
+                                 "detection.same_iou (default 0.9), |score delta| <= detection.same_score "
+                                 "(default 0.05), no class flip"),
     ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
     ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
     ("decoder_version", pa.string(), "", "the decoding library and its version that ran (e.g. 'pillow 13.0.0')"),

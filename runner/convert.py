@@ -21,6 +21,7 @@ import numpy as np
 from matrix import ModelSpec
 
 from .backends.base import ModelArtifacts
+from .detection import DetectionConfig, config_from
 from .models.base import ModelDef, Preprocess
 
 
@@ -47,6 +48,7 @@ class ResolvedModel:
     weights: str | None
     onnx: str | None
     opset: int
+    detection: DetectionConfig | None = None
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
@@ -57,14 +59,16 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
         pre = d.preprocess
         if spec.input:
             pre = _preprocess_from(spec.input, default=pre)
+        det = config_from(spec.detection, d.detection) if d.task == "detection" else None
         return ResolvedModel(d.name, d.task, pre, d.labels, f"builtin:{d.name}", d.weights_path,
-                             None, spec.opset)
+                             d.onnx_path, spec.opset, det)
     labels = None
     if spec.labels:
         labels = tuple(Path(spec.labels).read_text(encoding="utf-8").splitlines())
     name = spec.torch or Path(spec.onnx or "model").stem
+    det = config_from(spec.detection) if spec.task == "detection" else None
     return ResolvedModel(name, spec.task, _preprocess_from(spec.input or {}), labels, spec.torch,
-                         spec.weights, spec.onnx, spec.opset)
+                         spec.weights, spec.onnx, spec.opset, det)
 
 
 def _preprocess_from(inp: dict[str, Any], default: Preprocess | None = None) -> Preprocess:
@@ -73,8 +77,23 @@ def _preprocess_from(inp: dict[str, Any], default: Preprocess | None = None) -> 
     resize = int(inp.get("resize", default.resize if default else round(size * 256 / 224)))
     mean = tuple(float(v) for v in inp.get("mean", default.mean if default else (0.485, 0.456, 0.406)))
     std = tuple(float(v) for v in inp.get("std", default.std if default else (0.229, 0.224, 0.225)))
+    extra = {k: inp[k] if k == "channels" else float(inp[k])
+             for k in ("pad", "scale", "channels") if k in inp}
+    if default:
+        extra = {"pad": default.pad, "scale": default.scale, "channels": default.channels, **extra}
     return Preprocess(mode=mode, resize=resize if mode == "resize-crop" else size, crop=size,
-                      mean=mean, std=std)  # type: ignore[arg-type]
+                      mean=mean, std=std, **extra)  # type: ignore[arg-type]
+
+
+def onnx_batch_limit(path: str) -> int | None:
+    """The batch size an ONNX file is fixed to (its first input's static first dimension), or None
+    when the batch is dynamic: many detector exports are batch-1 only."""
+    import onnx
+    m = onnx.load(path, load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    first = next((i for i in m.graph.input if i.name not in inits), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
 
 
 def _file_digest(path: str) -> str:
@@ -344,4 +363,5 @@ def prepare_artifacts(model: ResolvedModel, settings: Iterable[tuple[str, str, s
             files[key] = src
     return ModelArtifacts(name=model.name, task=model.task, torch_factory=model.torch_factory,
                           weights=model.weights, files=files, conversion_notes=notes,
-                          input_shape=(3, model.preprocess.crop, model.preprocess.crop))
+                          input_shape=(3, model.preprocess.crop, model.preprocess.crop),
+                          max_batch=onnx_batch_limit(model.onnx) if model.onnx else None)

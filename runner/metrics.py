@@ -1,13 +1,16 @@
 """Divergence metrics: pure functions, arrays in, numbers out.
 
 Input metrics compare model inputs on the 0-255 scale; output metrics compare raw outputs
-(logits for classifiers) of a cell with the reference cell's for the same image.
+(logits for classifiers, the raw head for detectors) of a cell with the reference cell's for
+the same image; detection metrics compare pre-NMS candidate order and post-NMS boxes.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from .detection import box_iou, score_order
 
 PIXEL_PEAK = 255.0
 
@@ -86,3 +89,87 @@ def top5_of(y: np.ndarray) -> tuple[list[int], list[float]]:
     idx = topk(y, 5)
     p = softmax(y.ravel())
     return [int(i) for i in idx], [float(p[i]) for i in idx]
+
+
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Kendall's tau-b of two paired score vectors (ties handled); None for fewer than 2 pairs
+    or when one vector is constant."""
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"tau needs paired vectors, got {x.shape} and {y.shape}")
+    if x.size < 2:
+        return None
+    iu = np.triu_indices(x.size, k=1)
+    sx = np.sign(x[:, None] - x[None, :])[iu]
+    sy = np.sign(y[:, None] - y[None, :])[iu]
+    n1, n2 = float(np.count_nonzero(sx)), float(np.count_nonzero(sy))
+    if n1 == 0 or n2 == 0:
+        return None
+    return float(np.sum(sx * sy)) / math.sqrt(n1 * n2)
+
+
+def candidate_rank_agreement(scores: np.ndarray, ref_scores: np.ndarray, k: int = 100) -> dict[str, float | None]:
+    """Agreement of two pre-NMS candidate score vectors (same anchors, same order).
+
+    ``det_topk_overlap``: |top-k(ref) ∩ top-k(cell)| / k, candidates ranked by score;
+    ``det_rank_tau``: Kendall tau-b of the two score vectors over the union of both top-k sets
+    (1 = the leading candidates come out in the same order).
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    ref_scores = np.asarray(ref_scores, np.float64).ravel()
+    if scores.shape != ref_scores.shape:
+        raise ValueError(f"candidate counts differ: {scores.size} vs {ref_scores.size}")
+    k = min(k, scores.size)
+    if k == 0:
+        return {"det_rank_tau": None, "det_topk_overlap": None}
+    top, top_ref = score_order(scores)[:k], score_order(ref_scores)[:k]
+    union = np.union1d(top, top_ref)
+    return {"det_rank_tau": kendall_tau_b(scores[union], ref_scores[union]),
+            "det_topk_overlap": len(np.intersect1d(top, top_ref)) / float(k)}
+
+
+def match_detections(boxes: np.ndarray, ref_boxes: np.ndarray, iou_threshold: float = 0.5
+                     ) -> list[tuple[int, int, float]]:
+    """Greedy one-to-one matching, class-agnostic: reference boxes in their order (best score
+    first), each takes the unmatched cell box of highest IoU >= ``iou_threshold``.
+    Returns (reference index, cell index, IoU) per match."""
+    iou = box_iou(ref_boxes, boxes)
+    taken = np.zeros(iou.shape[1], bool)
+    out = []
+    for r in range(iou.shape[0]):
+        cand = np.where(taken, -1.0, iou[r])
+        if cand.size == 0:
+            break
+        j = int(np.argmax(cand))
+        if cand[j] >= iou_threshold:
+            taken[j] = True
+            out.append((r, j, float(iou[r, j])))
+    return out
+
+
+def detection_divergence(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                         ref_boxes: np.ndarray, ref_scores: np.ndarray, ref_classes: np.ndarray,
+                         match_iou: float = 0.5, same_iou: float = 0.9,
+                         same_score: float = 0.05) -> dict[str, object]:
+    """Post-NMS agreement of a cell's detections with the reference's (boxes x1 y1 x2 y2 in the
+    same pixel frame, scores 0-1, reference first-best order).
+
+    Matching is greedy at ``match_iou``; class flips count matched pairs whose class differs.
+    ``det_same``: same count, every box matched with IoU >= ``same_iou``, |score delta| <=
+    ``same_score``, no class flip.
+    """
+    m = match_detections(boxes, ref_boxes, match_iou)
+    ious = np.array([iou for _, _, iou in m])
+    deltas = np.array([abs(float(scores[j]) - float(ref_scores[r])) for r, j, _ in m])
+    flips = sum(int(classes[j] != ref_classes[r]) for r, j, _ in m)
+    n, n_ref = len(boxes), len(ref_boxes)
+    same = (n == n_ref == len(m) and flips == 0 and bool(np.all(ious >= same_iou))
+            and bool(np.all(deltas <= same_score)))
+    return {
+        "det_n_ref": n_ref, "det_n": n, "det_matched": len(m),
+        "det_missed": n_ref - len(m), "det_extra": n - len(m),
+        "det_mean_iou": float(ious.mean()) if len(m) else None,
+        "det_score_delta_max": float(deltas.max()) if len(m) else None,
+        "det_class_flips": flips, "det_same": same,
+    }

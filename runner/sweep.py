@@ -1,6 +1,7 @@
 """A run from spec to run directory: plan, convert models, sweep chunks, stream Parquet, manifest."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import time
 import uuid
@@ -82,7 +83,8 @@ def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
             pixels = decoder.decode(Path(img.path).read_bytes(), decode_options(dict(ref.factors)))
             if ref.get("color") == "bgr":
                 pixels = np.ascontiguousarray(pixels[..., ::-1])
-            x = model_input_pixels(pixels, ref.get("resize", "pil-bilinear"), model.preprocess)
+            x = model_input_pixels(pixels, ref.get("resize", "pil-bilinear"), model.preprocess,
+                                   ref.get("fit"))
         except (OSError, DecodeError, PreprocessError):
             continue
         tensors.append(normalise(x, model.preprocess))
@@ -157,7 +159,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "spec_digest": spec.digest, "spec": spec.raw,
         "model": {"name": model.name, "task": model.task, "preprocess": model.preprocess.__dict__,
                   "torch_factory": model.torch_factory, "weights": model.weights,
-                  "files": dict(artifacts.files), "conversion": artifacts.conversion_notes},
+                  "files": dict(artifacts.files), "conversion": artifacts.conversion_notes,
+                  "detection": dataclasses.asdict(model.detection) if model.detection else None},
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
         "images": len(images), "chunk_size": chunk_size, "chunks": len(chunks),

@@ -3,7 +3,8 @@
 Work is shared wherever the factors allow: each image is decoded once per decode variant,
 preprocessed once per preprocessing variant, and each distinct input tensor is inferred once per
 backend setting (key: setting + hash of the tensor bytes); the other cells reuse that output.
-The reference cell's results stay at hand, so divergence is computed right here.
+The reference cell's results stay at hand, so divergence is computed right here. A detector's
+raw outputs are decoded and NMS'd here too, by the one numpy implementation in ``detection``.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 from . import metrics
 from .backends import BACKENDS, BackendRunner, InferSetting
 from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
+from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detections, detect,
+                        to_image)
 from .imageinfo import read_image_info
 from .plan import Chunk, Plan
-from .preprocess import PreprocessError, model_input_pixels, normalise
+from .preprocess import Placement, PreprocessError, model_input, normalise
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Prepped:
     tensor: np.ndarray          # (3, H, W) float32, normalised
     digest: bytes
     ms: float
+    placement: Placement        # where the decoded image sits in the input (maps boxes back)
 
 
 @dataclass
@@ -112,7 +116,8 @@ class Worker:
         for key in _unique(c.key(PREPROCESS) for c in cells):
             dkey = tuple((a, v) for a, v in key if AXES[a].stage == DECODE)
             resize = dict(key).get("resize") or "pil-bilinear"
-            prepped[key] = [self._preprocess(d, resize) for d in decoded[dkey]]
+            fit = dict(key).get("fit")
+            prepped[key] = [self._preprocess(d, resize, fit) for d in decoded[dkey]]
 
         outputs: dict[tuple, dict[bytes, tuple[np.ndarray, float] | _Failure]] = {}
         infos: dict[str, dict[str, Any]] = {}
@@ -153,47 +158,58 @@ class Worker:
         self.counters["decodes"] += 1
         return _Decoded(img, (time.perf_counter() - t) * 1e3, dec.last_note)
 
-    def _preprocess(self, d: _Decoded | _Failure, resize: str) -> _Prepped | _Failure:
+    def _preprocess(self, d: _Decoded | _Failure, resize: str, fit: str | None) -> _Prepped | _Failure:
         if isinstance(d, _Failure):
             return d
         t = time.perf_counter()
         try:
-            pixels = model_input_pixels(d.pixels, resize, self.plan.model.preprocess)
+            pixels, placement = model_input(d.pixels, resize, self.plan.model.preprocess, fit)
         except PreprocessError as e:
             return _Failure("preprocess", str(e))
         tensor = normalise(pixels, self.plan.model.preprocess)
         self.counters["resizes"] += 1
         digest = hashlib.blake2b(tensor.tobytes(), digest_size=16).digest()
-        return _Prepped(pixels, tensor, digest, (time.perf_counter() - t) * 1e3)
+        return _Prepped(pixels, tensor, digest, (time.perf_counter() - t) * 1e3, placement)
 
     def _infer(self, setting: InferSetting, inputs: dict[bytes, np.ndarray],
-               chunk_index: int) -> dict[bytes, tuple[np.ndarray, float] | _Failure]:
+               chunk_index: int) -> dict[bytes, tuple[Any, float] | _Failure]:
+        """Infer each distinct input once. A classifier's output per image is its first output
+        (logits); a detector's is the tuple of all its outputs (raw head)."""
         if not inputs:
             return {}
         runner = self.runner(setting)
         if isinstance(runner, _Failure):
             return {k: runner for k in inputs}
         keys = list(inputs)
-        out: dict[bytes, tuple[np.ndarray, float] | _Failure] = {}
-        b = setting.batch or self.plan.batch
+        out: dict[bytes, tuple[Any, float] | _Failure] = {}
+        every = self.plan.model.task == "detection"
+        b = min(setting.batch or self.plan.batch, self.plan.artifacts.max_batch or 1 << 30)
         for start in range(0, len(keys), b):
             part = keys[start: start + b]
             batch = np.stack([inputs[k] for k in part])
             t = time.perf_counter()
             try:
-                y = runner.infer(batch)
+                ys = runner.infer_all(batch) if every else [runner.infer(batch)]
             except Exception as e:  # an inference failure is data: error rows, not a crash
                 for k in part:
                     out[k] = _Failure("infer", f"{type(e).__name__}: {e}")
                 continue
+            wrong = next((y.shape for y in ys if y.ndim == 0 or y.shape[0] != len(part)), None)
+            if wrong is not None:  # a fixed-batch model (e.g. a Reshape to [1, ...]) given more
+                for k in part:
+                    out[k] = _Failure("infer", f"the model returned an output of shape {list(wrong)} for "
+                                               f"a batch of {len(part)}; a fixed-batch model needs "
+                                               "the batch axis at 1 (-o batch=1)")
+                continue
             per_image = (time.perf_counter() - t) * 1e3 / len(part)
             self.counters["inferences"] += len(part)
-            for k, yk in zip(part, y):
-                out[k] = (yk, per_image)
+            for i, k in enumerate(part):
+                out[k] = (tuple(y[i] for y in ys) if every else ys[0][i], per_image)
             if start == 0 and self.plan.reuse_check_every and chunk_index % self.plan.reuse_check_every == 0:
-                again = runner.infer(batch)
+                again = runner.infer_all(batch) if every else [runner.infer(batch)]
                 self.counters["determinism_checks"] += 1
-                diff = float(np.max(np.abs(again - y))) if y.size else 0.0
+                diff = max((float(np.max(np.abs(a - y))) if y.size else 0.0
+                            for a, y in zip(again, ys)), default=0.0)
                 if diff > 0:
                     self.counters["determinism_mismatches"] += 1
                     self.counters["determinism_max_abs"] = max(self.counters["determinism_max_abs"], diff)
@@ -204,6 +220,8 @@ class Worker:
         plan = self.plan
         out_rows: list[dict[str, Any]] = []
         classify = plan.model.task == "classification"
+        det_cfg = plan.model.detection if plan.model.task == "detection" else None
+        decoded_outputs: dict[tuple, tuple[Candidates, Detections] | _Failure] = {}
         seen_outputs: set[tuple] = set()
         ref_dec, ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
         ref_out = outputs[ref.key(INFER)]
@@ -251,12 +269,62 @@ class Worker:
                     continue
                 row["shape_match"] = rd.pixels.shape == d.pixels.shape
                 row.update(metrics.input_divergence(p.pixels, rp.pixels))
-                row.update(metrics.output_divergence(y, ro[0]))
+                if det_cfg is None:
+                    row.update(metrics.output_divergence(y, ro[0]))
+                else:
+                    row.update(metrics.output_divergence(_flat(y), _flat(ro[0])))
                 if classify:
                     row.update(metrics.classification_divergence(y, ro[0]))
+                if det_cfg is not None:
+                    mine = self._detections(decoded_outputs, out_key, y)
+                    theirs = self._detections(decoded_outputs, (ref.key(INFER), rp.digest), ro[0])
+                    failure = next((x for x in (mine, theirs) if isinstance(x, _Failure)), None)
+                    if failure:
+                        row.update(status="error", error_stage=failure.stage, error=failure.message)
+                    else:
+                        row.update(_detection_metrics(mine, theirs, p.placement, rp.placement, det_cfg))
                 out_rows.append(row)
         self.counters["reuses"] += sum(1 for r in out_rows if r.get("reused"))
         return pa.Table.from_pylist(out_rows, schema=row_schema(plan.axes))
+
+    def _detections(self, cache: dict, key: tuple, outputs: tuple[np.ndarray, ...]
+                    ) -> tuple[Candidates, Detections] | _Failure:
+        """Candidates and NMS'd detections of one inferred output (model-input pixels), decoded
+        once per (infer setting, input) however many cells share it."""
+        if key not in cache:
+            size = self.plan.model.preprocess.crop
+            try:
+                cache[key] = detect(outputs, (size, size), self.plan.model.detection)
+                self.counters["detection_decodes"] += 1
+            except DetectionDecodeError as e:
+                cache[key] = _Failure("postprocess", str(e))
+        return cache[key]
+
+
+def _flat(outputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    """A detector's outputs as one vector: the raw head that ``out_*`` compares elementwise."""
+    return np.concatenate([np.asarray(o, np.float32).ravel() for o in outputs])
+
+
+def _in_image(d: Detections, pl: Placement) -> Detections:
+    return to_image(d, (pl.scale_x, pl.scale_y), (pl.offset_x, pl.offset_y), pl.image_hw)
+
+
+def _detection_metrics(mine: tuple[Candidates, Detections], theirs: tuple[Candidates, Detections],
+                       placement: Placement, ref_placement: Placement,
+                       cfg: DetectionConfig) -> dict[str, Any]:
+    """det_* columns: pre-NMS candidate order (model order, input frame) and post-NMS boxes
+    compared in decoded-image pixels, so cells with another resize or fit stay comparable.
+    A user decoder that returns a varying number of candidates leaves the order columns null."""
+    (c, d), (rc, rd) = mine, theirs
+    out: dict[str, Any] = {"det_rank_tau": None, "det_topk_overlap": None}
+    if len(c.scores) == len(rc.scores):
+        out.update(metrics.candidate_rank_agreement(c.scores, rc.scores, cfg.rank_k))
+    a, b = _in_image(d, placement), _in_image(rd, ref_placement)
+    out.update(metrics.detection_divergence(a.boxes, a.scores, a.classes, b.boxes, b.scores, b.classes,
+                                            match_iou=cfg.match_iou, same_iou=cfg.same_iou,
+                                            same_score=cfg.same_score))
+    return out
 
 
 def _unique(keys):

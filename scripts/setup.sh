@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-extras="int8,decoders"
+extras="int8,decoders,detect"
 [ "${1:-}" = "test" ] && extras="$extras,test"
 # torch is pinned to 2.13.0 (the CPU wheel); a looser pin would pull a multi-GB CUDA build.
 pip install -q -e ".[${extras}]"

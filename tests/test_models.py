@@ -79,14 +79,14 @@ def pretrained(request: pytest.FixtureRequest) -> tuple[ModelDef, torch.nn.Modul
 
 
 def test_registry_names() -> None:
-    assert set(MODELS) == {"mobilenet_v2", "efficientnet_lite0", "tiny"}
+    assert set(MODELS) == {"mobilenet_v2", "efficientnet_lite0", "tiny", "ddddocr_det"}
     for name in MODELS:
         try:
             mdef = get_model(name)
         except ModelUnavailable:
             continue
         assert mdef.name == name
-        assert mdef.task == "classification"
+        assert mdef.task == ("detection" if name == "ddddocr_det" else "classification")
 
 
 def test_unknown_model() -> None:

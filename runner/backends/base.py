@@ -57,6 +57,7 @@ class ModelArtifacts:
     files: Mapping[str, str] = field(default_factory=dict)
     conversion_notes: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, int, int] = (3, 224, 224)
+    max_batch: int | None = None        # an ONNX file exported with a fixed batch (often 1)
 
     def file_for(self, setting: "InferSetting") -> str | None:
         from runner.convert import file_key
@@ -108,11 +109,23 @@ class BackendRunner:
         out = self._infer(np.ascontiguousarray(batch))
         return np.asarray(out, dtype=np.float32)
 
+    def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """(N, 3, H, W) float32 -> every output of the model, each (N, ...) float32, in the
+        model's output order (detectors often have several: boxes, scores, ...)."""
+        if not self.active:
+            self.activate()
+        if batch.dtype != np.float32 or batch.ndim != 4:
+            raise ValueError(f"expected a float32 NCHW batch, got {batch.dtype} {batch.shape}")
+        return [np.asarray(o, dtype=np.float32) for o in self._infer_all(np.ascontiguousarray(batch))]
+
     def _activate(self) -> None:
         raise NotImplementedError
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        return [self._infer(batch)]
 
     def info(self) -> dict[str, Any]:
         """Version, precision actually used (read back), and properties of the built session."""

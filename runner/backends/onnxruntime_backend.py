@@ -66,6 +66,9 @@ class OnnxRuntimeRunner(BackendRunner):
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]
 
+    def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {self.input_name: batch}))
+
     def info(self) -> dict[str, Any]:
         graph = _onnx_float_types(self.path)
         eff = graph

@@ -59,6 +59,10 @@ class OpenVinoRunner(BackendRunner):
         res = self.request.infer({0: batch})
         return np.array(res[self.compiled.outputs[0]])
 
+    def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        res = self.request.infer({0: batch})
+        return [np.array(res[o]) for o in self.compiled.outputs]
+
     def info(self) -> dict[str, Any]:
         props = {}
         for name in ("INFERENCE_PRECISION_HINT", "EXECUTION_MODE_HINT", "INFERENCE_NUM_THREADS",

@@ -5,7 +5,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import BackendRunner, BackendUnavailable, InferSetting, ModelArtifacts
+from .base import BackendRunner, InferSetting, ModelArtifacts
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -35,6 +35,10 @@ class TorchRunner(BackendRunner):
         self.model = self.artifacts.build_torch().to(device=self.setting.device, dtype=self.dtype)
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
+        return self._infer_all(batch)[0]
+
+    def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output: a module may return a tensor or a tuple/list of tensors."""
         torch = self._torch
         torch.set_num_threads(self.threads)
         if self.setting.device.startswith("cuda"):
@@ -43,7 +47,9 @@ class TorchRunner(BackendRunner):
             torch.backends.cudnn.allow_tf32 = on
         with torch.inference_mode():
             x = torch.from_numpy(batch).to(device=self.setting.device, dtype=self.dtype)
-            return self.model(x).float().cpu().numpy()
+            out = self.model(x)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            return [o.float().cpu().numpy() for o in outs]
 
     def info(self) -> dict[str, Any]:
         torch = self._torch

@@ -26,6 +26,7 @@ _MODULES: dict[str, str] = {
     "mobilenet_v2": "runner.models.mobilenet_v2",
     "efficientnet_lite0": "runner.models.efficientnet_lite0",
     "tiny": "runner.models.tiny",
+    "ddddocr_det": "runner.models.ddddocr_det",
 }
 
 MODELS: tuple[str, ...] = tuple(_MODULES)

@@ -11,7 +11,10 @@ from typing import Callable
 
 import torch
 
+from runner.detection import DetectionConfig
+
 __all__ = [
+    "FIT_MODES",
     "ModelDef",
     "ModelUnavailable",
     "Preprocess",
@@ -29,13 +32,20 @@ class UnknownModel(Exception):
     """The requested model name is not in the registry."""
 
 
+FIT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """How an RGB image becomes the model's NCHW float input.
 
+    ``mode`` is the model's default fit (the ``fit`` axis overrides it per cell):
     ``resize-crop``: resize the shorter side to ``resize``, then center-crop ``crop``x``crop``.
     ``stretch``: resize straight to ``crop``x``crop`` ignoring aspect ratio (``resize`` unused).
-    Pixel values are scaled to 0-1, then ``(x - mean) / std`` per RGB channel.
+    ``letterbox``: resize the longer side to ``crop`` keeping the aspect ratio, pad right and
+    bottom with ``pad`` (YOLOX, DAMO-YOLO); ``letterbox-center``: pad both sides (Ultralytics).
+    Pixel values become ``(x / scale - mean) / std`` per channel, handed over in ``channels``
+    order (``bgr`` for models trained on OpenCV-decoded images).
     """
 
     mode: str
@@ -43,17 +53,28 @@ class Preprocess:
     crop: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    pad: float = 114.0
+    scale: float = 255.0
+    channels: str = "rgb"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("resize-crop", "stretch"):
-            raise ValueError(f"unknown preprocess mode {self.mode!r}")
+        if self.mode not in FIT_MODES:
+            raise ValueError(f"unknown preprocess mode {self.mode!r}; allowed: {', '.join(FIT_MODES)}")
         if self.crop <= 0 or (self.mode == "resize-crop" and self.resize < self.crop):
             raise ValueError(f"bad sizes resize={self.resize} crop={self.crop}")
+        if self.channels not in ("rgb", "bgr"):
+            raise ValueError(f"channels must be rgb or bgr, got {self.channels!r}")
+        if not 0.0 <= self.pad <= 255.0 or self.scale <= 0:
+            raise ValueError(f"bad pad={self.pad} (0-255) or scale={self.scale} (> 0)")
 
 
 @dataclass(frozen=True)
 class ModelDef:
-    """A registered model: how to build it and how to feed it."""
+    """A registered model: how to build it and how to feed it.
+
+    ``onnx_path`` is set for a model that ships as ONNX (its ONNX Runtime and OpenVINO cells run
+    that file); ``detection`` says how a detector's raw outputs become boxes.
+    """
 
     name: str
     task: str
@@ -62,6 +83,8 @@ class ModelDef:
     weights_path: str | None
     labels: tuple[str, ...] | None
     source: str
+    onnx_path: str | None = None
+    detection: DetectionConfig | None = None
 
 
 def package_file(package: str, relative: str, install_hint: str) -> str:

@@ -1,0 +1,56 @@
+"""dmx explain on a detector run: it names the factors that reorder the raw candidates and those
+that change the final boxes, with numbers (needs ddddocr's detector: pip install 'dmx[detect]')."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from analysis.explain import explain_run
+from analysis.render import render_markdown, render_text
+from matrix import parse_spec
+from runner.sweep import RunOptions, run_spec
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ddddocr") is None,
+                                reason="ddddocr not installed (pip install 'dmx[detect]')")
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import skimage.data
+    from PIL import Image
+    d = tmp_path_factory.mktemp("text-images")
+    Image.fromarray(skimage.data.page()).save(d / "page.jpg", quality=90)
+    Image.fromarray(skimage.data.text()).save(d / "text.jpg", quality=90)
+    spec = parse_spec({"name": "det-explain", "dataset": str(d), "model": "ddddocr_det",
+                       "axes": {"resize": ["cv2-linear", "pil-bilinear"], "fit": ["letterbox", "stretch"],
+                                "backend": ["onnxruntime", "openvino"], "openvino_hint": ["f32", "default"]},
+                       "reference": {"resize": "cv2-linear", "fit": "letterbox", "backend": "onnxruntime"}})
+    out = tmp_path_factory.mktemp("det-run") / "run"
+    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
+    return out
+
+
+def test_explain_ranks_detector_contrasts_by_candidate_order_and_by_final_boxes(det_run: Path):
+    e = explain_run(det_run)
+    assert e.task == "detection"
+    taus = [c.detection.tau_mean for c in e.candidate_ranking()]
+    assert taus == sorted(taus) and e.candidate_ranking()[0].factor == "fit"
+    assert e.box_ranking()[0].factor == "fit" and e.box_ranking()[0].detection.changed_frac > 0
+    for c in e.order_only():
+        assert c.detection.reordered_frac > 0 and c.detection.changed_frac == 0
+
+
+def test_the_openvino_f32_cell_keeps_the_candidate_order_and_the_boxes(det_run: Path):
+    f32 = next(c for c in explain_run(det_run).contrasts
+               if c.factor == "backend" and c.detail == "openvino_hint=f32")
+    assert f32.detection.changed_frac == 0 and f32.detection.topk_mean > 0.95
+
+
+def test_explain_text_and_markdown_name_both_questions_with_numbers(det_run: Path):
+    e = explain_run(det_run)
+    text = render_text(e)
+    assert "Change the candidate ranking: fit=stretch (tau" in text
+    assert "Change the final boxes:       fit=stretch (" in text
+    assert "boxes changed on" in render_markdown(e)
