@@ -146,11 +146,12 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
     c, m = s.counters, s.minimum
-    print(f"dmx: work done: {int(c.get('decodes', 0))} decodes (minimum {m['decodes']}), "
-          f"{int(c.get('resizes', 0))} resizes (minimum {m['resizes']}), "
-          f"{int(c.get('inferences', 0))} inferences ({m['inferences_without_reuse']} without "
-          f"reuse; {int(c.get('reuses', 0))} outputs reused), {int(c.get('model_builds', 0))} model "
-          f"builds (at most {m['model_builds']})", file=sys.stderr)
+    print(f"dmx: work done (each at most once per image and variant): "
+          f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
+          f"{int(c.get('resizes', 0))}/{m['resizes']} resizes, "
+          f"{int(c.get('inferences', 0))} inferences for {m['inferences_without_reuse']} "
+          f"image x cell inputs ({int(c.get('reuses', 0))} outputs reused), "
+          f"{int(c.get('model_builds', 0))}/{m['model_builds']} model builds", file=sys.stderr)
     if explain:
         from analysis.explain import explain_run
         from analysis.render import render_text
