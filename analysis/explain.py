@@ -76,6 +76,7 @@ class Contrast:
     shape_mismatches: int
     precision: str | None
     precision_effective: str | None
+    rel_l2_max: float | None = None
     n_same_input: int = 0
     cos_dist_same_input: float | None = None
     n_diff_input: int = 0
@@ -126,6 +127,7 @@ class Explanation:
                         "metric": RANK_METRIC, "effect": c.cos_dist_p50,
                         "cosine_distance_mean": c.cos_dist_mean, "cosine_distance_max": c.cos_dist_max,
                         "rare_but_large": is_rare_but_large(c),
+                        "tolerance": tolerance_verdict(c),
                         "top1_disagreement": c.top1_disagree, "max_abs_p95": c.max_abs_p95,
                         "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
                         "shape_mismatches": c.shape_mismatches, "n": c.n, "cell_id": c.cell_id,
@@ -232,6 +234,18 @@ def _detection_contrast(s: dict[str, Any]) -> DetectionContrast:
         class_flips=int(s["class_flips"] or 0))
 
 
+def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
+    """Whether the contrast stays within torch.testing's tolerance for the precision it ran at
+    (the CI gate's default rel L2 limit, ``analysis.check``), with the numbers."""
+    from .check import default_limits, precision_family
+    family = precision_family(c.precision_effective)
+    limit = default_limits(family)["max_rel_l2"]
+    if limit is None or c.rel_l2_max is None:
+        return None
+    return {"precision": family, "max_rel_l2": limit, "rel_l2_max": c.rel_l2_max,
+            "within": c.rel_l2_max <= limit}
+
+
 def is_rare_but_large(c: Contrast) -> bool:
     """Few images diverge, but those by far more than the typical image."""
     if not c.n or not c.cos_dist_max:
@@ -324,6 +338,7 @@ def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
         px_mean_abs=s["px_mean_abs"], px_equal_frac=s["px_equal_frac"],
         shape_mismatches=int(s["shape_mismatches"] or 0),
         precision=c.get("precision"), precision_effective=s["precision_effective"],
+        rel_l2_max=s.get("rel_l2_max"),
         n_same_input=int(s["n_same_input"] or 0), cos_dist_same_input=s["cos_dist_same_input"],
         n_diff_input=int(s["n_diff_input"] or 0), cos_dist_diff_input=s["cos_dist_diff_input"])
 

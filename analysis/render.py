@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .explain import Contrast, DetectionContrast, Explanation
+from .explain import Contrast, DetectionContrast, Explanation, tolerance_verdict
 
 
 def g(v: float | None, digits: int = 3) -> str:
@@ -65,6 +65,11 @@ def _why(c: Contrast) -> str:
     k = concentrated_text(c.concentrated)
     if k:
         notes.append(k)
+    t = tolerance_verdict(c)
+    if t and (c.cos_dist_max or 0) > 0:
+        word = "within" if t["within"] else "outside"
+        notes.append(f"{word} {t['precision']} tolerance (worst rel L2 {g(t['rel_l2_max'])}, "
+                     f"limit {g(t['max_rel_l2'])} = 10 x torch.testing rtol)")
     if c.precision and c.precision_effective and not c.precision_effective.startswith(c.precision):
         notes.append(f"asked {c.precision}, ran {c.precision_effective}")
     return "; ".join(notes)

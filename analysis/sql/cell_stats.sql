@@ -17,6 +17,7 @@ SELECT
     quantile_cont(out_max_abs, 0.5)                          AS max_abs_p50,
     quantile_cont(out_max_abs, 0.95)                         AS max_abs_p95,
     max(out_max_abs)                                         AS max_abs_max,
+    max(out_rel_l2)                                          AS rel_l2_max,
     count(top1_agree)                                        AS n_top1,
     sum(CASE WHEN top1_agree THEN 0 ELSE 1 END) FILTER (WHERE top1_agree IS NOT NULL) AS top1_flips,
     avg(px_mean_abs)                                         AS px_mean_abs,
