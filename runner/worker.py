@@ -27,6 +27,7 @@ from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decod
 from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detections, detect,
                         to_image)
 from .imageinfo import read_image_info
+from .memory import keep_freed_memory
 from .plan import Chunk, Plan
 from .preprocess import Placement, PreprocessError, model_input, normalise
 
@@ -70,6 +71,7 @@ class Worker:
     """Holds built backends for the life of the process (a Ray actor or the local executor)."""
 
     def __init__(self, plan: Plan) -> None:
+        keep_freed_memory()
         self.plan = plan
         self.runners: dict[InferSetting, BackendRunner | _Failure] = {}
         self.decoder_versions: dict[str, dict[str, str | None]] = {}
