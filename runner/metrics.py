@@ -15,6 +15,20 @@ from .detection import box_iou, score_order
 PIXEL_PEAK = 255.0
 
 
+IDENTICAL_INPUT: dict[str, float | bool] = {
+    "px_equal": True, "px_max_abs": 0.0, "px_mean_abs": 0.0, "px_frac_diff": 0.0,
+    "px_psnr": math.inf}
+
+
+def _frac_pixels_differing(d: np.ndarray) -> float:
+    """Share of pixels (H*W) where any channel of the difference ``d`` is non-zero."""
+    px = d.reshape(-1, d.shape[-1])
+    differs = px[:, 0] != 0
+    for c in range(1, px.shape[1]):
+        differs |= px[:, c] != 0
+    return float(np.count_nonzero(differs)) / px.shape[0]
+
+
 def input_divergence(x: np.ndarray, ref: np.ndarray) -> dict[str, float | bool]:
     """Pixel divergence of two (H, W, C) inputs on the 0-255 scale.
 
@@ -29,7 +43,7 @@ def input_divergence(x: np.ndarray, ref: np.ndarray) -> dict[str, float | bool]:
         "px_equal": bool(np.array_equal(x, ref)),
         "px_max_abs": float(d.max()) if d.size else 0.0,
         "px_mean_abs": float(d.mean()) if d.size else 0.0,
-        "px_frac_diff": float(np.mean(d.reshape(-1, d.shape[-1]).max(axis=1) > 0)) if d.size else 0.0,
+        "px_frac_diff": _frac_pixels_differing(d) if d.size else 0.0,
         "px_psnr": math.inf if mse == 0 else 10.0 * math.log10(PIXEL_PEAK ** 2 / mse),
     }
 

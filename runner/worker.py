@@ -225,6 +225,11 @@ class Worker:
         det_cfg = plan.model.detection if plan.model.task == "detection" else None
         decoded_outputs: dict[tuple, tuple[Candidates, Detections] | _Failure] = {}
         seen_outputs: set[tuple] = set()
+        # Many cells share an input (per preprocessing variant) or an output (per setting and
+        # tensor): each metric is computed once per distinct pair, not once per row.
+        input_metrics: dict[tuple, dict[str, Any]] = {}
+        output_metrics: dict[tuple, dict[str, Any]] = {}
+        top5: dict[tuple, tuple[list[int], list[float]]] = {}
         ref_dec, ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
         ref_out = outputs[ref.key(INFER)]
         for cell in plan.cells:
@@ -261,7 +266,9 @@ class Worker:
                 row.update(status="ok", latency_ms=latency, reused=out_key in seen_outputs)
                 seen_outputs.add(out_key)
                 if classify:
-                    row["top5"], row["top5_prob"] = metrics.top5_of(y)
+                    if out_key not in top5:
+                        top5[out_key] = metrics.top5_of(y)
+                    row["top5"], row["top5_prob"] = top5[out_key]
                 rd, rp = ref_dec[i], ref_pre[i]
                 ro = ref_out.get(rp.digest) if isinstance(rp, _Prepped) else None
                 if isinstance(rd, _Failure) or not isinstance(rp, _Prepped) or not isinstance(ro, tuple):
@@ -270,13 +277,20 @@ class Worker:
                     out_rows.append(row)
                     continue
                 row["shape_match"] = rd.pixels.shape == d.pixels.shape
-                row.update(metrics.input_divergence(p.pixels, rp.pixels))
-                if det_cfg is None:
-                    row.update(metrics.output_divergence(y, ro[0]))
-                else:
-                    row.update(metrics.output_divergence(_flat(y), _flat(ro[0])))
-                if classify:
-                    row.update(metrics.classification_divergence(y, ro[0]))
+                ikey = (cell.key(PREPROCESS), i)
+                if ikey not in input_metrics:
+                    input_metrics[ikey] = (metrics.IDENTICAL_INPUT if p.digest == rp.digest
+                                           and np.array_equal(p.pixels, rp.pixels)
+                                           else metrics.input_divergence(p.pixels, rp.pixels))
+                row.update(input_metrics[ikey])
+                okey = (out_key, rp.digest)
+                if okey not in output_metrics:
+                    m = (metrics.output_divergence(y, ro[0]) if det_cfg is None
+                         else metrics.output_divergence(_flat(y), _flat(ro[0])))
+                    if classify:
+                        m.update(metrics.classification_divergence(y, ro[0]))
+                    output_metrics[okey] = m
+                row.update(output_metrics[okey])
                 if det_cfg is not None:
                     mine = self._detections(decoded_outputs, out_key, y)
                     theirs = self._detections(decoded_outputs, (ref.key(INFER), rp.digest), ro[0])

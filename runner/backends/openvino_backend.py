@@ -36,7 +36,10 @@ class OpenVinoRunner(BackendRunner):
 
     def config(self) -> dict[str, Any]:
         hint = self.setting.openvino_hint
-        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1}
+        # No CPU pinning: with one thread per Ray actor every actor would pin to core 0
+        # (measured: two actors 4.3 -> 9.1 ms/image pinned, 4.7 unpinned).
+        cfg: dict[str, Any] = {"INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1,
+                               "ENABLE_CPU_PINNING": False}
         if hint is None:
             cfg["INFERENCE_PRECISION_HINT"] = _HINT_FOR_PRECISION[self.setting.precision]
         elif hint == "accuracy":
