@@ -30,7 +30,7 @@ class Plan:
     artifacts: ModelArtifacts
     threads: int = 1
     batch: int = 8
-    reuse_check_every: int = 4          # recompute one batch per infer setting every N chunks
+    reuse_check_every: int = 8          # recompute one batch per infer setting every N chunks
 
     @property
     def reference(self) -> Cell:

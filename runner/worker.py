@@ -170,7 +170,7 @@ class Worker:
             return _Failure("preprocess", str(e))
         tensor = normalise(pixels, self.plan.model.preprocess)
         self.counters["resizes"] += 1
-        digest = hashlib.blake2b(tensor.tobytes(), digest_size=16).digest()
+        digest = hashlib.sha256(tensor.tobytes()).digest()[:16]  # SHA-NI: 0.3 ms vs blake2b 0.46
         return _Prepped(pixels, tensor, digest, (time.perf_counter() - t) * 1e3, placement)
 
     def _infer(self, setting: InferSetting, inputs: dict[bytes, np.ndarray],
