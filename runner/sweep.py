@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import sys
 import time
 import uuid
 from collections import Counter
@@ -127,7 +128,13 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
     settings = {(c.get("backend", "torch"), c.get("precision", "fp32"), c["conversion"])
                 for c in cells if c.cell_id not in skipped}
+    t_conv = time.perf_counter()
     artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model))
+    made = [k for k, v in artifacts.conversion_notes.items()
+            if isinstance(v, dict) and v.get("cached") is False]
+    if made and opts.progress:
+        print(f"dmx: converted the model once ({', '.join(made)}) in "
+              f"{time.perf_counter() - t_conv:.1f} s; cached for later runs", file=sys.stderr)
     for c in cells:
         if c.cell_id not in skipped:
             setting = InferSetting.from_factors(dict(c.factors))
