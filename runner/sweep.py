@@ -148,7 +148,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     n_dec = len({c.key(DECODE) for c in active})
     n_pre = len({c.key(PREPROCESS) for c in active})
     n_inf = len({c.key(INFER) for c in active})
-    chunk_size = opts.chunk_size or default_chunk_size(len(images), n_pre, executor.workers)
+    chunk_size = (opts.chunk_size or (old or {}).get("chunk_size")  # resume keeps its chunks
+                  or default_chunk_size(len(images), n_pre, executor.workers))
     run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
     plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
                 skipped=skipped, model=model, artifacts=artifacts, threads=executor.threads,

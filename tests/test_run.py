@@ -131,8 +131,8 @@ def test_resume_computes_only_missing_chunks_and_duplicates_nothing(photo_dir: P
     for f in lost.iterdir():
         f.unlink()
     lost.rmdir()
-    s = run_spec(spec, RunOptions(out=str(out), executor="local", chunk_size=2, resume=True,
-                                  progress=False))
+    # no --chunk-size on resume: the run's own chunking is kept
+    s = run_spec(spec, RunOptions(out=str(out), executor="local", resume=True, progress=False))
     assert (s.chunks_run, s.chunks_resumed) == (1, 3)
     assert sorted(query(out, "SELECT cell_id, image_id, out_max_abs FROM rows")) == full
 
