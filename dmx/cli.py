@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -197,7 +198,9 @@ def cmd_sql(a: argparse.Namespace) -> int:
     from analysis.db import open_run
     from analysis.explain import explain_run, register_views
     con = open_run(a.run_dir)
-    register_views(con, explain_run(a.run_dir))
+    # The attribution views cost a full explain (seconds on millions of rows): only when used.
+    if not a.query or re.search(r"\b(contrasts|effects|interactions)\b", a.query, re.I):
+        register_views(con, explain_run(a.run_dir))
     if not a.query:
         return _sql_prompt(con, a.run_dir)
     try:

@@ -26,7 +26,7 @@ from .backends import BACKENDS, BackendRunner, InferSetting
 from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
 from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detections, detect,
                         to_image)
-from .imageinfo import read_image_info
+from .imageinfo import image_info_from_bytes
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
 from .preprocess import Placement, PreprocessError, model_input, normalise
@@ -104,7 +104,8 @@ class Worker:
                     raw.append(f.read())
             except OSError as e:
                 raw.append(_Failure("read", f"{type(e).__name__}: {e.strerror or e}"))
-            info = read_image_info(img.path) if not isinstance(raw[-1], _Failure) else {}
+            # from the bytes already read: the file is read once per chunk, not twice
+            info = image_info_from_bytes(raw[-1]) if not isinstance(raw[-1], _Failure) else {}
             image_rows.append({"image_id": img.image_id, "path": img.path,
                                **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
             if isinstance(raw[-1], _Failure):

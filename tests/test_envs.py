@@ -274,3 +274,13 @@ def test_a_sweep_over_two_pillow_versions_records_both_and_agrees_on_ordinary_jp
     assert len(ordinary) == len(_jpegs(photo_dir)) and all(eq for _, eq in ordinary)
     bad = {i: s for d, _, s, _, i in rows if d == LABEL and i.startswith("bad/")}
     assert set(bad.values()) == {"error"}
+
+
+def test_native_exif_means_what_the_pinned_library_does_by_itself(isolated: IsolatedDecoder,
+                                                                   photo_dir: Path):
+    data = (photo_dir / "coffee_exif6.jpg").read_bytes()
+    native = isolated.decode(data, DecodeOptions(exif="native"))
+    assert native.shape[:2] == (120, 80)          # Pillow never applies EXIF orientation
+    opencv = IsolatedDecoder.__new__(IsolatedDecoder)  # no environment needed for the mapping
+    opencv.library = "opencv"
+    assert opencv.native_exif == "apply"          # OpenCV applies it by default

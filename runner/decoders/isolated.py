@@ -39,6 +39,8 @@ import numpy as np
 
 from ..envs import EnvBuildError, EnvInfo, ensure_env, normalise_requirements, requirement_name
 from .base import REDUCTIONS, DecodeError, Decoder, DecoderUnavailable, DecodeOptions, source_header
+from .opencv import OpenCVDecoder
+from .pil import PilDecoder
 
 DECODE_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 60.0
@@ -446,6 +448,11 @@ class IsolatedDecoder(Decoder):
             raise DecoderUnavailable(f"{label}: the environment {self.env.path} holds no "
                                      f"working {self.library}")
         self.server = DecoderServer(self.env.python_bin, self.library, timeout_s)
+
+    @property
+    def native_exif(self) -> str:  # type: ignore[override]
+        """``exif: native`` is what the pinned library does by itself, as in-process."""
+        return OpenCVDecoder.native_exif if self.library == "opencv" else PilDecoder.native_exif
 
     def _decode(self, data: bytes, options: DecodeOptions) -> np.ndarray:
         mode: str | None = None
