@@ -44,15 +44,21 @@ def pairs(run: Path) -> list[tuple]:
         "ORDER BY ALL").fetchall()
 
 
+def _sigint_as_usual() -> None:
+    """In the child, before exec: SIGINT with its default action and not blocked. A shell that
+    runs the tests in the background ignores it (Python then never raises KeyboardInterrupt),
+    and a library thread of this test process may have blocked it in the mask a child inherits
+    (the signal then stays pending and the run completes)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_exits_130_says_how_to_resume_and_resume_completes(many_photos: Path, tmp_path: Path):
     spec = write_spec(tmp_path, many_photos)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out), "--executor", "local",
            "--chunk-size", "1"]
-    # Restore SIGINT's default in the child: a shell that runs us in the background ignores
-    # it, and Python only turns SIGINT into KeyboardInterrupt when it is not ignored.
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_usual)
     deadline = time.time() + 120
     while not list(out.glob("rows/chunk=*/part-0.parquet")) and time.time() < deadline:
         time.sleep(0.01)
