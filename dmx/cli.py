@@ -365,6 +365,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import runner.backends  # noqa: F401  (each backend registers its axes before a spec is read)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
         return COMMANDS[args.command](args)

@@ -1,13 +1,18 @@
 """The axes dmx knows: their levels, the pipeline stage they act on, and where they apply.
 
-Adding an axis is one entry in ``AXES``. An axis that does not apply to a cell (an OpenVINO
-hint on a torch cell) is null in that cell and does not multiply the matrix.
+Adding a pipeline axis is one entry in ``AXES``. Backend-specific axes (an OpenVINO hint, an
+ONNX Runtime optimisation level, a conversion route) are not listed here: each backend module
+declares its own and registers them with ``register_backend`` when ``runner.backends`` is
+imported (the CLI and the runner import it before parsing a spec). ``matrix`` so imports nothing
+above it, and a new backend adds its axes without touching this file. An axis that does not apply
+to a cell (an OpenVINO hint on a torch cell) is null in that cell and does not multiply the matrix.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import replace
+from typing import Callable, Iterable, Mapping
 
 Factors = Mapping[str, "str | None"]
 
@@ -30,19 +35,16 @@ class Axis:
     applies: Callable[[Factors], bool] = field(default=lambda f: True)
     integer: bool = False
     mapping_levels: bool = False
-
-
-def _backend_is(name: str) -> Callable[[Factors], bool]:
-    return lambda f: f.get("backend") == name
+    #: Position in the canonical axis order (cell ids hash the factors in this order); None:
+    #: after every axis known so far.
+    rank: float | None = None
+    #: The level a pipeline uses when the spec does not sweep the axis (None: no default).
+    default: str | None = None
 
 
 def _decoder_in(*names: str) -> Callable[[Factors], bool]:
     """Applies when the cell's decoder library (``libjpeg:9e`` -> libjpeg) is one of ``names``."""
     return lambda f: re.split(r"[:\[]", str(f.get("decoder") or "pil"))[0] in names
-
-
-def _on_cuda_torch(f: Factors) -> bool:
-    return f.get("backend") == "torch" and str(f.get("device") or "cpu").startswith("cuda")
 
 
 RESIZE_LEVELS = (
@@ -81,34 +83,67 @@ AXES: dict[str, Axis] = {
              "bottom with the model's pad value: YOLOX, DAMO-YOLO), letterbox-center (padded on "
              "both sides: Ultralytics), stretch, or resize-crop (shorter side, center crop); "
              "absent, the model's own fit"),
-        Axis("backend", INFER, ("torch", "onnxruntime", "openvino"), "inference engine"),
+        Axis("backend", INFER, (), "inference engine (levels: the registered backends)"),
         Axis("precision", INFER, ("fp32", "fp16", "bf16", "int8"), "numeric precision asked for"),
-        Axis("openvino_hint", INFER, ("default", "f32", "bf16", "f16", "accuracy"),
-             "OpenVINO INFERENCE_PRECISION_HINT (default = the plugin's own choice; "
-             "accuracy = EXECUTION_MODE_HINT ACCURACY)", applies=_backend_is("openvino")),
-        Axis("ort_opt", INFER, ("disable", "basic", "extended", "all"),
-             "ONNX Runtime graph optimisation level", applies=_backend_is("onnxruntime")),
-        Axis("conversion", INFER, ("onnx-dynamo", "onnx-legacy", "openvino-from-onnx",
-                                   "openvino-from-torch"),
-             "how the backend's model was made: torch's dynamo or legacy ONNX exporter, or "
-             "OpenVINO from ONNX / straight from torch",
-             applies=lambda f: f.get("backend") in ("onnxruntime", "openvino")),
-        Axis("threads", INFER, (), "intra-op threads set on every backend", integer=True),
-        Axis("batch", INFER, (), "inference batch size", integer=True),
-        Axis("device", INFER, ("cpu", "cuda"), "device the model runs on (cuda:N allowed)"),
-        Axis("tf32", INFER, ("on", "off"), "TF32 for fp32 matmul/conv on CUDA (torch)",
-             applies=_on_cuda_torch),
+        # ranks 10-12 and 16 are the built-in backends' axes (openvino_hint, ort_opt, conversion,
+        # tf32): the canonical order, and so every cell id, is what it was before they moved out
+        Axis("threads", INFER, (), "intra-op threads set on every backend", integer=True, rank=13),
+        Axis("batch", INFER, (), "inference batch size", integer=True, rank=14),
+        Axis("device", INFER, ("cpu", "cuda"), "device the model runs on (cuda:N allowed)",
+             rank=15),
     )
 }
 
-AXIS_ORDER: tuple[str, ...] = tuple(AXES)
+AXES.update({a.name: replace(a, rank=float(i) if a.rank is None else a.rank)
+             for i, a in enumerate(AXES.values())})
+
+#: Axis names in canonical order; a list kept sorted in place, so ``from matrix.axes import
+#: AXIS_ORDER`` sees the axes that backends register later.
+AXIS_ORDER: list[str] = list(AXES)
 
 # The level a pipeline uses for an axis the spec does not sweep.
 DEFAULT_LEVELS: dict[str, str] = {
     "decoder": "pil", "exif": "apply", "color": "rgb", "reduce": "1", "dct": "islow",
     "upsample": "fancy", "resize": "pil-bilinear",
-    "backend": "torch", "precision": "fp32", "device": "cpu", "tf32": "off",
+    "backend": "torch", "precision": "fp32", "device": "cpu",
 }
+
+#: Backend-specific axis -> the backends that declared it (it applies to their cells only).
+BACKEND_AXES: dict[str, tuple[str, ...]] = {}
+_OWN_APPLIES: dict[str, list[Callable[[Factors], bool]]] = {}
+
+
+def register_backend(name: str, axes: Iterable[Axis] = ()) -> None:
+    """Add a backend: ``name`` becomes a level of ``backend``, and each of its ``axes`` applies
+    to its cells (and to those of other backends declaring an axis of the same name: their
+    levels are merged, e.g. ``conversion``). An axis's own ``applies`` narrows it further
+    (``tf32``: CUDA only). Idempotent; called by ``runner.backends`` for each backend module."""
+    backend = AXES["backend"]
+    if name not in backend.levels:
+        AXES["backend"] = replace(backend, levels=(*backend.levels, name))
+    DEFAULT_LEVELS.setdefault("backend", name)
+    for axis in axes:
+        if axis.stage != INFER:
+            raise ValueError(f"backend {name}: axis {axis.name} must act on the infer stage")
+        owners = BACKEND_AXES.get(axis.name, ())
+        if axis.name in AXES and not owners:
+            raise ValueError(f"backend {name}: {axis.name} is a pipeline axis, not a backend's")
+        if name not in owners:
+            _OWN_APPLIES.setdefault(axis.name, []).append(axis.applies)
+        owners = tuple(dict.fromkeys((*owners, name)))
+        BACKEND_AXES[axis.name] = owners
+        old = AXES.get(axis.name)
+        levels = tuple(dict.fromkeys((*(old.levels if old else ()), *axis.levels)))
+        checks = dict(zip(owners, _OWN_APPLIES[axis.name]))
+        rank = old.rank if old else (axis.rank if axis.rank is not None
+                                     else max(a.rank or 0.0 for a in AXES.values()) + 1)
+        AXES[axis.name] = replace(
+            axis, levels=levels, rank=rank, doc=old.doc if old else axis.doc,
+            applies=lambda f, checks=checks: (f.get("backend") in checks
+                                              and checks[str(f.get("backend"))](f)))
+        if axis.default is not None:
+            DEFAULT_LEVELS.setdefault(axis.name, axis.default)
+    AXIS_ORDER[:] = sorted(AXES, key=lambda a: AXES[a].rank or 0.0)
 
 
 def stage_axes(stage: str, present: tuple[str, ...]) -> tuple[str, ...]:

@@ -126,8 +126,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     skipped = {c.cell_id: r for c in cells if (r := _static_skip_reason(c))}
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
-    settings = {(c.get("backend", "torch"), c.get("precision", "fp32"), c["conversion"])
-                for c in cells if c.cell_id not in skipped}
+    settings = {InferSetting.from_factors(dict(c.factors)) for c in cells if c.cell_id not in skipped}
     t_conv = time.perf_counter()
     artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model))
     made = [k for k, v in artifacts.conversion_notes.items()

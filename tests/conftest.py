@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
