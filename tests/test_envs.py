@@ -154,6 +154,41 @@ def test_isolated_pillow_decodes_the_same_pixels_as_in_process_pillow(
         assert isolated.last_note == here.last_note
 
 
+def test_the_environments_decoder_process_runs_the_in_process_decoders_own_source(
+        isolated: IsolatedDecoder, photo_dir: Path):
+    from runner.decoders import portable
+    isolated.decode(_jpegs(photo_dir)[0].read_bytes(), DecodeOptions())
+    assert Path(isolated.server.hello["source"]).resolve() == Path(portable.__file__).resolve()
+
+
+@pytest.fixture(scope="module")
+def demo_images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from dmx.demo_data import build_demo_images
+    try:
+        paths = build_demo_images(str(tmp_path_factory.mktemp("demo")))
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    return [Path(p) for p in paths]
+
+
+@pytest.mark.parametrize("exif,reduce", [("apply", 1), ("ignore", 2)])
+def test_isolated_and_in_process_pillow_agree_on_every_demo_image(
+        isolated: IsolatedDecoder, demo_images: list[Path], exif: str, reduce: int):
+    """Same source, same pixels, same notes and same errors - CMYK, grey, EXIF and broken files."""
+    here, opts = PilDecoder(), DecodeOptions(exif=exif, reduce=reduce)
+    for path in demo_images:
+        data = path.read_bytes()
+        try:
+            expected = here.decode(data, opts)
+        except DecodeError as e:
+            with pytest.raises(DecodeError) as got:
+                isolated.decode(data, opts)
+            assert str(got.value) == str(e), path.name
+            continue
+        np.testing.assert_array_equal(isolated.decode(data, opts), expected, err_msg=path.name)
+        assert isolated.last_note == here.last_note, path.name
+
+
 def test_version_names_the_environments_library_and_libjpeg(isolated: IsolatedDecoder):
     v = isolated.version()
     assert (v["library"], v["version"]) == ("pillow", "9.4.0")

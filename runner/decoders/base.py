@@ -127,6 +127,7 @@ def source_header(data: bytes) -> tuple[str | None, int | None]:
     from PIL import Image
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # the decode itself records the library's warnings
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 orientation = img.getexif().get(_ORIENTATION)

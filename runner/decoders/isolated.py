@@ -3,11 +3,12 @@
 
 The level's requirements get a virtual environment (``runner.envs.ensure_env``: built once,
 cached). Each decoder then drives ONE long-lived server process per Python process
-(``<env>/bin/python -I -c SERVER pil|opencv``), started on the first decode. The server imports
-only the env's Pillow or OpenCV, numpy and the stdlib, and mirrors ``pil.py`` / ``opencv.py``:
+(``<env>/bin/python -I decode_server.py pil|opencv``), started on the first decode. The server
+imports only the env's Pillow or OpenCV, numpy and the stdlib, and runs ``portable.py`` - the
+very source of ``pil.py`` / ``opencv.py``'s decodes, loaded by path - so the two cannot drift:
 EXIF apply/ignore, ``reduce`` by libjpeg DCT scaling, the library's own colour conversion,
-Pillow's decompression-bomb guard kept on (for OpenCV the guard and the notes come from a
-header-only parse here, exactly as ``opencv.py`` does).
+Pillow's decompression-bomb guard kept on (for OpenCV the guard and the notes on the source come
+from a header-only parse here, exactly as ``opencv.py`` does).
 
 Protocol (little-endian, on the server's stdin/stdout):
   request: ``DMXQ`` u32 header-length u64 payload-length, JSON header, payload (the file bytes)
@@ -61,109 +62,9 @@ _REQUEST = struct.Struct("<4sIQ")
 _REPLY = struct.Struct("<4sBIQ")
 OK, FAILED = 0, 1
 
-# The server: runs inside the env with the env's interpreter (-I: no PYTHONPATH, no user site).
-SERVER = r'''
-import faulthandler, io, json, os, re, signal, struct, sys, time, warnings
-faulthandler.enable()                     # a segfault leaves its cause on stderr
-signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
-LIB = sys.argv[1]
-REQ, REP = struct.Struct("<4sIQ"), struct.Struct("<4sBIQ")
-IN = sys.stdin.buffer
-OUT = os.fdopen(os.dup(1), "wb")
-os.dup2(2, 1)                             # stray C-level prints must not corrupt the protocol
-
-class Fail(Exception):
-    pass
-
-def reply(status, header, payload=b""):
-    h = json.dumps(header).encode()
-    OUT.write(REP.pack(b"DMXR", status, len(h), len(payload)))
-    OUT.write(h)
-    OUT.write(payload)
-    OUT.flush()
-
-def note_exif(notes, orientation, exif, how):
-    if isinstance(orientation, int) and 2 <= orientation <= 8:
-        notes.append(f"EXIF orientation {orientation} applied ({how})" if exif == "apply"
-                     else f"EXIF orientation {orientation} ignored")
-
-if LIB == "pil":
-    import PIL
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    VERSION = PIL.__version__
-
-    def decode(data, exif, n):
-        notes = []
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(io.BytesIO(data))
-                if n > 1 and img.format == "JPEG":
-                    w, h = img.size
-                    img.draft("RGB", (max(1, w // n), max(1, h // n)))
-                img.load()
-            if n > 1 and img.format != "JPEG":
-                img = img.reduce(n)
-                notes.append(f"reduce {n} by Image.reduce (draft is JPEG-only)")
-            orientation = img.getexif().get(0x0112)
-            if exif == "apply":
-                img = ImageOps.exif_transpose(img)
-            note_exif(notes, orientation, exif, "Pillow exif_transpose")
-            if img.mode != "RGB":
-                notes.append(f"{img.mode}->RGB (Pillow convert)")
-            rgb = img.convert("RGB")
-            return (rgb.size[1], rgb.size[0], 3), rgb.tobytes(), notes
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
-                Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise Fail("Pillow: " + re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)))
-else:
-    import cv2
-    import numpy as np
-    VERSION = cv2.__version__
-    FLAGS = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-             4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
-
-    def decode(data, exif, n):
-        flags = FLAGS[n]
-        if exif == "ignore":
-            flags |= cv2.IMREAD_IGNORE_ORIENTATION
-        try:
-            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-        except cv2.error as e:
-            raise Fail("OpenCV: " + str(e).strip().splitlines()[-1])
-        if bgr is None:
-            raise Fail("OpenCV: imdecode returned no image (unsupported or corrupt data)")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)   # = bgr[..., ::-1], 15x faster than a copy
-        return rgb.shape, memoryview(np.ascontiguousarray(rgb)).cast("B"), []
-
-reply(0, {"ready": True, "pid": os.getpid(), "library": LIB, "version": VERSION})
-while True:
-    head = IN.read(REQ.size)
-    if len(head) < REQ.size:
-        break                             # the parent closed the pipe (or died): exit
-    magic, hlen, plen = REQ.unpack(head)
-    header = json.loads(IN.read(hlen))
-    data = IN.read(plen)
-    if magic != b"DMXQ" or len(data) != plen:
-        break
-    op = header.get("op")
-    try:
-        if op == "decode":
-            shape, pixels, notes = decode(data, header["exif"], int(header["reduce"]))
-            reply(0, {"shape": list(shape), "notes": notes}, pixels)
-        elif op == "sleep":               # for tests: a hang
-            time.sleep(float(header["seconds"]))
-            reply(0, {})
-        elif op == "segfault":            # for tests: a crash
-            import ctypes
-            ctypes.string_at(0)
-        else:
-            reply(1, {"message": f"unknown op {op!r}"})
-    except Fail as e:
-        reply(1, {"message": str(e)})
-    except Exception as e:                # the library failed in a way it does not document
-        reply(1, {"message": f"{LIB} raised {type(e).__name__}: {e}"})
-'''
+#: The decoder process's program, run by path with the env's interpreter (-I: no PYTHONPATH, no
+#: user site); it loads ``portable.py`` (the in-process decoders' own source) from beside it.
+SERVER_PATH = Path(__file__).resolve().with_name("decode_server.py")
 
 
 class DecoderServer:
@@ -180,6 +81,7 @@ class DecoderServer:
         self.timeout_s, self.startup_timeout_s = timeout_s, startup_timeout_s
         self.starts = 0
         self._broken: str | None = None   # why the process could not start: not retried per image
+        self.hello: dict[str, Any] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._owner = os.getpid()
         self._stderr: IO[bytes] | None = None
@@ -244,7 +146,7 @@ class DecoderServer:
         self._stderr.truncate(0)
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
         try:
-            proc = subprocess.Popen([str(self.python), "-I", "-c", SERVER, self.library],
+            proc = subprocess.Popen([str(self.python), "-I", str(SERVER_PATH), self.library],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=self._stderr, env=env, close_fds=True, bufsize=0)
         except OSError as e:
@@ -264,6 +166,7 @@ class DecoderServer:
             self._broken = (f"the {self.library} decoder process in "
                             f"{self.python.parent.parent} did not start: {why}")
             raise DecoderUnavailable(self._broken) from None
+        self.hello = hello                # library, version and the decode source it loaded
         if status != OK or not hello.get("ready"):
             self._kill()
             self._broken = f"the {self.library} decoder process did not start: {hello}"
@@ -461,12 +364,10 @@ class IsolatedDecoder(Decoder):
             mode, orientation = source_header(data)   # bomb guard + notes, as opencv.py
         reply, pixels = self.server.call({"op": "decode", "exif": options.exif,
                                           "reduce": options.reduce}, data)
+        if self.library == "opencv":
+            OpenCVDecoder.note_source(self, mode, orientation, options)  # type: ignore[arg-type]
         for note in reply.get("notes", []):
             self._note(str(note))
-        if self.library == "opencv":
-            self._note_exif(orientation, options, "OpenCV imdecode")
-            if mode not in (None, "RGB"):
-                self._note(f"{mode}->RGB (OpenCV imdecode)")
         shape = tuple(int(s) for s in reply["shape"])
         return np.frombuffer(pixels, np.uint8).reshape(shape)
 

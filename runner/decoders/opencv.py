@@ -1,7 +1,10 @@
 """OpenCV: ``cv2.imdecode``; applies EXIF orientation by default, ignores it when asked.
 
 reduce: ``IMREAD_REDUCED_COLOR_n`` (libjpeg DCT scaling for JPEG; other formats are decoded and
-then resized with INTER_AREA by OpenCV). OpenCV exposes no DCT method or upsampling choice.
+then resized with INTER_AREA by OpenCV). OpenCV exposes no DCT method or upsampling choice. The
+decode itself is ``portable.decode_opencv``: the same source a pinned OpenCV runs in its own
+environment (``isolated.py``); the notes on the source (colour mode, EXIF orientation) and
+Pillow's decompression-bomb guard come from a header-only parse here.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import re
 import numpy as np
 
 from .base import REDUCTIONS, DecodeError, Decoder, DecodeOptions, source_header
+from .portable import DecodeFailed, decode_opencv
 
 
 class OpenCVDecoder(Decoder):
@@ -18,22 +22,21 @@ class OpenCVDecoder(Decoder):
     reductions = REDUCTIONS
 
     def _decode(self, data: bytes, options: DecodeOptions) -> np.ndarray:
-        import cv2
         mode, orientation = source_header(data)
-        flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
-                 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}[options.reduce]
-        if options.exif == "ignore":
-            flags |= cv2.IMREAD_IGNORE_ORIENTATION
         try:
-            bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-        except cv2.error as e:
-            raise DecodeError(f"OpenCV: {str(e).strip().splitlines()[-1]}") from None
-        if bgr is None:
-            raise DecodeError("OpenCV: imdecode returned no image (unsupported or corrupt data)")
+            rgb, notes = decode_opencv(data, options.exif, options.reduce)
+        except DecodeFailed as e:
+            raise DecodeError(str(e)) from None
+        self.note_source(mode, orientation, options)
+        for note in notes:
+            self._note(note)
+        return rgb
+
+    def note_source(self, mode: str | None, orientation: int | None, options: DecodeOptions) -> None:
+        """Notes on what OpenCV did to the source (EXIF rotation, colour conversion)."""
         self._note_exif(orientation, options, "OpenCV imdecode")
         if mode not in (None, "RGB"):
             self._note(f"{mode}->RGB (OpenCV imdecode)")
-        return bgr[..., ::-1]
 
     def version(self) -> dict[str, str | None]:
         import cv2
