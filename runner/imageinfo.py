@@ -1,20 +1,21 @@
-"""Header-level image properties read straight from the file bytes.
+"""Header-level image properties read straight from the file bytes, pixels never decoded.
 
-JPEG files are parsed marker by marker (SOF, SOS, APP1 Exif, APP2 ICC,
-APP14 Adobe, DNL, EOI); pixels are never decoded, so the answer describes
-the *file* rather than what any particular decoder makes of it.  Other
-formats go through Pillow's lazy ``Image.open`` (header only, no ``load``).
+One parser: Pillow's own (its lazy ``Image.open`` reads the header only) gives format, size,
+colour mode, chroma subsampling (the JPEG component sampling factors, ``im.layer``),
+progressive, the EXIF orientation, the ICC profile and Adobe's colour transform, for JPEG and
+every other format. What Pillow does not say is read here from the JPEG's frame segments only:
+arithmetic coding (the SOF marker type), a height defined by a DNL marker (Pillow cannot open
+those), and whether the file is complete (an EOI marker after the first scan).
 
-Every function here accepts arbitrary bytes and returns a dict; problems
-are reported in the ``error`` key instead of raised.  Only a path that
-cannot be opened raises (``FileNotFoundError`` and friends).
+Every function here accepts arbitrary bytes and returns a dict; problems are reported in the
+``error`` key instead of raised, and library warnings are not printed (the decoders record
+them in ``decode_note``). Only a path that cannot be opened raises.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import re
 import struct
 import warnings
 from typing import Any
@@ -50,12 +51,7 @@ _PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _ARITHMETIC_SOF = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # Markers without a length field: TEM, RST0-7, SOI (EOI handled separately).
 _STANDALONE = frozenset({0x01, 0xD8, *range(0xD0, 0xD8)})
-_SOS, _EOI, _DNL = 0xDA, 0xD9, 0xDC
-_APP1, _APP2, _APP14 = 0xE1, 0xE2, 0xEE
-
-# Inside entropy-coded data 0xFF is followed by 0x00 (stuffing), RSTn or
-# another 0xFF (fill); anything else starts the next marker.
-_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_SOS, _EOI = 0xDA, 0xD9
 
 # (luma H / chroma H, luma V / chroma V) -> J:a:b name.
 _SUBSAMPLING_NAMES: dict[tuple[int, int], str] = {
@@ -106,112 +102,76 @@ def image_info_from_bytes(data: bytes) -> dict[str, Any]:
 
 
 def _parse_jpeg(data: bytes, info: dict[str, Any]) -> str | None:
-    """Walk the JPEG marker chain, fill ``info`` in place, return an error or None."""
-    n = len(data)
-    pos = 2
-    sof_seen = sos_seen = False
-    adobe_transform: int | None = None
-    icc = False
-    orientation: int | None = None
-    exif_seen = False
-
-    def finish(error: str | None) -> str | None:
-        info["icc"] = icc
-        info["exif_orientation"] = orientation
-        comps = info["components"]
-        if comps == 1:
-            info["color_mode"] = "L"
-        elif comps == 3:
-            info["color_mode"] = "RGB"
-        elif comps == 4:
-            info["color_mode"] = "YCCK" if adobe_transform == 2 else "CMYK"
-        return error
-
-    while True:
-        # Find the next 0xFF (tolerating stray bytes between segments, like libjpeg).
-        ff = data.find(b"\xff", pos)
-        if ff < 0:
-            break
-        pos = ff
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            break
-        marker = data[pos]
-        pos += 1
-        if marker == 0x00:  # stuffed byte outside a scan: garbage, keep looking
-            continue
-        if marker == _EOI:
-            if not sof_seen:
-                return finish("corrupt: EOI before SOF marker")
-            if not sos_seen:
-                return finish("corrupt: EOI before any scan (SOS)")
-            if info["height"] is None:
-                return finish("corrupt: zero height in SOF and no DNL marker")
-            return finish(None)
-        if marker in _STANDALONE:
-            continue
-        if pos + 2 > n:
-            break
-        length = (data[pos] << 8) | data[pos + 1]
-        if length < 2:
-            return finish(f"corrupt: bad length {length} for marker 0x{marker:02X}")
-        seg_end = pos + length
-        if seg_end > n:
-            break
-        payload = data[pos + 2 : seg_end]
-        pos = seg_end
-
-        if marker in _SOF_MARKERS:
-            if not sof_seen:  # hierarchical files may carry several frames
-                sof_seen = True
-                err = _parse_sof(marker, payload, info)
-                if err:
-                    return finish(err)
-        elif marker == _SOS:
-            if not sof_seen:
-                return finish("corrupt: SOS before SOF marker")
-            sos_seen = True
-            m = _NEXT_MARKER.search(data, pos)
-            if m is None:
-                break
-            pos = m.start()
-        elif marker == _DNL:
-            if sof_seen and info["height"] is None and len(payload) >= 2:
-                info["height"] = (payload[0] << 8) | payload[1]
-        elif marker == _APP1 and payload.startswith(b"Exif\x00") and not exif_seen:
-            exif_seen = True
-            orientation = _tiff_orientation(payload[6:])
-        elif marker == _APP2 and payload.startswith(b"ICC_PROFILE\x00"):
-            icc = True
-        elif marker == _APP14 and payload.startswith(b"Adobe") and len(payload) >= 12:
-            adobe_transform = payload[11]
-
-    # Ran off the end of the data without EOI.
-    if not sof_seen:
-        return finish("truncated: no SOF marker")
-    if not sos_seen:
-        return finish("truncated: no SOS marker (no scan data)")
-    return finish("truncated: no EOI marker")
-
-
-def _parse_sof(marker: int, payload: bytes, info: dict[str, Any]) -> str | None:
-    """Fill size/components/subsampling/coding flags from an SOFn payload."""
-    info["progressive"] = marker in _PROGRESSIVE_SOF
-    info["arithmetic"] = marker in _ARITHMETIC_SOF
-    if len(payload) < 6:
-        return "corrupt: short SOF segment"
-    height, width, ncomp = struct.unpack(">HHB", payload[1:6])
-    info["height"], info["width"], info["components"] = height, width, ncomp
-    if len(payload) < 6 + 3 * ncomp or ncomp == 0:
-        return "corrupt: SOF component table too short"
-    factors = [(payload[6 + 3 * i + 1] >> 4, payload[6 + 3 * i + 1] & 0x0F) for i in range(ncomp)]
-    info["subsampling"] = _subsampling_name(factors)
-    if width == 0:
+    """Pillow's header facts plus what it lacks (arithmetic, DNL height, completeness)."""
+    frame = _jpeg_frame(data)
+    pillow_error = _parse_with_pillow(data, info)
+    info["format"] = "JPEG"
+    sof = frame.get("sof")
+    if sof is None:
+        return frame.get("problem") or "truncated: no SOF marker"
+    info["arithmetic"] = sof in _ARITHMETIC_SOF
+    info["progressive"] = sof in _PROGRESSIVE_SOF
+    if pillow_error:            # Pillow refused the header: say what the frame says
+        info["width"], info["components"] = frame["width"] or None, frame["components"]
+        info["height"] = frame["height"] or None
+        info["color_mode"] = {1: "L", 3: "RGB", 4: "CMYK"}.get(frame["components"])
+    if frame.get("problem"):
+        return frame["problem"]
+    sos = frame.get("sos")
+    if sos is None:
+        return "truncated: no SOS marker (no scan data)"
+    if not frame["height"]:     # "defined by the DNL marker" after the first scan
+        dnl = data.find(b"\xff\xdc\x00\x04", sos)
+        info["height"] = struct.unpack(">H", data[dnl + 4: dnl + 6])[0] or None if dnl >= 0 else None
+        if info["height"] is None:
+            return "corrupt: zero height in SOF and no DNL marker"
+    # 0xFF in entropy-coded data is always stuffed (FF 00), so FF D9 after the scan is the EOI
+    if data.find(b"\xff\xd9", sos) < 0:
+        return "truncated: no EOI marker"
+    if not frame["width"]:
         return "corrupt: zero width in SOF"
-    if height == 0:
-        info["height"] = None  # defined by a DNL marker after the first scan
-    return None
+    return pillow_error if info["width"] is None else None
+
+
+def _jpeg_frame(data: bytes) -> dict[str, Any]:
+    """The first SOF marker and its size and component count, and where the first scan starts
+    (header segments only, up to SOS); ``problem`` names a malformed segment."""
+    n, pos = len(data), 2
+    out: dict[str, Any] = {"sof": None, "sos": None, "problem": None}
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            pos += 1            # stray bytes between segments, tolerated like libjpeg
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF or marker in _STANDALONE:
+            pos += 1 if marker == 0xFF else 2
+            continue
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2:
+            out["problem"] = f"corrupt: bad length {length} for marker 0x{marker:02X}"
+            return out
+        if pos + 2 + length > n:
+            return out
+        if marker in _SOF_MARKERS and out["sof"] is None:
+            if length < 8:
+                out["problem"] = "corrupt: short SOF segment"
+                return out
+            height, width, comps = struct.unpack(">HHB", data[pos + 5: pos + 10])
+            out.update(sof=marker, width=width, height=height, components=comps)
+            if comps == 0 or length < 8 + 3 * comps:
+                out["problem"] = "corrupt: SOF component table too short"
+                return out
+        elif marker == _SOS:
+            if out["sof"] is None:
+                out["problem"] = "corrupt: SOS before SOF marker"
+            else:
+                out["sos"] = pos + 2 + length
+            return out
+        elif marker == _EOI:
+            out["problem"] = "corrupt: EOI before SOF marker"
+            return out
+        pos += 2 + length
+    return out
 
 
 def _subsampling_name(factors: list[tuple[int, int]]) -> str:
@@ -268,7 +228,8 @@ def _tiff_orientation(tiff: bytes) -> int | None:
 
 
 def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
-    """Header-only Pillow open for non-JPEG data; fill ``info``, return an error or None."""
+    """Header-only Pillow open (any format; JPEG facts from its JPEG parser); fill ``info``,
+    return an error or None."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -281,6 +242,8 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
                 info["components"] = len(im.getbands())
                 info["icc"] = bool(im.info.get("icc_profile"))
                 info["exif_orientation"] = _pillow_orientation(im)
+                if im.format == "JPEG":
+                    _jpeg_facts(im, info)
     except UnidentifiedImageError:
         return "not an image"
     except Image.DecompressionBombError as exc:
@@ -293,8 +256,25 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
     return None
 
 
+def _jpeg_facts(im: Any, info: dict[str, Any]) -> None:
+    """What Pillow's JPEG parser read: component sampling, progressive, Adobe transform."""
+    layers = getattr(im, "layer", None) or []    # (component id, H, V, quantisation table)
+    info["components"] = len(layers) or info["components"]
+    if layers:
+        info["subsampling"] = _subsampling_name([(h, v) for _, h, v, _ in layers])
+    info["progressive"] = bool(im.info.get("progressive"))
+    if im.mode == "CMYK" and im.info.get("adobe_transform") == 2:
+        info["color_mode"] = "YCCK"
+    try:
+        orientation = im.getexif().get(_ORIENTATION_TAG)   # APP1 is header: no pixel load
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block leaves the orientation unknown
+        orientation = None
+    info["exif_orientation"] = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None
+
+
 def _pillow_orientation(im: Any) -> int | None:
-    """EXIF orientation from header metadata only (never triggers ``load``)."""
+    """EXIF orientation from header metadata only (never triggers ``load``: Pillow's
+    ``getexif`` would load a PNG whose eXIf chunk follows the pixels)."""
     tag_v2 = getattr(im, "tag_v2", None)  # TIFF: orientation is a plain tag
     if tag_v2 is not None:
         value = tag_v2.get(_ORIENTATION_TAG)
