@@ -43,6 +43,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="images per chunk (default: sized from the matrix)")
     p.add_argument("--batch", type=int, default=8, help="inference batch size (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Ray's own log lines and the workers' output (off by default: "
+                        "library warnings go to the rows' decode_note)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +139,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, explain: bool,
                     spec_path: str) -> int:
     from runner.sweep import RunOptions, run_spec
+    if getattr(a, "verbose", False):
+        os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet)
     try:
@@ -153,6 +158,9 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
           f"{int(c.get('inferences', 0))} inferences for {m['inferences_without_reuse']} "
           f"image x cell inputs ({int(c.get('reuses', 0))} outputs reused), "
           f"{int(c.get('model_builds', 0))}/{m['model_builds']} model builds", file=sys.stderr)
+    if c.get("decode_warnings"):
+        print(f"dmx: {int(c['decode_warnings'])} decodes raised library warnings (corrupt data the "
+              "decoder tolerated): see the rows' decode_note", file=sys.stderr)
     if explain:
         from analysis.explain import explain_run
         from analysis.render import render_text

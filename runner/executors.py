@@ -64,7 +64,10 @@ def ray_init(address: str | None, workers: int) -> str:
     import ray  # after RAY_AUTH_MODE: Ray reads it when first imported
     if ray.is_initialized():
         return "existing session"
-    common = dict(logging_level=logging.ERROR, log_to_driver=True, include_dashboard=False)
+    # the workers' own output (library warnings, Ray's retry and log-dedup lines) reaches the
+    # console only with ``dmx run --verbose``; dmx reports problems in the rows and its summary
+    common = dict(logging_level=logging.ERROR, log_to_driver=bool(os.environ.get("DMX_VERBOSE")),
+                  include_dashboard=False)
     if address:
         try:
             ray.init(address=address, **common)

@@ -159,6 +159,8 @@ class Worker:
         if factors.get("color") == "bgr":
             img = np.ascontiguousarray(img[..., ::-1])
         self.counters["decodes"] += 1
+        if dec.last_note and "warning:" in dec.last_note:
+            self.counters["decode_warnings"] += 1
         return _Decoded(img, (time.perf_counter() - t) * 1e3, dec.last_note)
 
     def _preprocess(self, d: _Decoded | _Failure, resize: str, fit: str | None) -> _Prepped | _Failure:

@@ -2,7 +2,8 @@
 
 Every decoder honours ``DecodeOptions`` where its library can; the matrix nulls an option axis for
 decoders that lack it (``matrix.axes``), and ``Decoder.decode`` refuses a non-default option a
-decoder cannot honour rather than silently ignoring it. After each decode ``Decoder.last_note``
+decoder cannot honour rather than silently ignoring it. Warnings a library raises or prints to
+stderr while decoding become notes (``warning: ...``), never console lines. After each decode ``Decoder.last_note``
 says what conversion happened beyond an ordinary YCbCr/RGB decode (a CMYK or greyscale source,
 an EXIF rotation, a reduction done another way), or is None when there is nothing to say.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+
+from .portable import captured_fd2, library_notes
 
 EXIF_MODES = ("apply", "ignore", "native")
 REDUCTIONS = (1, 2, 4, 8)
@@ -97,7 +100,14 @@ class Decoder:
             raise DecodeError("empty file (0 bytes)")
         if options.exif == "native":
             options = replace(options, exif=self.native_exif)
-        out = self._decode(data, options)
+        said: list[str] = []
+        with warnings.catch_warnings(record=True) as caught, captured_fd2(said):
+            warnings.simplefilter("always")
+            out = self._decode(data, options)
+        # library warnings (Python's, and C's on stderr) belong to the row, not the console
+        for note in library_notes([w for w in caught if not issubclass(w.category, DeprecationWarning)],
+                                  said):
+            self._note(note)
         if out.ndim != 3 or out.shape[2] != 3 or out.dtype != np.uint8:
             raise DecodeError(f"{self.system_name} returned {out.dtype} {out.shape}, not RGB uint8")
         self.last_note = "; ".join(self._notes) or None

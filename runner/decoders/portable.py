@@ -40,12 +40,16 @@ def exif_note(orientation: object, exif: str, how: str) -> str | None:
 
 
 _SINK: list = []       # [pid, temporary file]: one per process, reused for every decode
+_ACTIVE: list = []     # non-empty while a capture runs (captures do not nest)
 
 
 @contextlib.contextmanager
 def captured_fd2(lines: list[str]):
     """Collect what C code writes to file descriptor 2 (stderr) meanwhile into ``lines``,
     instead of the terminal. Python-level warnings are the caller's to catch."""
+    if _ACTIVE:               # nested: the outer capture collects it
+        yield
+        return
     try:
         saved = os.dup(2)
     except OSError:           # no fd 2 (a daemon): nothing to capture
@@ -57,11 +61,13 @@ def captured_fd2(lines: list[str]):
     sink.seek(0)
     sink.truncate()
     try:
+        _ACTIVE.append(True)
         os.dup2(sink.fileno(), 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+        _ACTIVE.clear()
         sink.seek(0)
         text = sink.read().decode("utf-8", "replace")
         lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
@@ -69,7 +75,7 @@ def captured_fd2(lines: list[str]):
 
 def library_notes(caught: list, stderr_lines: list[str]) -> list[str]:
     """Warnings and C-level messages of a decode, each once, in order, shortened."""
-    out = [f"warning: {str(w.message).splitlines()[0][:200]}" for w in caught]
+    out = [f"warning: {str(w.message).strip().splitlines()[0][:200]}" for w in caught]
     out += [f"warning: {ln[:200]}" for ln in stderr_lines]
     return list(dict.fromkeys(out))
 
