@@ -1,13 +1,12 @@
 """Pictures for the HTML report: a cell's model input re-rendered from the image file.
 
-This is the one place in ``analysis/`` that imports ``runner/`` (and ``class_labels`` the only
-use of ``runner.models``: for class names). DESIGN keeps analysis free of
-the runner so that analysing a run never sweeps, builds a model or needs a backend; here we only
-call the runner's pure decode and resize functions (``runner.decoders``, ``runner.preprocess``,
-``runner.models.base.Preprocess``) to draw what the model saw, so the pictures come from exactly
-the code that produced the rows (``model_input`` follows ``runner.worker``'s decode and preprocess
-steps; keep the two in step). Nothing here runs a model. The rows stay the evidence: a
-re-rendered input that does not match a row's ``px_max_abs`` (the run was made with other library
+DESIGN keeps analysis free of the runner so that analysing a run never sweeps, builds a model or
+needs a backend. The one exception is drawing what the model saw: that goes through ONE public
+module of the runner, ``runner.render`` (``model_input``, ``class_labels``), which takes plain
+data and runs no model - so the pictures come from exactly the code that produced the rows, with
+no copy to drift. (The alternative, the sweep keeping every model input for the report, would
+store ~150 kB per image and preprocessing variant for the few the report shows.) The rows stay
+the evidence: a re-rendered input that does not match a row's ``px_max_abs`` (other library
 versions, or the file changed) is reported as such by the caller.
 """
 from __future__ import annotations
@@ -23,45 +22,36 @@ class PictureError(RuntimeError):
     """The model input cannot be re-rendered here (file gone, decoder missing, decode failed)."""
 
 
-def preprocess_from_manifest(spec: Mapping[str, Any]):
-    """``runner.models.base.Preprocess`` from ``manifest["model"]["preprocess"]``."""
-    from runner.models.base import Preprocess
-    extra = {k: spec[k] for k in ("pad", "scale", "channels") if k in spec}  # absent in older runs
-    return Preprocess(mode=spec["mode"], resize=int(spec["resize"]), crop=int(spec["crop"]),
-                      mean=tuple(spec["mean"]), std=tuple(spec["std"]), **extra)
+class _Preprocess(dict):
+    """``manifest["model"]["preprocess"]``, its keys also readable as attributes (``pre.crop``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def preprocess_from_manifest(spec: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The preprocessing as ``runner.render.model_input`` takes it (``pre.crop`` reads too)."""
+    return _Preprocess(spec)
 
 
 def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess: Any) -> np.ndarray:
-    """The model input of a cell for one image, as the runner's worker builds it: decode with the
-    cell's decoder and decode options, channel order, resize and crop. Float32 (crop, crop, 3), 0-255,
-    before normalisation. Raises PictureError."""
-    from runner.decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
-    from runner.preprocess import PreprocessError, model_input_pixels
+    """The model input of a cell for one image (``runner.render.model_input``): float32
+    (crop, crop, 3), 0-255, before normalisation. Raises PictureError."""
+    from runner.render import RenderError, model_input as render
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise PictureError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        img = get_decoder(factors.get("decoder") or "pil").decode(data, decode_options(factors))
-        if factors.get("color") == "bgr":
-            img = np.ascontiguousarray(img[..., ::-1])
-        return model_input_pixels(img, factors.get("resize") or "pil-bilinear", preprocess,
-                                  factors.get("fit"))
-    except (DecodeError, DecoderUnavailable, PreprocessError, KeyError, ValueError) as e:
-        raise PictureError(f"cannot re-render {Path(path).name}: {e}") from None
+        return render(path, factors, preprocess)
+    except RenderError as e:
+        raise PictureError(str(e)) from None
 
 
 def class_labels(model: Mapping[str, Any]) -> tuple[str, ...] | None:
     """Class names of a built-in model (``manifest["model"]``), None for user models or when the
     model's package is not installed here (the report then shows class indices)."""
-    from runner.models import MODELS, ModelUnavailable, UnknownModel, get_model
-    name = model.get("name")
-    if name not in MODELS:
-        return None
-    try:
-        return get_model(name).labels
-    except (ModelUnavailable, UnknownModel):
-        return None
+    from runner.render import class_labels as labels
+    return labels(model)
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
