@@ -26,7 +26,10 @@ from .cache import cache_dir, cached, file_digest
 from .detection import DetectionConfig, config_from
 from .models.base import ModelDef, Preprocess
 
-# Older names of what moved (kept for code that imports them from here).
+from .backends.onnxruntime_backend import convert_fp16, quantize_ort_int8  # noqa: E402,F401
+from .backends.openvino_backend import openvino_from_torch, quantize_openvino_int8  # noqa: E402,F401
+
+# Older names of what moved to the backends (kept for code that imports them from here).
 _cached, _file_digest = cached, file_digest
 
 
@@ -94,6 +97,18 @@ def file_key(backend: str, precision: str, conversion: str | None) -> str:
     """Which model product a (backend, precision, conversion) runs (the backend's ``model_key``)."""
     setting = InferSetting(backend=backend, precision=precision, conversion=conversion)
     return BACKENDS[backend].model_key(setting) or f"{backend}:{precision}"
+
+
+def conversion_unsupported(backend: str, conversion: str | None) -> str | None:
+    """A conversion level that means nothing for this backend (a skipped cell), or None."""
+    if conversion is None:
+        return None
+    axis = next((a for a in BACKENDS[backend].axes if a.name == "conversion"), None)
+    if axis is None:
+        return f"{backend}: conversion does not apply"
+    if conversion not in axis.levels:
+        return f"conversion {conversion} does not apply to {backend} (its levels: {', '.join(axis.levels)})"
+    return None
 
 
 class _Conversion:

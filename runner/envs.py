@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-from .convert import cache_dir
+from .cache import cache_dir
 
 ENV_JSON = "env.json"
 _LAST_USED = ".last_used"
