@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
 from matrix.axes import AXES, BACKEND_AXES, Axis, register_backend
+
+if TYPE_CHECKING:
+    import numpy as np   # imported where used: `import runner.backends` stays cheap
 
 
 class BackendUnavailable(RuntimeError):
@@ -228,6 +229,7 @@ class BackendRunner:
 
     def activate(self) -> None:
         """Build the session, then run one warm-up batch so latencies exclude lazy init."""
+        import numpy as np
         t = time.perf_counter()
         self._activate()
         self._infer_all(np.zeros((1, *self.artifacts.input_shape), np.float32))
@@ -241,6 +243,7 @@ class BackendRunner:
     def infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
         """(N, 3, H, W) float32 -> every output of the model, each (N, ...) float32, in the
         model's output order (detectors often have several: boxes, scores, ...)."""
+        import numpy as np
         if not self.active:
             self.activate()
         if batch.dtype != np.float32 or batch.ndim != 4:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from matrix.axes import INFER, Axis
 from runner.cache import cached, file_digest
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
 from .onnx_export import ONNX_EXPORTERS
+
+if TYPE_CHECKING:
+    import numpy as np   # imported where used: `import runner.backends` stays cheap
 
 _HINT_FOR_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _EFFECTIVE = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -144,6 +145,7 @@ class OpenVinoRunner(BackendRunner):
         self.request = self.compiled.create_infer_request()
 
     def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
+        import numpy as np
         res = self.request.infer({0: batch})
         return [np.array(res[o]) for o in self.compiled.outputs]
 

@@ -1,13 +1,14 @@
 """PyTorch eager: fp32, bf16 and fp16 by casting model and input; CPU or CUDA (``tf32`` there)."""
 from __future__ import annotations
 
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from matrix.axes import INFER, Axis
 
 from .base import BackendRunner, InferSetting, ModelArtifacts
+
+if TYPE_CHECKING:
+    import numpy as np   # imported where used: `import runner.backends` stays cheap
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from matrix.axes import INFER, Axis
 from runner.cache import cache_dir, cached
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
 from .torch_backend import TF32_AXIS, effective_precision, torch_dtype, torch_unsupported
+
+if TYPE_CHECKING:
+    import numpy as np   # imported where used: `import runner.backends` stays cheap
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 DEFAULT_BATCH = 8
@@ -105,6 +106,7 @@ class TorchCompileRunner(BackendRunner):
         return torch_unsupported(artifacts, setting, cls.name) or super().unsupported(artifacts, setting)
 
     def _activate(self) -> None:
+        import numpy as np
         import torch
         from torch._dynamo.utils import counters
         self._torch = torch
@@ -135,6 +137,7 @@ class TorchCompileRunner(BackendRunner):
 
     def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
         """Runs at the compiled batch size: pads the last slice with zeros, drops their outputs."""
+        import numpy as np
         n, b = len(batch), self.batch
         parts: list[list[np.ndarray]] = []
         for i in range(0, n, b):
