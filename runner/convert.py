@@ -116,8 +116,9 @@ class _Conversion:
     ONNX exports and the calibration inputs, each made at most once per run."""
 
     def __init__(self, model: ResolvedModel, digest: str, files: dict[str, str],
-                 notes: dict[str, Any], calibration: Callable[[], tuple[np.ndarray, list[str]]]) -> None:
-        self.model, self.digest = model, digest
+                 notes: dict[str, Any], calibration: Callable[[], tuple[np.ndarray, list[str]]],
+                 threads: int | None = None) -> None:
+        self.model, self.digest, self.threads = model, digest, threads
         self._files, self._notes, self._calibration = files, notes, calibration
         self._calib: list = []
 
@@ -148,10 +149,13 @@ class _Conversion:
 
 def prepare_artifacts(model: ResolvedModel,
                       settings: Iterable[InferSetting | tuple[str, str, str | None]],
-                      calibration: Callable[[], tuple[np.ndarray, list[str]]]) -> ModelArtifacts:
+                      calibration: Callable[[], tuple[np.ndarray, list[str]]],
+                      threads: int | None = None) -> ModelArtifacts:
     """Make every model product the settings need (each an ``InferSetting``, or the older
     ``(backend, precision, conversion)`` triple), by asking each setting's backend. A product
-    that cannot be made is recorded as the reason its cells are skipped, not raised."""
+    that cannot be made is recorded as the reason its cells are skipped, not raised.
+    ``threads``: the workers' intra-op threads where a setting names none (a compile for
+    another thread count is another product)."""
     wanted = {s if isinstance(s, InferSetting) else
               InferSetting(backend=s[0], precision=s[1], conversion=s[2]) for s in settings}
     files: dict[str, str] = {}
@@ -159,7 +163,7 @@ def prepare_artifacts(model: ResolvedModel,
     from .models.loading import build_torch_model
     digest = "onnx-" + file_digest(model.onnx)[:20] if model.onnx else \
         weights_digest(model, lambda: build_torch_model(model.torch_factory, model.weights))
-    conv = _Conversion(model, digest, files, notes, calibration)
+    conv = _Conversion(model, digest, files, notes, calibration, threads)
     for setting in sorted(wanted, key=repr):
         backend = BACKENDS.get(setting.backend)
         if backend is None:

@@ -128,7 +128,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
     settings = {InferSetting.from_factors(dict(c.factors)) for c in cells if c.cell_id not in skipped}
     t_conv = time.perf_counter()
-    artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model))
+    artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model),
+                                  threads=executor.threads)
     made = [k for k, v in artifacts.conversion_notes.items()
             if isinstance(v, dict) and v.get("cached") is False]
     if made and opts.progress:

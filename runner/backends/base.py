@@ -150,6 +150,7 @@ class Conversion(Protocol):
 
     model: Any          # runner.convert.ResolvedModel
     digest: str         # hash of the weights (or of the user's ONNX file): the cache key's root
+    threads: int | None  # the workers' intra-op threads where a setting names none
 
     def onnx(self, exporter: str) -> str:
         """The model as ONNX made by ``exporter`` (or the user's file); raises ConversionError."""

@@ -80,7 +80,10 @@ class TorchCompileRunner(BackendRunner):
         if setting.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConversionError(f"device {setting.device}: no CUDA GPU visible to torch here")
         b, crop = cls.batch_size(setting), model.preprocess.crop
-        key = (f"{conv.digest}-{cls.model_key(setting).replace(':', '-')}-{crop}px"
+        # Inductor's CPU kernels are compiled for a thread count (its cache key holds it):
+        # compile for the workers' count, or they would compile again
+        threads = setting.threads or conv.threads or torch.get_num_threads()
+        key = (f"{conv.digest}-{cls.model_key(setting).replace(':', '-')}-{crop}px-t{threads}"
                f"-torch{torch.__version__}")
 
         def make(out: Path) -> dict[str, Any]:
@@ -88,16 +91,21 @@ class TorchCompileRunner(BackendRunner):
             compiled = _compile(build_torch_model(model.torch_factory, model.weights), setting)
             x = torch.zeros(b, 3, crop, crop, device=setting.device,
                             dtype=torch_dtype(setting.precision))
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
             try:
                 with torch.inference_mode():
                     compiled(x)
             except Exception as e:  # dynamo/inductor raise many types; report the step
                 raise ConversionError(f"torch.compile failed: {type(e).__name__}: "
                                       f"{str(e).strip().splitlines()[0][:300]}") from e
+            finally:
+                torch.set_num_threads(before)
             out.write_text(str(inductor_cache_dir()) + "\n")
             return {"command": f"torch.compile(backend='inductor', mode={setting.compile_mode or 'default'!r}, "
-                               f"dynamic=False), batch {b} on {setting.device}",
-                    "torch": torch.__version__, "inductor_cache": str(inductor_cache_dir())}
+                               f"dynamic=False), batch {b} on {setting.device}, {threads} threads",
+                    "torch": torch.__version__, "threads": threads,
+                    "inductor_cache": str(inductor_cache_dir())}
 
         return cached(key, "compiled.txt", make)
 
