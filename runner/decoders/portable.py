@@ -15,6 +15,7 @@ data: N extraneous bytes" that OpenCV prints to stderr from C) become notes, not
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -57,6 +58,7 @@ def captured_fd2(lines: list[str]):
         return
     if not _SINK or _SINK[0] != os.getpid():
         _SINK[:] = [os.getpid(), tempfile.TemporaryFile()]
+        atexit.register(_SINK[1].close)
     sink = _SINK[1]
     sink.seek(0)
     sink.truncate()
