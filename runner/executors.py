@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -167,6 +168,8 @@ class RayExecutor:
 
     name = "ray"
 
+    # Ray restarts a dead actor for as long as it takes (a node may come back); the attempt
+    # count per chunk, not the restart count, bounds how often one input may kill a worker.
     def __init__(self, workers: int | None = None, address: str | None = None,
                  gpus_per_worker: float | None = None) -> None:
         self.cap = workers
@@ -185,13 +188,14 @@ class RayExecutor:
         res = ray.cluster_resources()
         by_cpu = max(1, int(res.get("CPU", 1)))
         n = min(self.cap, by_cpu) if self.cap else by_cpu
-        gpus = float(res.get("GPU", 0))
-        if cuda_devices and gpus:
+        if cuda_devices and res.get("GPU", 0):
             # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gives an actor, so cuda:N is the
             # actor's N-th GPU: it must get at least N+1 whole ones (a fraction only for cuda:0).
             per = self.gpus_option or 1.0
             self.gpus_per_worker = float(max(per, cuda_devices)) if cuda_devices > 1 else per
-            n = max(1, min(n, int(gpus / self.gpus_per_worker + 1e-9)))
+            fit = sum(min(int(r.get("CPU", 0)), int(r.get("GPU", 0) / self.gpus_per_worker + 1e-9))
+                      for r in (nd["Resources"] for nd in ray.nodes() if nd.get("Alive")))
+            n = max(1, min(n, fit))
         self.workers = n
 
     def _nodes(self) -> list[dict[str, Any]]:
@@ -223,15 +227,15 @@ class RayExecutor:
 
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
         import ray
-        actor_cls = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=MAX_ATTEMPTS,
+        actor_cls = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=-1,
                                max_task_retries=0, scheduling_strategy="SPREAD")(_WorkerActor)
         # The plan is passed by value (it is small): an actor restarted after a crash must not
         # depend on an object-store reference that may be gone.
-        actors = [actor_cls.remote(plan) for _ in range(self.workers)]
+        scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary)
         try:
-            _Scheduler(plan, actors, on_summary).run(list(chunks))
+            scheduler.run(list(chunks))
         finally:
-            for a in actors:
+            for a in scheduler.actors:
                 ray.kill(a)
 
 
@@ -239,14 +243,17 @@ class _Scheduler:
     """At most two chunks in flight per actor (one running, one queued behind it). An actor whose
     task died is pinged; it gets work again once Ray has restarted it and the ping returns."""
 
-    def __init__(self, plan: Plan, actors: list, on_summary: OnSummary) -> None:
-        self.plan, self.actors, self.on_summary = plan, actors, on_summary
+    def __init__(self, plan: Plan, new_actor: Callable[[], Any], workers: int,
+                 on_summary: OnSummary) -> None:
+        self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
+        self.actors = [new_actor() for _ in range(workers)]
+        self.replacements = workers * MAX_ATTEMPTS
         self.lost = _worker_lost_errors()
         self.queue: deque[tuple[Chunk, int, bool]] = deque()   # chunk, attempt, is a piece
         self.pending: dict[Any, tuple[int, Chunk, int, bool]] = {}
         self.pings: dict[Any, int] = {}
-        self.healthy = set(range(len(actors)))
-        self.load = {i: 0 for i in range(len(actors))}
+        self.healthy = set(range(workers))
+        self.load = {i: 0 for i in range(workers)}
         self.pieces: dict[int, dict[str, ChunkResult]] = {}   # split chunk -> image id -> result
         self.parents: dict[int, Chunk] = {}
 
@@ -257,16 +264,12 @@ class _Scheduler:
             self._submit()
             waiting = list(self.pending) + list(self.pings)
             if not self.pending and not self.pings:
-                raise ExecutorError("every Ray worker is gone and none could be restarted")
+                raise ExecutorError("every Ray worker is gone and none could be restarted; finished "
+                                    "chunks are saved: run the same command with --resume")
             ready, _ = ray.wait(waiting, num_returns=1)
             ref = ready[0]
             if ref in self.pings:
-                i = self.pings.pop(ref)
-                try:
-                    ray.get(ref)
-                    self.healthy.add(i)
-                except self.lost:
-                    pass  # restarts exhausted (or its node is gone): the others carry on
+                self._pinged(ref)
                 continue
             i, chunk, attempt, piece = self.pending.pop(ref)
             self.load[i] -= 1
@@ -280,6 +283,25 @@ class _Scheduler:
             else:
                 self.on_summary(result)
 
+    def _pinged(self, ref) -> None:
+        """A worker that lost a task answers once Ray has restarted it; one that is dead for
+        good (restarts exhausted, or killed) is replaced by a new actor, a bounded number of
+        times."""
+        import ray
+        import ray.exceptions as rex
+        i = self.pings.pop(ref)
+        try:
+            ray.get(ref)
+            self.healthy.add(i)
+        except rex.ActorUnavailableError:      # restarting: ask again shortly
+            time.sleep(0.2)
+            self.pings[self.actors[i].ping.remote()] = i
+        except self.lost:
+            if self.replacements > 0:
+                self.replacements -= 1
+                self.actors[i] = self.new_actor()
+                self.pings[self.actors[i].ping.remote()] = i
+
     def _submit(self) -> None:
         for i in sorted(self.healthy, key=self.load.get):
             while self.queue and self.load[i] < 2:
@@ -290,6 +312,9 @@ class _Scheduler:
                 self.load[i] += 1
 
     def _lost(self, i: int, chunk: Chunk, attempt: int, piece: bool, error: BaseException) -> None:
+        import sys
+        print(f"dmx: a worker died on chunk {chunk.index} ({type(error).__name__}); "
+              "its chunk is retried", file=sys.stderr)
         if i in self.healthy:
             self.healthy.discard(i)
             self.pings[self.actors[i].ping.remote()] = i
