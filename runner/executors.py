@@ -69,6 +69,30 @@ def _auth_help(address: str, error: BaseException) -> str | None:
             "and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
 
+class _Probe:
+    def ping(self) -> bool:
+        return True
+
+
+def _check_actors_start(address: str) -> None:
+    """A driver in token mode attached to a cluster without auth can run tasks, but every actor
+    it creates dies ("actor creation cancelled"): try one, and say what to set if it dies."""
+    import ray
+    import ray.exceptions as rex
+    actor = ray.remote(num_cpus=0)(_Probe).remote()
+    try:
+        ray.get(actor.ping.remote(), timeout=300)
+    except (rex.RayActorError, rex.GetTimeoutError) as e:
+        ray.shutdown()
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            raise ExecutorError(_auth_help(address, RuntimeError("token")) or "") from None
+        raise ExecutorError(f"cannot start a worker on the Ray cluster at {address} "
+                            f"({type(e).__name__})") from None
+    finally:
+        if ray.is_initialized():
+            ray.kill(actor)
+
+
 def _embedded_auth() -> None:
     """The embedded cluster authenticates with a token, as Ray does by default, but one kept in
     dmx's cache: Ray would otherwise write ~/.ray/auth_token, and every later ``ray start`` on
@@ -109,6 +133,7 @@ def ray_init(address: str | None, workers: int | None) -> str:
                                 or f"cannot attach to the Ray cluster at {address}: "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                 ) from None
+        _check_actors_start(address)
         return f"cluster {address}"
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")

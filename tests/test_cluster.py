@@ -144,3 +144,53 @@ def test_a_node_removed_mid_run_the_run_completes_with_every_pair_once(cluster, 
     assert proc.returncode == 0, err[-2000:]
     got = rows(tmp_path / "run")
     assert len(got) == len({(c, i) for c, i, _ in got}) == 4 * 24
+
+
+@pytest.fixture(scope="module")
+def no_auth_head(tmp_path_factory):
+    """`ray start --head` without token auth, in a HOME that holds ~/.ray/auth_token (as any
+    earlier local Ray leaves behind). Its own process group, so stopping it spares other Rays."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text("a-token-this-cluster-does-not-use")
+    ray_tmp = Path(__import__("tempfile").mkdtemp(prefix="dmxauth", dir="/tmp"))
+    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    port = "6411"
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             "--port", port, "--num-cpus", "1", "--include-dashboard=false",
+                             "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.pop("RAY_AUTH_MODE")
+    yield f"127.0.0.1:{port}", env
+    os.killpg(head.pid, __import__("signal").SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, __import__("signal").SIGKILL)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _run_with_env(tmp: Path, images: Path, address: str, env: dict) -> subprocess.CompletedProcess:
+    spec = tmp / "spec.yaml"
+    spec.write_text(f"name: auth\ndataset: {{path: {images}}}\nmodel: tiny\naxes: {AXES}\n")
+    return subprocess.run([sys.executable, "-m", "dmx", "run", str(spec), "--out", str(tmp / "run"),
+                           "--address", address, "--quiet"], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def test_a_token_file_in_home_does_not_switch_a_no_auth_cluster_to_token_mode(
+        no_auth_head, photo_dir: Path, tmp_path: Path):
+    address, env = no_auth_head
+    r = _run_with_env(tmp_path, photo_dir, address, env)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_auth_mismatch_is_one_line_naming_what_to_set(no_auth_head, photo_dir: Path,
+                                                         tmp_path: Path):
+    address, env = no_auth_head
+    r = _run_with_env(tmp_path, photo_dir, address, {**env, "RAY_AUTH_MODE": "token"})
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    line = [ln for ln in r.stderr.splitlines() if ln.startswith("dmx: error")]
+    assert len(line) == 1 and "RAY_AUTH_MODE" in line[0], r.stderr[-2000:]
