@@ -199,6 +199,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
             manifest["backends"].setdefault(k, v)
         if res.environment is not None:
             manifest["nodes"].setdefault(res.node, res.environment)
+        peak = manifest.setdefault("peak_worker_rss_mb", {})
+        peak[res.node] = round(max(peak.get(res.node, 0.0), res.peak_rss_mb), 1)
         totals["rows"] += res.rows
         totals["errors"] += res.errors
         progress.update(res.images, res.errors)

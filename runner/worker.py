@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class ChunkSummary:
     backends: dict[str, dict[str, Any]]
     node: str
     environment: dict[str, Any] | None = None   # the node's fingerprint, on a worker's first chunk
+    peak_rss_mb: float = 0.0                     # the worker process's peak resident memory so far
 
 
 def _setting_key(setting: InferSetting) -> str:
@@ -128,7 +130,8 @@ class Worker:
         errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
         return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
                             (str(run.part_path(res.chunk)),), res.counters, res.backends,
-                            self.node, env)
+                            self.node, env,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
     def process_chunk(self, chunk: Chunk) -> ChunkResult:
         plan = self.plan
