@@ -50,9 +50,11 @@ def dmx_run(tmp: Path, images: Path, address: str, *extra: str, axes: str = AXES
     spec.write_text(f"name: cluster\ndataset: {{path: {images}}}\nmodel: tiny\naxes: {axes}\n")
     cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(tmp / "run"),
            "--address", address, "--quiet", *extra]
+    # without the auth settings Ray put in this process's environment for its embedded session
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     if not wait:
-        return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def rows(run: Path) -> list[tuple]:
@@ -137,7 +139,8 @@ def test_a_node_removed_mid_run_the_run_completes_with_every_pair_once(cluster, 
                                                                         tmp_path: Path):
     proc = dmx_run(tmp_path, photos, cluster.address, "--chunk-size", "1", wait=False)
     deadline = time.time() + 300
-    while len(list((tmp_path / "run").glob("rows/*/*.parquet"))) < 3 and time.time() < deadline:
+    while (len(list((tmp_path / "run").glob("rows/*/*.parquet"))) < 3 and time.time() < deadline
+           and proc.poll() is None):
         time.sleep(0.05)
     cluster.remove_node(cluster.second)                 # the 2-CPU node: two of three workers
     _, err = proc.communicate(timeout=600)
@@ -154,7 +157,8 @@ def no_auth_head(tmp_path_factory):
     (home / ".ray").mkdir()
     (home / ".ray" / "auth_token").write_text("a-token-this-cluster-does-not-use")
     ray_tmp = Path(__import__("tempfile").mkdtemp(prefix="dmxauth", dir="/tmp"))
-    env = {**os.environ, "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+           "HOME": str(home), "RAY_TMPDIR": str(ray_tmp), "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     port = "6411"
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
