@@ -291,7 +291,14 @@ class _Scheduler:
             if not self.pending and not self.pings:
                 raise ExecutorError("every Ray worker is gone and none could be restarted; finished "
                                     "chunks are saved: run the same command with --resume")
-            ready, _ = ray.wait(waiting, num_returns=1)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=10)
+            if not ready:
+                if not self.pending and not self._any_node_can_host():
+                    raise ExecutorError(
+                        "no node of the Ray cluster can run a worker any more (a Ray process died "
+                        "or the nodes were removed); finished chunks are saved: run the same "
+                        "command with --resume")
+                continue
             ref = ready[0]
             if ref in self.pings:
                 self._pinged(ref)
@@ -307,6 +314,13 @@ class _Scheduler:
                 self._piece_done(chunk, result)
             else:
                 self.on_summary(result)
+
+    def _any_node_can_host(self) -> bool:
+        import ray
+        try:
+            return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= 1 for n in ray.nodes())
+        except Exception:  # noqa: BLE001 - the GCS itself is gone: nothing can host a worker
+            return False
 
     def _pinged(self, ref) -> None:
         """A worker that lost a task answers once Ray has restarted it; one that is dead for
