@@ -133,7 +133,8 @@ def ray_init(address: str | None, workers: int | None) -> str:
                                 or f"cannot attach to the Ray cluster at {address}: "
                                    f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
                                 ) from None
-        _check_actors_start(address)
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            _check_actors_start(address)
         return f"cluster {address}"
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
