@@ -7,6 +7,8 @@ detail), so each effect is that factor's alone.
 """
 from __future__ import annotations
 
+import json
+
 import itertools
 import math
 from dataclasses import asdict, dataclass, field
@@ -102,6 +104,7 @@ class Explanation:
     determinism: dict[str, Any]
     task: str = "classification"
     detection_rules: dict[str, Any] = field(default_factory=dict)
+    nodes_differ: dict[str, list[str]] = field(default_factory=dict)  # section -> differing nodes
 
     def candidate_ranking(self) -> list[Contrast]:
         """Detector contrasts, the one that reorders the pre-NMS candidates most first (lowest
@@ -397,6 +400,9 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
     eta, inter = main_effects(con, axes)
+    node_eta = _node_eta_squared(con)
+    if node_eta is not None:
+        eta["node"] = node_eta
     mismatches: dict[str, dict[str, Any]] = {}
     for c in cells:
         s = stats.get(c["cell_id"])
@@ -417,7 +423,23 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
         skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
         determinism={k: counters.get(k, 0) for k in
                      ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
-        task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}))
+        task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}),
+        nodes_differ=nodes_differ(manifest))
+
+
+def nodes_differ(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """The environment sections (cpu, packages, libjpeg, gpu) in which the run's nodes differ."""
+    nodes = manifest.get("nodes") or {}
+    return {sec: sorted(nodes) for sec in ("cpu", "packages", "libjpeg", "gpu", "python")
+            if len({json.dumps(env.get(sec), sort_keys=True) for env in nodes.values()}) > 1}
+
+
+def _node_eta_squared(con: duckdb.DuckDBPyConnection) -> float | None:
+    """Share of the output variance (cosine distance) explained by the node within each cell,
+    ranked beside the factors; None when one node computed every row."""
+    if "node" not in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
+        return None
+    return con.execute(load_sql("node_eta")).fetchone()[0]
 
 
 def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],

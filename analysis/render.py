@@ -201,6 +201,9 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         if strong:
             out.append("  strongest interactions: " + "  ".join(
                 f"{' x '.join(i['factors'])} {g(i['eta_squared'], 2)}" for i in strong[:3]))
+    if e.nodes_differ:
+        out.append(f"  nodes differ in {', '.join(e.nodes_differ)} (see nodes in manifest.json); "
+                   "'node' above is ranked like a factor")
     ranked = sorted(e.contrasts, key=lambda c: -(c.cos_dist_mean or 0))
     shown = [c for c in ranked if c.worst][:6]
     if shown:

@@ -38,7 +38,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray (default: embedded local Ray, or the cluster at --address/RAY_ADDRESS) "
                         "or local (in-process)")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="at most this many workers (default: one per CPU the Ray cluster offers)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs each worker asks Ray for when cells run on CUDA (default 1; "
+                        "a fraction such as 0.25 packs four workers on a GPU)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
     p.add_argument("--chunk-size", type=int, default=None, help="images per chunk (default: sized from the matrix)")
     p.add_argument("--batch", type=int, default=8, help="inference batch size (default 8)")
@@ -142,7 +146,8 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     if getattr(a, "verbose", False):
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
-                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet)
+                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
+                      gpus_per_worker=a.gpus_per_worker)
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:

@@ -15,7 +15,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     # one string column per axis of the spec sits here (decoder, exif, resize, backend, ...)
     ("status", pa.string(), "", "ok | error | skipped"),
     ("error_stage", pa.string(), "", "read | decode | preprocess | model-build | infer | postprocess "
-                                                  "(detector output decoding) | reference"),
+                                                  "(detector output decoding) | reference | worker-crash "
+                                                  "(the image killed its worker on every attempt)"),
     ("error", pa.string(), "", "error message, or why the cell was skipped"),
     ("is_reference", pa.bool_(), "", "this row belongs to the reference cell"),
     ("decoded_h", pa.int32(), "px", "height of the decoded image, before any resize"),
@@ -66,6 +67,9 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
                                      "(e.g. 'CMYK->RGB (Pillow convert)', reduce fallbacks); null when nothing"),
     ("preprocess_ms", pa.float64(), "ms", "resize/crop/normalise time"),
     ("latency_ms", pa.float64(), "ms", "inference time per image (batch time / batch size)"),
+    ("node", pa.string(), "", "the machine that computed the row: host name, and on Ray the first 8 "
+                              "hex digits of its Ray node id ('host/1a2b3c4d'); its environment is "
+                              "under nodes in manifest.json"),
 )
 
 FIXED_HEAD = ("run_id", "cell_id", "image_id")

@@ -1,24 +1,33 @@
 """Executors run chunks through Workers: in-process (``local``) or on Ray actors (``ray``).
 
-Both call ``on_result`` on the driver for every finished chunk, in completion order, so the
-driver streams part files and never holds the whole run.
+Workers write each chunk's part file themselves; the driver gets a small ``ChunkSummary`` per
+chunk (counts, file names, counters, backend infos), in completion order, so its CPU and memory
+stay flat however large the cluster or the dataset.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import tempfile
+import time
+from collections import deque
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
+from matrix import Cell
+
+from .backends.base import ModelArtifacts
+from .capabilities import node_name, skip_reasons
 from .plan import Chunk, Plan
-from .worker import ChunkResult, Worker
+from .worker import ChunkResult, ChunkSummary, Worker, error_result
 
-OnResult = Callable[[ChunkResult], None]
+OnSummary = Callable[[ChunkSummary], None]
+MAX_ATTEMPTS = 3   # a chunk (or, once split, one image) that kills its worker this often is an error
 
 
 class ExecutorError(RuntimeError):
-    """The executor could not start (Ray cluster unreachable, ...)."""
+    """The executor could not start or lost its cluster (Ray unreachable, auth mismatch, ...)."""
 
 
 class LocalExecutor:
@@ -29,39 +38,88 @@ class LocalExecutor:
     def __init__(self, workers: int | None = None) -> None:
         self.workers = 1
         self.threads = max(1, workers or os.cpu_count() or 1)
+        self.where = "local"
+        self.gpus_per_worker = 0.0
 
-    def run(self, plan: Plan, chunks: Iterable[Chunk], on_result: OnResult) -> None:
-        worker = Worker(plan)
+    def start(self, cuda_devices: int = 0) -> None:
+        pass
+
+    def probe(self, cells: list[Cell], artifacts: ModelArtifacts
+              ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        from results.environment import fingerprint
+        return skip_reasons(cells, artifacts), {node_name(): fingerprint()}
+
+    def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
+        worker = Worker(plan, node_name())
         for chunk in chunks:
-            on_result(worker.process_chunk(chunk))
+            on_summary(worker.run_chunk(chunk))
 
 
-class _WorkerActor:
-    """A Ray actor holding one Worker (and its compiled models) for the whole run."""
+def _auth_help(address: str, error: BaseException) -> str | None:
+    """One line naming what to set when the driver's auth mode is not the cluster's."""
+    text = f"{type(error).__name__}: {error}".lower()
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    if "authenticat" not in text and "unauthenticated" not in text and "token" not in text:
+        return None
+    if mode == "token":
+        return (f"the Ray cluster at {address} rejected this driver's token: it runs without token "
+                "auth (unset RAY_AUTH_MODE, or set RAY_AUTH_MODE=disabled), or with another token "
+                "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's)")
+    return (f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token")
 
-    def __init__(self, plan: Plan) -> None:
-        self.worker = Worker(plan)
 
-    def process(self, chunk: Chunk) -> ChunkResult:
-        return self.worker.process_chunk(chunk)
-
-    def pid(self) -> int:
-        return os.getpid()
+class _Probe:
+    def ping(self) -> bool:
+        return True
 
 
-def ray_init(address: str | None, workers: int) -> str:
-    """Attach to ``address``/``RAY_ADDRESS``, reuse a running session, or start a local Ray with
-    no dashboard, a bounded object store and its temp files under dmx's cache."""
+def _check_actors_start(address: str) -> None:
+    """A driver in token mode attached to a cluster without auth can run tasks, but every actor
+    it creates dies ("actor creation cancelled"): try one, and say what to set if it dies."""
+    import ray
+    import ray.exceptions as rex
+    actor = ray.remote(num_cpus=0)(_Probe).remote()
+    try:
+        ray.get(actor.ping.remote(), timeout=300)
+    except (rex.RayActorError, rex.GetTimeoutError) as e:
+        ray.shutdown()
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            raise ExecutorError(_auth_help(address, RuntimeError("token")) or "") from None
+        raise ExecutorError(f"cannot start a worker on the Ray cluster at {address} "
+                            f"({type(e).__name__})") from None
+    finally:
+        if ray.is_initialized():
+            ray.kill(actor)
+
+
+def _embedded_auth() -> None:
+    """The embedded cluster authenticates with a token, as Ray does by default, but one kept in
+    dmx's cache: Ray would otherwise write ~/.ray/auth_token, and every later ``ray start`` on
+    this machine would then switch to token mode. What the user configured is left alone."""
+    if any(os.environ.get(v) for v in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return
+    if (Path.home() / ".ray" / "auth_token").is_file():
+        return
+    from .convert import cache_dir
+    path = cache_dir() / "ray-auth-token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+def ray_init(address: str | None, workers: int | None) -> str:
+    """Attach to ``address``/``RAY_ADDRESS`` with Ray's own auth configuration (RAY_AUTH_MODE,
+    RAY_AUTH_TOKEN*), reuse a running session, or start an embedded local Ray with no dashboard,
+    a bounded object store and temp files under dmx's cache, whose processes die with this one."""
     from .convert import cache_dir
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        # Ray >= 2.59 starts clusters with token auth on; a driver only sends the token in
-        # token mode. Sending it to a cluster without auth is harmless, so use it when found.
-        if "RAY_AUTH_MODE" not in os.environ and (
-                os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").is_file()):
-            os.environ["RAY_AUTH_MODE"] = "token"
-    import ray  # after RAY_AUTH_MODE: Ray reads it when first imported
+    if not address:
+        _embedded_auth()
+    import ray
     if ray.is_initialized():
         return "existing session"
     # the workers' own output (library warnings, Ray's retry and log-dedup lines) reaches the
@@ -71,8 +129,15 @@ def ray_init(address: str | None, workers: int) -> str:
     if address:
         try:
             ray.init(address=address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise ExecutorError(f"cannot attach to the Ray cluster at {address}: {e}") from None
+            ray.cluster_resources()  # a cluster that rejects our auth fails here, not later
+        except Exception as e:  # noqa: BLE001 - Ray raises many types here; all become one line
+            ray.shutdown()
+            raise ExecutorError(_auth_help(address, e)
+                                or f"cannot attach to the Ray cluster at {address}: "
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                ) from None
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            _check_actors_start(address)
         return f"cluster {address}"
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -80,47 +145,269 @@ def ray_init(address: str | None, workers: int) -> str:
     if len(str(tmp)) > 50:  # Ray's socket paths below it must stay under 107 bytes
         tmp = Path(tempfile.gettempdir()) / f"dmx-ray-{os.getuid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    ray.init(num_cpus=max(workers, 1), object_store_memory=512 * 1024 * 1024,
-             _temp_dir=str(tmp), **common)
+    from .reaper import start_reaper
+    start_reaper()
+    ray.init(num_cpus=max(workers or os.cpu_count() or 1, 1),
+             object_store_memory=512 * 1024 * 1024, _temp_dir=str(tmp), **common)
     return "local"
 
 
+class _WorkerActor:
+    """A Ray actor holding one Worker (and its compiled models) for the whole run."""
+
+    def __init__(self, plan: Plan) -> None:
+        import ray
+        self.worker = Worker(plan, node_name(ray.get_runtime_context().get_node_id()))
+
+    def process(self, chunk: Chunk) -> ChunkSummary:
+        """Compute ``chunk`` and write its part file; report a summary."""
+        return self.worker.run_chunk(chunk)
+
+    def compute(self, chunk: Chunk) -> ChunkResult:
+        """Compute without writing (pieces of a split chunk, merged by the driver)."""
+        return self.worker.process_chunk(chunk)
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _probe_node(cells: list[Cell], artifacts: ModelArtifacts) -> tuple[str, dict, dict[str, str]]:
+    import ray
+
+    from results.environment import fingerprint
+    return (node_name(ray.get_runtime_context().get_node_id()), fingerprint(),
+            skip_reasons(cells, artifacts))
+
+
+def _worker_lost_errors() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+    return (rex.RayActorError, rex.WorkerCrashedError, rex.ObjectLostError, rex.NodeDiedError,
+            rex.LocalRayletDiedError)
+
+
 class RayExecutor:
-    """Chunks as tasks on long-lived actors: models are built once per actor, not per task.
-    A killed actor is restarted and its in-flight chunk retried (``max_task_retries``)."""
+    """Chunks as tasks on long-lived actors, one per CPU the cluster offers (``workers`` caps
+    it), spread over the nodes by Ray's SPREAD strategy; models are built once per actor. Ray
+    restarts a crashed actor (``max_restarts``); the driver resubmits its chunk to any live
+    actor, and a chunk that keeps killing workers is split so the one image at fault ends as
+    error rows (quarantine) while the run completes."""
 
     name = "ray"
 
-    def __init__(self, workers: int | None = None, address: str | None = None) -> None:
+    # Ray restarts a dead actor for as long as it takes (a node may come back); the attempt
+    # count per chunk, not the restart count, bounds how often one input may kill a worker.
+    def __init__(self, workers: int | None = None, address: str | None = None,
+                 gpus_per_worker: float | None = None) -> None:
+        self.cap = workers
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.threads = 1
         self.address = address
+        self.gpus_option = gpus_per_worker
+        self.gpus_per_worker = 0.0
         self.where = ""
 
-    def run(self, plan: Plan, chunks: Iterable[Chunk], on_result: OnResult) -> None:
-        self.where = ray_init(self.address, self.workers)  # before importing ray: auth mode
+    def start(self, cuda_devices: int = 0) -> None:
+        """Attach or start Ray and size the pool from the cluster's resources. ``cuda_devices``:
+        how many distinct CUDA devices one worker's cells use (cuda:0 and cuda:1 -> 2)."""
+        self.where = ray_init(self.address, self.cap)
         import ray
-        # Every actor runs every cell of its chunks (the reference output must be at hand), so
-        # when some cells run on CUDA each actor asks for an equal share of one GPU.
-        gpus = 1.0 / self.workers if plan.needs_gpu else 0
-        actor_cls = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3,
-                               max_task_retries=3)(_WorkerActor)
+        res = ray.cluster_resources()
+        by_cpu = max(1, int(res.get("CPU", 1)))
+        n = min(self.cap, by_cpu) if self.cap else by_cpu
+        if cuda_devices and res.get("GPU", 0):
+            # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gives an actor, so cuda:N is the
+            # actor's N-th GPU: it must get at least N+1 whole ones (a fraction only for cuda:0).
+            per = self.gpus_option or 1.0
+            self.gpus_per_worker = float(max(per, cuda_devices)) if cuda_devices > 1 else per
+            fit = sum(min(int(r.get("CPU", 0)), int(r.get("GPU", 0) / self.gpus_per_worker + 1e-9))
+                      for r in (nd["Resources"] for nd in ray.nodes() if nd.get("Alive")))
+            n = max(1, min(n, fit))
+        self.workers = n
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        import ray
+        need = {"CPU": 1.0, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+        return [n for n in ray.nodes() if n.get("Alive")
+                and all(n["Resources"].get(k, 0) >= v for k, v in need.items())]
+
+    def probe(self, cells: list[Cell], artifacts: ModelArtifacts
+              ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """Ask every node the workers may land on which cells it cannot run (with the GPUs an
+        actor would get). A cell is skipped when some node cannot run it, so every row of a
+        cell comes from machines able to run it; the reason names the node when nodes differ."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        probe = ray.remote(_probe_node)
+        refs = [probe.options(num_cpus=0, num_gpus=self.gpus_per_worker, max_retries=1,
+                              scheduling_strategy=NodeAffinitySchedulingStrategy(
+                                  n["NodeID"], soft=False)).remote(cells, artifacts)
+                for n in self._nodes()]
+        answers = ray.get(refs)
+        envs = {name: env for name, env, _ in answers}
+        skipped: dict[str, str] = {}
+        for name, _, reasons in answers:
+            for cid, reason in reasons.items():
+                everywhere = all(r.get(cid) == reason for _, _, r in answers)
+                skipped.setdefault(cid, reason if everywhere else f"on node {name}: {reason}")
+        return skipped, envs
+
+    def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
+        import ray
+        actor_cls = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=-1,
+                               max_task_retries=0, scheduling_strategy="SPREAD")(_WorkerActor)
         # The plan is passed by value (it is small): an actor restarted after a crash must not
         # depend on an object-store reference that may be gone.
-        actors = [actor_cls.remote(plan) for _ in range(self.workers)]
-        queue = list(chunks)
-        pending: dict = {}
-        load = {i: 0 for i in range(len(actors))}
+        scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary)
         try:
-            while queue or pending:
-                for i in sorted(load, key=load.get):
-                    if queue and load[i] < 2:
-                        pending[actors[i].process.remote(queue.pop(0))] = i
-                        load[i] += 1
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                i = pending.pop(ready[0])
-                load[i] -= 1
-                on_result(ray.get(ready[0]))
+            scheduler.run(list(chunks))
         finally:
-            for a in actors:
+            for a in scheduler.actors:
                 ray.kill(a)
+
+
+class _Scheduler:
+    """At most two chunks in flight per actor (one running, one queued behind it). An actor whose
+    task died is pinged; it gets work again once Ray has restarted it and the ping returns."""
+
+    def __init__(self, plan: Plan, new_actor: Callable[[], Any], workers: int,
+                 on_summary: OnSummary) -> None:
+        self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
+        self.actors = [new_actor() for _ in range(workers)]
+        self.replacements = workers * MAX_ATTEMPTS
+        self.lost = _worker_lost_errors()
+        self.queue: deque[tuple[Chunk, int, bool]] = deque()   # chunk, attempt, is a piece
+        self.pending: dict[Any, tuple[int, Chunk, int, bool]] = {}
+        self.pings: dict[Any, int] = {}
+        self.healthy = set(range(workers))
+        self.load = {i: 0 for i in range(workers)}
+        self.pieces: dict[int, dict[str, ChunkResult]] = {}   # split chunk -> image id -> result
+        self.parents: dict[int, Chunk] = {}
+
+    def run(self, chunks: list[Chunk]) -> None:
+        import ray
+        self.queue.extend((c, 0, False) for c in chunks)
+        while self.queue or self.pending:
+            self._submit()
+            waiting = list(self.pending) + list(self.pings)
+            if not self.pending and not self.pings:
+                raise ExecutorError("every Ray worker is gone and none could be restarted; finished "
+                                    "chunks are saved: run the same command with --resume")
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=10)
+            if not ready:
+                if not self.pending and not self._any_node_can_host():
+                    raise ExecutorError(
+                        "no node of the Ray cluster can run a worker any more (a Ray process died "
+                        "or the nodes were removed); finished chunks are saved: run the same "
+                        "command with --resume")
+                continue
+            ref = ready[0]
+            if ref in self.pings:
+                self._pinged(ref)
+                continue
+            i, chunk, attempt, piece = self.pending.pop(ref)
+            self.load[i] -= 1
+            try:
+                result = ray.get(ref)
+            except self.lost as e:
+                self._lost(i, chunk, attempt, piece, e)
+                continue
+            if piece:
+                self._piece_done(chunk, result)
+            else:
+                self.on_summary(result)
+
+    def _any_node_can_host(self) -> bool:
+        import ray
+        try:
+            return any(n.get("Alive") and n["Resources"].get("CPU", 0) >= 1 for n in ray.nodes())
+        except Exception:  # noqa: BLE001 - the GCS itself is gone: nothing can host a worker
+            return False
+
+    def _pinged(self, ref) -> None:
+        """A worker that lost a task answers once Ray has restarted it; one that is dead for
+        good (restarts exhausted, or killed) is replaced by a new actor, a bounded number of
+        times."""
+        import ray
+        import ray.exceptions as rex
+        i = self.pings.pop(ref)
+        try:
+            ray.get(ref)
+            self.healthy.add(i)
+        except rex.ActorUnavailableError:      # restarting: ask again shortly
+            time.sleep(0.2)
+            self.pings[self.actors[i].ping.remote()] = i
+        except self.lost:
+            if self.replacements > 0:
+                self.replacements -= 1
+                self.actors[i] = self.new_actor()
+                self.pings[self.actors[i].ping.remote()] = i
+
+    def _submit(self) -> None:
+        for i in sorted(self.healthy, key=self.load.get):
+            while self.queue and self.load[i] < 2:
+                chunk, attempt, piece = self.queue.popleft()
+                actor = self.actors[i]
+                ref = (actor.compute if piece else actor.process).remote(chunk)
+                self.pending[ref] = (i, chunk, attempt, piece)
+                self.load[i] += 1
+
+    def _lost(self, i: int, chunk: Chunk, attempt: int, piece: bool, error: BaseException) -> None:
+        import sys
+        print(f"dmx: a worker died on chunk {chunk.index} ({type(error).__name__}); "
+              "its chunk is retried", file=sys.stderr)
+        if i in self.healthy:
+            self.healthy.discard(i)
+            self.pings[self.actors[i].ping.remote()] = i
+        attempt += 1
+        if attempt < MAX_ATTEMPTS - 1 or (piece and attempt < MAX_ATTEMPTS):
+            self.queue.append((chunk, attempt, piece))
+        elif not piece and len(chunk.images) > 1:
+            # Kills its worker again and again: run its images one by one to find the culprit.
+            self.parents[chunk.index] = chunk
+            self.pieces[chunk.index] = {}
+            self.queue.extend((Chunk(chunk.index, (img,)), 0, True) for img in chunk.images)
+        else:
+            message = (f"the worker processing this image died {attempt} times "
+                       f"({type(error).__name__}); image quarantined")
+            res = error_result(self.plan, chunk, "worker-crash", message)
+            if piece:
+                self._piece_done(chunk, res)
+            else:
+                self.on_summary(_write(self.plan, res))
+
+    def _piece_done(self, piece: Chunk, result: ChunkResult) -> None:
+        parts = self.pieces[piece.index]
+        parts[piece.images[0].image_id] = result
+        parent = self.parents[piece.index]
+        if len(parts) == len(parent.images):
+            import pyarrow as pa
+            ordered = [parts[img.image_id] for img in parent.images]
+            merged = ChunkResult(parent.index, pa.concat_tables([r.rows for r in ordered]),
+                                 pa.concat_tables([r.images for r in ordered]),
+                                 _sum_counters(r.counters for r in ordered),
+                                 {k: v for r in ordered for k, v in r.backends.items()})
+            del self.pieces[piece.index], self.parents[piece.index]
+            self.on_summary(_write(self.plan, merged))
+
+
+def _sum_counters(counters: Iterable[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in counters:
+        for k, v in c.items():
+            out[k] = max(out.get(k, 0), v) if k.endswith("_max_abs") else out.get(k, 0) + v
+    return out
+
+
+def _write(plan: Plan, res: ChunkResult) -> ChunkSummary:
+    """The driver writes a chunk only when it was split or quarantined (rare)."""
+    import pyarrow.compute as pc
+
+    from results import RunDir
+    run = RunDir(plan.out)
+    run.write_chunk(res.chunk, res.rows, res.images)
+    errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
+    return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
+                        (str(run.part_path(res.chunk)),), res.counters, res.backends, "driver")

@@ -31,6 +31,7 @@ class Plan:
     threads: int = 1
     batch: int = 8
     reuse_check_every: int = 8          # recompute one batch per infer setting every N chunks
+    out: str = ""                       # the run directory workers write their part files to
 
     @property
     def reference(self) -> Cell:
@@ -48,9 +49,16 @@ def make_chunks(images: list[ImageRef], size: int) -> list[Chunk]:
     return [Chunk(i // size, tuple(images[i: i + size])) for i in range(0, len(images), size)]
 
 
-def default_chunk_size(n_images: int, n_prep_variants: int, workers: int) -> int:
+CHUNK_BYTES = 256 * 1024 * 1024  # what one chunk's preprocessed inputs may hold in a worker
+
+
+def default_chunk_size(n_images: int, n_prep_variants: int, workers: int,
+                       input_hw: tuple[int, int] = (224, 224)) -> int:
     """Big enough to batch inference, small enough to spread over workers and bound memory:
-    about 4 chunks per worker, at most ~256 preprocessed inputs (150 MB at 224 px) per chunk."""
-    by_memory = max(1, 256 // max(1, n_prep_variants))
+    about 4 chunks per worker, and at most ``CHUNK_BYTES`` of preprocessed inputs per chunk
+    (each kept as 0-255 pixels and as the normalised tensor, float32: 24 bytes per pixel).
+    Full-resolution decodes do not count: a worker holds one at a time (see ``Worker``)."""
+    per_image = 24 * input_hw[0] * input_hw[1] * max(1, n_prep_variants)
+    by_memory = max(1, CHUNK_BYTES // per_image)
     by_spread = max(1, -(-n_images // (4 * max(1, workers))))
     return max(1, min(64, by_memory, max(by_spread, 4)))

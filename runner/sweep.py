@@ -13,23 +13,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from matrix import Cell, Spec, expand, reference_cell
 from matrix.axes import DECODE, INFER, PREPROCESS
 from results import RunDir, RunDirError, cell_schema, write_parquet_atomic
 from results.environment import fingerprint
 
-from .backends import BACKENDS, InferSetting
+from .backends import InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, list_images
-from .decoders import (DecodeError, decode_options, ensure_decoder_envs, get_decoder,
-                       unavailable_reason)
+from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
 from .executors import LocalExecutor, RayExecutor
 from .plan import Plan, default_chunk_size, make_chunks
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
-from .worker import ChunkResult
+from .worker import ChunkSummary
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,7 @@ class RunOptions:
     batch: int = 8
     resume: bool = False
     progress: bool = True
+    gpus_per_worker: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,10 +64,11 @@ def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
     return cells, reference_cell(spec, cells)
 
 
-def _static_skip_reason(cell: Cell) -> str | None:
-    """Reasons known before any model file exists: a decoder (or a decode option it lacks)
-    that cannot run here."""
-    return unavailable_reason(dict(cell.factors))
+def _cuda_devices(cells: list[Cell]) -> int:
+    """How many CUDA devices one worker needs: 1 + the highest N of the cells' cuda:N."""
+    ids = [int(d.partition(":")[2] or 0) for c in cells
+           if str(d := c.get("device", "cpu") or "cpu").startswith("cuda")]
+    return max(ids) + 1 if ids else 0
 
 
 def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
@@ -121,12 +121,12 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
-    executor = (RayExecutor(opts.workers, opts.address) if opts.executor == "ray"
-                else LocalExecutor(opts.workers))
-    skipped = {c.cell_id: r for c in cells if (r := _static_skip_reason(c))}
-    if ref.cell_id in skipped:
-        raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
-    settings = {InferSetting.from_factors(dict(c.factors)) for c in cells if c.cell_id not in skipped}
+    executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker)
+                if opts.executor == "ray" else LocalExecutor(opts.workers))
+    executor.start(_cuda_devices(cells))
+    # Every setting is converted here (conversions are device-independent and cached); which
+    # cells can run is asked where they will run: each node (Ray) or this process (local).
+    settings = {InferSetting.from_factors(dict(c.factors)) for c in cells}
     t_conv = time.perf_counter()
     artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model),
                                   threads=executor.threads)
@@ -135,12 +135,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     if made and opts.progress:
         print(f"dmx: converted the model once ({', '.join(made)}) in "
               f"{time.perf_counter() - t_conv:.1f} s; cached for later runs", file=sys.stderr)
-    for c in cells:
-        if c.cell_id not in skipped:
-            setting = InferSetting.from_factors(dict(c.factors))
-            reason = BACKENDS[setting.backend].unsupported(artifacts, setting)
-            if reason:
-                skipped[c.cell_id] = reason
+    skipped, nodes = executor.probe(cells, artifacts)
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
 
@@ -149,11 +144,12 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     n_pre = len({c.key(PREPROCESS) for c in active})
     n_inf = len({c.key(INFER) for c in active})
     chunk_size = (opts.chunk_size or (old or {}).get("chunk_size")  # resume keeps its chunks
-                  or default_chunk_size(len(images), n_pre, executor.workers))
+                  or default_chunk_size(len(images), n_pre, executor.workers,
+                                        (model.preprocess.crop, model.preprocess.crop)))
     run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
     plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
                 skipped=skipped, model=model, artifacts=artifacts, threads=executor.threads,
-                batch=opts.batch)
+                batch=opts.batch, out=str(run.root))
     chunks = make_chunks(images, chunk_size)
     if old and old.get("chunk_size") != chunk_size:
         raise RunDirError(f"{run.root} was run with --chunk-size {old.get('chunk_size')}; "
@@ -172,7 +168,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
         "images": len(images), "chunk_size": chunk_size, "chunks": len(chunks),
-        "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads},
+        "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
+                     "gpus_per_worker": executor.gpus_per_worker},
         "batch": opts.batch,
         "plan": {"decode_variants": n_dec, "preprocess_variants": n_pre, "infer_settings": n_inf},
         # The least work the spec needs: every image decoded once per decode variant and
@@ -182,7 +179,9 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "minimum": {"decodes": len(images) * n_dec, "resizes": len(images) * n_pre,
                     "inferences_without_reuse": len(images) * n_pre * n_inf,
                     "model_builds": executor.workers * n_inf},
-        "environment": fingerprint(),
+        "environment": fingerprint(),   # the driver's; the workers' are under "nodes"
+        # every machine that computed rows (the ``node`` column), kept across resumes
+        "nodes": {**(old.get("nodes", {}) if old else {}), **nodes},
         "counters": old.get("counters", {}) if old else {},
         "backends": old.get("backends", {}) if old else {},
     }
@@ -195,21 +194,23 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     counters: Counter[str] = Counter(manifest["counters"])
     totals = {"rows": 0, "errors": 0}
 
-    def on_result(res: ChunkResult) -> None:
-        run.write_chunk(res.chunk, res.rows, res.images)
+    def on_summary(res: ChunkSummary) -> None:
         counters.update(res.counters)
         for k, v in res.backends.items():
             manifest["backends"].setdefault(k, v)
-        errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
-        totals["rows"] += res.rows.num_rows
-        totals["errors"] += errors
-        progress.update(len(res.rows) // max(1, len(cells)), errors)
+        if res.environment is not None:
+            manifest["nodes"].setdefault(res.node, res.environment)
+        peak = manifest.setdefault("peak_worker_rss_mb", {})
+        peak[res.node] = round(max(peak.get(res.node, 0.0), res.peak_rss_mb), 1)
+        totals["rows"] += res.rows
+        totals["errors"] += res.errors
+        progress.update(res.images, res.errors)
 
     if todo:
         progress.note(f"sweeping {len(cells)} cells ({len(skipped)} skipped) x {len(images)} images "
                       f"in {len(todo)} chunks of {chunk_size} on {executor.name} "
                       f"({executor.workers} worker{'s' if executor.workers > 1 else ''})")
-    executor.run(plan, todo, on_result)
+    executor.run(plan, todo, on_summary)
     n_images = run.merge_images()
     wall = time.perf_counter() - t0
     manifest.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),

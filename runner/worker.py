@@ -9,6 +9,8 @@ raw outputs are decoded and NMS'd here too, by the one numpy implementation in `
 from __future__ import annotations
 
 import hashlib
+import platform
+import resource
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,9 +18,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from matrix import Cell
 from matrix.axes import AXES, DECODE, INFER, PREPROCESS
+from results import RunDir
+from results.environment import fingerprint
 from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 
 from . import metrics
@@ -40,9 +45,15 @@ class _Failure:
 
 @dataclass
 class _Decoded:
-    pixels: np.ndarray          # (H, W, 3) uint8, RGB (BGR for color=bgr)
+    pixels: np.ndarray | None   # (H, W, 3) uint8, RGB (BGR for color=bgr); None once preprocessed
     ms: float
     note: str | None            # what the decoder converted (e.g. "CMYK->RGB (Pillow convert)")
+    shape: tuple[int, ...] = ()
+
+    def without_pixels(self) -> "_Decoded":
+        """What the rows need after preprocessing: shape, time, note (not the pixels)."""
+        return _Decoded(None, self.ms, self.note, self.pixels.shape if self.pixels is not None
+                        else self.shape)
 
 
 @dataclass
@@ -63,6 +74,23 @@ class ChunkResult:
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+@dataclass
+class ChunkSummary:
+    """What a worker reports for a chunk it computed and wrote itself: small, whatever the
+    chunk's size (the rows stay in the part file)."""
+
+    chunk: int
+    rows: int
+    errors: int
+    images: int
+    files: tuple[str, ...]
+    counters: dict[str, float]
+    backends: dict[str, dict[str, Any]]
+    node: str
+    environment: dict[str, Any] | None = None   # the node's fingerprint, on a worker's first chunk
+    peak_rss_mb: float = 0.0                     # the worker process's peak resident memory so far
+
+
 def _setting_key(setting: InferSetting) -> str:
     return ",".join(f"{k}={v}" for k, v in setting.__dict__.items() if v is not None)
 
@@ -70,9 +98,11 @@ def _setting_key(setting: InferSetting) -> str:
 class Worker:
     """Holds built backends for the life of the process (a Ray actor or the local executor)."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, node: str | None = None) -> None:
         keep_freed_memory()
         self.plan = plan
+        self.node = node or platform.node()
+        self._environment_sent = False
         self.runners: dict[InferSetting, BackendRunner | _Failure] = {}
         self.decoder_versions: dict[str, dict[str, str | None]] = {}
         self.counters: Counter[str] = Counter()
@@ -89,6 +119,20 @@ class Worker:
                 self.runners[setting] = _Failure("model-build", f"{type(e).__name__}: {e}")
         return self.runners[setting]
 
+    def run_chunk(self, chunk: Chunk) -> ChunkSummary:
+        """Compute ``chunk`` and write its part files (atomically) into the run directory."""
+        res = self.process_chunk(chunk)
+        run = RunDir(self.plan.out)
+        run.write_chunk(res.chunk, res.rows, res.images)
+        env = None
+        if not self._environment_sent:
+            env, self._environment_sent = fingerprint(), True
+        errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
+        return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
+                            (str(run.part_path(res.chunk)),), res.counters, res.backends,
+                            self.node, env,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
     def process_chunk(self, chunk: Chunk) -> ChunkResult:
         plan = self.plan
         before = Counter(self.counters)
@@ -96,31 +140,31 @@ class Worker:
         ref = plan.reference
         n = len(chunk.images)
 
-        raw: list[bytes | _Failure] = []
+        # Image by image: each decode feeds its preprocessing variants at once and is then
+        # dropped (only its shape stays), so a worker holds one full-resolution decode at a
+        # time, not the whole chunk's (64 twelve-megapixel photos x 4 variants were ~9 GB).
+        dkeys = _unique(c.key(DECODE) for c in cells)
+        pkeys = _unique(c.key(PREPROCESS) for c in cells)
+        pkeys_of = {d: [k for k in pkeys if _decode_part(k) == d] for d in dkeys}
+        decoded: dict[tuple, list[_Decoded | _Failure]] = {k: [] for k in dkeys}
+        prepped: dict[tuple, list[_Prepped | _Failure]] = {k: [] for k in pkeys}
         image_rows = []
         for img in chunk.images:
-            try:
-                with open(img.path, "rb") as f:
-                    raw.append(f.read())
-            except OSError as e:
-                raw.append(_Failure("read", f"{type(e).__name__}: {e.strerror or e}"))
+            data = self._read(img)
             # from the bytes already read: the file is read once per chunk, not twice
-            info = image_info_from_bytes(raw[-1]) if not isinstance(raw[-1], _Failure) else {}
+            info = image_info_from_bytes(data) if not isinstance(data, _Failure) else {}
             image_rows.append({"image_id": img.image_id, "path": img.path,
                                **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
-            if isinstance(raw[-1], _Failure):
-                image_rows[-1]["error"] = raw[-1].message
-
-        decoded: dict[tuple, list[_Decoded | _Failure]] = {}
-        for key in _unique(c.key(DECODE) for c in cells):
-            decoded[key] = [self._decode(data, dict(key)) for data in raw]
-
-        prepped: dict[tuple, list[_Prepped | _Failure]] = {}
-        for key in _unique(c.key(PREPROCESS) for c in cells):
-            dkey = tuple((a, v) for a, v in key if AXES[a].stage == DECODE)
-            resize = dict(key).get("resize") or "pil-bilinear"
-            fit = dict(key).get("fit")
-            prepped[key] = [self._preprocess(d, resize, fit) for d in decoded[dkey]]
+            if isinstance(data, _Failure):
+                image_rows[-1]["error"] = data.message
+            for dkey in dkeys:
+                d = self._decode(data, dict(dkey))
+                for pkey in pkeys_of[dkey]:
+                    resize = dict(pkey).get("resize") or "pil-bilinear"
+                    prepped[pkey].append(self._preprocess(d, resize, dict(pkey).get("fit")))
+                decoded[dkey].append(d.without_pixels() if isinstance(d, _Decoded) else d)
+                del d
+            del data
 
         outputs: dict[tuple, dict[bytes, tuple[np.ndarray, float] | _Failure]] = {}
         infos: dict[str, dict[str, Any]] = {}
@@ -143,6 +187,14 @@ class Worker:
         return ChunkResult(chunk.index, rows,
                            pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), counters, infos)
 
+    @staticmethod
+    def _read(img) -> bytes | _Failure:
+        try:
+            with open(img.path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            return _Failure("read", f"{type(e).__name__}: {e.strerror or e}")
+
     def _decode(self, data: bytes | _Failure,
                 factors: dict) -> _Decoded | _Failure:
         if isinstance(data, _Failure):
@@ -161,7 +213,7 @@ class Worker:
         self.counters["decodes"] += 1
         if dec.last_note and "warning:" in dec.last_note:
             self.counters["decode_warnings"] += 1
-        return _Decoded(img, (time.perf_counter() - t) * 1e3, dec.last_note)
+        return _Decoded(img, (time.perf_counter() - t) * 1e3, dec.last_note, img.shape)
 
     def _preprocess(self, d: _Decoded | _Failure, resize: str, fit: str | None) -> _Prepped | _Failure:
         if isinstance(d, _Failure):
@@ -243,7 +295,7 @@ class Worker:
                 row: dict[str, Any] = {"run_id": plan.run_id, "cell_id": cell.cell_id,
                                        "image_id": img.image_id, **dict(cell.factors),
                                        "is_reference": cell.cell_id == plan.reference_id,
-                                       "precision_effective": eff}
+                                       "precision_effective": eff, "node": self.node}
                 if skip:
                     row.update(status="skipped", error=skip)
                     out_rows.append(row)
@@ -253,7 +305,7 @@ class Worker:
                 o = outputs[cell.key(INFER)].get(p.digest) if isinstance(p, _Prepped) else p
                 failure = next((x for x in (d, p, o) if isinstance(x, _Failure)), None)
                 if not isinstance(d, _Failure):
-                    row.update(decoded_h=d.pixels.shape[0], decoded_w=d.pixels.shape[1],
+                    row.update(decoded_h=d.shape[0], decoded_w=d.shape[1],
                                decode_ms=d.ms, decode_note=d.note)
                     v = self.decoder_versions.get(cell.get("decoder", "pil")) or {}
                     row.update(decoder_version=f"{v.get('library')} {v.get('version')}" if v else None,
@@ -279,7 +331,7 @@ class Worker:
                                                               "image: no divergence measured")
                     out_rows.append(row)
                     continue
-                row["shape_match"] = rd.pixels.shape == d.pixels.shape
+                row["shape_match"] = rd.shape == d.shape
                 ikey = (cell.key(PREPROCESS), i)
                 if ikey not in input_metrics:
                     input_metrics[ikey] = (metrics.IDENTICAL_INPUT if p.digest == rp.digest
@@ -320,6 +372,24 @@ class Worker:
         return cache[key]
 
 
+def error_result(plan: Plan, chunk: Chunk, stage: str, message: str,
+                 node: str | None = None) -> ChunkResult:
+    """Error rows for every (cell, image) of ``chunk`` (skipped cells stay skipped): what a
+    chunk whose images kill their worker every time becomes, so the run can complete."""
+    rows = []
+    for cell in plan.cells:
+        skip = plan.skipped.get(cell.cell_id)
+        for img in chunk.images:
+            rows.append({"run_id": plan.run_id, "cell_id": cell.cell_id, "image_id": img.image_id,
+                         **dict(cell.factors), "is_reference": cell.cell_id == plan.reference_id,
+                         "node": node, **({"status": "skipped", "error": skip} if skip else
+                                          {"status": "error", "error_stage": stage,
+                                           "error": message})})
+    images = [{"image_id": img.image_id, "path": img.path, "error": message} for img in chunk.images]
+    return ChunkResult(chunk.index, pa.Table.from_pylist(rows, schema=row_schema(plan.axes)),
+                       pa.Table.from_pylist(images, schema=IMAGE_SCHEMA), {"images": len(chunk.images)})
+
+
 def _flat(outputs: tuple[np.ndarray, ...]) -> np.ndarray:
     """A detector's outputs as one vector: the raw head that ``out_*`` compares elementwise."""
     return np.concatenate([np.asarray(o, np.float32).ravel() for o in outputs])
@@ -344,6 +414,10 @@ def _detection_metrics(mine: tuple[Candidates, Detections], theirs: tuple[Candid
                                             match_iou=cfg.match_iou, same_iou=cfg.same_iou,
                                             same_score=cfg.same_score))
     return out
+
+
+def _decode_part(pkey: tuple) -> tuple:
+    return tuple((a, v) for a, v in pkey if AXES[a].stage == DECODE)
 
 
 def _unique(keys):

@@ -161,3 +161,106 @@ def test_run_attaches_to_an_existing_ray_cluster(photo_dir: Path, tmp_path: Path
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+CRASHY = '''
+import os
+import torch
+
+
+class Crashy(torch.nn.Module):
+    """A user model whose custom code kills its process on an all-white input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 10)
+
+    def forward(self, x):
+        if any(float(s.min()) > 2.0 for s in x):
+            os._exit(3)
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def build():
+    return Crashy()
+'''
+
+
+def test_an_image_that_kills_its_worker_every_time_becomes_error_rows_and_the_run_completes(
+        photo_dir: Path, tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, p in enumerate(sorted(photo_dir.glob("*.jpg")) * 2):
+        shutil.copy(p, images / f"{i:02d}.jpg")
+    from PIL import Image
+    Image.new("RGB", (64, 48), (255, 255, 255)).save(images / "white.jpg")
+    (tmp_path / "crashy.py").write_text(CRASHY)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"name: q\ndataset: {{path: {images}}}\n"
+                    "model: {torch: 'crashy:build', input: {size: 32}}\n"
+                    "axes: {decoder: [pil, opencv], backend: [torch]}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "dmx", "run", str(spec), "--out", str(tmp_path / "run"),
+                        "--workers", "2", "--chunk-size", "3", "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = duckdb.connect().execute(
+        f"SELECT image_id, status, error_stage FROM read_parquet('{tmp_path}/run/rows/*/*.parquet')"
+    ).fetchall()
+    assert len(got) == 2 * 9
+    assert {(i, s, e) for i, s, e in got if i == "white.jpg"} == {("white.jpg", "error", "worker-crash")}
+    assert all(s == "ok" for i, s, _ in got if i != "white.jpg")
+
+
+def _descendants(pid: int) -> dict[int, bytes]:
+    """pid -> start time of every process below ``pid``."""
+    kids: dict[int, list[tuple[int, bytes]]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                s = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            f = s[s.rindex(b")") + 2:].split()
+            kids.setdefault(int(f[1]), []).append((int(name), f[19]))
+    out, todo = {}, [pid]
+    while todo:
+        for p, start in kids.get(todo.pop(), ()):
+            out[p] = start
+            todo.append(p)
+    return out
+
+
+def _alive(procs: dict[int, bytes]) -> list[str]:
+    left = []
+    for p, start in procs.items():
+        try:
+            s = Path(f"/proc/{p}/stat").read_bytes()
+        except OSError:
+            continue
+        if s[s.rindex(b")") + 2:].split()[19] == start and b") Z" not in s:
+            left.append(Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:80].decode())
+    return left
+
+
+def test_driver_killed_with_sigkill_leaves_no_ray_process_behind_and_resume_completes(
+        many_photos: Path, tmp_path: Path):
+    spec = write_spec(tmp_path, many_photos)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out), "--workers", "2",
+           "--chunk-size", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(out.glob("rows/chunk=*/*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    ray_procs = _descendants(proc.pid)
+    assert any(b"raylet" in Path(f"/proc/{p}/cmdline").read_bytes() for p in ray_procs
+               if Path(f"/proc/{p}").exists())
+    proc.kill()
+    proc.wait()
+    time.sleep(8)                                        # "a few seconds"
+    assert _alive(ray_procs) == []
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = pairs(out)
+    assert len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
