@@ -29,6 +29,7 @@ from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detec
 from .imageinfo import image_info_from_bytes
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
+from .sources import read_image
 from .preprocess import Placement, PreprocessError, model_input, normalise
 
 
@@ -100,8 +101,7 @@ class Worker:
         image_rows = []
         for img in chunk.images:
             try:
-                with open(img.path, "rb") as f:
-                    raw.append(f.read())
+                raw.append(read_image(img))  # local file, object or shard member
             except OSError as e:
                 raw.append(_Failure("read", f"{type(e).__name__}: {e.strerror or e}"))
             # from the bytes already read: the file is read once per chunk, not twice

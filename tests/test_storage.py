@@ -1,0 +1,116 @@
+"""The run directory as storage: resume by image ids, compaction, damaged runs verified on read."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+
+from matrix import parse_spec
+from results import RunDirError
+from runner.sweep import RunOptions, run_spec
+
+AXES = {"decoder": ["pil", "opencv"], "backend": ["torch"]}
+CELLS = 2
+
+
+def spec_for(images: Path, name: str = "storage"):
+    return parse_spec({"name": name, "dataset": {"path": str(images)}, "model": "tiny", "axes": AXES})
+
+
+def _opts(out: Path, **kw) -> RunOptions:
+    kw.setdefault("compact", False)
+    try:
+        return RunOptions(out=str(out), executor="local", progress=False, **kw)
+    except TypeError:  # dmx before compaction: every run is a set of part files
+        kw.pop("compact")
+        return RunOptions(out=str(out), executor="local", progress=False, **kw)
+
+
+def all_rows(run: Path) -> list[tuple[str, str]]:
+    """(cell, image) of every row in every Parquet file under rows/ (what a reader would see)."""
+    files = sorted(str(p) for p in (run / "rows").rglob("*.parquet"))
+    return duckdb.connect().execute(
+        f"SELECT cell_id, image_id FROM read_parquet({files!r}, hive_partitioning=false)").fetchall()
+
+
+def part_files_holding(run: Path, image_ids: set[str]) -> list[Path]:
+    return [p for p in (run / "rows").glob("chunk=*/part-0.parquet")
+            if image_ids & set(pq.read_table(p, columns=["image_id"])["image_id"].to_pylist())]
+
+
+@pytest.fixture
+def images(photo_dir: Path, tmp_path: Path) -> Path:
+    """Eight real JPEGs named img0..img7 (copies of the photo fixtures)."""
+    d = tmp_path / "images"
+    d.mkdir()
+    good = sorted(photo_dir.glob("*.jpg"))
+    for i in range(8):
+        shutil.copy(good[i % len(good)], d / f"img{i}.jpg")
+    return d
+
+
+def interrupted_run(images: Path, out: Path, lose: set[str]) -> None:
+    """A run whose chunks holding the images ``lose`` were never written (as after kill -9)."""
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    for p in part_files_holding(out, lose):
+        shutil.rmtree(p.parent)
+
+
+# ------------------------------------------------------------------ resume by image ids
+
+def test_resume_after_images_were_added_and_removed_computes_exactly_the_missing_pairs(
+        images: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    interrupted_run(images, out, lose={"img2.jpg", "img7.jpg"})   # chunks 2 and 4 of 4
+    shutil.copy(images / "img0.jpg", images / "img00.jpg")       # sorts among the first chunk's
+    shutil.copy(images / "img0.jpg", images / "img9.jpg")        # sorts last
+    (images / "img6.jpg").unlink()                               # its chunk was never written
+    run_spec(spec_for(images), _opts(out, resume=True))
+    rows = all_rows(out)
+    expected = {f"img{i}.jpg" for i in (0, 1, 2, 3, 4, 5, 7, 9)} | {"img00.jpg"}
+    assert len(rows) == len(set(rows)), "a (cell, image) pair was written twice"
+    assert {i for _, i in rows} == expected
+    assert len(rows) == CELLS * len(expected)
+
+
+def test_resume_refuses_when_an_image_with_written_rows_is_gone(images: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    interrupted_run(images, out, lose={"img7.jpg"})
+    (images / "img0.jpg").unlink()                               # its rows are written
+    with pytest.raises(RunDirError, match="img0.jpg"):
+        run_spec(spec_for(images), _opts(out, resume=True))
+
+
+def test_resume_refuses_when_an_image_with_written_rows_changed(images: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    interrupted_run(images, out, lose={"img7.jpg"})
+    (images / "img1.jpg").write_bytes((images / "img1.jpg").read_bytes() + b"\0" * 10)
+    with pytest.raises(RunDirError, match="img1.jpg"):
+        run_spec(spec_for(images), _opts(out, resume=True))
+
+
+def test_manifest_records_the_image_list_with_sizes_and_a_digest(images: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=3))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dataset"]["images"] == 8 and len(m["dataset"]["digest"]) == 64
+    listed = pq.read_table(out / "chunks.parquet").to_pylist()
+    assert {r["image_id"]: r["size_bytes"] for r in listed} == {
+        p.name: p.stat().st_size for p in images.iterdir()}
+    assert len({r["chunk"] for r in listed}) == 3
+
+
+def test_chunk_names_follow_image_ids_not_positions(images: Path, tmp_path: Path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_spec(spec_for(images), _opts(a, chunk_size=2))
+    (images / "img0.jpg").unlink()                              # the first chunk goes:
+    (images / "img1.jpg").unlink()                              # every position moves up
+    run_spec(spec_for(images), _opts(b, chunk_size=2))
+    first = {p.parent.name for p in part_files_holding(a, {"img7.jpg"})}
+    assert first and first == {p.parent.name for p in part_files_holding(b, {"img7.jpg"})}
