@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. -o backend=torch,openvino -o dataset.limit=10")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    p.add_argument("--no-compact", action="store_true",
+                   help="keep one part file per chunk (default: merge them into few files sorted "
+                        "by cell when the run ends; see `dmx compact`)")
     _add_run_options(p)
 
     p = sub.add_parser("plan", help="print the expanded cells and the reference")
@@ -106,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--fail-if-moved", action="store_true", help="exit 1 when any cell moved")
 
+    p = sub.add_parser("compact", help="merge a run's part files into few large Parquet files "
+                                       "sorted by cell (fast to query; safe to interrupt)")
+    p.add_argument("run_dir", help="run directory (local folder, s3:// or gs://)")
+
     _add_envs_parser(sub)
     sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
     return ap
@@ -137,7 +144,8 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
                     spec_path: str) -> int:
     from runner.sweep import RunOptions, run_spec
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
-                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet)
+                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
+                      compact=not getattr(a, "no_compact", False))
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:
@@ -352,6 +360,16 @@ def cmd_envs(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(a: argparse.Namespace) -> int:
+    import time
+    from results.compact import compact_run
+    t = time.perf_counter()
+    c = compact_run(a.run_dir)
+    print(f"dmx: {a.run_dir}: {c.files_before} file(s) -> {c.files_after} ({c.rows} rows of "
+          f"{c.chunks} chunks, sorted by cell) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from results.schema import columns_markdown
     print(columns_markdown())
@@ -360,7 +378,7 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd_sql,
             "demo": cmd_demo, "report": cmd_report, "check": cmd_check, "diff": cmd_diff,
-            "envs": cmd_envs, "schema": cmd_schema}
+            "envs": cmd_envs, "schema": cmd_schema, "compact": cmd_compact}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -114,3 +114,82 @@ def test_chunk_names_follow_image_ids_not_positions(images: Path, tmp_path: Path
     run_spec(spec_for(images), _opts(b, chunk_size=2))
     first = {p.parent.name for p in part_files_holding(a, {"img7.jpg"})}
     assert first and first == {p.parent.name for p in part_files_holding(b, {"img7.jpg"})}
+
+
+# ------------------------------------------------------------------ compaction
+
+def _pairs_with_values(run: Path) -> list[tuple]:
+    from analysis.db import open_run
+    return sorted(open_run(run).execute(
+        "SELECT cell_id, image_id, status, out_max_abs FROM rows").fetchall())
+
+
+def test_a_run_ends_compacted_into_files_sorted_by_cell_with_the_same_rows(images: Path,
+                                                                            tmp_path: Path):
+    parts, compacted = tmp_path / "parts", tmp_path / "compacted"
+    run_spec(spec_for(images), _opts(parts, chunk_size=2))
+    run_spec(spec_for(images), RunOptions(out=str(compacted), executor="local", chunk_size=2,
+                                          progress=False))
+    files = list((compacted / "rows").rglob("*.parquet"))
+    assert len(list((parts / "rows").rglob("*.parquet"))) == 4 and len(files) == 1
+    cells = pq.read_table(files[0], columns=["cell_id"])["cell_id"].to_pylist()
+    assert cells == sorted(cells)                     # row groups can be skipped by cell_id
+    assert _pairs_with_values(compacted) == _pairs_with_values(parts)
+
+
+def test_dmx_compact_merges_an_older_run_and_explain_says_the_same(images: Path, tmp_path: Path):
+    from analysis.explain import explain_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    before = explain_run(out).to_json()
+    r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "4 file(s) -> 1" in r.stderr
+    assert len(list((out / "rows").rglob("*.parquet"))) == 1
+    assert explain_run(out).to_json() == before
+
+
+def test_a_compacted_run_extended_by_resume_has_every_pair_once(images: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run_spec(spec_for(images), RunOptions(out=str(out), executor="local", chunk_size=2,
+                                          progress=False))
+    shutil.copy(images / "img0.jpg", images / "img05.jpg")
+    shutil.copy(images / "img0.jpg", images / "img9.jpg")
+    s = run_spec(spec_for(images), RunOptions(out=str(out), executor="local", resume=True,
+                                              progress=False))
+    assert s.chunks_run == 1 and s.chunks_resumed == 4    # only the two new images computed
+    rows = all_rows(out)
+    assert len(rows) == len(set(rows)) == CELLS * 10
+    assert len(list((out / "rows").rglob("*.parquet"))) == 1
+
+
+def test_a_compaction_killed_before_its_commit_leaves_no_duplicate(images: Path, tmp_path: Path):
+    """The files of a generation that never reached compaction.json are ignored, then removed."""
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    expected = _pairs_with_values(out)
+    orphan = out / "rows" / "chunk=compacted-007-000" / "part-0.parquet"
+    orphan.parent.mkdir()
+    shutil.copy(next((out / "rows").glob("chunk=*/part-0.parquet")), orphan)
+    assert _pairs_with_values(out) == expected
+    from results.compact import compact_run
+    compact_run(out)
+    assert not orphan.exists()
+    assert _pairs_with_values(out) == expected
+
+
+def test_a_compaction_killed_after_its_commit_leaves_no_duplicate(images: Path, tmp_path: Path):
+    """Part files already merged but not yet deleted are not read twice, nor resumed."""
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    saved = tmp_path / "saved"
+    shutil.copytree(out / "rows", saved)
+    expected = _pairs_with_values(out)
+    from results.compact import compact_run
+    compact_run(out)
+    shutil.copytree(saved, out / "rows", dirs_exist_ok=True)  # as if killed before deleting
+    assert _pairs_with_values(out) == expected
+    s = run_spec(spec_for(images), _opts(out, resume=True))
+    assert s.chunks_run == 0
+    assert _pairs_with_values(out) == expected
