@@ -320,15 +320,35 @@ class RunDir:
     def write_compaction(self, state: dict[str, Any]) -> None:
         self.write_bytes(COMPACTION, json.dumps(state).encode())
 
+    def compaction_intact(self, state: dict[str, Any] | None = None) -> bool:
+        state = state or self.compaction()
+        return all(self._intact(self.path(f), None) for f in state["files"])
+
     def done_chunks(self) -> set[int]:
-        """Chunks whose rows are complete: an intact part file, or held by a compacted file.
-        A truncated part file does not count, so ``--resume`` computes that chunk again."""
+        """Chunks whose rows are complete: an intact part file, or held by intact compacted
+        files. A truncated file does not count, so ``--resume`` computes its chunks again."""
         done = {c for c, (_, ok) in self.part_files().items() if ok}
-        return done | set(self.compaction()["chunks"])
+        state = self.compaction()
+        return done | (set(state["chunks"]) if self.compaction_intact(state) else set())
+
+    def drop_damaged_compaction(self) -> bool:
+        """Before a resume: when a compacted file is truncated or gone, forget the compaction
+        (its chunks are computed again as part files) and delete its files. True if dropped."""
+        state = self.compaction()
+        if not state["files"] or self.compaction_intact(state):
+            return False
+        self.write_compaction({"generation": state["generation"], "files": [], "chunks": [],
+                               "rows": 0})
+        self.delete(self.path(f) for f in state["files"])
+        return True
 
     def verify(self) -> Health:
         """Planned chunks vs chunks present and readable (verification on read)."""
         manifest = self.read_manifest()
+        for name in ("cells.parquet",):
+            if not self._intact(self.path(name), None):
+                raise RunDirError(f"{self.uri}/{name} is missing or damaged (truncated or corrupt); "
+                                  "the run cannot be read")
         planned = self.planned_chunks()
         parts = self.part_files()
         state = self.compaction()

@@ -160,6 +160,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                 batch=opts.batch)
     # Chunks are named by their image ids: a resume reuses finished chunks that still hold and
     # computes the rest, whatever was added; unreadable part files do not count as finished.
+    if old and run.drop_damaged_compaction() and opts.progress:
+        print("dmx: a compacted row file is damaged; its chunks are computed again", file=sys.stderr)
     chunking = plan_chunks(images, chunk_size, run.read_chunk_list() if old else None,
                            run.done_chunks() if old else set(), run.uri)
     chunks = chunking.chunks

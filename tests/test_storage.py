@@ -193,3 +193,102 @@ def test_a_compaction_killed_after_its_commit_leaves_no_duplicate(images: Path, 
     s = run_spec(spec_for(images), _opts(out, resume=True))
     assert s.chunks_run == 0
     assert _pairs_with_values(out) == expected
+
+
+# ------------------------------------------------------------------ damaged run directories
+
+@pytest.fixture(scope="module")
+def finished(photo_dir: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """(images, run): a finished run of 8 images in 4 part files, never modified by tests."""
+    base = tmp_path_factory.mktemp("finished")
+    images = base / "images"
+    images.mkdir()
+    good = sorted(photo_dir.glob("*.jpg"))
+    for i in range(8):
+        shutil.copy(good[i % len(good)], images / f"img{i}.jpg")
+    out = base / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    return images, out
+
+
+def damaged_copy(finished: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    images, run = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    parts = sorted((copy / "rows").glob("chunk=*/part-0.parquet"),
+                   key=lambda p: pq.read_table(p, columns=["image_id"])["image_id"][0].as_py())
+    return images, copy, parts
+
+
+def dmx(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmx", *args], capture_output=True, text=True)
+
+
+def one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_part_file_is_named_by_explain_refused_by_check_and_repaired_by_resume(
+        finished, tmp_path: Path):
+    images, run, parts = damaged_copy(finished, tmp_path)
+    truncate(parts[2])
+    r = dmx("explain", str(run))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "incomplete: chunk 3 unreadable (truncated or corrupt) of 4 chunks" in r.stderr
+    assert "--resume" in r.stderr
+    r = dmx("check", str(run))
+    assert r.returncode == 2 and "chunk 3 unreadable" in one_line(r.stderr)
+    s = run_spec(spec_for(images), _opts(run, resume=True))
+    assert (s.chunks_run, s.chunks_resumed) == (1, 3)
+    assert _pairs_with_values(run) == _pairs_with_values(finished[1])
+    assert dmx("check", str(run)).returncode == 0
+
+
+def test_a_deleted_chunk_is_named_and_check_never_passes_the_incomplete_run(finished,
+                                                                           tmp_path: Path):
+    images, run, parts = damaged_copy(finished, tmp_path)
+    parts[1].unlink()
+    parts[3].unlink()
+    r = dmx("explain", str(run))
+    assert r.returncode == 0
+    assert "incomplete: chunks 2, 4 missing of 4 chunks" in r.stderr
+    r = dmx("check", str(run), "--min-top1", "0")
+    assert r.returncode == 2 and "chunks 2, 4 missing" in one_line(r.stderr)
+    r = dmx("report", str(run), "-o", str(tmp_path / "r.html"))
+    assert r.returncode == 2 and "incomplete" in r.stderr and "Traceback" not in r.stderr
+    r = dmx("diff", str(finished[1]), str(run))
+    assert r.returncode == 0 and "incomplete: chunks 2, 4 missing" in r.stderr
+    s = run_spec(spec_for(images), _opts(run, resume=True))
+    assert (s.chunks_run, s.chunks_resumed) == (2, 2)
+    assert _pairs_with_values(run) == _pairs_with_values(finished[1])
+
+
+def test_a_manifest_with_non_utf8_bytes_is_one_line_for_every_command(finished, tmp_path: Path):
+    images, run, _ = damaged_copy(finished, tmp_path)
+    data = (run / "manifest.json").read_bytes()
+    i = data.index(b'"name"')
+    (run / "manifest.json").write_bytes(data[:i + 2] + b"\xff\xfe" + data[i + 2:])
+    for args in (["explain", str(run)], ["check", str(run)], ["report", str(run)],
+                 ["diff", str(run), str(finished[1])], ["compact", str(run)]):
+        r = dmx(*args)
+        assert r.returncode == 2 and "not UTF-8" in one_line(r.stderr), (args, r.stderr)
+
+
+def test_a_truncated_compacted_file_is_recomputed_by_resume(finished, tmp_path: Path):
+    images, run, _ = damaged_copy(finished, tmp_path)
+    from results.compact import compact_run
+    compact_run(run)
+    (compacted,) = (run / "rows").glob("chunk=compacted-*/part-0.parquet")
+    truncate(compacted)
+    r = dmx("check", str(run))
+    assert r.returncode == 2 and "unreadable" in one_line(r.stderr)
+    s = run_spec(spec_for(images), _opts(run, resume=True))
+    assert s.chunks_run == 4
+    assert _pairs_with_values(run) == _pairs_with_values(finished[1])
