@@ -37,8 +37,9 @@ def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess:
     before normalisation. Raises PictureError."""
     from runner.decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
     from runner.preprocess import PreprocessError, model_input_pixels
+    from runner.sources import read_location  # local file, object store or shard member
     try:
-        data = Path(path).read_bytes()
+        data = read_location(str(path))
     except OSError as e:
         raise PictureError(f"cannot read {path}: {e.strerror or e}") from None
     try:

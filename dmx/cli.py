@@ -30,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from analysis.check import CheckError
     from analysis.diff import DiffError
     from runner.envs import EnvBuildError
+    from results.fs import StorageError
     return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError)
+            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError, StorageError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -279,9 +280,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     import time
     from analysis.report import write_report
+    from results.fs import is_remote
     t = time.perf_counter()
-    out = write_report(a.run_dir, a.out or Path(a.run_dir) / "report.html")
-    print(f"dmx: report written to {out} ({out.stat().st_size / 1e6:.1f} MB in "
+    if a.out is None and is_remote(a.run_dir):  # a run in an object store gets its report there
+        import tempfile
+        from results import RunDir
+        run = RunDir(a.run_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = write_report(a.run_dir, Path(tmp) / "report.html")
+            data = out.read_bytes()
+        run.write_bytes("report.html", data)
+        where, size = f"{run.uri}/report.html", len(data)
+    else:
+        out = write_report(a.run_dir, a.out or Path(a.run_dir) / "report.html")
+        where, size = str(out), out.stat().st_size
+    print(f"dmx: report written to {where} ({size / 1e6:.1f} MB in "
           f"{time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return 0
 

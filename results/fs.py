@@ -27,24 +27,34 @@ def is_remote(location: str | os.PathLike) -> bool:
     return urlparse(str(location)).scheme in REMOTE_SCHEMES
 
 
-@functools.lru_cache(maxsize=8)
-def _store(scheme: str, bucket_region: str | None) -> pafs.FileSystem:
+_S3_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_GCS_VARS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+def _store(scheme: str) -> pafs.FileSystem:
+    names = _S3_VARS if scheme == "s3" else _GCS_VARS
+    return _build(scheme, tuple((n, os.environ.get(n)) for n in names))
+
+
+@functools.lru_cache(maxsize=8)  # one client per scheme and set of variables, per process
+def _build(scheme: str, variables: tuple[tuple[str, str | None], ...]) -> pafs.FileSystem:
+    env = dict(variables)
     if scheme == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         kwargs: dict = {}
         if endpoint:
             u = urlparse(endpoint)
             kwargs.update(endpoint_override=u.netloc or u.path, scheme=u.scheme or "https")
-        region = (bucket_region or os.environ.get("AWS_REGION")
-                  or os.environ.get("AWS_DEFAULT_REGION"))
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
         if region:
             kwargs["region"] = region
-        if os.environ.get("AWS_ACCESS_KEY_ID"):
-            kwargs.update(access_key=os.environ["AWS_ACCESS_KEY_ID"],
-                          secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-                          session_token=os.environ.get("AWS_SESSION_TOKEN"))
+        if env.get("AWS_ACCESS_KEY_ID"):
+            kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"],
+                          secret_key=env.get("AWS_SECRET_ACCESS_KEY") or "",
+                          session_token=env.get("AWS_SESSION_TOKEN"))
         return pafs.S3FileSystem(**kwargs)
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    emulator = env.get("STORAGE_EMULATOR_HOST")
     if emulator:
         u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
         return pafs.GcsFileSystem(anonymous=True, scheme=u.scheme, endpoint_override=u.netloc)
@@ -61,7 +71,7 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         if not u.netloc:
             raise StorageError(f"{text}: no bucket in the URI (expected {u.scheme}://BUCKET/PREFIX)")
         scheme = "s3" if u.scheme == "s3" else "gs"
-        return _store(scheme, None), f"{u.netloc}/{u.path.lstrip('/')}".rstrip("/")
+        return _store(scheme), f"{u.netloc}/{u.path.lstrip('/')}".rstrip("/")
     if u.scheme == "file":
         text = u.path
     elif u.scheme and len(u.scheme) > 1:

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .fs import filesystem, is_remote, uri
+from .fs import StorageError, filesystem, is_remote, uri
 from .schema import IMAGE_SCHEMA
 
 MANIFEST = "manifest.json"
@@ -186,21 +186,35 @@ class RunDir:
         return self.path(f"_images/chunk={chunk:05d}.parquet")
 
     # ------------------------------------------------------------------ low-level I/O
+    def _storage_error(self, e: OSError) -> StorageError:
+        return StorageError(f"{self.uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
     def _info(self, rel: str) -> pafs.FileInfo:
-        return self.fs.get_file_info(self.path(rel))
+        try:
+            return self.fs.get_file_info(self.path(rel))
+        except OSError as e:
+            raise self._storage_error(e) from None
 
     def is_file(self, rel: str) -> bool:
         return self._info(rel).type == pafs.FileType.File
 
     def read_bytes(self, rel: str) -> bytes:
-        with self.fs.open_input_stream(self.path(rel)) as f:
-            return f.read()
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise self._storage_error(e) from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """All of ``data`` under ``rel``, or nothing (temp + rename; one upload for an object)."""
         if self.remote:
-            with self.fs.open_output_stream(self.path(rel)) as f:
-                f.write(data)
+            try:
+                with self.fs.open_output_stream(self.path(rel)) as f:
+                    f.write(data)
+            except OSError as e:
+                raise self._storage_error(e) from None
         else:
             _atomic_write_bytes(Path(self.path(rel)), data)
 
@@ -215,7 +229,10 @@ class RunDir:
 
     def _list(self, rel: str) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
-        return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        try:
+            return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        except OSError as e:
+            raise self._storage_error(e) from None
 
     def delete(self, paths: Iterable[str]) -> None:
         """Delete files dmx wrote (fs paths), and their chunk folders once empty."""

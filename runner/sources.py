@@ -238,7 +238,12 @@ def _shard(location: str):
 
 def read_image(ref: ImageRef) -> bytes:
     """The encoded bytes of one image, from where it is. Failures are ``OSError``s."""
-    path = ref.path
+    return read_location(ref.path)
+
+
+def read_location(path: str) -> bytes:
+    """The bytes at an ``ImageRef.path`` (as recorded in ``images.parquet``): a local file, an
+    object, a row of a Parquet shard or a member of a tar shard. Failures are ``OSError``s."""
     try:
         if _ROW in path:
             shard, row = path.rsplit(_ROW, 1)
