@@ -31,9 +31,9 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def verify_run(path: str | Path, require_complete: bool = False) -> Health:
+def verify_run(path: str | Path | RunDir, require_complete: bool = False) -> Health:
     """Check the run's chunks; warn once per run on stderr, or raise IncompleteRunError."""
-    health = RunDir(path).verify()
+    health = (path if isinstance(path, RunDir) else RunDir(path)).verify()
     if require_complete:
         health.require_complete()
     elif not health.complete and health.location not in _warned:
@@ -48,7 +48,7 @@ def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None, *,
     """Connect DuckDB to a run; raises RunDirError if ``path`` holds no readable rows."""
     run = RunDir(path)
     run.read_manifest()
-    verify_run(path, require_complete)
+    verify_run(run, require_complete)
     files = run.row_files()
     if not files:
         raise RunDirError(f"{run.uri} has no rows yet (the run wrote no readable chunk)")

@@ -154,6 +154,7 @@ class RunDir:
         self.location = str(root)
         self.fs, self.base = filesystem(root)
         self.remote = is_remote(root)
+        self._parts: dict[int, tuple[str, bool]] | None = None   # part_files(), until a write
 
     # ------------------------------------------------------------------ paths
     @property
@@ -209,6 +210,7 @@ class RunDir:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """All of ``data`` under ``rel``, or nothing (temp + rename; one upload for an object)."""
+        self._parts = None
         if self.remote:
             try:
                 with self.fs.open_output_stream(self.path(rel)) as f:
@@ -219,6 +221,7 @@ class RunDir:
             _atomic_write_bytes(Path(self.path(rel)), data)
 
     def write_parquet(self, rel: str, table: pa.Table) -> None:
+        self._parts = None
         if self.remote:
             self.write_bytes(rel, parquet_bytes(table))
         else:
@@ -236,6 +239,7 @@ class RunDir:
 
     def delete(self, paths: Iterable[str]) -> None:
         """Delete files dmx wrote (fs paths), and their chunk folders once empty."""
+        self._parts = None
         for p in paths:
             try:
                 self.fs.delete_file(p)
@@ -315,13 +319,17 @@ class RunDir:
                 and int.from_bytes(tail[:4], "little") + 12 <= size)
 
     def part_files(self) -> dict[int, tuple[str, bool]]:
-        """Every per-chunk part file present: chunk -> (path, intact)."""
+        """Every per-chunk part file present: chunk -> (path, intact). Listed once per RunDir
+        until it writes or deletes a file."""
+        if self._parts is not None:
+            return self._parts
         out = {}
         for info in self._list("rows"):
             parent, name = info.path.rsplit("/", 2)[-2:]
             m = _CHUNK_DIR.match(parent)
             if m and name == "part-0.parquet":
                 out[int(m.group(1))] = (info.path, self._intact(info.path, info.size))
+        self._parts = out
         return out
 
     def compaction(self) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def test_explain_sql_check_report_and_diff_read_an_s3_run(s3_run: str, local_run
     assert not list(tmp_path.iterdir())          # nothing written locally
 
 
-def test_ray_workers_read_images_from_s3_themselves(s3, images: Path, local_run: Path,
+def test_ray_workers_read_images_from_s3_themselves(s3, s3_run: str, local_run: Path,
                                                     tmp_path: Path):
     """An embedded Ray of its own (a child process): its workers inherit the S3 variables."""
     spec = tmp_path / "spec.yaml"
