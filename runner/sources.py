@@ -14,6 +14,7 @@ Parquet shard row group by row group and a tar shard whole, keeping only the las
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import io
@@ -138,7 +139,7 @@ def with_sizes(refs: list[ImageRef]) -> list[ImageRef]:
     for r in refs:
         if r.size is None and "://" not in r.path:
             try:
-                r = ImageRef(r.image_id, r.path, os.stat(r.path).st_size)
+                r = dataclasses.replace(r, size=os.stat(r.path).st_size)
             except OSError:
                 pass  # an unreadable file becomes an error row when read
         out.append(r)

@@ -250,3 +250,27 @@ def test_parquet_shards_in_s3_are_read_by_the_workers(s3, images: Path, local_ru
     run_spec(spec_for(f"s3://{BUCKET}/hf/train/*.parquet"),
              RunOptions(out=out, executor="local", chunk_size=3, progress=False))
     assert by_image(out, lambda i: i.rsplit("/", 1)[-1]) == by_image(local_run)
+
+
+# ------------------------------------------------------------------ locations
+
+def test_locations_map_to_a_filesystem_and_a_path():
+    from results.fs import StorageError, filesystem
+    fs, path = filesystem("s3://bucket/runs/x/")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/x"
+    fs, path = filesystem("gs://bucket/photos")
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "bucket/photos"
+    fs, path = filesystem("relative/run")
+    assert isinstance(fs, pafs.LocalFileSystem) and Path(path).is_absolute()
+    with pytest.raises(StorageError, match="unsupported storage scheme 'ftp'"):
+        filesystem("ftp://host/run")
+    with pytest.raises(StorageError, match="no bucket"):
+        filesystem("s3:///runs")
+
+
+def test_a_remote_glob_matches_like_a_recursive_local_glob():
+    from runner.sources import _glob_regex
+    rx = _glob_regex("bucket/photos/**/*.jpg")
+    assert rx.match("bucket/photos/a.jpg") and rx.match("bucket/photos/x/y/a.jpg")
+    assert not rx.match("bucket/photos/a.png") and not rx.match("bucket/other/a.jpg")
+    assert not _glob_regex("bucket/photos/*.jpg").match("bucket/photos/x/a.jpg")
