@@ -1,9 +1,10 @@
 """Compaction: a run's part files merged into few large Parquet files sorted by cell.
 
 One part file per chunk is right while a run streams (atomic, resumable) but slow to read: 10M
-rows are thousands of files. Compaction rewrites them as files of up to ``rows_per_file`` rows,
-sorted by (cell_id, image_id), in row groups of ``row_group_rows``: a query on some cells skips
-the other row groups by their ``cell_id`` statistics.
+rows are thousands of files. Compaction rewrites them as files of about ``rows_per_file`` rows
+(whole cells: a cell never spans two files), sorted by (cell_id, image_id), in row groups of
+``row_group_rows``: a query on some cells skips the other files and row groups by their
+``cell_id`` statistics.
 
 Crash safety - no row is ever lost or read twice, wherever the process is killed:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,26 +50,42 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
-def _sorted_batches(run: RunDir, inputs: list[str], schema: pa.Schema, row_group_rows: int,
-                    memory_limit: str):
-    """Record batches of every input row, sorted by (cell_id, image_id); DuckDB sorts and
-    spills to disk beyond ``memory_limit``."""
+def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_file: int,
+                   row_group_rows: int, memory_limit: str, spill: str):
+    """For each output file: an iterator over its tables, sorted by (cell_id, image_id).
+
+    Cells are cut into consecutive groups of about ``rows_per_file`` rows (a cell never spans
+    two files); each group is one pass over the inputs that sorts only that group's rows, so
+    the sort stays within ``memory_limit`` where one global sort of 10 M wide rows would spill."""
     con = duckdb.connect()
     con.execute(f"SET memory_limit = '{memory_limit}'")
-    con.execute("SET preserve_insertion_order = false")
+    con.execute("SET enable_progress_bar = false")
+    con.execute(f"SET temp_directory = '{spill}'")
     if run.remote:
-        tmp = tempfile.mkdtemp(prefix="dmx-compact-")
-        con.execute(f"SET temp_directory = '{tmp}'")
         con.register("src", pads.dataset(inputs, schema=schema, filesystem=run.fs, format="parquet"))
         source = "src"
     else:
-        con.execute(f"SET temp_directory = '{run.path('.compact-tmp')}'")
         source = f"read_parquet({_sql_list(inputs)}, union_by_name = true, hive_partitioning = false)"
+    counts = con.sql(f"SELECT cell_id, count(*) FROM {source} GROUP BY cell_id ORDER BY cell_id").fetchall()
+    groups: list[list[str]] = []
+    size = 0
+    for cell, n in counts:
+        if not groups or (size + n > rows_per_file and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(cell)
+        size += n
     cols = ", ".join(f'"{n}"' for n in schema.names)
-    reader = con.sql(f"SELECT {cols} FROM {source} ORDER BY cell_id, image_id") \
-                .to_arrow_reader(row_group_rows)
-    for batch in reader:
-        yield pa.Table.from_batches([batch]).cast(schema)
+
+    def tables(first: str, last: str):
+        reader = con.sql(f"SELECT {cols} FROM {source} WHERE cell_id BETWEEN $first AND $last "
+                         "ORDER BY cell_id, image_id", params={"first": first, "last": last}) \
+                    .to_arrow_reader(row_group_rows)
+        for batch in reader:
+            yield pa.Table.from_batches([batch]).cast(schema)
+
+    for g in groups:
+        yield tables(g[0], g[-1])
 
 
 class _Writer:
@@ -145,17 +163,16 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
     written: list[str] = []
     writer: _Writer | None = None
     total = 0
+    spill = tempfile.mkdtemp(prefix="dmx-compact-") if run.remote else run.path(".compact-tmp")
     try:
-        for table in _sorted_batches(run, inputs, schema, row_group_rows, memory_limit):
-            if writer is None or writer.rows >= rows_per_file:
-                if writer is not None:
-                    writer.close()
-                rel = f"rows/chunk=compacted-{gen:03d}-{len(written):03d}/part-0.parquet"
-                writer = _Writer(run, rel, schema)
-                written.append(rel)
-            writer.write(table)
-            total += table.num_rows
-        if writer is not None:
+        for group in _sorted_groups(run, inputs, schema, rows_per_file, row_group_rows,
+                                    memory_limit, spill):
+            rel = f"rows/chunk=compacted-{gen:03d}-{len(written):03d}/part-0.parquet"
+            writer = _Writer(run, rel, schema)
+            written.append(rel)
+            for table in group:
+                writer.write(table)
+                total += table.num_rows
             writer.close()
             writer = None
     except BaseException:
@@ -164,9 +181,7 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
         run.delete(run.path(r) for r in written)
         raise
     finally:
-        if not run.remote:
-            import shutil
-            shutil.rmtree(run.path(".compact-tmp"), ignore_errors=True)
+        shutil.rmtree(spill, ignore_errors=True)
     if total != expected:
         run.delete(run.path(r) for r in written)
         raise RunDirError(f"{run.uri}: compaction read {total} rows of {expected}; nothing changed")

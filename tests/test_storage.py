@@ -292,3 +292,20 @@ def test_a_truncated_compacted_file_is_recomputed_by_resume(finished, tmp_path: 
     s = run_spec(spec_for(images), _opts(run, resume=True))
     assert s.chunks_run == 4
     assert _pairs_with_values(run) == _pairs_with_values(finished[1])
+
+
+def test_compacted_files_hold_whole_cells_so_a_cell_filter_skips_files(images: Path,
+                                                                       tmp_path: Path):
+    from results.compact import compact_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    expected = _pairs_with_values(out)
+    c = compact_run(out, rows_per_file=8, row_group_rows=4)      # 8 images: one cell per file
+    assert (c.files_before, c.files_after, c.rows) == (4, CELLS, CELLS * 8)
+    files = sorted((out / "rows").glob("chunk=compacted-*/part-0.parquet"))
+    cells = [pq.read_table(f, columns=["cell_id"])["cell_id"].unique().to_pylist() for f in files]
+    assert all(len(c) == 1 for c in cells) and len({c[0] for c in cells}) == CELLS
+    md = pq.read_metadata(files[0])
+    assert md.num_row_groups == 2 and md.row_group(0).column(
+        md.schema.to_arrow_schema().get_field_index("cell_id")).statistics.has_min_max
+    assert _pairs_with_values(out) == expected
