@@ -294,11 +294,13 @@ class RunDir:
             raise RunDirError(f"{self.uri}/{CHUNK_LIST} is unreadable ({e}); "
                               "the run cannot be resumed safely: choose another --out") from None
 
-    def planned_chunks(self) -> list[int]:
-        """Chunk numbers in plan order (by first image id); old runs: 0 .. chunks-1."""
+    def planned_chunks(self) -> list[int] | None:
+        """Chunk numbers in plan order (by first image id); runs of dmx before chunk lists:
+        0 .. chunks-1; None when the run says nothing about its chunks (hand-made runs)."""
         t = self.read_chunk_list()
         if t is None:
-            return list(range(int(self.read_manifest().get("chunks") or 0)))
+            n = self.read_manifest().get("chunks")
+            return list(range(int(n))) if isinstance(n, int) else None
         return list(dict.fromkeys(t["chunk"].to_pylist()))
 
     # ------------------------------------------------------------------ chunks
@@ -374,9 +376,11 @@ class RunDir:
             if not self._intact(self.path(name), None):
                 raise RunDirError(f"{self.uri}/{name} is missing or damaged (truncated or corrupt); "
                                   "the run cannot be read")
-        planned = self.planned_chunks()
         parts = self.part_files()
         state = self.compaction()
+        planned = self.planned_chunks()
+        if planned is None:
+            planned = sorted(set(parts) | set(state["chunks"]))
         compacted = set(state["chunks"])
         health = Health(self.uri, planned, status=str(manifest.get("status")))
         for f in state["files"]:
@@ -396,7 +400,8 @@ class RunDir:
         intact part files of planned chunks they do not hold. Never a row twice."""
         state = self.compaction()
         compacted = set(state["chunks"])
-        planned = set(self.planned_chunks()) if self.exists() else None
+        known = self.planned_chunks() if self.exists() else None
+        planned = set(known) if known is not None else None
         files = [self.path(f) for f in state["files"] if self._intact(self.path(f), None)]
         for c, (p, ok) in sorted(self.part_files().items()):
             if ok and c not in compacted and (planned is None or c in planned):
