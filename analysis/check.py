@@ -170,7 +170,7 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
     ``check:`` section, which overrides the defaults (see the module docstring)."""
     manifest = RunDir(run_dir).read_manifest()
     tol = resolve_tolerances(manifest.get("spec", {}).get("check"), tolerances)
-    con = open_run(run_dir)
+    con = open_run(run_dir, require_complete=True)  # never judge (or pass) an incomplete run
     cells = query_dicts(con, "SELECT * FROM cells")
     effective = {d["cell_id"]: d["precision_effective"]
                  for d in query_dicts(con, load_sql("cell_precision"))}

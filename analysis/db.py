@@ -1,13 +1,25 @@
-"""DuckDB over a run directory: views ``rows``, ``cells``, ``images`` on the Parquet files."""
+"""DuckDB over a run directory: views ``rows``, ``cells``, ``images`` on the Parquet files.
+
+The run is verified on read (``RunDir.verify``): the rows come from the files the run's own
+bookkeeping names (compacted files, then intact part files of planned chunks), never a stray or
+truncated file. A run with missing or unreadable chunks is answered with a loud warning on
+stderr naming them and the resume command - or refused where a complete run is required
+(``require_complete=True``, as ``dmx check`` does). A run in an object store (``s3://``,
+``gs://``) is read through Arrow datasets on pyarrow's filesystem (DuckDB's httpfs is not needed).
+"""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import duckdb
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
-from results.store import RunDir, RunDirError
+from results.store import Health, RunDir, RunDirError
 
 SQL_DIR = Path(__file__).with_name("sql")
+_warned: set[str] = set()
 
 
 def load_sql(name: str) -> str:
@@ -15,16 +27,45 @@ def load_sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
-def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
-    """Connect DuckDB to a run; raises RunDirError if ``path`` holds no rows."""
+def _sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def verify_run(path: str | Path | RunDir, require_complete: bool = False) -> Health:
+    """Check the run's chunks; warn once per run on stderr, or raise IncompleteRunError."""
+    health = (path if isinstance(path, RunDir) else RunDir(path)).verify()
+    if require_complete:
+        health.require_complete()
+    elif not health.complete and health.location not in _warned:
+        _warned.add(health.location)
+        print(f"dmx: warning: {health.message()}; the numbers below leave those images out",
+              file=sys.stderr)
+    return health
+
+
+def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None, *,
+             require_complete: bool = False) -> duckdb.DuckDBPyConnection:
+    """Connect DuckDB to a run; raises RunDirError if ``path`` holds no readable rows."""
     run = RunDir(path)
     run.read_manifest()
-    if not any(run.rows_dir.glob("chunk=*/part-0.parquet")):
-        raise RunDirError(f"{path} has no rows yet (the run wrote no chunk)")
+    verify_run(run, require_complete)
+    files = run.row_files()
+    if not files:
+        raise RunDirError(f"{run.uri} has no rows yet (the run wrote no readable chunk)")
     con = con or duckdb.connect()
+    if run.remote:
+        schema = pq.read_schema(files[0], filesystem=run.fs)
+        con.register("_dmx_rows", pads.dataset(files, schema=schema, filesystem=run.fs,
+                                               format="parquet"))
+        con.register("_dmx_cells", pq.read_table(run.path("cells.parquet"), filesystem=run.fs))
+        images = run.path("images.parquet") if run.is_file("images.parquet") else run.path("_images")
+        con.register("_dmx_images", pq.read_table(images, filesystem=run.fs))
+        for view in ("rows", "cells", "images"):
+            con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _dmx_{view}")
+        return con
     root = str(run.root.resolve()).replace("'", "''")
-    con.execute(f"CREATE OR REPLACE VIEW rows AS SELECT * FROM read_parquet('{root}/rows/*/part-0.parquet', "
-                "hive_partitioning = true, union_by_name = true)")
+    con.execute(f"CREATE OR REPLACE VIEW rows AS SELECT * FROM read_parquet({_sql_list(files)}, "
+                "hive_partitioning = false, union_by_name = true)")
     con.execute(f"CREATE OR REPLACE VIEW cells AS SELECT * FROM read_parquet('{root}/cells.parquet')")
     images = run.root / "images.parquet"
     if images.is_file():

@@ -19,18 +19,20 @@ What it does:
    (best of ``--repeat``), and ``dmx explain DIR`` as a subprocess (wall clock, includes
    interpreter start and imports).
 3. With ``--profile``: times every SQL statement explain issues (a timing proxy around the
-   DuckDB connection) and prints ``EXPLAIN ANALYZE`` for the slowest ones. With
-   ``--compare-compacted``: times explain again on a copy whose part files are merged into one
-   Parquet file (what a merge at the end of a run would give).
+   DuckDB connection) and prints ``EXPLAIN ANALYZE`` for the slowest ones.
+4. Side by side in the same run: the same rows compacted by dmx (``results.compact``, as every
+   run now ends and ``dmx compact`` does) - few files sorted by cell - and explain timed on both.
 
 Run::
 
     . .venv/bin/activate
     python bench/explain.py                    # 10,000,000 rows; last line is JSON
-    python bench/explain.py --rows 1000000 --profile --compare-compacted
+    python bench/explain.py --rows 1000000 --profile
 
 The last line is one JSON object: {"rows": N, "explain_s": <dmx explain subprocess wall s>,
-"explain_inprocess_s": <explain_run + render_text s>, "duckdb_threads": T}.
+"explain_inprocess_s": <explain_run + render_text s>, "explain_compacted_s": ...,
+"explain_compacted_inprocess_s": ..., "compact_s": ..., "files": ..., "files_compacted": ...,
+"duckdb_threads": T} (``*_s`` wall seconds; the plain ones are for the part files).
 """
 from __future__ import annotations
 
@@ -405,35 +407,52 @@ def explain_analyze(con, sql: str, params) -> list[str]:
     return lines
 
 
-def compacted_copy(src: Path, dest: Path, row_group: int = 122_880) -> float:
-    """The same run with all part files merged, in chunk order, into one Parquet file
-    (``rows/chunk=00000/part-0.parquet``), streamed with pyarrow in bounded memory - what a
-    runner-side merge at the end of a run would write. Cached; returns the seconds it took."""
+def compacted_copy(src: Path, dest: Path) -> float:
+    """The same run compacted by dmx itself (``results.compact.compact_run``, what every run
+    now does at its end and ``dmx compact`` does for older runs): the part files are hard-linked
+    into ``dest`` and merged there into few files sorted by cell. Cached; returns the seconds
+    the compaction took (0 when cached)."""
     import shutil
 
-    import pyarrow.parquet as pq
+    from results.compact import compact_run
+    key = repr(RunDir(src).read_manifest().get("bench_key", {}))
     done = dest / ".compacted-from"
-    if done.is_file() and done.read_text() == RunDir(src).read_manifest().get("bench_key", {}).__repr__():
+    if done.is_file() and done.read_text() == key:
         return 0.0
     shutil.rmtree(dest, ignore_errors=True)
-    (dest / "rows" / "chunk=00000").mkdir(parents=True)
+    dest.mkdir(parents=True)
     for name in ("manifest.json", "cells.parquet", "images.parquet"):
         shutil.copy(src / name, dest / name)
-    parts = sorted((src / "rows").glob("chunk=*/part-0.parquet"))
+    for part in (src / "rows").glob("chunk=*/part-0.parquet"):
+        target = dest / "rows" / part.parent.name / part.name
+        target.parent.mkdir(parents=True)
+        os.link(part, target)          # compaction unlinks these, the originals stay
     t = time.perf_counter()
-    buf: list[pa.Table] = []
-    with pq.ParquetWriter(dest / "rows" / "chunk=00000" / "part-0.parquet", pq.read_schema(parts[0]),
-                          compression="zstd") as w:
-        for p in parts:
-            buf.append(pq.read_table(p))
-            if sum(b.num_rows for b in buf) >= row_group:
-                w.write_table(pa.concat_tables(buf), row_group_size=row_group)
-                buf = []
-        if buf:
-            w.write_table(pa.concat_tables(buf), row_group_size=row_group)
+    c = compact_run(dest)
     seconds = time.perf_counter() - t
-    done.write_text(RunDir(src).read_manifest().get("bench_key", {}).__repr__())
+    print(f"  compacted {c.files_before:,} part files into {c.files_after} ({c.rows:,} rows) "
+          f"in {seconds:.1f} s", file=sys.stderr)
+    done.write_text(key)
     return seconds
+
+
+def time_explain(dest: Path, repeat: int) -> tuple[float, float, str, str]:
+    """(best in-process explain_run + render_text s, subprocess `dmx explain` s, text, stdout)."""
+    from analysis.explain import explain_run
+    from analysis.render import render_text
+    best = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        text = render_text(explain_run(dest))
+        s = time.perf_counter() - t
+        best = s if best is None else min(best, s)
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "dmx", "explain", str(dest)],
+                          capture_output=True, text=True)
+    sub_s = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"dmx explain {dest} failed ({proc.returncode}):\n{proc.stderr}")
+    return best, sub_s, text, proc.stdout
 
 
 def main() -> None:
@@ -447,8 +466,6 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="in-process timings (best is reported)")
     ap.add_argument("--profile", action="store_true", help="time each SQL statement, EXPLAIN ANALYZE the slowest")
     ap.add_argument("--top", type=int, default=2, help="statements to EXPLAIN ANALYZE with --profile")
-    ap.add_argument("--compare-compacted", action="store_true",
-                    help="also time explain on a copy of the run with its part files merged into one")
     ap.add_argument("--wait-quiet", type=float, default=300, metavar="S",
                     help="before timing, wait up to S seconds for other processes to leave the CPUs idle")
     a = ap.parse_args()
@@ -464,47 +481,35 @@ def main() -> None:
           f"ready in {gen_s:.1f} s (generated in {manifest['generation_s']} s when first made)")
 
     import duckdb
-    from analysis.explain import explain_run
-    from analysis.render import render_text
+    compact = dest.with_name(dest.name + "-compacted")
+    merge_s = compacted_copy(dest, compact)        # before waiting for quiet: it is CPU work
+    files_after = len(list(compact.glob("rows/*/*.parquet")))
     threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
     quiet = wait_for_quiet(a.wait_quiet)
     print(f"machine: {os.cpu_count()} CPUs, {quiet:.2f} cores busy before timing; duckdb "
           f"{duckdb.__version__}, threads={threads}")
-    best = None
-    for _ in range(a.repeat):
-        t = time.perf_counter()
-        text = render_text(explain_run(dest))
-        s = time.perf_counter() - t
-        best = s if best is None else min(best, s)
-        print(f"in-process explain_run + render_text: {s:.2f} s")
-    cmd = [sys.executable, "-m", "dmx", "explain", str(dest)]
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    sub_s = time.perf_counter() - t
+    best, sub_s, text, stdout = time_explain(dest, a.repeat)
+    best_c, sub_c, text_c, _ = time_explain(compact, a.repeat)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    stdout, stderr = proc.stdout, proc.stderr
-    if proc.returncode != 0:
-        raise SystemExit(f"dmx explain failed ({proc.returncode}):\n{stderr}")
     if stdout.strip() != text.strip():
         print("warning: subprocess output differs from the in-process rendering", file=sys.stderr)
-    print(f"subprocess `dmx explain {dest}`: {sub_s:.2f} s wall, "
-          f"{r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime:.1f} CPU s, "
-          f"peak RSS {r1.ru_maxrss / 1024:.0f} MB (largest child so far)")
     print("--- dmx explain output (first 25 lines) ---")
     print("\n".join(stdout.splitlines()[:25]))
     print("---")
+    print(f"{'':34} {'part files':>12} {'compacted':>12} {'ratio':>7}")
+    print(f"{'files':34} {len(parts):>12,} {files_after:>12,}")
+    print(f"{'explain_run + render_text (s)':34} {best:>12.2f} {best_c:>12.2f} {best / best_c:>6.1f}x")
+    print(f"{'`dmx explain` subprocess wall (s)':34} {sub_s:>12.2f} {sub_c:>12.2f} {sub_s / sub_c:>6.1f}x")
+    print(f"compaction took {merge_s:.1f} s (0 = cached); same explain text: {text_c == text}; "
+          f"peak RSS {r1.ru_maxrss / 1024:.0f} MB (largest child)")
     if a.profile:
         profile(dest, a.top)
-    if a.compare_compacted:
-        compact = dest.with_name(dest.name + "-compacted")
-        merge_s = compacted_copy(dest, compact)
-        t = time.perf_counter()
-        same = render_text(explain_run(compact)) == text
-        print(f"compacted copy ({compact}, merged in {merge_s:.1f} s, 0 = cached): explain_run + "
-              f"render_text {time.perf_counter() - t:.2f} s; same text: {same}")
     print(json.dumps({"rows": manifest["rows"], "explain_s": round(sub_s, 3),
-                      "explain_inprocess_s": round(best, 3), "duckdb_threads": int(threads)}))
+                      "explain_inprocess_s": round(best, 3),
+                      "explain_compacted_s": round(sub_c, 3),
+                      "explain_compacted_inprocess_s": round(best_c, 3),
+                      "compact_s": round(merge_s, 1), "files": len(parts),
+                      "files_compacted": files_after, "duckdb_threads": int(threads)}))
 
 
 if __name__ == "__main__":

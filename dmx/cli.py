@@ -30,8 +30,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from analysis.check import CheckError
     from analysis.diff import DiffError
     from runner.envs import EnvBuildError
+    from results.fs import StorageError
     return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError)
+            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError, StorageError)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec key, e.g. -o backend=torch,openvino -o dataset.limit=10")
     p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    p.add_argument("--no-compact", action="store_true",
+                   help="keep one part file per chunk (default: merge them into few files sorted "
+                        "by cell when the run ends; see `dmx compact`)")
     _add_run_options(p)
 
     p = sub.add_parser("plan", help="print the expanded cells and the reference")
@@ -113,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--fail-if-moved", action="store_true", help="exit 1 when any cell moved")
 
+    p = sub.add_parser("compact", help="merge a run's part files into few large Parquet files "
+                                       "sorted by cell (fast to query; safe to interrupt)")
+    p.add_argument("run_dir", help="run directory (local folder, s3:// or gs://)")
+
     _add_envs_parser(sub)
     sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
     return ap
@@ -147,7 +155,9 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
-                      gpus_per_worker=a.gpus_per_worker)
+                      gpus_per_worker=a.gpus_per_worker,
+
+                      compact=not getattr(a, "no_compact", False))
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:
@@ -284,9 +294,21 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     import time
     from analysis.report import write_report
+    from results.fs import is_remote
     t = time.perf_counter()
-    out = write_report(a.run_dir, a.out or Path(a.run_dir) / "report.html")
-    print(f"dmx: report written to {out} ({out.stat().st_size / 1e6:.1f} MB in "
+    if a.out is None and is_remote(a.run_dir):  # a run in an object store gets its report there
+        import tempfile
+        from results import RunDir
+        run = RunDir(a.run_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = write_report(a.run_dir, Path(tmp) / "report.html")
+            data = out.read_bytes()
+        run.write_bytes("report.html", data)
+        where, size = f"{run.uri}/report.html", len(data)
+    else:
+        out = write_report(a.run_dir, a.out or Path(a.run_dir) / "report.html")
+        where, size = str(out), out.stat().st_size
+    print(f"dmx: report written to {where} ({size / 1e6:.1f} MB in "
           f"{time.perf_counter() - t:.1f} s)", file=sys.stderr)
     return 0
 
@@ -365,6 +387,16 @@ def cmd_envs(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(a: argparse.Namespace) -> int:
+    import time
+    from results.compact import compact_run
+    t = time.perf_counter()
+    c = compact_run(a.run_dir)
+    print(f"dmx: {a.run_dir}: {c.files_before} file(s) -> {c.files_after} ({c.rows} rows of "
+          f"{c.chunks} chunks, sorted by cell) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return 0
+
+
 def cmd_schema(a: argparse.Namespace) -> int:
     from results.schema import columns_markdown
     print(columns_markdown())
@@ -373,7 +405,7 @@ def cmd_schema(a: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "explain": cmd_explain, "sql": cmd_sql,
             "demo": cmd_demo, "report": cmd_report, "check": cmd_check, "diff": cmd_diff,
-            "envs": cmd_envs, "schema": cmd_schema}
+            "envs": cmd_envs, "schema": cmd_schema, "compact": cmd_compact}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,36 +1,77 @@
-"""A run directory on disk: atomic part files, the manifest, resume bookkeeping.
+"""A run directory, on a local disk or in an object store: atomic part files, the manifest,
+the chunk list, resume bookkeeping and verification on read.
 
-Layout::
+Layout (``RUN`` is a local folder or an ``s3://``/``gs://`` prefix)::
 
-    DIR/manifest.json            spec, versions, machine, counters, status
-    DIR/cells.parquet            one row per cell
-    DIR/images.parquet           one row per image (written when the run ends)
-    DIR/rows/chunk=NNNNN/part-0.parquet   one row per (cell, image), one file per chunk
-    DIR/_images/chunk=NNNNN.parquet       per-chunk image properties, merged into images.parquet
+    RUN/manifest.json            spec, versions, machine, counters, status, dataset digest
+    RUN/chunks.parquet           the plan: one row per image (image_id, size_bytes, chunk)
+    RUN/cells.parquet            one row per cell
+    RUN/images.parquet           one row per image (written when the run ends)
+    RUN/rows/chunk=N/part-0.parquet          one row per (cell, image), one file per chunk
+    RUN/rows/chunk=compacted-G-K/part-0.parquet  compacted rows, sorted by cell (``dmx compact``)
+    RUN/compaction.json          which chunks the compacted files hold (the commit point)
+    RUN/_images/chunk=N.parquet  per-chunk image properties, merged into images.parquet
 
-Every file is written to a temporary name in the same directory and renamed into place, so a
-killed run never leaves a half-written file, and a chunk either has its part file or does not.
+A chunk's number ``N`` is derived from the ids of its images (see ``chunk_id``), never from its
+position, so a resume after the dataset changed can never shift chunks.
+
+Every local file is written to a temporary name in the same folder and renamed into place; an
+object is uploaded in one request (it appears whole or not at all). So a killed run never leaves
+a half-written file under a final name, and a chunk either has its part file or does not.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .fs import StorageError, filesystem, is_remote, uri
 from .schema import IMAGE_SCHEMA
 
 MANIFEST = "manifest.json"
+CHUNK_LIST = "chunks.parquet"
+COMPACTION = "compaction.json"
 _CHUNK_DIR = re.compile(r"^chunk=(\d+)$")
+_COMPACTED_DIR = re.compile(r"^chunk=compacted-(\d+)-(\d+)$")
+CHUNK_LIST_SCHEMA = pa.schema([("image_id", pa.string()), ("size_bytes", pa.int64()),
+                               ("chunk", pa.int64())])
 
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used as asked (another spec's run, or not a run)."""
+
+
+class IncompleteRunError(RunDirError):
+    """A run whose chunks are not all present and readable, where a complete one is needed."""
+
+
+def chunk_id(image_ids: Iterable[str]) -> int:
+    """A chunk's number: 60 bits of SHA-256 over its image ids (fits DuckDB's BIGINT)."""
+    h = hashlib.sha256("\n".join(image_ids).encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(h[:8], "big") >> 4
+
+
+def dataset_digest(items: Iterable[tuple[str, int | None]]) -> str:
+    """SHA-256 over (image id, size in bytes) pairs, in id order: the dataset a run saw."""
+    h = hashlib.sha256()
+    for image_id, size in sorted(items, key=lambda t: t[0]):
+        h.update(f"{image_id}\0{size if size is not None else -1}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _stats_columns(schema: pa.Schema) -> list[str]:
+    # No min/max statistics on float columns: they leave NaN out, and DuckDB trusts them,
+    # so NaN outputs would become invisible to `isnan(...)` filters.
+    return [f.name for f in schema if not pa.types.is_floating(f.type)]
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -48,26 +89,88 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write a Parquet file so that readers see all of it or nothing."""
+    """Write a local Parquet file so that readers see all of it or nothing."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        # No min/max statistics on float columns: they leave NaN out, and DuckDB trusts them,
-        # so NaN outputs would become invisible to `isnan(...)` filters.
-        stats = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-        pq.write_table(table, tmp, compression="zstd", write_statistics=stats)
+        pq.write_table(table, tmp, compression="zstd", write_statistics=_stats_columns(table.schema))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-class RunDir:
-    """Reads and writes one run directory."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of a Parquet file (zstd, no float statistics)."""
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd", write_statistics=_stats_columns(table.schema))
+    return buf.getvalue().to_pybytes()
 
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+
+@dataclass
+class Health:
+    """What verification on read found: chunks planned, missing, present but unreadable."""
+
+    location: str
+    planned: list[int]
+    missing: list[int] = field(default_factory=list)
+    unreadable: dict[int, str] = field(default_factory=dict)
+    status: str = "complete"
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.unreadable
+
+    def message(self) -> str:
+        """One line: which chunks (1-based positions in the plan) are missing or unreadable."""
+        pos = {c: i + 1 for i, c in enumerate(self.planned)}
+        parts = []
+        if self.missing:
+            parts.append(f"{_numbers([pos.get(c, 0) for c in self.missing])} missing")
+        if self.unreadable:
+            parts.append(f"{_numbers([pos.get(c, 0) for c in self.unreadable])} unreadable "
+                         "(truncated or corrupt)")
+        return (f"{self.location} is incomplete: {' and '.join(parts)} of {len(self.planned)} "
+                f"chunks; run `dmx run SPEC --out {self.location} --resume` to compute them")
+
+    def require_complete(self) -> "Health":
+        if not self.complete:
+            raise IncompleteRunError(self.message())
+        return self
+
+
+def _numbers(ns: list[int]) -> str:
+    ns = sorted(ns)
+    shown = ", ".join(str(n) for n in ns[:8]) + (f" (+{len(ns) - 8} more)" if len(ns) > 8 else "")
+    return f"chunk{'s' if len(ns) > 1 else ''} {shown}"
+
+
+class RunDir:
+    """Reads and writes one run directory (a local folder or an object-store prefix)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.location = str(root)
+        self.fs, self.base = filesystem(root)
+        self.remote = is_remote(root)
+        self._parts: dict[int, tuple[str, bool]] | None = None   # part_files(), until a write
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def uri(self) -> str:
+        return uri(self.fs, self.base)
+
+    @property
+    def root(self) -> Path:
+        """The local folder (object-store runs have none: use ``uri``)."""
+        if self.remote:
+            raise RunDirError(f"{self.uri} is in an object store, not a local folder")
+        return Path(self.base)
+
+    def path(self, rel: str) -> str:
+        """The path of ``rel`` (posix, relative to the run) on ``self.fs``."""
+        return f"{self.base}/{rel}"
 
     @property
     def manifest_path(self) -> Path:
@@ -77,46 +180,251 @@ class RunDir:
     def rows_dir(self) -> Path:
         return self.root / "rows"
 
+    def part_path(self, chunk: int) -> str:
+        return self.path(f"rows/chunk={chunk:05d}/part-0.parquet")
+
+    def images_part_path(self, chunk: int) -> str:
+        return self.path(f"_images/chunk={chunk:05d}.parquet")
+
+    # ------------------------------------------------------------------ low-level I/O
+    def _storage_error(self, e: OSError) -> StorageError:
+        return StorageError(f"{self.uri}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+    def _info(self, rel: str) -> pafs.FileInfo:
+        try:
+            return self.fs.get_file_info(self.path(rel))
+        except OSError as e:
+            raise self._storage_error(e) from None
+
+    def is_file(self, rel: str) -> bool:
+        return self._info(rel).type == pafs.FileType.File
+
+    def read_bytes(self, rel: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise self._storage_error(e) from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """All of ``data`` under ``rel``, or nothing (temp + rename; one upload for an object)."""
+        self._parts = None
+        if self.remote:
+            try:
+                with self.fs.open_output_stream(self.path(rel)) as f:
+                    f.write(data)
+            except OSError as e:
+                raise self._storage_error(e) from None
+        else:
+            _atomic_write_bytes(Path(self.path(rel)), data)
+
+    def write_parquet(self, rel: str, table: pa.Table) -> None:
+        self._parts = None
+        if self.remote:
+            self.write_bytes(rel, parquet_bytes(table))
+        else:
+            write_parquet_atomic(table, Path(self.path(rel)))
+
+    def read_parquet(self, rel: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(self.path(rel), filesystem=self.fs, schema=schema)
+
+    def _list(self, rel: str) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(rel), recursive=True, allow_not_found=True)
+        try:
+            return [i for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File]
+        except OSError as e:
+            raise self._storage_error(e) from None
+
+    def delete(self, paths: Iterable[str]) -> None:
+        """Delete files dmx wrote (fs paths), and their chunk folders once empty."""
+        self._parts = None
+        for p in paths:
+            try:
+                self.fs.delete_file(p)
+            except FileNotFoundError:
+                pass
+            if not self.remote:
+                parent = Path(p).parent
+                if parent.name.startswith("chunk=") and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+
+    # ------------------------------------------------------------------ the manifest
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        return self.is_file(MANIFEST)
+
+    def has_other_files(self) -> bool:
+        """True when the location exists and holds anything (a folder or a prefix)."""
+        if self.remote:
+            return bool(self._list(""))
+        return self.root.exists() and (not self.root.is_dir() or any(self.root.iterdir()))
 
     def read_manifest(self) -> dict[str, Any]:
         if not self.exists():
-            raise RunDirError(f"{self.root} is not a dmx run directory (no {MANIFEST})")
+            raise RunDirError(f"{self.uri} is not a dmx run directory (no {MANIFEST})")
+        data = self.read_bytes(MANIFEST)
         try:
-            return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            manifest = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise RunDirError(f"{self.uri}/{MANIFEST} is damaged: byte {e.start} is not UTF-8 "
+                              "(the run's manifest must be rewritten by `dmx run --resume` "
+                              "or the run redone)") from None
         except json.JSONDecodeError as e:
-            raise RunDirError(f"{self.manifest_path} is not valid JSON: {e}") from None
+            raise RunDirError(f"{self.uri}/{MANIFEST} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise RunDirError(f"{self.uri}/{MANIFEST} is not a JSON object")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.manifest_path,
-                            json.dumps(manifest, indent=2, sort_keys=False, default=str).encode())
+        self.write_bytes(MANIFEST, json.dumps(manifest, indent=2, sort_keys=False,
+                                              default=str).encode())
 
-    def part_path(self, chunk: int) -> Path:
-        return self.rows_dir / f"chunk={chunk:05d}" / "part-0.parquet"
+    # ------------------------------------------------------------------ the plan
+    def write_chunk_list(self, table: pa.Table) -> None:
+        self.write_parquet(CHUNK_LIST, table.cast(CHUNK_LIST_SCHEMA))
 
-    def images_part_path(self, chunk: int) -> Path:
-        return self.root / "_images" / f"chunk={chunk:05d}.parquet"
+    def read_chunk_list(self) -> pa.Table | None:
+        """The image list and chunk of every image (None for runs of dmx before chunk ids)."""
+        if not self.is_file(CHUNK_LIST):
+            return None
+        try:
+            return self.read_parquet(CHUNK_LIST)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise RunDirError(f"{self.uri}/{CHUNK_LIST} is unreadable ({e}); "
+                              "the run cannot be resumed safely: choose another --out") from None
+
+    def planned_chunks(self) -> list[int] | None:
+        """Chunk numbers in plan order (by first image id); runs of dmx before chunk lists:
+        0 .. chunks-1; None when the run says nothing about its chunks (hand-made runs)."""
+        t = self.read_chunk_list()
+        if t is None:
+            n = self.read_manifest().get("chunks")
+            return list(range(int(n))) if isinstance(n, int) else None
+        return list(dict.fromkeys(t["chunk"].to_pylist()))
+
+    # ------------------------------------------------------------------ chunks
+    def _intact(self, path: str, size: int | None) -> bool:
+        """A Parquet file's footer is whole: ``<footer length><PAR1>`` at its end, in range.
+        Truncation (a disk filled, a copy cut short) always breaks this."""
+        try:
+            if size is None:
+                size = self.fs.get_file_info(path).size
+            if size is None or size < 12:
+                return False
+            with self.fs.open_input_file(path) as f:
+                tail = f.read_at(8, size - 8)
+                head = f.read_at(4, 0)
+        except OSError:
+            return False
+        return (head == b"PAR1" and tail[4:] == b"PAR1"
+                and int.from_bytes(tail[:4], "little") + 12 <= size)
+
+    def part_files(self) -> dict[int, tuple[str, bool]]:
+        """Every per-chunk part file present: chunk -> (path, intact). Listed once per RunDir
+        until it writes or deletes a file."""
+        if self._parts is not None:
+            return self._parts
+        out = {}
+        for info in self._list("rows"):
+            parent, name = info.path.rsplit("/", 2)[-2:]
+            m = _CHUNK_DIR.match(parent)
+            if m and name == "part-0.parquet":
+                out[int(m.group(1))] = (info.path, self._intact(info.path, info.size))
+        self._parts = out
+        return out
+
+    def compaction(self) -> dict[str, Any]:
+        """Which chunks the compacted files hold: {generation, files (relative), chunks, rows}."""
+        if not self.is_file(COMPACTION):
+            return {"generation": 0, "files": [], "chunks": [], "rows": 0}
+        try:
+            return json.loads(self.read_bytes(COMPACTION).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunDirError(f"{self.uri}/{COMPACTION} is damaged ({e}); "
+                              "the compacted rows cannot be located") from None
+
+    def write_compaction(self, state: dict[str, Any]) -> None:
+        self.write_bytes(COMPACTION, json.dumps(state).encode())
+
+    def compaction_intact(self, state: dict[str, Any] | None = None) -> bool:
+        state = state or self.compaction()
+        return all(self._intact(self.path(f), None) for f in state["files"])
 
     def done_chunks(self) -> set[int]:
-        """Chunks whose row file is complete (present under its final name)."""
-        done = set()
-        if self.rows_dir.is_dir():
-            for d in self.rows_dir.iterdir():
-                m = _CHUNK_DIR.match(d.name)
-                if m and (d / "part-0.parquet").is_file():
-                    done.add(int(m.group(1)))
-        return done
+        """Chunks whose rows are complete: an intact part file, or held by intact compacted
+        files. A truncated file does not count, so ``--resume`` computes its chunks again."""
+        done = {c for c, (_, ok) in self.part_files().items() if ok}
+        state = self.compaction()
+        return done | (set(state["chunks"]) if self.compaction_intact(state) else set())
+
+    def drop_damaged_compaction(self) -> bool:
+        """Before a resume: when a compacted file is truncated or gone, forget the compaction
+        (its chunks are computed again as part files) and delete its files. True if dropped."""
+        state = self.compaction()
+        if not state["files"] or self.compaction_intact(state):
+            return False
+        self.write_compaction({"generation": state["generation"], "files": [], "chunks": [],
+                               "rows": 0})
+        self.delete(self.path(f) for f in state["files"])
+        return True
+
+    def verify(self) -> Health:
+        """Planned chunks vs chunks present and readable (verification on read)."""
+        manifest = self.read_manifest()
+        for name in ("cells.parquet",):
+            if not self._intact(self.path(name), None):
+                raise RunDirError(f"{self.uri}/{name} is missing or damaged (truncated or corrupt); "
+                                  "the run cannot be read")
+        parts = self.part_files()
+        state = self.compaction()
+        planned = self.planned_chunks()
+        if planned is None:
+            planned = sorted(set(parts) | set(state["chunks"]))
+        compacted = set(state["chunks"])
+        health = Health(self.uri, planned, status=str(manifest.get("status")))
+        for f in state["files"]:
+            if not self._intact(self.path(f), None):
+                health.unreadable.update({c: f for c in compacted})
+        for c in planned:
+            if c in compacted:
+                continue
+            if c not in parts:
+                health.missing.append(c)
+            elif not parts[c][1]:
+                health.unreadable[c] = parts[c][0]
+        return health
+
+    def row_files(self) -> list[str]:
+        """The files holding the run's rows (paths on ``self.fs``): compacted files, then the
+        intact part files of planned chunks they do not hold. Never a row twice."""
+        state = self.compaction()
+        compacted = set(state["chunks"])
+        known = self.planned_chunks() if self.exists() else None
+        planned = set(known) if known is not None else None
+        files = [self.path(f) for f in state["files"] if self._intact(self.path(f), None)]
+        for c, (p, ok) in sorted(self.part_files().items()):
+            if ok and c not in compacted and (planned is None or c in planned):
+                files.append(p)
+        return files
 
     def write_chunk(self, chunk: int, rows: pa.Table, images: pa.Table) -> None:
         """Image properties first, rows last: a chunk counts as done once its rows exist."""
-        write_parquet_atomic(images, self.images_part_path(chunk))
-        write_parquet_atomic(rows, self.part_path(chunk))
+        self.write_parquet(f"_images/chunk={chunk:05d}.parquet", images)
+        self.write_parquet(f"rows/chunk={chunk:05d}/part-0.parquet", rows)
 
-    def merge_images(self) -> int:
-        """Merge per-chunk image properties into ``images.parquet``; returns the image count."""
-        parts = sorted((self.root / "_images").glob("chunk=*.parquet"))
-        tables = [pq.read_table(p, schema=IMAGE_SCHEMA) for p in parts]
+    def merge_images(self, chunks: Iterable[int] | None = None) -> int:
+        """Merge per-chunk image properties (of ``chunks``, default all) into ``images.parquet``;
+        returns the image count."""
+        wanted = None if chunks is None else set(chunks)
+        tables = []
+        for info in sorted(self._list("_images"), key=lambda i: i.path):
+            m = re.match(r"^chunk=(\d+)\.parquet$", info.base_name)
+            if m and (wanted is None or int(m.group(1)) in wanted) and self._intact(info.path, info.size):
+                tables.append(pq.read_table(info.path, filesystem=self.fs, schema=IMAGE_SCHEMA))
         table = pa.concat_tables(tables) if tables else IMAGE_SCHEMA.empty_table()
-        write_parquet_atomic(table, self.root / "images.parquet")
+        if tables:
+            table = table.sort_by("image_id")
+        self.write_parquet("images.parquet", table)
         return table.num_rows
+

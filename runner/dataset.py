@@ -19,6 +19,7 @@ class ImageRef:
 
     image_id: str
     path: str
+    size: int | None = None     # bytes, when known from the listing (the run records it)
 
 
 def _is_glob(text: str) -> bool:
@@ -27,6 +28,9 @@ def _is_glob(text: str) -> bool:
 
 def list_images(ds: DatasetSpec) -> list[ImageRef]:
     """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist."""
+    from . import sources  # object stores and shard files (s3://, gs://, *.parquet, *.tar)
+    if sources.handles(ds):
+        return sources.list_images(ds)
     base = Path(ds.base_dir)
     target = ds.path if os.path.isabs(ds.path) else str(base / ds.path)
     if _is_glob(ds.path):

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from matrix import Cell
+from results.store import chunk_id
 
 from .backends.base import ModelArtifacts
 from .convert import ResolvedModel
@@ -15,7 +16,7 @@ from .dataset import ImageRef
 class Chunk:
     """A slice of the dataset: the unit of scheduling, retry and resume."""
 
-    index: int
+    index: int                      # chunk_id of its image ids (not a position)
     images: tuple[ImageRef, ...]
 
 
@@ -46,7 +47,13 @@ class Plan:
 
 
 def make_chunks(images: list[ImageRef], size: int) -> list[Chunk]:
-    return [Chunk(i // size, tuple(images[i: i + size])) for i in range(0, len(images), size)]
+    """Consecutive slices of ``size`` images, each numbered by its image ids (``chunk_id``),
+    never by its position: a resume after the dataset changed cannot shift a chunk."""
+    chunks = [Chunk(chunk_id(r.image_id for r in images[i: i + size]), tuple(images[i: i + size]))
+              for i in range(0, len(images), size)]
+    if len({c.index for c in chunks}) != len(chunks):  # 60-bit ids: never seen, but never silent
+        raise ValueError("two chunks of the dataset got the same id; change --chunk-size")
+    return chunks
 
 
 CHUNK_BYTES = 256 * 1024 * 1024  # what one chunk's preprocessed inputs may hold in a worker

@@ -26,6 +26,7 @@ def model_input(path: str | Path, factors: Mapping[str, str | None],
     from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
     from .models.base import Preprocess
     from .preprocess import PreprocessError, model_input_pixels
+    from .sources import read_location  # local file, object store or shard member
     try:
         extra = {k: preprocess[k] for k in ("pad", "scale", "channels") if k in preprocess}
         pre = Preprocess(mode=preprocess["mode"], resize=int(preprocess["resize"]),
@@ -34,7 +35,7 @@ def model_input(path: str | Path, factors: Mapping[str, str | None],
     except (KeyError, TypeError, ValueError) as e:
         raise RenderError(f"the manifest's model.preprocess is incomplete: {e}") from None
     try:
-        data = Path(path).read_bytes()
+        data = read_location(str(path))
     except OSError as e:
         raise RenderError(f"cannot read {path}: {e.strerror or e}") from None
     try:

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,7 +15,8 @@ import pyarrow as pa
 
 from matrix import Cell, Spec, expand, reference_cell
 from matrix.axes import DECODE, INFER, PREPROCESS
-from results import RunDir, RunDirError, cell_schema, write_parquet_atomic
+from results import RunDir, RunDirError, cell_schema
+from results.compact import compact_run
 from results.environment import fingerprint
 
 from .backends import InferSetting
@@ -24,7 +24,10 @@ from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, list_images
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
 from .executors import LocalExecutor, RayExecutor
-from .plan import Plan, default_chunk_size, make_chunks
+from .plan import Plan, default_chunk_size
+from .resume import chunk_list, plan_chunks
+from .resume import digest as resume_digest
+from .sources import read_image, with_sizes
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
 from .worker import ChunkSummary
@@ -41,6 +44,7 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     gpus_per_worker: float | None = None
+    compact: bool = True        # merge part files into few sorted files when the run ends
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
         if len(ids) >= spec.calibration_limit:
             break
         try:
-            pixels = decoder.decode(Path(img.path).read_bytes(), decode_options(dict(ref.factors)))
+            pixels = decoder.decode(read_image(img), decode_options(dict(ref.factors)))
             if ref.get("color") == "bgr":
                 pixels = np.ascontiguousarray(pixels[..., ::-1])
             x = model_input_pixels(pixels, ref.get("resize", "pil-bilinear"), model.preprocess,
@@ -97,17 +101,17 @@ def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
 
 def _check_out_dir(run: RunDir, spec: Spec, resume: bool) -> dict[str, Any] | None:
     if not run.exists():
-        if run.root.exists() and any(run.root.iterdir()):
-            raise RunDirError(f"{run.root} exists, is not empty and holds no dmx run; "
+        if run.has_other_files():
+            raise RunDirError(f"{run.uri} exists, is not empty and holds no dmx run; "
                               "choose another --out")
         return None
     old = run.read_manifest()
     if old.get("spec_digest") != spec.digest:
-        raise RunDirError(f"{run.root} holds a run of a different spec ({old.get('spec', {}).get('name')!r}, "
+        raise RunDirError(f"{run.uri} holds a run of a different spec ({old.get('spec', {}).get('name')!r}, "
                           f"digest {old.get('spec_digest')}, this spec {spec.digest}); "
                           "choose another --out")
     if not resume:
-        raise RunDirError(f"{run.root} already holds a run of this spec; add --resume to finish "
+        raise RunDirError(f"{run.uri} already holds a run of this spec; add --resume to finish "
                           "it, or choose another --out")
     return old
 
@@ -117,7 +121,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     t0 = time.perf_counter()
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
-    images = list_images(spec.dataset)
+    images = with_sizes(list_images(spec.dataset))
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
@@ -149,16 +153,21 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
     plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
                 skipped=skipped, model=model, artifacts=artifacts, threads=executor.threads,
-                batch=opts.batch, out=str(run.root))
-    chunks = make_chunks(images, chunk_size)
-    if old and old.get("chunk_size") != chunk_size:
-        raise RunDirError(f"{run.root} was run with --chunk-size {old.get('chunk_size')}; "
-                          "resume with the same chunk size")
-    done = run.done_chunks()
+                batch=opts.batch, out=run.uri)
+    # Chunks are named by their image ids: a resume reuses finished chunks that still hold and
+    # computes the rest, whatever was added; unreadable part files do not count as finished.
+    if old and run.drop_damaged_compaction() and opts.progress:
+        print("dmx: a compacted row file is damaged; its chunks are computed again", file=sys.stderr)
+    chunking = plan_chunks(images, chunk_size, run.read_chunk_list() if old else None,
+                           run.done_chunks() if old else set(), run.uri)
+    chunks = chunking.chunks
+    done = chunking.kept
     todo = [c for c in chunks if c.index not in done]
+    if chunking.note and opts.progress:
+        print(f"dmx: {chunking.note}", file=sys.stderr)
 
     manifest: dict[str, Any] = {
-        "run_id": run_id, "dmx_format": 1, "status": "running",
+        "run_id": run_id, "dmx_format": 2, "status": "running",
         "started": old["started"] if old else dt.datetime.now(dt.timezone.utc).isoformat(),
         "spec_digest": spec.digest, "spec": spec.raw,
         "model": {"name": model.name, "task": model.task, "preprocess": model.preprocess.__dict__,
@@ -168,6 +177,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
         "images": len(images), "chunk_size": chunk_size, "chunks": len(chunks),
+        "dataset": {"images": len(images), "digest": resume_digest(images),
+                    "bytes": sum(r.size or 0 for r in images), "chunk_list": "chunks.parquet"},
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
                      "gpus_per_worker": executor.gpus_per_worker},
         "batch": opts.batch,
@@ -185,8 +196,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "counters": old.get("counters", {}) if old else {},
         "backends": old.get("backends", {}) if old else {},
     }
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_parquet_atomic(_cells_table(spec, cells, ref, skipped), run.root / "cells.parquet")
+    run.write_parquet("cells.parquet", _cells_table(spec, cells, ref, skipped))
+    run.write_chunk_list(chunk_list(chunks))   # before any chunk: what a resume checks against
     run.write_manifest(manifest)
 
     progress = Progress(len(images), len(chunks), len(cells), enabled=opts.progress)
@@ -211,12 +222,17 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                       f"in {len(todo)} chunks of {chunk_size} on {executor.name} "
                       f"({executor.workers} worker{'s' if executor.workers > 1 else ''})")
     executor.run(plan, todo, on_summary)
-    n_images = run.merge_images()
+    n_images = run.merge_images(c.index for c in chunks)
     wall = time.perf_counter() - t0
     manifest.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),
                     wall_s=round(wall, 2), counters=dict(counters), ray=getattr(executor, "where", None))
     run.write_manifest(manifest)
-    return RunSummary(out=str(run.root), run_id=run_id, images=n_images, cells=len(cells),
+    if opts.compact:  # few large files sorted by cell: what DuckDB reads fastest
+        c = compact_run(run.uri)
+        if opts.progress and c.files_before > c.files_after:
+            print(f"dmx: compacted {c.files_before} part files into {c.files_after} "
+                  f"({c.rows} rows, sorted by cell)", file=sys.stderr)
+    return RunSummary(out=run.uri, run_id=run_id, images=n_images, cells=len(cells),
                       skipped_cells=len(skipped), rows=totals["rows"], errors=totals["errors"],
                       chunks_run=len(todo), chunks_resumed=len(done), wall_s=wall,
                       counters=dict(counters), minimum=manifest["minimum"])

@@ -34,6 +34,7 @@ from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detec
 from .imageinfo import image_info_from_bytes
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
+from .sources import read_image
 from .preprocess import Placement, PreprocessError, model_input, normalise
 
 
@@ -190,8 +191,7 @@ class Worker:
     @staticmethod
     def _read(img) -> bytes | _Failure:
         try:
-            with open(img.path, "rb") as f:
-                return f.read()
+            return read_image(img)  # local file, object or shard member
         except OSError as e:
             return _Failure("read", f"{type(e).__name__}: {e.strerror or e}")
 

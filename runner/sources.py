@@ -1,0 +1,262 @@
+"""Where image bytes come from beyond a local folder: object stores and shard files.
+
+- ``s3://bucket/prefix/**/*.jpg`` or ``gs://...`` (a glob, or a prefix: every image under it):
+  listed on the driver (one listing, sizes included); each worker GETs the bytes of its own
+  images from the store - bytes never travel through the driver.
+- Parquet shards (``shards/*.parquet``, local or remote): one row per image, an id column
+  (``image_id``, ``id``, ``key``, ``__key__``, ``path``, ``file_name``; else the row number) and
+  a bytes column (a binary column, or Hugging Face's ``Image`` struct ``{bytes, path}``).
+- WebDataset tar shards (``shards/*.tar``): members ``KEY.jpg`` (any image suffix) grouped by key.
+
+A shard image's ``image_id`` is ``<shard path relative to the dataset root>/<key>``. Chunks are
+cut from the id-sorted list, so a chunk's images sit in one or two shards; a worker reads a
+Parquet shard row group by row group and a tar shard whole, keeping only the last one open.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import functools
+import io
+import os
+import re
+import tarfile
+from pathlib import Path, PurePosixPath
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from matrix import DatasetSpec, SpecError
+from results.fs import StorageError, filesystem, is_remote, uri
+
+from .dataset import IMAGE_SUFFIXES, ImageRef
+
+SHARD_SUFFIXES = {".parquet", ".tar"}
+_ID_COLUMNS = ("image_id", "id", "key", "__key__", "path", "file_name", "filename", "name")
+_BYTES_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "bytes", "content", "data")
+_ROW = "#dmx-row="
+_MEMBER = "#dmx-member="
+
+
+def handles(ds: DatasetSpec) -> bool:
+    """True when ``ds`` is an object-store location or a set of shard files."""
+    return is_remote(ds.path) or _shard_suffix(ds.path) is not None
+
+
+def _shard_suffix(text: str) -> str | None:
+    suffix = PurePosixPath(text.split("?")[0]).suffix.lower()
+    return suffix if suffix in SHARD_SUFFIXES else None
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """``**`` crosses folders, ``*`` and ``?`` do not (as in ``glob(recursive=True)``)."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            j = pattern.find("]", i)
+            out, i = (out + re.escape(pattern[i]), i + 1) if j < 0 else (
+                out + fnmatch.translate(pattern[i: j + 1])[4:-3], j + 1)
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
+    """Files matching ``ds.path`` (a glob, a folder/prefix, or one file): (fs, root, infos)."""
+    target = ds.path if (is_remote(ds.path) or os.path.isabs(ds.path)) else str(Path(ds.base_dir) / ds.path)
+    try:
+        fs, path = filesystem(target)
+        first_glob = min((path.find(c) for c in "*?[" if c in path), default=-1)
+        if first_glob >= 0:
+            root = path[:first_glob].rsplit("/", 1)[0]
+            rx = _glob_regex(path)
+            infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                                   allow_not_found=True))
+                     if i.type == pafs.FileType.File and rx.match(i.path)]
+        else:
+            info = fs.get_file_info(path)
+            if info.type == pafs.FileType.File:
+                root, infos = path.rsplit("/", 1)[0], [info]
+            elif info.type == pafs.FileType.Directory or is_remote(target):
+                root = path
+                infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True,
+                                                                       allow_not_found=True))
+                         if i.type == pafs.FileType.File and PurePosixPath(i.path).suffix.lower() in suffixes]
+            else:
+                raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target})")
+    except (OSError, StorageError) as e:
+        raise SpecError("dataset.path", f"cannot list {ds.path}: {str(e).splitlines()[0]}") from None
+    return fs, root, sorted(infos, key=lambda i: i.path)
+
+
+def _rel(path: str, root: str) -> str:
+    return path[len(root):].lstrip("/") if path.startswith(root + "/") else path
+
+
+def list_images(ds: DatasetSpec) -> list[ImageRef]:
+    """The images of an object-store location or of shard files, sorted by id, cut to limit."""
+    suffix = _shard_suffix(ds.path)
+    if suffix is None:
+        fs, root, infos = _files(ds, IMAGE_SUFFIXES)
+        refs = [ImageRef(_rel(i.path, root), uri(fs, i.path), i.size) for i in infos
+                if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES]
+    else:
+        fs, root, infos = _files(ds, {suffix})
+        refs = []
+        for info in infos:
+            shard = uri(fs, info.path)
+            lister = _parquet_members if suffix == ".parquet" else _tar_members
+            try:
+                refs += [ImageRef(f"{_rel(info.path, root)}/{key}", shard + loc, size)
+                         for key, loc, size in lister(fs, info.path)]
+            except (OSError, pa.ArrowInvalid, tarfile.TarError, ValueError) as e:
+                raise SpecError("dataset.path", f"shard {shard} is unreadable: "
+                                                f"{str(e).splitlines()[0]}") from None
+    refs.sort(key=lambda r: r.image_id)
+    if not refs:
+        raise SpecError("dataset.path", f"no images found under {ds.path}")
+    seen = set()
+    for r in refs:
+        if r.image_id in seen:
+            raise SpecError("dataset.path", f"image id {r.image_id!r} occurs twice in {ds.path} "
+                                            "(two rows of a shard with the same key)")
+        seen.add(r.image_id)
+    return refs[: ds.limit] if ds.limit else refs
+
+
+def with_sizes(refs: list[ImageRef]) -> list[ImageRef]:
+    """Local images get their size in bytes (the run records the image list with sizes)."""
+    out = []
+    for r in refs:
+        if r.size is None and "://" not in r.path:
+            try:
+                r = dataclasses.replace(r, size=os.stat(r.path).st_size)
+            except OSError:
+                pass  # an unreadable file becomes an error row when read
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------ Parquet shards
+def _columns(schema: pa.Schema) -> tuple[str | None, str]:
+    """(id column or None, bytes column) of an image shard."""
+    def is_bytes(t: pa.DataType) -> bool:
+        return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+                or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
+    names = {f.name.lower(): f.name for f in schema}
+    data = next((names[n] for n in _BYTES_COLUMNS if n in names and is_bytes(schema.field(names[n]).type)),
+                next((f.name for f in schema if is_bytes(f.type)), None))
+    if data is None:
+        raise ValueError("no binary column (image bytes) and no struct column with a 'bytes' field")
+    def is_key(n: str) -> bool:
+        t = schema.field(names[n]).type
+        return names[n] != data and (pa.types.is_string(t) or pa.types.is_integer(t))
+    ident = next((names[n] for n in _ID_COLUMNS if n in names and is_key(n)), None)
+    return ident, data
+
+
+def _parquet_members(fs: pafs.FileSystem, path: str):
+    pf = pq.ParquetFile(path, filesystem=fs)
+    ident, _ = _columns(pf.schema_arrow)
+    keys = (pf.read(columns=[ident])[ident].to_pylist() if ident
+            else [f"{i:08d}" for i in range(pf.metadata.num_rows)])
+    width = len(str(max(len(keys) - 1, 0)))
+    for row, key in enumerate(keys):
+        key = str(key) if key is not None else f"{row:0{width}d}"
+        yield key, f"{_ROW}{row}", None
+
+
+class _ParquetShard:
+    """One open Parquet shard: row groups read on demand, the last one kept."""
+
+    def __init__(self, location: str) -> None:
+        fs, path = filesystem(location)
+        self.file = pq.ParquetFile(path, filesystem=fs)
+        self.column = _columns(self.file.schema_arrow)[1]
+        starts, n = [], 0
+        for g in range(self.file.num_row_groups):
+            starts.append(n)
+            n += self.file.metadata.row_group(g).num_rows
+        self.starts = starts
+        self.group, self.values = -1, None
+
+    def read(self, row: int) -> bytes:
+        g = max(i for i, s in enumerate(self.starts) if s <= row)
+        if g != self.group:
+            col = self.file.read_row_group(g, columns=[self.column])[self.column]
+            if pa.types.is_struct(col.type):
+                col = col.combine_chunks().field("bytes")
+            self.group, self.values = g, col
+        value = self.values[row - self.starts[g]].as_py()
+        if value is None:
+            raise OSError(f"row {row} of the shard holds no image bytes")
+        return value
+
+
+# ------------------------------------------------------------------ WebDataset tar shards
+def _tar_members(fs: pafs.FileSystem, path: str):
+    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            p = PurePosixPath(m.name)
+            if m.isfile() and p.suffix.lower() in IMAGE_SUFFIXES:
+                key = str(p.parent / p.name.split(".", 1)[0]) if p.parent != PurePosixPath(".") \
+                    else p.name.split(".", 1)[0]
+                yield key, f"{_MEMBER}{m.name}", m.size
+
+
+class _TarShard:
+    """One tar shard read whole (one GET), members by name."""
+
+    def __init__(self, location: str) -> None:
+        fs, path = filesystem(location)
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+        self.members: dict[str, bytes] = {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    self.members[m.name] = tar.extractfile(m).read()
+
+    def read(self, name: str) -> bytes:
+        if name not in self.members:
+            raise FileNotFoundError(2, "no such member in the shard", name)
+        return self.members[name]
+
+
+@functools.lru_cache(maxsize=1)  # one shard open per process: chunks are cut along shards
+def _shard(location: str):
+    return _ParquetShard(location) if location.endswith(".parquet") else _TarShard(location)
+
+
+def read_image(ref: ImageRef) -> bytes:
+    """The encoded bytes of one image, from where it is. Failures are ``OSError``s."""
+    return read_location(ref.path)
+
+
+def read_location(path: str) -> bytes:
+    """The bytes at an ``ImageRef.path`` (as recorded in ``images.parquet``): a local file, an
+    object, a row of a Parquet shard or a member of a tar shard. Failures are ``OSError``s."""
+    try:
+        if _ROW in path:
+            shard, row = path.rsplit(_ROW, 1)
+            return _shard(shard).read(int(row))
+        if _MEMBER in path:
+            shard, name = path.split(_MEMBER, 1)
+            return _shard(shard).read(name)
+        if "://" in path:
+            fs, p = filesystem(path)
+            with fs.open_input_stream(p) as f:
+                return f.read()
+        with open(path, "rb") as f:
+            return f.read()
+    except (pa.ArrowInvalid, tarfile.TarError, StorageError, ValueError) as e:
+        raise OSError(f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
