@@ -190,3 +190,223 @@ def test_an_interaction_on_an_unbalanced_design_is_measured_beyond_the_main_effe
     got = attribute(cells, ["a", "b"])
     assert got.interactions[0]["eta_squared"] < 1e-12
     assert got.main["a"] > 0 and got.main["b"] > 0
+
+
+# ------------------------------------------------------------------ planted pipelines
+
+N_IMAGES = 20
+WIDE = {"img03.jpg", "img14.jpg"}       # 10% of the images: 72 px wide instead of 64
+SHORT = "img07.jpg"                     # 40 px high: the noisy decoder fails on it
+
+
+def _photo(seed: int, w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 3 + seed * 11, y * 4 + seed * 5, (x + y) * 2], axis=-1) + rng.integers(0, 50, (h, w, 3))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="module")
+def planted_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("planted_images")
+    for i in range(N_IMAGES):
+        name = f"img{i:02d}.jpg"
+        w = 72 if name in WIDE else 64
+        h = 40 if name == SHORT else 48
+        _photo(i, w, h).save(root / name, quality=92)
+    return root
+
+
+def _invert_corner_of_wide(img: np.ndarray, data: bytes) -> np.ndarray:
+    """The rare effect: only 72-px-wide images, their top-left 24x24 block inverted."""
+    if img.shape[1] == 72:
+        img[:24, :24] = 255 - img[:24, :24]
+    return img
+
+
+def _noise(img: np.ndarray, data: bytes) -> np.ndarray:
+    """The noisy effect: every image, +-1..4 levels of noise whose amplitude varies per image;
+    a decode error on the short image (error rows)."""
+    from runner.decoders import DecodeError
+    if img.shape[0] == 40:
+        raise DecodeError("planted: cannot decode the short image")
+    seed = zlib.crc32(data)
+    amp = 1 + seed % 4
+    noise = np.random.default_rng(seed).integers(-amp, amp + 1, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def _swap_channels(img: np.ndarray, data: bytes) -> np.ndarray:
+    """A decoder that hands out BGR: it cancels ``color: bgr`` exactly."""
+    return np.ascontiguousarray(img[..., ::-1])
+
+
+def _fail(img: np.ndarray, data: bytes) -> np.ndarray:
+    from runner.decoders import DecodeError
+    raise DecodeError("planted: this decoder fails on every image")
+
+
+def _planted_decoder(perturb: Callable[[np.ndarray, bytes], np.ndarray]):
+    from runner.decoders.pil import PilDecoder
+
+    class Planted(PilDecoder):
+        system_name = "planted"
+
+        def _decode(self, data, options):
+            return perturb(super()._decode(data, options).copy(), data)
+
+        def version(self):
+            return {"library": f"planted-{perturb.__name__}", "version": "1", "libjpeg": None}
+    return Planted()
+
+
+def _unavailable(label: str):
+    from runner.decoders import DecoderUnavailable
+    raise DecoderUnavailable(f"planted: {label} cannot run here")
+
+
+def planted_sweep(images: Path, out: Path, axes: dict[str, list], reference: dict[str, str],
+                  decoders: dict[str, Callable | None], **spec: Any) -> Path:
+    """Run a real sweep (tiny model, local executor) with planted decoders registered for the
+    given decoder levels (None: a level that cannot run here, i.e. skipped cells)."""
+    import runner.decoders as registry
+    from matrix import parse_spec
+    from runner.sweep import RunOptions, run_spec
+    raw = {"name": "planted", "dataset": {"path": str(images)}, "model": "tiny", "axes": axes,
+           "reference": reference, **spec}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "_CACHE", {})
+        for level, perturb in decoders.items():
+            mp.setitem(registry._FACTORIES, level,
+                       _unavailable if perturb is None else (lambda _l, p=perturb: _planted_decoder(p)))
+        run_spec(parse_spec(raw), RunOptions(out=str(out), executor="local", progress=False))
+    return out
+
+
+def test_a_reference_that_fails_on_every_image_fails_the_gate(planted_images: Path, tmp_path: Path):
+    """Issue 12 item 1: the reference failed on every image, every other row was 'ok' without
+    metrics, and ``dmx check`` passed. Fails on 16e8c81."""
+    run = planted_sweep(planted_images, tmp_path / "run", {"decoder": ["nvjpeg", "pil"]},
+                        {"decoder": "nvjpeg"}, {"nvjpeg": _fail})
+    result = check_run(run)
+    assert not result.passed, render_check_text(result)
+    checks = {f.check for f in result.failures}
+    assert "reference_errors" in checks
+    ref_failure = next(f for f in result.failures if f.check == "reference_errors")
+    assert (ref_failure.rows_bad, ref_failure.rows) == (N_IMAGES, N_IMAGES)
+    # allowing every reference failure still judges nothing: the gate must not pass
+    lenient = check_run(run, {"max_reference_errors": N_IMAGES})
+    assert not lenient.passed
+    assert [f.check for f in lenient.failures] == ["not_judged"]
+    assert "NOT JUDGED" in render_check_text(lenient)
+
+
+def test_a_cell_with_images_the_reference_failed_on_is_reported(planted_images: Path, tmp_path: Path):
+    """The reference fails on the short image only: one image of every other cell is not judged
+    and reported; max_reference_errors 1 lets the rest be judged."""
+    run = planted_sweep(planted_images, tmp_path / "run",
+                        {"decoder": ["turbojpeg", "pil"], "resize": ["pil-bilinear", "cv2-linear"]},
+                        {"decoder": "turbojpeg", "resize": "pil-bilinear"}, {"turbojpeg": _noise})
+    strict = check_run(run)
+    assert "reference_errors" in {f.check for f in strict.failures}
+    result = check_run(run, {"max_reference_errors": 1, "max_rel_l2": None, "min_cosine": None,
+                             "min_top1_agreement": None})
+    assert result.passed, render_check_text(result)
+    assert result.not_judged_rows and all(
+        (u["rows"], u["reference_failed"], u["image_id"]) == (1, 1, SHORT)
+        for u in result.not_judged_rows.values())
+    # the two pil cells; turbojpeg x cv2-linear fails on that image itself (an error row)
+    assert sorted(result.not_judged_rows) == ["decoder=pil resize=cv2-linear",
+                                              "decoder=pil resize=pil-bilinear"]
+    assert result.to_json()["reference_errors"]["images"] == 1
+
+
+PLANTED_AXES = {"decoder": ["pil", "simplejpeg", "turbojpeg", "opencv"], "exif": ["apply", "ignore"],
+                "backend": ["torch", "openvino"], "openvino_hint": ["f32", "accuracy"]}
+PLANTED_REFERENCE = {"decoder": "pil", "exif": "apply", "backend": "torch"}
+
+
+@pytest.fixture(scope="module")
+def planted_run(planted_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """simplejpeg = the rare effect, turbojpeg = the noisy one (and a decode error), opencv cannot
+    run (skipped cells), exif has no effect (no image carries an orientation), openvino_hint is
+    nested in backend; turbojpeg x exif=ignore is excluded."""
+    return planted_sweep(planted_images, tmp_path_factory.mktemp("planted") / "run", PLANTED_AXES,
+                         PLANTED_REFERENCE,
+                         {"simplejpeg": _invert_corner_of_wide, "turbojpeg": _noise, "opencv": None},
+                         exclude=[{"decoder": "turbojpeg", "exif": "ignore"}])
+
+
+def test_the_planted_design_is_unbalanced(planted_run: Path):
+    e = explain_run(planted_run)
+    status = {(s["status"], s["error_stage"]) for s in e.status}
+    assert ("skipped", None) in status and ("error", "decode") in status
+    assert e.cells == 4 * 2 * 3 - 3 and len(e.skipped) == 2 * 3
+
+
+def test_the_rare_effect_appears_as_rare_but_large_with_exactly_its_images(planted_run: Path):
+    e = explain_run(planted_run)
+    rare = [c for c in e.rare_but_large() if c.factor == "decoder" and c.level == "simplejpeg"]
+    assert rare, render_text(e)
+    c = rare[0]
+    assert c.cos_dist_p50 == 0 and c.cos_dist_max > 0
+    assert {w["image_id"] for w in c.worst} == WIDE
+    assert c.n_diff_input == len(WIDE)
+
+
+def test_ranking_puts_the_noisy_factor_first_and_the_no_effect_factor_at_zero(planted_run: Path):
+    e = explain_run(planted_run)
+    ranking = e.factor_ranking()
+    assert ranking[0]["factor"] == "decoder" and ranking[0]["level"] == "turbojpeg"
+    exif = next(f for f in ranking if f["factor"] == "exif")
+    assert exif["effect"] == 0 and exif["max_abs_max"] == 0
+    assert e.eta_squared["decoder"] == max(e.eta_squared.values())
+    assert e.eta_squared["exif"] < 0.01 * e.eta_squared["decoder"]
+
+
+def test_the_nested_axis_is_analysed_within_its_backend(planted_run: Path):
+    e = explain_run(planted_run)
+    assert e.nested["openvino_hint"] == {"backend": ["openvino"]}
+    assert e.eta_squared["openvino_hint"] < 0.01 * e.eta_squared["decoder"]
+    assert all(c.level != "None" and "None" not in c.detail for c in e.contrasts)
+    total = sum(e.eta_squared.values()) + sum(i["eta_squared"] for i in e.interactions)
+    assert total <= e.explained + 1e-9 <= 1 + 1e-9
+
+
+def test_the_gate_fails_exactly_the_cells_a_planted_effect_breaks(planted_run: Path):
+    from matrix.cells import Cell  # noqa: F401  (the cells table is the truth here)
+    import pyarrow.parquet as pq
+    cells = pq.read_table(planted_run / "cells.parquet").to_pylist()
+    planted = {c["cell_id"] for c in cells
+               if c["status"] == "ok" and c["decoder"] in ("simplejpeg", "turbojpeg")}
+    result = check_run(planted_run)
+    assert set(result.failing_cells) == planted, render_check_text(result)
+    rare = [f for f in result.failures if f.check == "max_rel_l2"
+            and next(c for c in cells if c["cell_id"] == f.cell_id)["decoder"] == "simplejpeg"]
+    assert rare and all(f.rows_bad == len(WIDE) for f in rare)
+    noisy_errors = [f for f in result.failures if f.check == "errors"]
+    assert noisy_errors and all(f.image_id == SHORT and f.rows_bad == 1 for f in noisy_errors)
+
+
+@pytest.fixture(scope="module")
+def interaction_run(planted_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A decoder that hands out BGR and ``color: bgr``: each alone swaps the channels, together
+    they cancel - the effect of one depends entirely on the other."""
+    return planted_sweep(planted_images, tmp_path_factory.mktemp("xor") / "run",
+                         {"decoder": ["pil", "simplejpeg"], "color": ["rgb", "bgr"]},
+                         {"decoder": "pil", "color": "rgb"}, {"simplejpeg": _swap_channels})
+
+
+def test_two_factors_that_cancel_are_a_pure_interaction(interaction_run: Path):
+    e = explain_run(interaction_run)
+    assert e.eta_squared["decoder"] < 1e-9 and e.eta_squared["color"] < 1e-9
+    (top, *_) = e.interactions
+    assert top["factors"] == ["decoder", "color"]
+    assert top["eta_squared"] == pytest.approx(e.explained, rel=1e-6) and top["eta_squared"] > 0.3
+    both = {(c.factor, c.level): c for c in e.contrasts}
+    assert both[("decoder", "simplejpeg")].cos_dist_p50 == both[("color", "bgr")].cos_dist_p50 > 0
+    result = check_run(interaction_run)
+    import pyarrow.parquet as pq
+    cancelled = next(c["cell_id"] for c in pq.read_table(interaction_run / "cells.parquet").to_pylist()
+                     if c["decoder"] == "simplejpeg" and c["color"] == "bgr")
+    assert cancelled not in result.failing_cells and len(result.failing_cells) == 2
