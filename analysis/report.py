@@ -17,6 +17,7 @@ import datetime as dt
 import html
 import io
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -184,62 +185,93 @@ def _summary(manifest: dict[str, Any], e: Explanation, con: duckdb.DuckDBPyConne
     return f'<section id="summary"><h2>Run</h2><table class="meta">{body}</table></section>'
 
 
-def _ranking(e: Explanation) -> str:
-    ranking = [r for r in e.ranking() if r["effect"] is not None and not math.isnan(r["effect"])]
-    head = ('<section id="ranking"><h2>Which factors move the output</h2><p>Each bar is one level '
-            "of one factor, every other factor at the reference: mean cosine distance of the logits "
-            "(1 - cos, log scale, 95% interval), labelled with the share of images whose top-1 class "
-            "flips.</p>")
-    if not ranking:
-        return head + ('<p class="empty">No one-factor contrast to rank: no cell that ran differs '
-                       "from the reference in exactly one factor.</p></section>")
-    by_cell = {c.cell_id: c for c in e.contrasts}
-    labels = [f"{r['factor']} = {r['level']}" + (f"  ({r['detail']})" if r["detail"] else "")
-              for r in ranking]
-    effects = np.array([r["effect"] for r in ranking], dtype=float)
-    floor = _log_floor(effects[effects > COS_ROUNDING])
-    shown = np.where(effects > COS_ROUNDING, effects, floor)
-    factors = list(dict.fromkeys(r["factor"] for r in ranking))
-    colours = [FACTOR_COLOURS[factors.index(r["factor"]) % len(FACTOR_COLOURS)] for r in ranking]
-    fig = Figure(figsize=(11, 0.42 * len(ranking) + 1.2))
-    ax = fig.add_subplot()
-    y = np.arange(len(ranking))
-    ax.barh(y, shown - floor, left=floor, color=colours, height=0.65)
-    lo, hi = [], []
-    for r, v in zip(ranking, shown):
-        ci = by_cell[r["cell_id"]].cos_dist_ci
-        lo.append(v - max(ci[0], floor) if ci else 0.0)
-        hi.append(max(ci[1] - v, 0.0) if ci else 0.0)
-    ax.errorbar(shown, y, xerr=[np.maximum(lo, 0), hi], fmt="none", ecolor="#333", capsize=2, lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlim(floor, max(float(shown.max()) * 3, floor * 10))
-    ax.set_yticks(y, labels)
-    ax.invert_yaxis()
-    ax.set_xlabel("cosine distance of logits vs reference (mean over images, log scale)")
-    ax.grid(axis="x", which="major", alpha=0.3)
-    right = blended_transform_factory(ax.transAxes, ax.transData)
-    for yi, r, v in zip(y, ranking, effects):
-        flips = "-" if r["top1_disagreement"] is None else pct(r["top1_disagreement"])
-        text = f"top-1 flips {flips}   max abs {g(r['max_abs_max'])}"
+def ranking_chart_rows(e: Explanation) -> list[dict[str, Any]]:
+    """The numbers the ranking chart draws, one row per contrast in explain's ranking order:
+    ``median`` (the bar: a typical image), ``max`` (the marker: the worst image), top-1 flips,
+    max abs, and the annotation printed beside the bar. A contrast is drawn as "(identical
+    outputs)" only when no image moved at all: no top-1 flip, max abs 0, worst cosine distance at
+    float rounding. A typical image at 0 with a worst image far off is "rare but large", as in
+    ``dmx explain``."""
+    out = []
+    for r in e.ranking():
+        median, worst = r["effect"], r["cosine_distance_max"]
+        if median is None or (isinstance(median, float) and math.isnan(median)):
+            continue
+        flips, max_abs = r["top1_disagreement"], r["max_abs_max"]
+        identical = (not flips and not max_abs and (worst is None or worst <= COS_ROUNDING))
+        text = (f"median {_cos(median)}   max {_cos(worst)}   top-1 flips "
+                f"{'-' if flips is None else pct(flips)}   max abs {g(max_abs)}")
         if r.get("precision_effective") and r["precision_effective"] != "fp32":
             text += f"   ran {r['precision_effective']}"
-        if v <= COS_ROUNDING:
+        if identical:
             text += "   (identical outputs)"
-        ax.text(1.01, yi, text, transform=right, va="center", fontsize=8.5)
+        elif r["rare_but_large"] or (median <= COS_ROUNDING and (flips or max_abs)):
+            text += "   (rare but large)"
+        out.append({"factor": r["factor"], "level": r["level"], "detail": r["detail"],
+                    "cell_id": r["cell_id"], "median": median, "max": worst,
+                    "top1_flips": flips, "max_abs_max": max_abs, "n": r["n"],
+                    "rare_but_large": bool(r["rare_but_large"]), "identical": identical,
+                    "annotation": text})
+    return out
+
+
+def _ranking(e: Explanation) -> str:
+    head = ('<section id="ranking"><h2>Which factors move the output</h2><p>Each row is one level '
+            "of one factor, every other factor at the reference. The bar is the <b>median</b> cosine "
+            "distance of the logits over the images (1 - cos, log scale, a typical image); the "
+            "diamond is the <b>largest</b> (the worst image), so a factor that moves few images far "
+            "shows a short bar and a far diamond. Beside each row: the share of images whose top-1 "
+            "class flips and the largest max abs difference.</p>")
+    chart_rows = ranking_chart_rows(e)
+    if not chart_rows:
+        return head + ('<p class="empty">No one-factor contrast to rank: no cell that ran differs '
+                       "from the reference in exactly one factor.</p></section>")
+    labels = [f"{r['factor']} = {r['level']}" + (f"  ({r['detail']})" if r["detail"] else "")
+              for r in chart_rows]
+    medians = np.array([r["median"] for r in chart_rows], dtype=float)
+    worst = np.array([r["max"] if r["max"] is not None else np.nan for r in chart_rows], dtype=float)
+    both = np.concatenate([medians, worst])
+    floor = _log_floor(both[np.isfinite(both) & (both > COS_ROUNDING)])
+    shown = np.where(medians > COS_ROUNDING, medians, floor)
+    shown_max = np.where(np.isfinite(worst) & (worst > COS_ROUNDING), worst, floor)
+    factors = list(dict.fromkeys(r["factor"] for r in chart_rows))
+    colours = [FACTOR_COLOURS[factors.index(r["factor"]) % len(FACTOR_COLOURS)] for r in chart_rows]
+    fig = Figure(figsize=(11, 0.42 * len(chart_rows) + 1.2))
+    ax = fig.add_subplot()
+    y = np.arange(len(chart_rows))
+    ax.barh(y, shown - floor, left=floor, color=colours, height=0.65, label="median (typical image)")
+    ax.scatter(shown_max, y, marker="D", s=28, color="#222", zorder=3, label="max (worst image)")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, max(float(max(shown.max(), shown_max.max())) * 3, floor * 10))
+    ax.set_yticks(y, labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("cosine distance of logits vs reference (bar: median over images; diamond: max; "
+                  "log scale)")
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
+    ax.grid(axis="x", which="major", alpha=0.3)
+    right = blended_transform_factory(ax.transAxes, ax.transData)
+    for yi, r in zip(y, chart_rows):
+        ax.text(1.01, yi, r["annotation"], transform=right, va="center", fontsize=8.5)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
+    by_cell = {r["cell_id"]: r for r in e.ranking()}
     rows = "".join(
         f"<tr><td>{i}</td><td>{_e(r['factor'])}</td><td>{_e(r['level'])}"
         f"{' <small>(' + _e(r['detail']) + ')</small>' if r['detail'] else ''}</td>"
-        f"<td class=num>{_cos(r['effect'])}</td><td class=num>{pct(r['top1_disagreement'])}</td>"
-        f"<td class=num>{g(r['max_abs_p95'])}</td><td class=num>{g(r['max_abs_max'])}</td>"
-        f"<td class=num>{g(r['px_mean_abs'])}</td><td class=num>{r['n']}</td>"
-        f"<td>{_e(r.get('precision_effective') or '-')}</td></tr>"
-        for i, r in enumerate(ranking, 1))
-    table = ("<table class=data><tr><th>#</th><th>factor</th><th>level</th><th>cos dist</th>"
-             "<th>top-1 flips</th><th>max abs p95</th><th>max abs max</th><th>input px mean</th>"
-             f"<th>n</th><th>ran</th></tr>{rows}</table>")
-    return head + _img(fig, "factor ranking", "chart-ranking") + table + "</section>"
+        f"<td class=num>{_cos(r['median'])}</td><td class=num>{_cos(r['max'])}</td>"
+        f"<td class=num>{pct(r['top1_flips'])}</td>"
+        f"<td class=num>{g(by_cell[r['cell_id']]['max_abs_p95'])}</td><td class=num>{g(r['max_abs_max'])}</td>"
+        f"<td class=num>{g(by_cell[r['cell_id']]['px_mean_abs'])}</td><td class=num>{r['n']}</td>"
+        f"<td>{_e(by_cell[r['cell_id']].get('precision_effective') or '-')}</td></tr>"
+        for i, r in enumerate(chart_rows, 1))
+    table = ("<table class=data><tr><th>#</th><th>factor</th><th>level</th><th>median cos dist</th>"
+             "<th>max cos dist</th><th>top-1 flips</th><th>max abs p95</th><th>max abs max</th>"
+             f"<th>input px mean</th><th>n</th><th>ran</th></tr>{rows}</table>")
+    data = json.dumps(chart_rows, default=str).replace("</", "<\\/")
+    return (head + _img(fig, "factor ranking: bar = median cosine distance over images, diamond = "
+                             "max (worst image)", "chart-ranking")
+            + f'<script type="application/json" id="chart-ranking-data">{data}</script>'
+            + table + "</section>")
 
 
 def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]],

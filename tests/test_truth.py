@@ -410,3 +410,45 @@ def test_two_factors_that_cancel_are_a_pure_interaction(interaction_run: Path):
     cancelled = next(c["cell_id"] for c in pq.read_table(interaction_run / "cells.parquet").to_pylist()
                      if c["decoder"] == "simplejpeg" and c["color"] == "bgr")
     assert cancelled not in result.failing_cells and len(result.failing_cells) == 2
+
+
+def _chart_rows(html: str) -> list[dict[str, Any]]:
+    import re
+    m = re.search(r'<script type="application/json" id="chart-ranking-data">(.*?)</script>', html, re.S)
+    assert m, "the ranking chart's numbers are not in the page"
+    return json.loads(m.group(1).replace("<\\/", "</"))
+
+
+def test_the_ranking_chart_draws_explains_numbers_and_never_hides_a_rare_large_effect(planted_run: Path):
+    """Issue 12 item 4: the chart plotted the median under an axis saying mean, and drew a level
+    with 5% top-1 flips and max abs 7.68 as '(identical outputs)'. Fails on 16e8c81."""
+    import re
+    from analysis.render import g
+    from analysis.report import build_report
+    e = explain_run(planted_run)
+    html = build_report(planted_run)
+    section = html[html.index('<section id="ranking">'):]
+    section = section[:section.index("</section>")]
+    assert "median" in section and "mean cosine distance" not in section
+    chart = _chart_rows(html)
+    ranking = e.to_json()["ranking"]
+    assert [(r["factor"], r["level"], r["detail"]) for r in chart] == \
+        [(r["factor"], r["level"], r["detail"]) for r in ranking]
+    text = render_text(e)
+    for c, r in zip(chart, ranking):
+        assert c["median"] == r["effect"] and c["max"] == r["cosine_distance_max"]
+        assert c["top1_flips"] == r["top1_disagreement"] and c["max_abs_max"] == r["max_abs_max"]
+        if r["top1_disagreement"] or r["max_abs_max"]:
+            assert not c["identical"] and "identical" not in c["annotation"]
+        # the same numbers as explain's text, digit for digit
+        assert f"max abs {g(r['max_abs_max'])}" in c["annotation"]
+    by_contrast = {(r["factor"], r["level"], r["detail"]): r for r in chart}
+    for i, f in enumerate(e.factor_ranking(), 1):      # explain's ranked lines, one per factor
+        line = next(ln for ln in text.splitlines() if ln.startswith(f"  {i}. {f['factor']} "))
+        c = by_contrast[(f["factor"], f["level"], f["detail"])]
+        assert f"median {g(c['median']):>8}" in line and f"max abs {g(c['max_abs_max']):>8}" in line
+    rare = next(c for c in chart if c["factor"] == "decoder" and c["level"] == "simplejpeg")
+    assert rare["median"] == 0 and rare["max"] > 0 and rare["rare_but_large"]
+    assert "(rare but large)" in rare["annotation"]
+    exif = next(c for c in chart if c["factor"] == "exif")
+    assert exif["identical"] and "(identical outputs)" in exif["annotation"]
