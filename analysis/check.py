@@ -26,6 +26,9 @@ are never judged; skipped cells are listed, not failed):
 - ``max_reference_errors``: how many images the reference cell itself may fail on (default 0).
   Where the reference failed, no other cell can be compared: those rows are ``ok`` but carry no
   metrics and are *not judged*. More reference failures than this fail the gate.
+- ``batch_dependence``: the reuse guard re-infers sampled batches in another composition and
+  size; a cell whose outputs then move by more than its ``max_rel_l2`` limit fails (a reused
+  output would stand for an inference the cell does not reproduce).
 - ``not_judged``: a gate never passes what it did not judge. A cell whose ok rows all lack
   metrics (every image it ran was one the reference failed on) fails; a cell with some such rows
   is reported with their count.
@@ -220,6 +223,7 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         failures.append(Failure(ref_cell["cell_id"], ref_cell["label"], "reference_errors", limit_ref,
                                 f"{ref_err['stage']}: {ref_err['example']}", ref_failed, images,
                                 ref_err["image_id"]))
+    failures += _batch_dependence(con, cells, limits, tol, effective)
     not_judged, not_judged_rows, rows_judged = [], {}, 0
     for c in judged:
         cid, label = c["cell_id"], c["label"]
@@ -266,6 +270,29 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         not_judged_rows=not_judged_rows, rows_judged=rows_judged)
 
 
+def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
+                      limits: dict[str, dict[str, float | None]], tol: dict[str, Any],
+                      effective: dict[str, str | None]) -> list[Failure]:
+    """The reuse guard reaches the gate: a cell (the reference included) whose sampled outputs
+    move, when re-inferred in another batch, by more than its rel L2 limit fails, since a reused
+    output then stands for an inference the cell would not have reproduced."""
+    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
+    if "batch_rel_l2" not in columns:
+        return []
+    by_id = {c["cell_id"]: c for c in cells}
+    out = []
+    for d in query_dicts(con, load_sql("check_batch")):
+        c = by_id.get(d["cell_id"])
+        if c is None or c["status"] != "ok":
+            continue
+        asked, eff = c.get("precision") or "fp32", effective.get(d["cell_id"])
+        lim = limits.get(d["cell_id"]) or _cell_limits(tol, precision_family(eff) or precision_family(asked))
+        if lim["max_rel_l2"] is not None and d["rel_l2"] > lim["max_rel_l2"]:
+            out.append(Failure(d["cell_id"], c["label"], "batch_dependence", lim["max_rel_l2"],
+                               d["rel_l2"], 1, int(d["n"]), d["image_id"], asked, eff))
+    return out
+
+
 def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | None]:
     auto = default_limits(family)
     return {k: (auto[k] if tol[k] == AUTO else tol[k]) for k in ("max_abs", "max_rel_l2", "min_cosine")}
@@ -291,7 +318,8 @@ def _seen(v: float | None) -> float | str | None:
 
 
 CHECK_WORDS = {"precision": "precision", "errors": "errors", "reference_errors": "reference errors",
-               "not_judged": "not judged", "max_rel_l2": "rel L2",
+               "not_judged": "not judged", "batch_dependence": "batch dependence",
+               "max_rel_l2": "rel L2",
                "min_cosine": "cosine", "max_abs": "max abs", "min_top1_agreement": "top-1 agree"}
 
 
@@ -304,6 +332,10 @@ def describe_failure(f: Failure) -> str:
     if f.check == "reference_errors":
         return (f"the reference failed on {f.rows_bad} of {f.rows} images (allowed "
                 f"{f.limit}; e.g. {f.image_id}: {f.seen}): no cell was compared on them")
+    if f.check == "batch_dependence":
+        return (f"reuse guard: an output moved by rel L2 {g(_num(f.seen))} > {g(_num(f.limit))} when "
+                f"re-inferred in another batch (e.g. {f.image_id}, {f.rows} sampled): reused "
+                "outputs stand for inferences this cell would not reproduce")
     if f.check == "not_judged":
         return (f"not judged: none of its {f.rows} rows carries a metric (the reference failed on "
                 f"those images, e.g. {f.image_id})")

@@ -225,7 +225,8 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         out.append(f"  ... and {len(e.skipped) - 5} more skipped cells")
     d = e.determinism
     if d.get("determinism_checks"):
-        out.append(f"Reuse guard: {int(d['determinism_checks'])} batches recomputed, "
+        out.append(f"Reuse guard: {int(d['determinism_checks'])} batches re-inferred in another "
+                   "composition and size, "
                    f"{int(d.get('determinism_mismatches', 0))} differed "
                    f"(max abs {g(d.get('determinism_max_abs') or 0.0)})")
     return "\n".join(out)

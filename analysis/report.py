@@ -581,7 +581,7 @@ def _notes(e: Explanation, con: duckdb.DuckDBPyConnection) -> str:
             for d in errors_by_image) + "</li>")
     d = e.determinism
     if d.get("determinism_checks"):
-        items.append(f"<li><b>Reuse guard</b>: {int(d['determinism_checks'])} batches recomputed, "
+        items.append(f"<li><b>Reuse guard</b>: {int(d['determinism_checks'])} batches re-inferred in another composition and size, "
                      f"{int(d.get('determinism_mismatches', 0))} differed (max abs "
                      f"{g(d.get('determinism_max_abs') or 0.0)}).</li>")
     body = ("<ul>" + "".join(items) + "</ul>" if items else

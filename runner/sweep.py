@@ -29,7 +29,7 @@ from .executors import LocalExecutor, RayExecutor
 from .plan import Plan, default_chunk_size, make_chunks
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
-from .worker import ChunkResult
+from .worker import ChunkResult, merge_counters
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
 
     def on_result(res: ChunkResult) -> None:
         run.write_chunk(res.chunk, res.rows, res.images)
-        counters.update(res.counters)
+        merge_counters(counters, res.counters)  # a maximum stays a maximum across workers
         for k, v in res.backends.items():
             manifest["backends"].setdefault(k, v)
         errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0

@@ -452,3 +452,91 @@ def test_the_ranking_chart_draws_explains_numbers_and_never_hides_a_rare_large_e
     assert "(rare but large)" in rare["annotation"]
     exif = next(c for c in chart if c["factor"] == "exif")
     assert exif["identical"] and "(identical outputs)" in exif["annotation"]
+
+
+# ------------------------------------------------------------------ the reuse guard
+
+def batch_dependent():
+    """A model factory (trusted code named by the spec): the tiny CNN plus 0.05 x the batch's mean
+    input - an output that depends on the other images in the batch, as some fused kernels'
+    do on their batch size."""
+    import torch
+    from runner.models.tiny import build
+
+    class BatchDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build()
+
+        def forward(self, x):
+            return self.net(x) + 0.05 * x.mean()
+    return BatchDependent().eval()
+
+
+TINY_INPUT = {"size": 32, "resize": 32, "mode": "stretch", "mean": [0.5, 0.5, 0.5],
+              "std": [0.5, 0.5, 0.5]}
+
+
+def _sweep(images: Path, out: Path, model: Any, axes: dict, reference: dict, **opts: Any) -> Path:
+    from matrix import parse_spec
+    from runner.sweep import RunOptions, run_spec
+    raw = {"name": "guard", "dataset": {"path": str(images)}, "model": model, "axes": axes,
+           "reference": reference}
+    run_spec(parse_spec(raw), RunOptions(out=str(out), executor="local", progress=False, **opts))
+    return out
+
+
+def test_the_reuse_guard_catches_an_output_that_depends_on_its_batch(planted_images: Path,
+                                                                      tmp_path: Path):
+    """Issue 12 item 5: the guard recomputed the same batch (run-to-run nondeterminism only); an
+    output that depends on the batch went unseen and never reached the gate. Fails on 16e8c81."""
+    import pyarrow.parquet as pq
+    run = _sweep(planted_images, tmp_path / "run", {"torch": "test_truth:batch_dependent",
+                                                     "input": TINY_INPUT},
+                 {"decoder": ["pil", "opencv"]}, {"decoder": "pil"}, chunk_size=20, batch=8)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["counters"]["determinism_mismatches"] >= 1
+    rows = pq.read_table(run / "rows").to_pylist()
+    sampled = [r for r in rows if r["batch_max_abs"] is not None]
+    assert sampled and max(r["batch_max_abs"] for r in sampled) > 1e-4
+    assert manifest["counters"]["determinism_max_abs"] == max(r["batch_max_abs"] for r in sampled)
+    result = check_run(run)
+    assert "batch_dependence" in {f.check for f in result.failures}, render_check_text(result)
+
+
+def test_the_reuse_guard_passes_a_model_without_batch_dependence(planted_images: Path, tmp_path: Path):
+    import pyarrow.parquet as pq
+    run = _sweep(planted_images, tmp_path / "run", "tiny", {"decoder": ["pil", "opencv"]},
+                 {"decoder": "pil"}, chunk_size=20, batch=8)
+    rows = pq.read_table(run / "rows").to_pylist()
+    assert any(r["batch_rel_l2"] is not None for r in rows)
+    result = check_run(run)
+    assert "batch_dependence" not in {f.check for f in result.failures}, render_check_text(result)
+
+
+def test_the_guards_maximum_is_merged_across_workers_as_a_maximum(planted_images: Path,
+                                                                  tmp_path: Path, monkeypatch):
+    """Each Ray actor reports its own maximum; the run's must be the largest, not their sum
+    (a sum of 0.1 and 0.1 claimed 0.2). One Worker per chunk stands for one actor per chunk.
+    Fails on 16e8c81."""
+    import dataclasses
+
+    import runner.sweep as sweep
+    from runner.executors import LocalExecutor
+    from runner.worker import Worker
+    seen: list[float] = []
+
+    class OneWorkerPerChunk(LocalExecutor):
+        def run(self, plan, chunks, on_result):
+            plan = dataclasses.replace(plan, reuse_check_every=1)   # every chunk is checked
+            for chunk in chunks:
+                res = Worker(plan).process_chunk(chunk)
+                seen.append(res.counters.get("determinism_max_abs", 0.0))
+                on_result(res)
+    monkeypatch.setattr(sweep, "LocalExecutor", OneWorkerPerChunk)
+    run = _sweep(planted_images, tmp_path / "run", {"torch": "test_truth:batch_dependent",
+                                                     "input": TINY_INPUT},
+                 {"decoder": ["pil"]}, {"decoder": "pil"}, chunk_size=5, batch=4)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len([v for v in seen if v > 0]) >= 2
+    assert manifest["counters"]["determinism_max_abs"] == max(seen)
