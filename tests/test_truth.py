@@ -540,3 +540,33 @@ def test_the_guards_maximum_is_merged_across_workers_as_a_maximum(planted_images
     manifest = json.loads((run / "manifest.json").read_text())
     assert len([v for v in seen if v > 0]) >= 2
     assert manifest["counters"]["determinism_max_abs"] == max(seen)
+
+
+def test_a_diff_of_runs_with_other_threads_does_not_call_rounding_a_move(planted_images: Path,
+                                                                         tmp_path: Path):
+    """Issue 12 item 5: rows did not record threads (local: all cores, Ray: 1), so ``dmx diff`` of
+    a local and a Ray run reported cells as moved for the thread count alone. Fails on 16e8c81."""
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from analysis.diff import diff_runs, render_diff_text
+    a = _sweep(planted_images, tmp_path / "a", "tiny", {"resize": ["pil-bilinear", "cv2-linear"]},
+               {"resize": "pil-bilinear"}, workers=2)
+    rows_a = pq.read_table(a / "rows").to_pylist()
+    assert {r["threads_used"] for r in rows_a if r["status"] == "ok"} == {2}
+    b = Path(shutil.copytree(a, tmp_path / "b"))
+    moved_cell = next(r["cell_id"] for r in rows_a if not r["is_reference"])
+    for part in (b / "rows").glob("chunk=*/part-0.parquet"):   # as a 1-thread worker wrote them
+        t = pq.read_table(part)
+        mine = pc.equal(t["cell_id"], moved_cell)
+        i = t.schema.get_field_index("out_max_abs")
+        t = t.set_column(i, t.schema.field(i), pc.if_else(mine, pc.add(t["out_max_abs"], 1e-3),
+                                                          t["out_max_abs"]))
+        i = t.schema.get_field_index("threads_used")
+        t = t.set_column(i, t.schema.field(i), pa.array([1] * len(t), pa.int32()))
+        pq.write_table(t, part)
+    d = diff_runs(a, b)
+    assert d.moved == []
+    assert [c.cell_id for c in d.threads_only] == [moved_cell]
+    assert "ran with other threads (A 2 -> B 1)" in render_diff_text(d)
