@@ -55,8 +55,14 @@ import pyarrow as pa
 from results.store import RunDir
 
 from .db import load_sql, open_run
-from .explain import query_dicts
-from .render import g, pct
+from .numbers import g, pct
+from .queries import query_dicts
+from .tolerances import (DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, MANTISSA_BITS, RTOL, TORCH_TESTING,
+                         WHOLE_MODEL_ALLOWANCE, default_limits, precision_family)
+
+__all__ = ["CheckError", "CheckResult", "Failure", "check_run", "default_limits", "describe_failure",
+           "precision_family", "render_check_text", "resolve_tolerances", "DEFAULTS", "KEYS",
+           "RTOL", "TORCH_TESTING", "WHOLE_MODEL_ALLOWANCE", "DEFAULT_MIN_COSINE", "MANTISSA_BITS"]
 
 
 class CheckError(ValueError):
@@ -64,13 +70,6 @@ class CheckError(ValueError):
 
 
 SCOPES = ("all", "same-input")
-# torch.testing.assert_close's default (rtol, atol) per dtype; tf32 has fp16's 10-bit mantissa.
-TORCH_TESTING = {"fp32": (1.3e-6, 1e-5), "fp16": (1e-3, 1e-5), "bf16": (1.6e-2, 1e-5)}
-RTOL = {"fp32": 1.3e-6, "tf32": 1e-3, "fp16": 1e-3, "bf16": 1.6e-2}
-WHOLE_MODEL_ALLOWANCE = 10.0  # the table is per op; a forward pass chains many
-DEFAULT_MIN_COSINE = 0.999
-DEFAULT_MIN_TOP1 = 1.0
-MANTISSA_BITS = {"fp32": 23, "tf32": 10, "fp16": 10, "bf16": 7, "int8": 0}
 AUTO = "auto"
 
 NUMBER_KEYS = ("max_abs", "max_rel_l2", "min_cosine", "min_top1_agreement")
@@ -81,23 +80,6 @@ DEFAULTS: dict[str, Any] = {"max_abs": None, "max_rel_l2": AUTO, "min_cosine": A
                             "min_top1_agreement": DEFAULT_MIN_TOP1, "scope": "all",
                             "allow_lower_precision": False, "allow_errors": False,
                             "max_reference_errors": 0}
-
-
-def precision_family(name: str | None) -> str | None:
-    """``fp32``/``tf32``/``fp16``/``bf16``/``int8`` for a precision label (``int8+bf16`` -> int8),
-    None when unknown."""
-    if not name:
-        return None
-    base = name.split("+")[0].strip().lower()
-    return base if base in MANTISSA_BITS else None
-
-
-def default_limits(family: str | None) -> dict[str, float | None]:
-    """Per-row limits when the user sets none, for a cell that ran at ``family``."""
-    rtol = RTOL.get(family or "")
-    return {"max_abs": None,
-            "max_rel_l2": rtol * WHOLE_MODEL_ALLOWANCE if rtol is not None else None,
-            "min_cosine": DEFAULT_MIN_COSINE if family != "int8" else None}
 
 
 def resolve_tolerances(*layers: Mapping[str, Any] | None) -> dict[str, Any]:

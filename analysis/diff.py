@@ -31,8 +31,8 @@ import duckdb
 from results.store import RunDir
 
 from .db import load_sql, open_run
-from .explain import query_dicts
-from .render import g, pct
+from .numbers import g, pct
+from .queries import query_dicts
 
 DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
 

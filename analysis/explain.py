@@ -20,6 +20,8 @@ from results.store import RunDir
 
 from .db import load_sql, open_run
 from .effects import Attribution, CellStat, attribute
+from .queries import query_dicts
+from .tolerances import default_limits, precision_family
 
 # The ranking metric: median over images of the cosine distance of the outputs, i.e. how far a
 # factor moves a typical image. A factor that moves few images a lot (EXIF orientation on the
@@ -243,7 +245,6 @@ def _detection_contrast(s: dict[str, Any]) -> DetectionContrast:
 def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
     """Whether the contrast stays within torch.testing's tolerance for the precision it ran at
     (the CI gate's default rel L2 limit, ``analysis.check``), with the numbers."""
-    from .check import default_limits, precision_family
     family = precision_family(c.precision_effective)
     limit = default_limits(family)["max_rel_l2"]
     if limit is None or c.rel_l2_max is None:
@@ -279,13 +280,6 @@ def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tu
         return None
     half = z * sd / math.sqrt(n)
     return (max(0.0, mean - half), mean + half)
-
-
-def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
-                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    res = con.execute(sql, params or {})
-    names = [d[0] for d in res.description]
-    return [dict(zip(names, r)) for r in res.fetchall()]
 
 
 COS_EPS = 1e-6   # a row "diverges" when 1 - cosine exceeds this (or its input/shape differs)

@@ -1,27 +1,12 @@
 """Turning an Explanation into text a person reads in 30 seconds, or Markdown for an issue."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .explain import Contrast, DetectionContrast, Explanation, tolerance_verdict
+from .numbers import g, pct
 
-
-def g(v: float | None, digits: int = 3) -> str:
-    """Compact number: 3 significant digits, '-' for missing, 'inf' kept."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+__all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text"]
 
 
 def _props(w: dict[str, Any]) -> str:

@@ -34,8 +34,9 @@ from results.store import RunDir
 from . import pictures
 from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_failure
 from .db import load_sql, open_run
-from .explain import Explanation, explain_run, query_dicts
-from .render import g, pct
+from .explain import Explanation, explain_run
+from .numbers import g, pct
+from .queries import query_dicts
 
 DPI = 110
 TOP_IMAGES = 6
