@@ -145,6 +145,7 @@ class CheckResult:
     reference_errors: dict[str, Any] = field(default_factory=dict)
     not_judged_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_judged: int = 0
+    reuse_guard: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -161,7 +162,8 @@ class CheckResult:
                 "failures": [_json_safe(asdict(f)) for f in self.failures],
                 "not_judged": self.not_judged, "not_judged_rows": self.not_judged_rows,
                 "rows_judged": self.rows_judged, "images": self.images,
-                "reference_errors": self.reference_errors, "skipped_cells": self.skipped}
+                "reference_errors": self.reference_errors, "reuse_guard": self.reuse_guard,
+                "skipped_cells": self.skipped}
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -205,7 +207,8 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         failures.append(Failure(ref_cell["cell_id"], ref_cell["label"], "reference_errors", limit_ref,
                                 f"{ref_err['stage']}: {ref_err['example']}", ref_failed, images,
                                 ref_err["image_id"]))
-    failures += _batch_dependence(con, cells, limits, tol, effective)
+    batch_failures, reuse_guard = _batch_dependence(con, cells, limits, tol, effective)
+    failures += batch_failures
     not_judged, not_judged_rows, rows_judged = [], {}, 0
     for c in judged:
         cid, label = c["cell_id"], c["label"]
@@ -249,21 +252,25 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         limits_by_precision=used, images=images,
         reference_errors={"images": ref_failed, "limit": limit_ref, "stage": ref_err["stage"],
                           "example": ref_err["example"], "image_id": ref_err["image_id"]},
-        not_judged_rows=not_judged_rows, rows_judged=rows_judged)
+        not_judged_rows=not_judged_rows, rows_judged=rows_judged, reuse_guard=reuse_guard)
 
 
 def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
                       limits: dict[str, dict[str, float | None]], tol: dict[str, Any],
-                      effective: dict[str, str | None]) -> list[Failure]:
+                      effective: dict[str, str | None]) -> tuple[list[Failure], dict[str, Any]]:
     """The reuse guard reaches the gate: a cell (the reference included) whose sampled outputs
     move, when re-inferred in another batch, by more than its rel L2 limit fails, since a reused
     output then stands for an inference the cell would not have reproduced."""
     columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
     if "batch_rel_l2" not in columns:
-        return []
+        return [], {}
     by_id = {c["cell_id"]: c for c in cells}
     out = []
-    for d in query_dicts(con, load_sql("check_batch")):
+    found = query_dicts(con, load_sql("check_batch"))
+    summary = {"rows_sampled": sum(int(d["n"]) for d in found),
+               "max_rel_l2": max((d["rel_l2"] for d in found), default=None),
+               "max_abs": max((d["max_abs"] for d in found), default=None)}
+    for d in found:
         c = by_id.get(d["cell_id"])
         if c is None or c["status"] != "ok":
             continue
@@ -272,7 +279,7 @@ def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]
         if lim["max_rel_l2"] is not None and d["rel_l2"] > lim["max_rel_l2"]:
             out.append(Failure(d["cell_id"], c["label"], "batch_dependence", lim["max_rel_l2"],
                                d["rel_l2"], 1, int(d["n"]), d["image_id"], asked, eff))
-    return out
+    return out, summary
 
 
 def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | None]:
@@ -364,4 +371,8 @@ def render_check_text(r: CheckResult) -> str:
                      "precision and errors were judged")
     if r.skipped:
         lines.append(f"  skipped cells (not judged): {len(r.skipped)}")
+    guard = r.reuse_guard
+    if guard.get("rows_sampled"):
+        lines.append(f"  reuse guard: {guard['rows_sampled']} sampled outputs re-inferred in another "
+                     f"batch; worst rel L2 {g(guard['max_rel_l2'])}, max abs {g(guard['max_abs'])}")
     return "\n".join(lines)

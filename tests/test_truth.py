@@ -502,6 +502,8 @@ def test_the_reuse_guard_catches_an_output_that_depends_on_its_batch(planted_ima
     assert manifest["counters"]["determinism_max_abs"] == max(r["batch_max_abs"] for r in sampled)
     result = check_run(run)
     assert "batch_dependence" in {f.check for f in result.failures}, render_check_text(result)
+    assert result.reuse_guard["max_abs"] == max(r["batch_max_abs"] for r in sampled)
+    assert "reuse guard:" in render_check_text(result)
 
 
 def test_the_reuse_guard_passes_a_model_without_batch_dependence(planted_images: Path, tmp_path: Path):
