@@ -23,6 +23,15 @@ are never judged; skipped cells are listed, not failed):
   tolerance in logits depends on the model's logit scale, which the rows do not carry.
 - ``errors``: a row that fails (decode, preprocess, infer) on an image the reference cell
   handled is a failure. ``allow_errors: true`` turns this off.
+- ``max_reference_errors``: how many images the reference cell itself may fail on (default 0).
+  Where the reference failed, no other cell can be compared: those rows are ``ok`` but carry no
+  metrics and are *not judged*. More reference failures than this fail the gate.
+- ``batch_dependence``: the reuse guard re-infers sampled batches in another composition and
+  size; a cell whose outputs then move by more than its ``max_rel_l2`` limit fails (a reused
+  output would stand for an inference the cell does not reproduce).
+- ``not_judged``: a gate never passes what it did not judge. A cell whose ok rows all lack
+  metrics (every image it ran was one the reference failed on) fails; a cell with some such rows
+  is reported with their count.
 
 ``scope``: ``all`` (default) judges every row: a resize or decoder change is a pipeline change,
 and a gate on a pipeline must catch it. ``same-input`` judges only rows whose model input equals
@@ -46,8 +55,14 @@ import pyarrow as pa
 from results.store import RunDir
 
 from .db import load_sql, open_run
-from .explain import query_dicts
-from .render import g, pct
+from .numbers import g, pct
+from .queries import query_dicts
+from .tolerances import (DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, MANTISSA_BITS, RTOL, TORCH_TESTING,
+                         WHOLE_MODEL_ALLOWANCE, default_limits, precision_family)
+
+__all__ = ["CheckError", "CheckResult", "Failure", "check_run", "default_limits", "describe_failure",
+           "precision_family", "render_check_text", "resolve_tolerances", "DEFAULTS", "KEYS",
+           "RTOL", "TORCH_TESTING", "WHOLE_MODEL_ALLOWANCE", "DEFAULT_MIN_COSINE", "MANTISSA_BITS"]
 
 
 class CheckError(ValueError):
@@ -55,38 +70,16 @@ class CheckError(ValueError):
 
 
 SCOPES = ("all", "same-input")
-# torch.testing.assert_close's default (rtol, atol) per dtype; tf32 has fp16's 10-bit mantissa.
-TORCH_TESTING = {"fp32": (1.3e-6, 1e-5), "fp16": (1e-3, 1e-5), "bf16": (1.6e-2, 1e-5)}
-RTOL = {"fp32": 1.3e-6, "tf32": 1e-3, "fp16": 1e-3, "bf16": 1.6e-2}
-WHOLE_MODEL_ALLOWANCE = 10.0  # the table is per op; a forward pass chains many
-DEFAULT_MIN_COSINE = 0.999
-DEFAULT_MIN_TOP1 = 1.0
-MANTISSA_BITS = {"fp32": 23, "tf32": 10, "fp16": 10, "bf16": 7, "int8": 0}
 AUTO = "auto"
 
 NUMBER_KEYS = ("max_abs", "max_rel_l2", "min_cosine", "min_top1_agreement")
 FLAG_KEYS = ("allow_lower_precision", "allow_errors")
-KEYS = NUMBER_KEYS + FLAG_KEYS + ("scope",)
+COUNT_KEYS = ("max_reference_errors",)
+KEYS = NUMBER_KEYS + FLAG_KEYS + COUNT_KEYS + ("scope",)
 DEFAULTS: dict[str, Any] = {"max_abs": None, "max_rel_l2": AUTO, "min_cosine": AUTO,
                             "min_top1_agreement": DEFAULT_MIN_TOP1, "scope": "all",
-                            "allow_lower_precision": False, "allow_errors": False}
-
-
-def precision_family(name: str | None) -> str | None:
-    """``fp32``/``tf32``/``fp16``/``bf16``/``int8`` for a precision label (``int8+bf16`` -> int8),
-    None when unknown."""
-    if not name:
-        return None
-    base = name.split("+")[0].strip().lower()
-    return base if base in MANTISSA_BITS else None
-
-
-def default_limits(family: str | None) -> dict[str, float | None]:
-    """Per-row limits when the user sets none, for a cell that ran at ``family``."""
-    rtol = RTOL.get(family or "")
-    return {"max_abs": None,
-            "max_rel_l2": rtol * WHOLE_MODEL_ALLOWANCE if rtol is not None else None,
-            "min_cosine": DEFAULT_MIN_COSINE if family != "int8" else None}
+                            "allow_lower_precision": False, "allow_errors": False,
+                            "max_reference_errors": 0}
 
 
 def resolve_tolerances(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -108,6 +101,10 @@ def _validate(key: str, value: Any) -> Any:
     if key in FLAG_KEYS:
         if not isinstance(value, bool):
             raise CheckError(f"check.{key}: must be true or false, not {value!r}")
+        return value
+    if key in COUNT_KEYS:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise CheckError(f"check.{key}: must be a whole number of images >= 0 or null, not {value!r}")
         return value
     if value is None or value == AUTO:
         return value
@@ -144,6 +141,11 @@ class CheckResult:
     not_judged: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     limits_by_precision: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    images: int = 0
+    reference_errors: dict[str, Any] = field(default_factory=dict)
+    not_judged_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows_judged: int = 0
+    reuse_guard: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -158,7 +160,10 @@ class CheckResult:
                 "tolerances": self.tolerances, "limits_by_precision": self.limits_by_precision,
                 "cells_judged": self.cells_judged, "failing_cells": len(self.failing_cells),
                 "failures": [_json_safe(asdict(f)) for f in self.failures],
-                "not_judged": self.not_judged, "skipped_cells": self.skipped}
+                "not_judged": self.not_judged, "not_judged_rows": self.not_judged_rows,
+                "rows_judged": self.rows_judged, "images": self.images,
+                "reference_errors": self.reference_errors, "reuse_guard": self.reuse_guard,
+                "skipped_cells": self.skipped}
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +197,19 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
 
     stats = {s["cell_id"]: s for s in _cell_stats(con, limits, tol["scope"] == "same-input")}
     errors = {e["cell_id"]: e for e in query_dicts(con, load_sql("check_new_errors"))}
-    not_judged = []
+    unjudged = {d["cell_id"]: d for d in query_dicts(con, load_sql("check_not_judged"))}
+    images = int(con.execute("SELECT count(DISTINCT image_id) FROM rows").fetchone()[0] or 0)
+    ref_err = query_dicts(con, load_sql("check_reference_errors"))[0]
+    ref_cell = next((c for c in cells if c["is_reference"]), None)
+    ref_failed = int(ref_err["n"] or 0)
+    limit_ref = tol["max_reference_errors"]
+    if ref_cell is not None and limit_ref is not None and ref_failed > limit_ref:
+        failures.append(Failure(ref_cell["cell_id"], ref_cell["label"], "reference_errors", limit_ref,
+                                f"{ref_err['stage']}: {ref_err['example']}", ref_failed, images,
+                                ref_err["image_id"]))
+    batch_failures, reuse_guard = _batch_dependence(con, cells, limits, tol, effective)
+    failures += batch_failures
+    not_judged, not_judged_rows, rows_judged = [], {}, 0
     for c in judged:
         cid, label = c["cell_id"], c["label"]
         asked, eff = c.get("precision") or "fp32", effective.get(cid)
@@ -200,10 +217,19 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
             e = errors[cid]
             failures.append(Failure(cid, label, "errors", 0, f"{e['stage']}: {e['example']}",
                                     int(e["n"]), int(e["n"]), e["image_id"], asked, eff))
+        u = unjudged.get(cid)
+        if u and u["n"]:
+            not_judged_rows[label] = {"cell_id": cid, "rows": int(u["n"]), "of": int(u["n_ok"]),
+                                      "reference_failed": int(u["n_reference_failed"]),
+                                      "image_id": u["image_id"]}
+            if u["n"] == u["n_ok"]:  # every row this cell ran carries no metric: never a pass
+                failures.append(Failure(cid, label, "not_judged", "judged rows", f"0 of {u['n_ok']}",
+                                        int(u["n"]), int(u["n_ok"]), u["image_id"], asked, eff))
         s = stats.get(cid)
         if not s or not s["n"]:
             not_judged.append(label)
             continue
+        rows_judged += int(s["n"])
         lim = limits[cid]
         for check, worst, image, bad, limit in (
                 ("max_rel_l2", s["rel_l2"], s["rel_l2_image"], s["rel_l2_bad"], lim["max_rel_l2"]),
@@ -223,7 +249,37 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
         cells_judged=len(judged), failures=failures, not_judged=not_judged,
         skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
-        limits_by_precision=used)
+        limits_by_precision=used, images=images,
+        reference_errors={"images": ref_failed, "limit": limit_ref, "stage": ref_err["stage"],
+                          "example": ref_err["example"], "image_id": ref_err["image_id"]},
+        not_judged_rows=not_judged_rows, rows_judged=rows_judged, reuse_guard=reuse_guard)
+
+
+def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
+                      limits: dict[str, dict[str, float | None]], tol: dict[str, Any],
+                      effective: dict[str, str | None]) -> tuple[list[Failure], dict[str, Any]]:
+    """The reuse guard reaches the gate: a cell (the reference included) whose sampled outputs
+    move, when re-inferred in another batch, by more than its rel L2 limit fails, since a reused
+    output then stands for an inference the cell would not have reproduced."""
+    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
+    if "batch_rel_l2" not in columns:
+        return [], {}
+    by_id = {c["cell_id"]: c for c in cells}
+    out = []
+    found = query_dicts(con, load_sql("check_batch"))
+    summary = {"rows_sampled": sum(int(d["n"]) for d in found),
+               "max_rel_l2": max((d["rel_l2"] for d in found), default=None),
+               "max_abs": max((d["max_abs"] for d in found), default=None)}
+    for d in found:
+        c = by_id.get(d["cell_id"])
+        if c is None or c["status"] != "ok":
+            continue
+        asked, eff = c.get("precision") or "fp32", effective.get(d["cell_id"])
+        lim = limits.get(d["cell_id"]) or _cell_limits(tol, precision_family(eff) or precision_family(asked))
+        if lim["max_rel_l2"] is not None and d["rel_l2"] > lim["max_rel_l2"]:
+            out.append(Failure(d["cell_id"], c["label"], "batch_dependence", lim["max_rel_l2"],
+                               d["rel_l2"], 1, int(d["n"]), d["image_id"], asked, eff))
+    return out, summary
 
 
 def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | None]:
@@ -250,7 +306,9 @@ def _seen(v: float | None) -> float | str | None:
     return "nan" if math.isnan(v) or v == -2.0 else v  # -2: check_cells.sql's mark for a NaN cosine
 
 
-CHECK_WORDS = {"precision": "precision", "errors": "errors", "max_rel_l2": "rel L2",
+CHECK_WORDS = {"precision": "precision", "errors": "errors", "reference_errors": "reference errors",
+               "not_judged": "not judged", "batch_dependence": "batch dependence",
+               "max_rel_l2": "rel L2",
                "min_cosine": "cosine", "max_abs": "max abs", "min_top1_agreement": "top-1 agree"}
 
 
@@ -260,6 +318,16 @@ def describe_failure(f: Failure) -> str:
         return f"precision: asked {f.limit}, ran {f.seen}"
     if f.check == "errors":
         return f"errors: {f.rows_bad} row(s) failed where the reference did not (e.g. {f.image_id}: {f.seen})"
+    if f.check == "reference_errors":
+        return (f"the reference failed on {f.rows_bad} of {f.rows} images (allowed "
+                f"{f.limit}; e.g. {f.image_id}: {f.seen}): no cell was compared on them")
+    if f.check == "batch_dependence":
+        return (f"reuse guard: an output moved by rel L2 {g(_num(f.seen))} > {g(_num(f.limit))} when "
+                f"re-inferred in another batch (e.g. {f.image_id}, {f.rows} sampled): reused "
+                "outputs stand for inferences this cell would not reproduce")
+    if f.check == "not_judged":
+        return (f"not judged: none of its {f.rows} rows carries a metric (the reference failed on "
+                f"those images, e.g. {f.image_id})")
     if f.check == "min_top1_agreement":
         return (f"top-1 agreement {pct(_num(f.seen))} < {pct(_num(f.limit))} "
                 f"({f.rows_bad}/{f.rows} flipped, e.g. {f.image_id})")
@@ -294,9 +362,17 @@ def render_check_text(r: CheckResult) -> str:
         lines.append(f"  FAIL {cid} {fs[0].cell}")
         for f in fs:
             lines.append(f"       {describe_failure(f)}")
+    for label, u in r.not_judged_rows.items():
+        why = (f", the reference failed on {u['reference_failed']} of them"
+               if u["reference_failed"] else "")
+        lines.append(f"  NOT JUDGED {u['rows']}/{u['of']} image(s) of {label}{why} (e.g. {u['image_id']})")
     if r.not_judged:
         lines.append(f"  {len(r.not_judged)} cell(s) have no rows in scope {tol['scope']}: only their "
                      "precision and errors were judged")
     if r.skipped:
         lines.append(f"  skipped cells (not judged): {len(r.skipped)}")
+    guard = r.reuse_guard
+    if guard.get("rows_sampled"):
+        lines.append(f"  reuse guard: {guard['rows_sampled']} sampled outputs re-inferred in another "
+                     f"batch; worst rel L2 {g(guard['max_rel_l2'])}, max abs {g(guard['max_abs'])}")
     return "\n".join(lines)

@@ -11,6 +11,12 @@ environment differences (packages, CPU ISA flags, libjpeg builds, backend precis
 A cell has *moved* when any row is in one run only, changed status or top-1 class, or a delta
 exceeds its tolerance: ``max_abs`` 1e-5 logits (torch.testing's fp32 atol), ``cos_dist`` 1e-6,
 ``top1_prob`` 1e-5.
+
+Threads: the local executor gives a backend every core, a Ray worker one thread; another thread
+count changes the order of floating-point reductions, so outputs move by rounding alone. A cell
+whose rows ran with other threads (``threads_used``) and whose only change is such a numeric
+delta is listed apart as *threads only*, not as moved; a status, top-1 or row change still moves
+it, with the thread counts named.
 """
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ import duckdb
 from results.store import RunDir
 
 from .db import load_sql, open_run
-from .explain import query_dicts
-from .render import g, pct
+from .numbers import g, pct
+from .queries import query_dicts
 
 DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
 
@@ -59,10 +65,13 @@ class CellDiff:
     top1_image: str | None
     is_reference: bool
     reasons: tuple[str, ...]
+    threads_a: int | None = None
+    threads_b: int | None = None
+    threads_only: bool = False      # numeric deltas only, and the thread counts differ
 
     @property
     def moved(self) -> bool:
-        return bool(self.reasons)
+        return bool(self.reasons) and not self.threads_only
 
 
 @dataclass(frozen=True)
@@ -89,11 +98,18 @@ class DiffResult:
     def moved(self) -> list[CellDiff]:
         return sorted((c for c in self.cells if c.moved), key=_move_key)
 
+    @property
+    def threads_only(self) -> list[CellDiff]:
+        """Cells whose rows moved numerically only while their thread counts differ."""
+        return sorted((c for c in self.cells if c.threads_only), key=_move_key)
+
     def to_json(self) -> dict[str, Any]:
         return {"run_a": self.run_a, "run_b": self.run_b, "same_spec": self.same_spec,
                 "tolerances": self.tolerances, "cells_compared": len(self.cells),
                 "cells_moved": len(self.moved),
                 "moved": [_json_safe(asdict(c) | {"reasons": list(c.reasons)}) for c in self.moved],
+                "threads_only": [_json_safe(asdict(c) | {"reasons": list(c.reasons)})
+                                 for c in self.threads_only],
                 "environment": [asdict(e) for e in self.environment],
                 "cell_status": self.cell_status}
 
@@ -121,14 +137,22 @@ def diff_runs(dir_a: str | Path, dir_b: str | Path,
     ma, mb = RunDir(dir_a).read_manifest(), RunDir(dir_b).read_manifest()
     con_a, con_b = open_run(dir_a), open_run(dir_b)
     con = duckdb.connect()
-    con.register("a_rows", con_a.sql(load_sql("diff_rows")).to_arrow_table())
-    con.register("b_rows", con_b.sql(load_sql("diff_rows")).to_arrow_table())
+    con.register("a_rows", con_a.sql(_diff_rows_sql(con_a)).to_arrow_table())
+    con.register("b_rows", con_b.sql(_diff_rows_sql(con_b)).to_arrow_table())
     refs = {ma.get("reference_cell"), mb.get("reference_cell")}
     cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in query_dicts(con, load_sql("diff_cells"))]
     return DiffResult(
         run_a=_run_info(dir_a, ma), run_b=_run_info(dir_b, mb),
         same_spec=ma.get("spec_digest") == mb.get("spec_digest"), tolerances=tol, cells=cells,
         environment=environment_diff(ma, mb), cell_status=_cell_status_changes(con_a, con_b))
+
+
+def _diff_rows_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """diff_rows.sql; a run written before rows recorded threads reads them as null."""
+    sql = load_sql("diff_rows")
+    if "threads_used" not in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
+        sql = sql.replace("r.threads_used", "NULL::INTEGER AS threads_used")
+    return sql
 
 
 def _run_info(path: str | Path, m: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +163,7 @@ def _run_info(path: str | Path, m: dict[str, Any]) -> dict[str, Any]:
 
 def _cell_diff(d: dict[str, Any], tol: dict[str, float], is_reference: bool) -> CellDiff:
     reasons = []
+    structural = bool(d["only_a"] or d["only_b"] or d["status_changed"] or d["top1_changed"])
     if d["only_a"] or d["only_b"]:
         reasons.append(f"rows in one run only (A {d['only_a']}, B {d['only_b']})")
     if d["status_changed"]:
@@ -150,8 +175,13 @@ def _cell_diff(d: dict[str, Any], tol: dict[str, float], is_reference: bool) -> 
                              ("top1_prob", d["top1_prob_delta_max"], "top-1 probability")):
         if value is not None and (math.isnan(value) or value > tol[key]):
             reasons.append(f"{what} moved by up to {g(value)} (> {g(tol[key])})")
+    threads_differ = (d.get("threads_a") is not None and d.get("threads_b") is not None
+                      and d["threads_a"] != d["threads_b"])
+    if threads_differ and reasons:
+        reasons.append(f"threads differ (A {d['threads_a']}, B {d['threads_b']})")
     fields = {k: d[k] for k in CellDiff.__dataclass_fields__ if k in d}
-    return CellDiff(**fields, is_reference=is_reference, reasons=tuple(reasons))
+    return CellDiff(**fields, is_reference=is_reference, reasons=tuple(reasons),
+                    threads_only=threads_differ and bool(reasons) and not structural)
 
 
 def _cell_status_changes(con_a: duckdb.DuckDBPyConnection,
@@ -187,6 +217,8 @@ def environment_diff(ma: dict[str, Any], mb: dict[str, Any]) -> list[EnvDiff]:
              {k: v for k, v in eb.get("cpu", {}).items() if k != "isa"}),
             ("cpu isa", ea.get("cpu", {}).get("isa", {}), eb.get("cpu", {}).get("isa", {})),
             ("libjpeg", ea.get("libjpeg", {}), eb.get("libjpeg", {})),
+            ("executor", {k: v for k, v in (ma.get("executor") or {}).items() if k in ("name", "threads")},
+             {k: v for k, v in (mb.get("executor") or {}).items() if k in ("name", "threads")}),
             ("backend", _backends(ma), _backends(mb))):
         for key in sorted(set(xa) | set(xb)):
             if xa.get(key) != xb.get(key):
@@ -218,6 +250,13 @@ def render_diff_text(d: DiffResult, limit: int = 30) -> str:
         out.append("Environment: identical (packages, CPU, libjpeg, backends)")
     for s in d.cell_status:
         out.append(f"  cell {s['label']}: {s['a']} -> {s['b']}")
+    quiet = d.threads_only
+    if quiet:
+        pairs = sorted({(c.threads_a, c.threads_b) for c in quiet}, key=str)
+        out.append(f"{len(quiet)} cell(s) differ by rounding only, and ran with other threads "
+                   f"({', '.join(f'A {a} -> B {b}' for a, b in pairs)}): another thread count "
+                   "reorders floating-point sums; not counted as moved (largest d max abs "
+                   f"{g(max((c.max_abs_delta_max or 0.0) for c in quiet))})")
     if moved:
         out.append("Cells that moved (|B - A| per image, max abs in logits; top-1 agreement is with "
                    "each run's reference):")

@@ -21,6 +21,9 @@ from matrix.axes import AXES
 from results.store import RunDir
 
 from .db import load_sql, open_run
+from .effects import Attribution, CellStat, attribute
+from .queries import query_dicts
+from .tolerances import default_limits, precision_family
 
 # The ranking metric: median over images of the cosine distance of the outputs, i.e. how far a
 # factor moves a typical image. A factor that moves few images a lot (EXIF orientation on the
@@ -105,6 +108,9 @@ class Explanation:
     task: str = "classification"
     detection_rules: dict[str, Any] = field(default_factory=dict)
     nodes_differ: dict[str, list[str]] = field(default_factory=dict)  # section -> differing nodes
+    explained: float = 0.0        # share of variance the cells explain (1 - within-cell SS / total)
+    share_scale: float = 1.0      # < 1 when type-II shares were scaled down to sum <= explained
+    nested: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     def candidate_ranking(self) -> list[Contrast]:
         """Detector contrasts, the one that reorders the pre-NMS candidates most first (lowest
@@ -167,6 +173,8 @@ class Explanation:
                 "images": self.images, "cells": self.cells, "ranking": self.ranking(),
                 "factors": self.factor_ranking(), "contrasts": [asdict(c) for c in self.contrasts],
                 "eta_squared": self.eta_squared, "interactions": self.interactions,
+                "shares": {"method": "type-II sums of squares", "explained": self.explained,
+                           "scale": self.share_scale, "nested": self.nested},
                 "precision_mismatches": self.precision_mismatches, "status": self.status,
                 "skipped_cells": self.skipped, "determinism": self.determinism}
 
@@ -240,7 +248,6 @@ def _detection_contrast(s: dict[str, Any]) -> DetectionContrast:
 def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
     """Whether the contrast stays within torch.testing's tolerance for the precision it ran at
     (the CI gate's default rel L2 limit, ``analysis.check``), with the numbers."""
-    from .check import default_limits, precision_family
     family = precision_family(c.precision_effective)
     limit = default_limits(family)["max_rel_l2"]
     if limit is None or c.rel_l2_max is None:
@@ -276,13 +283,6 @@ def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tu
         return None
     half = z * sd / math.sqrt(n)
     return (max(0.0, mean - half), mean + half)
-
-
-def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
-                params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    res = con.execute(sql, params or {})
-    names = [d[0] for d in res.description]
-    return [dict(zip(names, r)) for r in res.fetchall()]
 
 
 COS_EPS = 1e-6   # a row "diverges" when 1 - cosine exceeds this (or its input/shape differs)
@@ -362,14 +362,16 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
     for c in cells:
         if c["is_reference"] or c["status"] != "ok" or c["cell_id"] not in stats:
             continue
-        main = [a for a in axes if c[a] != ref[a] and ref[a] is not None]
+        # An axis null in this cell does not apply to it (openvino_hint on a torch cell): it is
+        # no level, so never a contrast of its own nor a detail ("openvino_hint=None").
+        main = [a for a in axes if c[a] is not None and ref[a] is not None and c[a] != ref[a]]
         for a in main:
             nearest.setdefault((a, str(c[a])), []).append((len(main), c, main))
     contrasts = []
     for (factor, level), found in nearest.items():
         fewest = min(k for k, _, _ in found)
         for _, c, _ in (f for f in found if f[0] == fewest):
-            others = [a for a in axes if a != factor and c[a] != ref[a]]
+            others = [a for a in axes if a != factor and c[a] is not None and c[a] != ref[a]]
             contrasts.append(_contrast(factor, level, c, others, stats[c["cell_id"]]))
     if contrasts:
         by_cell: dict[str, list] = {}
@@ -399,7 +401,8 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
                 c.detection = _detection_contrast(det_stats[c.cell_id])
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
-    eta, inter = main_effects(con, axes)
+    attribution = main_effects(con, axes, {a: ref[a] for a in axes})
+    eta, inter = attribution.main, attribution.interactions
     node_eta = _node_eta_squared(con)
     if node_eta is not None:
         eta["node"] = node_eta
@@ -424,6 +427,7 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
         determinism={k: counters.get(k, 0) for k in
                      ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
         task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}),
+        explained=attribution.explained, share_scale=attribution.scale, nested=attribution.nested,
         nodes_differ=nodes_differ(manifest))
 
 
@@ -443,33 +447,14 @@ def _node_eta_squared(con: duckdb.DuckDBPyConnection) -> float | None:
 
 
 def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],
-                 metric: str = "1 - out_cosine") -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Eta-squared per factor over the full factorial, and the strongest two-factor interactions
-    (share of variance of the cell means of a pair beyond both main effects)."""
-    varying = [a for a in axes
-               if con.execute(f"SELECT count(DISTINCT {_ident(a)}) FROM cells").fetchone()[0] > 1]
-    if not varying:
-        return {}, []
-    pairs = list(itertools.combinations(varying, 2))
-    sets = [f"({_ident(a)})" for a in varying] + [f"({_ident(a)}, {_ident(b)})" for a, b in pairs]
-    grouping = ", ".join(f"GROUPING({_ident(a)}) AS g_{a}" for a in varying)
-    cols = ", ".join(_ident(a) for a in varying)
-    base = (f"SELECT {cols}, {metric} AS m FROM rows WHERE status = 'ok' AND out_cosine IS NOT NULL")
-    total = con.execute(f"SELECT count(*), avg(m), var_pop(m) FROM ({base})").fetchone()
-    n, grand, var = total
-    if not n or not var:
-        return {a: 0.0 for a in varying}, []
-    ss_total = var * n
-    q = (f"SELECT {cols}, {grouping}, count(*) AS n, avg(m) AS mean FROM ({base}) "
-         f"GROUP BY GROUPING SETS ({', '.join(sets)})")
-    ss: dict[tuple[str, ...], float] = {}
-    for d in query_dicts(con, q):
-        key = tuple(a for a in varying if d[f"g_{a}"] == 0)
-        ss[key] = ss.get(key, 0.0) + d["n"] * (d["mean"] - grand) ** 2
-    eta = {a: ss.get((a,), 0.0) / ss_total for a in varying}
-    inter = []
-    for a, b in pairs:
-        share = (ss.get((a, b), 0.0) - ss.get((a,), 0.0) - ss.get((b,), 0.0)) / ss_total
-        inter.append({"factors": [a, b], "eta_squared": max(0.0, share)})
-    inter.sort(key=lambda d: -d["eta_squared"])
-    return dict(sorted(eta.items(), key=lambda kv: -kv[1])), inter[:5]
+                 reference: dict[str, Any] | None = None,
+                 metric: str = "1 - out_cosine") -> Attribution:
+    """Type-II shares per factor and the strongest two-factor interactions (``analysis.effects``),
+    over the rows with a finite metric; axes that apply to some cells only are nested."""
+    cols = ", ".join(_ident(a) for a in axes)
+    q = (f"SELECT {cols}, count(*) AS n, avg(m) AS mean, coalesce(var_pop(m), 0) * count(*) AS ssw "
+         f"FROM (SELECT *, {metric} AS m FROM rows WHERE status = 'ok' AND out_cosine IS NOT NULL) "
+         f"WHERE NOT isnan(m::VARCHAR::DOUBLE) GROUP BY ALL")
+    stats = [CellStat({a: d[a] for a in axes}, int(d["n"]), float(d["mean"]), float(d["ssw"]))
+             for d in query_dicts(con, q)]
+    return attribute(stats, axes, reference)

@@ -1,27 +1,12 @@
 """Turning an Explanation into text a person reads in 30 seconds, or Markdown for an issue."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .explain import Contrast, DetectionContrast, Explanation, tolerance_verdict
+from .numbers import g, pct
 
-
-def g(v: float | None, digits: int = 3) -> str:
-    """Compact number: 3 significant digits, '-' for missing, 'inf' kept."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e4 or abs(v) < 1e-3:
-        return f"{v:.{digits - 1}e}"
-    return f"{v:.{digits}g}"
-
-
-def pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
+__all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text"]
 
 
 def _props(w: dict[str, Any]) -> str:
@@ -167,7 +152,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
         for i, f in enumerate(factors, 1):
             c = by_key[(f["factor"], f["level"], f["detail"])]
-            eta = f" | eta² {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
+            eta = f" | share {g(f['eta_squared'], 2)}" if f.get("eta_squared") is not None else ""
             out.append(f"  {i}. {f['factor']:<14} {_level(c):<{fw}} median {g(c.cos_dist_p50):>8}"
                        f" | mean {g(c.cos_dist_mean):>8}"
                        f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
@@ -195,8 +180,16 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
             out.append(f"  {c.factor}={_level(c)}: up to {g(c.cos_dist_max)} on {worst}"
                        + (f"; {k}" if k else ""))
     if e.eta_squared:
-        out += ["", "Share of output variance explained over the full factorial (eta², cosine distance):",
+        out += ["", "Share of the cosine distance's variance per factor (type-II sums of squares; the "
+                    f"cells explain {g(e.explained, 2)}, the rest varies image to image):",
                 "  " + "  ".join(f"{a} {g(v, 2)}" for a, v in e.eta_squared.items())]
+        for axis, parents in e.nested.items():
+            if parents:
+                out.append(f"  {axis} is analysed within " + ", ".join(
+                    f"{p}={'/'.join(v)}" for p, v in parents.items()) + " (where it applies)")
+        if e.share_scale < 1:
+            out.append(f"  (shares scaled by {g(e.share_scale, 2)}: on this unbalanced design the "
+                       "type-II terms overlap and would sum above what the cells explain)")
         strong = [i for i in e.interactions if i["eta_squared"] > 0.01]
         if strong:
             out.append("  strongest interactions: " + "  ".join(
@@ -228,7 +221,8 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         out.append(f"  ... and {len(e.skipped) - 5} more skipped cells")
     d = e.determinism
     if d.get("determinism_checks"):
-        out.append(f"Reuse guard: {int(d['determinism_checks'])} batches recomputed, "
+        out.append(f"Reuse guard: {int(d['determinism_checks'])} batches re-inferred in another "
+                   "composition and size, "
                    f"{int(d.get('determinism_mismatches', 0))} differed "
                    f"(max abs {g(d.get('determinism_max_abs') or 0.0)})")
     return "\n".join(out)
@@ -237,7 +231,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
 def render_markdown(e: Explanation) -> str:
     lines = [f"## dmx explain: `{e.spec_name}` (run `{e.run_id}`)", "",
              f"{e.images} images x {e.cells} cells; reference: `{e.reference}`", "",
-             "| # | factor | level | cos dist mean | top-1 flips | max abs (max) | eta² | note |",
+             "| # | factor | level | cos dist mean | top-1 flips | max abs (max) | share (type II) | note |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     by_key = {(c.factor, c.level, c.detail or None): c for c in e.contrasts}
     for i, f in enumerate(e.factor_ranking(), 1):

@@ -17,6 +17,7 @@ import datetime as dt
 import html
 import io
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,8 +34,9 @@ from results.store import RunDir
 from . import pictures
 from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_failure
 from .db import load_sql, open_run
-from .explain import Explanation, explain_run, query_dicts
-from .render import g, pct
+from .explain import Explanation, explain_run
+from .numbers import g, pct
+from .queries import query_dicts
 
 DPI = 110
 TOP_IMAGES = 6
@@ -43,6 +45,21 @@ DIFF_GAIN = 10.0
 COS_ROUNDING = 1e-15  # 1 - cos of two equal float32 vectors, computed in float64, is about 2e-16
 FACTOR_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
                   "#ff9da7", "#9c755f", "#bab0ac")
+
+
+_TEMPLATES = None
+
+
+def _template(name: str):
+    """A Jinja2 template from ``analysis/templates`` (HTML autoescaped: values are data)."""
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        import jinja2
+        _TEMPLATES = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(Path(__file__).with_name("templates"))),
+            autoescape=jinja2.select_autoescape(["html", "j2"]), undefined=jinja2.StrictUndefined,
+            trim_blocks=False)
+    return _TEMPLATES.get_template(name)
 
 
 def write_report(run_dir: str | Path, out_html: str | Path) -> Path:
@@ -77,17 +94,11 @@ def build_report(run_dir: str | Path) -> str:
         _notes(e, con),
     ]
     title = f"dmx report - {manifest['spec']['name']} ({manifest['run_id']})"
-    nav = " ".join(f'<a href="#{sid}">{name}</a>' for sid, name in (
-        ("summary", "Run"), ("ranking", "Ranking"), ("interactions", "Interactions"),
-        ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"), ("notes", "Notes")))
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>{_e(title)}</h1><nav>{nav}</nav></header><main>"
-            + "".join(sections)
-            + f"</main><footer>Written by dmx {_e(_dmx_version())} on "
-              f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC. All numbers come from the run's "
-              "Parquet files through DuckDB; pictures are re-rendered from the image files.</footer>"
-              "</body></html>\n")
+    nav = (("summary", "Run"), ("ranking", "Ranking"), ("interactions", "Interactions"),
+           ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"), ("notes", "Notes"))
+    return _template("report.html.j2").render(
+        title=title, nav=nav, sections=sections, version=_dmx_version(),
+        written=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}")
 
 
 # ---------------------------------------------------------------- queries (identifiers validated)
@@ -160,7 +171,7 @@ def _summary(manifest: dict[str, Any], e: Explanation, con: duckdb.DuckDBPyConne
     cells = {d["status"]: d["n"] for d in query_dicts(con, load_sql("cell_counts"))}
     rows = " | ".join(f"{s['status']}{'/' + s['error_stage'] if s['error_stage'] else ''} {s['n']}"
                       for s in e.status)
-    axes = " &times; ".join(f"{_e(a)} ({len(v)})" for a, v in spec.get("axes", {}).items())
+    axes = [f"{a} ({len(v)})" for a, v in spec.get("axes", {}).items()]
     pre = model.get("preprocess") or {}
     isa = env.get("cpu", {}).get("isa", {})
     packages = env.get("packages", {})
@@ -179,67 +190,82 @@ def _summary(manifest: dict[str, Any], e: Explanation, con: duckdb.DuckDBPyConne
         ("Packages", ", ".join(f"{k} {v}" for k, v in packages.items())),
         ("libjpeg", ", ".join(f"{k}: {v}" for k, v in env.get("libjpeg", {}).items())),
     ]
-    body = "".join(f"<tr><th>{_e(k)}</th><td>{axes if k == 'Axes' else _e(v)}</td></tr>"
-                   for k, v in items)
-    return f'<section id="summary"><h2>Run</h2><table class="meta">{body}</table></section>'
+    return _template("summary.html.j2").render(items=items, axes=axes)
+
+
+def ranking_chart_rows(e: Explanation) -> list[dict[str, Any]]:
+    """The numbers the ranking chart draws, one row per contrast in explain's ranking order:
+    ``median`` (the bar: a typical image), ``max`` (the marker: the worst image), top-1 flips,
+    max abs, and the annotation printed beside the bar. A contrast is drawn as "(identical
+    outputs)" only when no image moved at all: no top-1 flip, max abs 0, worst cosine distance at
+    float rounding. A typical image at 0 with a worst image far off is "rare but large", as in
+    ``dmx explain``."""
+    out = []
+    for r in e.ranking():
+        median, worst = r["effect"], r["cosine_distance_max"]
+        if median is None or (isinstance(median, float) and math.isnan(median)):
+            continue
+        flips, max_abs = r["top1_disagreement"], r["max_abs_max"]
+        identical = (not flips and not max_abs and (worst is None or worst <= COS_ROUNDING))
+        text = (f"median {_cos(median)}   max {_cos(worst)}   top-1 flips "
+                f"{'-' if flips is None else pct(flips)}   max abs {g(max_abs)}")
+        if r.get("precision_effective") and r["precision_effective"] != "fp32":
+            text += f"   ran {r['precision_effective']}"
+        if identical:
+            text += "   (identical outputs)"
+        elif r["rare_but_large"] or (median <= COS_ROUNDING and (flips or max_abs)):
+            text += "   (rare but large)"
+        out.append({"factor": r["factor"], "level": r["level"], "detail": r["detail"],
+                    "cell_id": r["cell_id"], "median": median, "max": worst,
+                    "top1_flips": flips, "max_abs_max": max_abs, "n": r["n"],
+                    "rare_but_large": bool(r["rare_but_large"]), "identical": identical,
+                    "annotation": text})
+    return out
 
 
 def _ranking(e: Explanation) -> str:
-    ranking = [r for r in e.ranking() if r["effect"] is not None and not math.isnan(r["effect"])]
-    head = ('<section id="ranking"><h2>Which factors move the output</h2><p>Each bar is one level '
-            "of one factor, every other factor at the reference: mean cosine distance of the logits "
-            "(1 - cos, log scale, 95% interval), labelled with the share of images whose top-1 class "
-            "flips.</p>")
-    if not ranking:
-        return head + ('<p class="empty">No one-factor contrast to rank: no cell that ran differs '
-                       "from the reference in exactly one factor.</p></section>")
-    by_cell = {c.cell_id: c for c in e.contrasts}
+    chart_rows = ranking_chart_rows(e)
+    if not chart_rows:
+        return _template("ranking.html.j2").render(rows=[], chart="", data="")
     labels = [f"{r['factor']} = {r['level']}" + (f"  ({r['detail']})" if r["detail"] else "")
-              for r in ranking]
-    effects = np.array([r["effect"] for r in ranking], dtype=float)
-    floor = _log_floor(effects[effects > COS_ROUNDING])
-    shown = np.where(effects > COS_ROUNDING, effects, floor)
-    factors = list(dict.fromkeys(r["factor"] for r in ranking))
-    colours = [FACTOR_COLOURS[factors.index(r["factor"]) % len(FACTOR_COLOURS)] for r in ranking]
-    fig = Figure(figsize=(11, 0.42 * len(ranking) + 1.2))
+              for r in chart_rows]
+    medians = np.array([r["median"] for r in chart_rows], dtype=float)
+    worst = np.array([r["max"] if r["max"] is not None else np.nan for r in chart_rows], dtype=float)
+    both = np.concatenate([medians, worst])
+    floor = _log_floor(both[np.isfinite(both) & (both > COS_ROUNDING)])
+    shown = np.where(medians > COS_ROUNDING, medians, floor)
+    shown_max = np.where(np.isfinite(worst) & (worst > COS_ROUNDING), worst, floor)
+    factors = list(dict.fromkeys(r["factor"] for r in chart_rows))
+    colours = [FACTOR_COLOURS[factors.index(r["factor"]) % len(FACTOR_COLOURS)] for r in chart_rows]
+    fig = Figure(figsize=(11, 0.42 * len(chart_rows) + 1.2))
     ax = fig.add_subplot()
-    y = np.arange(len(ranking))
-    ax.barh(y, shown - floor, left=floor, color=colours, height=0.65)
-    lo, hi = [], []
-    for r, v in zip(ranking, shown):
-        ci = by_cell[r["cell_id"]].cos_dist_ci
-        lo.append(v - max(ci[0], floor) if ci else 0.0)
-        hi.append(max(ci[1] - v, 0.0) if ci else 0.0)
-    ax.errorbar(shown, y, xerr=[np.maximum(lo, 0), hi], fmt="none", ecolor="#333", capsize=2, lw=0.8)
+    y = np.arange(len(chart_rows))
+    ax.barh(y, shown - floor, left=floor, color=colours, height=0.65, label="median (typical image)")
+    ax.scatter(shown_max, y, marker="D", s=28, color="#222", zorder=3, label="max (worst image)")
     ax.set_xscale("log")
-    ax.set_xlim(floor, max(float(shown.max()) * 3, floor * 10))
+    ax.set_xlim(floor, max(float(max(shown.max(), shown_max.max())) * 3, floor * 10))
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
-    ax.set_xlabel("cosine distance of logits vs reference (mean over images, log scale)")
+    ax.set_xlabel("cosine distance of logits vs reference (bar: median over images; diamond: max; "
+                  "log scale)")
+    ax.legend(loc="lower right", fontsize=8, frameon=False)
     ax.grid(axis="x", which="major", alpha=0.3)
     right = blended_transform_factory(ax.transAxes, ax.transData)
-    for yi, r, v in zip(y, ranking, effects):
-        flips = "-" if r["top1_disagreement"] is None else pct(r["top1_disagreement"])
-        text = f"top-1 flips {flips}   max abs {g(r['max_abs_max'])}"
-        if r.get("precision_effective") and r["precision_effective"] != "fp32":
-            text += f"   ran {r['precision_effective']}"
-        if v <= COS_ROUNDING:
-            text += "   (identical outputs)"
-        ax.text(1.01, yi, text, transform=right, va="center", fontsize=8.5)
+    for yi, r in zip(y, chart_rows):
+        ax.text(1.01, yi, r["annotation"], transform=right, va="center", fontsize=8.5)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    rows = "".join(
-        f"<tr><td>{i}</td><td>{_e(r['factor'])}</td><td>{_e(r['level'])}"
-        f"{' <small>(' + _e(r['detail']) + ')</small>' if r['detail'] else ''}</td>"
-        f"<td class=num>{_cos(r['effect'])}</td><td class=num>{pct(r['top1_disagreement'])}</td>"
-        f"<td class=num>{g(r['max_abs_p95'])}</td><td class=num>{g(r['max_abs_max'])}</td>"
-        f"<td class=num>{g(r['px_mean_abs'])}</td><td class=num>{r['n']}</td>"
-        f"<td>{_e(r.get('precision_effective') or '-')}</td></tr>"
-        for i, r in enumerate(ranking, 1))
-    table = ("<table class=data><tr><th>#</th><th>factor</th><th>level</th><th>cos dist</th>"
-             "<th>top-1 flips</th><th>max abs p95</th><th>max abs max</th><th>input px mean</th>"
-             f"<th>n</th><th>ran</th></tr>{rows}</table>")
-    return head + _img(fig, "factor ranking", "chart-ranking") + table + "</section>"
+    by_cell = {r["cell_id"]: r for r in e.ranking()}
+    rows = [{"factor": r["factor"], "level": r["level"], "detail": r["detail"], "n": r["n"],
+             "median_text": _cos(r["median"]), "max_text": _cos(r["max"]),
+             "flips_text": pct(r["top1_flips"]), "max_abs_text": g(r["max_abs_max"]),
+             "max_abs_p95_text": g(by_cell[r["cell_id"]]["max_abs_p95"]),
+             "px_text": g(by_cell[r["cell_id"]]["px_mean_abs"]),
+             "ran": by_cell[r["cell_id"]].get("precision_effective") or "-"} for r in chart_rows]
+    data = json.dumps(chart_rows, default=str).replace("</", "<\\/")
+    chart = _img(fig, "factor ranking: bar = median cosine distance over images, diamond = "
+                      "max (worst image)", "chart-ranking")
+    return _template("ranking.html.j2").render(rows=rows, chart=chart, data=data)
 
 
 def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]],
@@ -295,8 +321,15 @@ def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[s
         cells = "".join(f"<td>{_e(a)} {g(v, 2)}</td>" for a, v in e.eta_squared.items())
         inter = "".join(f"<td>{_e(' x '.join(i['factors']))} {g(i['eta_squared'], 2)}</td>"
                         for i in e.interactions[:5])
-        eta = (f"<table class=data><tr><th>main effect (eta&sup2;)</th>{cells}</tr>"
-               f"<tr><th>interaction share</th>{inter or '<td>-</td>'}</tr></table>")
+        nested = "; ".join(f"{_e(a)} within {_e(', '.join(f'{p}={v}' for p, vs in w.items() for v in vs))}"
+                           for a, w in e.nested.items() if w)
+        eta = (f"<table class=data><tr><th>main effect share (type-II SS)</th>{cells}</tr>"
+               f"<tr><th>interaction share (beyond main effects)</th>{inter or '<td>-</td>'}</tr></table>"
+               f"<p>Shares of the cosine distance's variance; the cells together explain "
+               f"{g(e.explained, 2)}, the rest is image-to-image variation within cells"
+               + (f"; nested axes analysed within their parent: {nested}" if nested else "")
+               + (f"; type-II shares scaled by {g(e.share_scale, 2)} so that they do not sum above "
+                  "what the cells explain" if e.share_scale < 1 else "") + ".</p>")
     return head + _img(fig, "level by level mean cosine distance", "chart-interactions") + eta + "</section>"
 
 
@@ -499,11 +532,10 @@ def _top5_table(title: str, classes: Sequence[int] | None, probs: Sequence[float
 
 def _gate(r: CheckResult | str, run_dir: str | Path, e: Explanation) -> str:
     if isinstance(r, str):
-        return f'<section id="gate"><h2>Gate</h2><p class="warn">Not evaluated: {_e(r)}</p></section>'
+        return _template("gate.html.j2").render(error=r)
     tol = r.tolerances
-    verdict = "PASS" if r.passed else "FAIL"
-    limits = "; ".join(f"{_e(p)}: rel L2 &le; {g(v['max_rel_l2'])}, cosine &ge; {g(v['min_cosine'], 6)}"
-                       + (f", max abs &le; {g(v['max_abs'])}" if v["max_abs"] is not None else "")
+    limits = "; ".join(f"{p}: rel L2 ≤ {g(v['max_rel_l2'])}, cosine ≥ {g(v['min_cosine'], 6)}"
+                       + (f", max abs ≤ {g(v['max_abs'])}" if v["max_abs"] is not None else "")
                        for p, v in sorted(r.limits_by_precision.items()))
     by_cell: dict[str, list] = {}
     for f in r.failures:
@@ -512,49 +544,29 @@ def _gate(r: CheckResult | str, run_dir: str | Path, e: Explanation) -> str:
     for fs in by_cell.values():
         for f in fs:
             by_check[f.check] = by_check.get(f.check, 0) + 1
-    summary = ", ".join(f"{_e(CHECK_WORDS[k])}: {n} cells" for k, n in by_check.items())
     contrast = {c.cell_id for c in e.contrasts}
     shown = sorted(by_cell.values(), key=lambda fs: (fs[0].cell_id not in contrast, -len(fs)))[:GATE_ROWS]
-    rows = "".join(f"<tr><td>{_e(fs[0].cell)}</td><td>"
-                   f"{'<br>'.join(_e(describe_failure(f)) for f in fs)}</td></tr>" for fs in shown)
-    more = (f"<p>... and {len(by_cell) - GATE_ROWS} more failing cells: <code>dmx check "
-            f"{_e(str(run_dir))}</code> lists them all.</p>" if len(by_cell) > GATE_ROWS else "")
-    precision = ("a cell may run at a lower precision than it asked for" if tol["allow_lower_precision"]
-                 else "a cell must run at the precision it asked for")
-    return (f'<section id="gate"><h2>Gate: <span class="{verdict.lower()}">{verdict}</span></h2>'
-            f"<p><code>dmx check {_e(str(run_dir))}</code> with the run's tolerances, scope "
-            f"{_e(tol['scope'])}: <b>{len(by_cell)} of {r.cells_judged}</b> cells break a tolerance"
-            f"{' (' + summary + ')' if summary else ''}. Limits per effective precision - "
-            f"{limits or '-'}; top-1 agreement &ge; {g(tol['min_top1_agreement'])}; {precision}.</p>"
-            + (f"<table class='data gate'><tr><th>cell (one-factor contrasts first)</th><th>broken</th></tr>"
-               f"{rows}</table>{more}" if rows else "")
-            + "</section>")
+    ref_err = r.reference_errors if r.reference_errors.get("images") else None
+    return _template("gate.html.j2").render(
+        error=None, verdict="PASS" if r.passed else "FAIL", run_dir=str(run_dir),
+        scope=tol["scope"], failing=len(by_cell), judged=r.cells_judged,
+        summary=", ".join(f"{CHECK_WORDS[k]}: {n} cells" for k, n in by_check.items()),
+        limits=limits, min_top1=g(tol["min_top1_agreement"]),
+        precision=("a cell may run at a lower precision than it asked for"
+                   if tol["allow_lower_precision"] else "a cell must run at the precision it asked for"),
+        reference_errors=ref_err, images=r.images, not_judged=list(r.not_judged_rows.items()),
+        rows=[(fs[0].cell, [describe_failure(f) for f in fs]) for fs in shown],
+        more=len(by_cell) - GATE_ROWS if len(by_cell) > GATE_ROWS else 0)
 
 
 def _notes(e: Explanation, con: duckdb.DuckDBPyConnection) -> str:
-    items = []
-    for m in e.precision_mismatches:
-        items.append(f"<li><b>Precision</b>: <code>{_e(m['label'])}</code> asked {_e(m['asked'])}, "
-                     f"ran {_e(m['effective'])} ({m['cells']} cells), read back from the backend.</li>")
-    for label, reason in e.skipped.items():
-        items.append(f"<li><b>Skipped</b> <code>{_e(label)}</code>: {_e(reason)}</li>")
-    for s in e.status:
-        if s["status"] == "error":
-            items.append(f"<li><b>Errors</b> at {_e(s['error_stage'] or '?')}: {s['n']} rows on "
-                         f"{s['images']} images, e.g. {_e(s['example'] or '')}</li>")
-    errors_by_image = query_dicts(con, load_sql("report_error_images"))
-    if errors_by_image:
-        items.append("<li><b>Images with errors</b>: " + "; ".join(
-            f"{_e(d['image_id'])} ({d['n']} rows, {_e(d['stage'] or '?')})"
-            for d in errors_by_image) + "</li>")
     d = e.determinism
-    if d.get("determinism_checks"):
-        items.append(f"<li><b>Reuse guard</b>: {int(d['determinism_checks'])} batches recomputed, "
-                     f"{int(d.get('determinism_mismatches', 0))} differed (max abs "
-                     f"{g(d.get('determinism_max_abs') or 0.0)}).</li>")
-    body = ("<ul>" + "".join(items) + "</ul>" if items else
-            "<p>No skipped cells, no errors, every backend ran the precision asked.</p>")
-    return f'<section id="notes"><h2>Notes</h2>{body}</section>'
+    guard = ({"checks": int(d["determinism_checks"]), "mismatches": int(d.get("determinism_mismatches", 0)),
+              "max_abs": g(d.get("determinism_max_abs") or 0.0)} if d.get("determinism_checks") else None)
+    return _template("notes.html.j2").render(
+        mismatches=e.precision_mismatches, skipped=list(e.skipped.items()),
+        errors=[s for s in e.status if s["status"] == "error"],
+        error_images=query_dicts(con, load_sql("report_error_images")), guard=guard)
 
 
 # ---------------------------------------------------------------- helpers
@@ -598,38 +610,3 @@ def _dmx_version() -> str:
         return "?"
 
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#24292f;color:#fff;padding:10px 24px;position:sticky;top:0;z-index:1}
-header h1{font-size:18px;margin:0 0 4px}
-nav a{color:#9ecbff;margin-right:14px;text-decoration:none}
-main{max-width:1400px;margin:0 auto;padding:8px 24px}
-section{scroll-margin-top:70px;background:#fff;border:1px solid #ddd;border-radius:6px;padding:10px 18px;margin:14px 0}
-h2{font-size:17px;margin:6px 0}
-h3{font-size:14px;margin:4px 0}
-small{color:#666;font-weight:normal}
-table{border-collapse:collapse;margin:8px 0}
-table.meta th{text-align:left;padding:2px 12px 2px 0;vertical-align:top;white-space:nowrap}
-table.data th,table.data td{border:1px solid #ddd;padding:2px 8px;font-size:13px}
-table.data th{background:#f1f3f5}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.hit td{background:#fff3bf}
-img.chart{max-width:100%;display:block;margin:8px 0}
-img.px{image-rendering:pixelated;border:1px solid #ccc}
-.cards{display:flex;flex-direction:column;gap:14px}
-.body{display:flex;gap:24px;flex-wrap:wrap;align-items:flex-start}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px}
-.pics{display:flex;gap:10px;flex-wrap:wrap}
-figure{margin:0}
-figcaption{font-size:12px;color:#555;max-width:224px}
-.same{display:flex;align-items:center;justify-content:center;text-align:center;background:#f1f3f5;
-border:1px dashed #aaa;font-size:12px;color:#555;padding:8px;box-sizing:border-box}
-.top5{display:flex;gap:16px;flex-wrap:wrap;align-items:flex-start}
-.top5 table{margin:0}
-.flip{color:#c92a2a;font-size:13px;margin-left:8px}
-.warn{color:#a61e4d}
-.empty{color:#666;font-style:italic}
-.pass{color:#2b8a3e}.fail{color:#c92a2a}
-table.gate td{font-size:12px}
-footer{color:#777;font-size:12px;padding:10px 24px 30px;max-width:1400px;margin:0 auto}
-"""

@@ -13,6 +13,10 @@ offline, by ``bench/photos.py`` into ``bench/.data/``):
     Library-default thread settings (printed). OpenVINO gets INFERENCE_PRECISION_HINT=f32
     because the spec asks fp32 (without it the CPU plugin runs bf16 on avx512_bf16 CPUs).
     Its top-1 labels are checked against dmx's rows.
+(a') competent: ``bench/competent.py``, the script a good engineer writes in an hour, in a
+    fresh process like (a): decode once per decoder, preprocess once per variant (a thread per
+    CPU), sessions built once with all-core threads, batches of ``--competent-batch``. Its top-1
+    labels are checked against dmx's rows too.
 (b) dmx, local executor: ``run_spec(spec, RunOptions(executor="local"))``, progress off.
 (c) dmx on Ray with ``--workers`` actors. Ray is started once before timing (a cluster is up
     in real audits; ``ray.init`` time is printed separately); the timed run includes actor
@@ -55,8 +59,10 @@ Run::
     python bench/sweep.py --memory-scaling --memory-images 200
     python bench/sweep.py --memory-scaling --memory-images 100 --memory-model mobilenet_v2
 
-Last line: {"images", "naive_s", "local_s", "ray_s", "floor_s", "ray_vs_naive", "ray_vs_floor",
-"local_vs_naive", "peak_rss_mb"} (seconds; peak_rss_mb is the largest sampled tree RSS).
+Last line: {"images", "naive_s", "competent_s", "local_s", "ray_s", "floor_s", "ray_vs_naive",
+"ray_vs_floor", "local_vs_naive", "ray_vs_competent", "local_vs_competent", "peak_rss_mb"}
+(seconds; peak_rss_mb is the largest sampled tree RSS). Targets: ray_vs_competent <= 0.8 and
+local_vs_competent <= 1.0 at 1,000 images; ray_vs_floor <= 1.3 at 200.
 """
 from __future__ import annotations
 
@@ -361,6 +367,30 @@ def naive_child(a: argparse.Namespace) -> None:
     seconds, results = naive_loop(paths, cells, ref, model, artifacts)
     print(json.dumps({"seconds": seconds, "peak_rss_mb": own_peak_rss_mb(),
                       "results": [[c, i, *v] for (c, i), v in results.items()]}))
+
+
+def competent_child(a: argparse.Namespace) -> None:
+    from competent import competent_loop
+    paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
+    cells, ref, model, artifacts = prepare(make_spec(Path(paths[0]).parent, a))
+    import cv2  # noqa: F401  (imports are not part of the timing, as in the other phases)
+    import onnxruntime  # noqa: F401
+    import openvino  # noqa: F401
+    import torch  # noqa: F401
+    seconds, results = competent_loop(paths, cells, ref, model, artifacts, batch=a.competent_batch)
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": own_peak_rss_mb(),
+                      "results": [[c, i, *v] for (c, i), v in results.items()]}))
+
+
+def competent_in_child(a: argparse.Namespace) -> tuple[float, dict, float]:
+    """(a') in a fresh process: (seconds, results, the child's peak RSS MB)."""
+    cmd = [sys.executable, __file__, "--competent-child", "--competent-batch",
+           str(a.competent_batch), *_common_args(a)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"competent script failed:\n{out.stderr}")
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    return d["seconds"], {(c, i): tuple(v) for c, i, *v in d["results"]}, d["peak_rss_mb"]
 
 
 def _common_args(a: argparse.Namespace) -> list[str]:
@@ -697,6 +727,9 @@ def main() -> None:
                     help="run (a), (b), (c) this many times, interleaved; report the fastest")
     ap.add_argument("--skip-naive", action="store_true", help="skip (a) (slowest part)")
     ap.add_argument("--skip-local", action="store_true", help="skip (b)")
+    ap.add_argument("--skip-competent", action="store_true", help="skip (a')")
+    ap.add_argument("--competent-batch", type=int, default=32, help="the competent script's batch")
+    ap.add_argument("--competent-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true",
                     help="also: profile the Ray driver, summarise ray.timeline per actor, CPU per "
                          "process, and cProfile the worker code path (1 thread, fresh process)")
@@ -722,6 +755,9 @@ def main() -> None:
         return
     if a.naive_child:
         naive_child(a)
+        return
+    if a.competent_child:
+        competent_child(a)
         return
     if a.profile_child:
         paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
@@ -770,7 +806,7 @@ def main() -> None:
         runs.setdefault(name, []).append((seconds, ph))
         print(f"{text}  [{ph['cpu_s']:.1f} CPU s; foreign {ph['foreign_cpu_s']:.1f} CPU s]")
 
-    naive_top1 = None
+    naive_top1 = competent_top1 = None
     if not a.skip_naive:
         print(f"(a) naive: threads: {naive_threads()}")
     ray_init_s = where = None
@@ -783,6 +819,14 @@ def main() -> None:
                  f"(a) naive loop: {seconds:.2f} s in a fresh process ({len(cells)} session builds, "
                  f"{len(cells) * len(paths)} decodes/resizes/inferences at batch 1; its peak RSS "
                  f"{child_rss:.0f} MB)")
+        if not a.skip_competent:
+            mon.reset(exclude=ray_procs)
+            seconds, competent_top1, child_rss = competent_in_child(a)
+            note("competent", seconds, mon.phase(),
+                 f"(a') competent script: {seconds:.2f} s in a fresh process ({len(a.backends)} "
+                 f"session builds, {len(a.decoders)} decodes and {len(a.decoders) * len(a.resizes)} "
+                 f"preprocessings per image on {cpus} threads, {len(cells) * len(paths)} inferences "
+                 f"at batch {a.competent_batch}, library-default threads; its peak RSS {child_rss:.0f} MB)")
         if not a.skip_local:
             out = tmp / f"local-{r}"
             mon.reset(exclude=ray_procs)
@@ -827,12 +871,14 @@ def main() -> None:
     import ray
     ray.shutdown()
 
-    if naive_top1 is not None:
+    for name, top1s in (("naive", naive_top1), ("competent", competent_top1)):
+        if top1s is None:
+            continue
         dmx = dmx_top1(tmp / "ray-0", paths)
-        same = sum(1 for k, (top1, _, _) in naive_top1.items() if dmx.get(k) == top1)
-        worst = max(d for _, d, _ in naive_top1.values())
-        print(f"    check: naive top-1 == dmx top-1 on {same} of {len(naive_top1)} (cell, image) "
-              f"pairs; naive max |logit - reference logit| over all cells {worst:.3g}")
+        same = sum(1 for k, (top1, _, _) in top1s.items() if dmx.get(k) == top1)
+        worst = max(d for _, d, _ in top1s.values())
+        print(f"    check: {name} top-1 == dmx top-1 on {same} of {len(top1s)} (cell, image) "
+              f"pairs; {name} max |logit - reference logit| over all cells {worst:.3g}")
 
     mon.reset()
     fl = floor_costs(paths, cells, model, artifacts, a)
@@ -878,7 +924,8 @@ def main() -> None:
     print()
     res = {k: v[0] for k, v in best.items()}
     print(f"{'':24}{'seconds':>10}{'x naive':>10}{'x floor':>10}{'CPU s':>8}  all runs (s)")
-    for name, label in (("naive", "(a) naive loop"), ("local", "(b) dmx local"),
+    for name, label in (("naive", "(a) naive loop"), ("competent", "(a') competent script"),
+                        ("local", "(b) dmx local"),
                         ("ray", f"(c) dmx ray x{a.workers}"), ("floor", "(d) floor")):
         if name not in res:
             continue
@@ -891,11 +938,15 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     r3 = lambda v: None if v is None else round(v, 3)  # noqa: E731
     naive, local, ray_s, floor = res.get("naive"), res.get("local"), res["ray"], res["floor"]
-    print(json.dumps({"images": len(paths), "naive_s": r3(naive), "local_s": r3(local),
+    competent = res.get("competent")
+    print(json.dumps({"images": len(paths), "naive_s": r3(naive), "competent_s": r3(competent),
+                      "local_s": r3(local),
                       "ray_s": r3(ray_s), "floor_s": r3(floor),
                       "ray_vs_naive": r3(ray_s / naive) if naive else None,
                       "ray_vs_floor": r3(ray_s / floor),
                       "local_vs_naive": r3(local / naive) if naive and local else None,
+                      "ray_vs_competent": r3(ray_s / competent) if competent else None,
+                      "local_vs_competent": r3(local / competent) if competent and local else None,
                       "peak_rss_mb": max(v[1]["peak_rss_mb"] for v in best.values())}))
 
 

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not fail a cell that ran at a lower precision than it asked for")
     p.add_argument("--allow-errors", action="store_true", default=None,
                    help="do not fail a cell whose rows error where the reference's did not")
+    p.add_argument("--max-reference-errors", type=int, default=None, metavar="IMAGES",
+                   help="images the reference cell may fail on (default 0); the other cells' rows "
+                        "on them are not judged")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("diff", help="compare two runs of one spec: cells that moved, environment changes")
@@ -317,7 +320,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     from analysis.check import check_run, render_check_text
     given = {"max_abs": a.max_abs, "max_rel_l2": a.max_rel_l2, "min_cosine": a.min_cosine,
              "min_top1_agreement": a.min_top1, "scope": a.scope,
-             "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors}
+             "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors,
+             "max_reference_errors": a.max_reference_errors}
     result = check_run(a.run_dir, {k: v for k, v in given.items() if v is not None})
     if a.json:
         print(json.dumps(result.to_json(), indent=2))

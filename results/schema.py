@@ -59,6 +59,14 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
                                  "detection.same_iou (default 0.9), |score delta| <= detection.same_score "
                                  "(default 0.05), no class flip"),
     ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
+    ("threads_used", pa.int32(), "threads", "intra-op threads the backend ran with (the threads axis "
+                                            "when swept; else the executor's: all cores locally, 1 per "
+                                            "Ray worker)"),
+    ("batch_max_abs", pa.float64(), "logits", "reuse guard, on sampled images: max abs difference of this "
+                                              "image's output inferred in another batch (reversed order; "
+                                              "alone) vs the output kept; null when not sampled"),
+    ("batch_rel_l2", pa.float64(), "ratio", "reuse guard: the same difference as a relative L2 norm "
+                                            "(norm of a - b over norm of a)"),
     ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
     ("decoder_version", pa.string(), "", "the decoding library and its version that ran (e.g. 'pillow 13.0.0')"),
     ("decoder_libjpeg", pa.string(), "", "the libjpeg(-turbo) build behind that decoder, as it reports it"),

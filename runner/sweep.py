@@ -30,7 +30,7 @@ from .resume import digest as resume_digest
 from .sources import read_image, with_sizes
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
-from .worker import ChunkSummary
+from .worker import ChunkSummary, merge_counters
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     totals = {"rows": 0, "errors": 0}
 
     def on_summary(res: ChunkSummary) -> None:
-        counters.update(res.counters)
+        merge_counters(counters, res.counters)  # a maximum stays a maximum across workers
         for k, v in res.backends.items():
             manifest["backends"].setdefault(k, v)
         if res.environment is not None:

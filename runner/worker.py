@@ -92,6 +92,16 @@ class ChunkSummary:
     peak_rss_mb: float = 0.0                     # the worker process's peak resident memory so far
 
 
+# Counters that are a maximum, not a count: merged across chunks and workers with max().
+MAX_COUNTERS = frozenset({"determinism_max_abs"})
+
+
+def merge_counters(total: Counter, part: dict[str, float]) -> None:
+    """Add a chunk's counters to a run's: counts add up, maxima (``MAX_COUNTERS``) take the max."""
+    for k, v in part.items():
+        total[k] = max(total.get(k, 0), v) if k in MAX_COUNTERS else total.get(k, 0) + v
+
+
 def _setting_key(setting: InferSetting) -> str:
     return ",".join(f"{k}={v}" for k, v in setting.__dict__.items() if v is not None)
 
@@ -107,6 +117,8 @@ class Worker:
         self.runners: dict[InferSetting, BackendRunner | _Failure] = {}
         self.decoder_versions: dict[str, dict[str, str | None]] = {}
         self.counters: Counter[str] = Counter()
+        # (setting, input digest) -> (max abs, rel L2) of its output across batch compositions
+        self._batch_checks: dict[tuple[str, bytes], tuple[float, float]] = {}
 
     def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
         if setting not in self.runners:
@@ -183,7 +195,9 @@ class Worker:
                 infos[_setting_key(setting)] = r.info() | {"build_s": round(r.build_s, 3)}
 
         rows = self._rows(chunk, cells, ref, decoded, prepped, outputs, infos, n)
-        counters = {k: v - before.get(k, 0) for k, v in self.counters.items()}
+        self._batch_checks.clear()
+        counters = {k: (v if k in MAX_COUNTERS else v - before.get(k, 0))
+                    for k, v in self.counters.items()}
         counters["images"] = n
         return ChunkResult(chunk.index, rows,
                            pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), counters, infos)
@@ -263,14 +277,41 @@ class Worker:
             for i, k in enumerate(part):
                 out[k] = (tuple(y[i] for y in ys) if every else ys[0][i], per_image)
             if start == 0 and self.plan.reuse_check_every and chunk_index % self.plan.reuse_check_every == 0:
-                again = runner.infer_all(batch) if every else [runner.infer(batch)]
-                self.counters["determinism_checks"] += 1
-                diff = max((float(np.max(np.abs(a - y))) if y.size else 0.0
-                            for a, y in zip(again, ys)), default=0.0)
-                if diff > 0:
-                    self.counters["determinism_mismatches"] += 1
-                    self.counters["determinism_max_abs"] = max(self.counters["determinism_max_abs"], diff)
+                self._check_batch_dependence(runner, setting, part, batch, ys, every)
         return out
+
+    def _check_batch_dependence(self, runner: BackendRunner, setting: InferSetting,
+                                part: list[bytes], batch: np.ndarray, ys: list[np.ndarray],
+                                every: bool) -> None:
+        """The reuse guard. A reused output was inferred in one batch and handed to another cell
+        whose own inference would have put that tensor in another batch (other neighbours, other
+        size). So re-infer the batch in reverse order (other positions) and its first tensor
+        alone (batch size 1), and compare each image's output with the one that was kept.
+        Per image: max abs (output units) and rel L2 of the largest difference, for the rows
+        (``batch_max_abs``, ``batch_rel_l2``) that ``dmx check`` judges."""
+        again = {"reversed": (batch[::-1], list(range(len(part)))[::-1])}
+        if len(part) > 1:
+            again["alone"] = (batch[:1], [0])
+        worst: dict[int, tuple[float, float]] = {}
+        for sub, index in again.values():
+            try:
+                zs = runner.infer_all(sub) if every else [runner.infer(sub)]
+            except Exception:  # noqa: BLE001 - a batch the backend refuses is not a mismatch
+                continue
+            for pos, i in enumerate(index):
+                a = np.concatenate([np.ravel(y[i]) for y in ys]).astype(np.float64)
+                b = np.concatenate([np.ravel(z[pos]) for z in zs]).astype(np.float64)
+                diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+                rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-30)) if a.size else 0.0
+                old = worst.get(i, (0.0, 0.0))
+                worst[i] = (max(old[0], diff), max(old[1], rel))
+        self.counters["determinism_checks"] += 1
+        top = max((d for d, _ in worst.values()), default=0.0)
+        if top > 0:
+            self.counters["determinism_mismatches"] += 1
+            self.counters["determinism_max_abs"] = max(self.counters["determinism_max_abs"], top)
+        for i, v in worst.items():
+            self._batch_checks[(_setting_key(setting), part[i])] = v
 
     def _rows(self, chunk: Chunk, cells: list[Cell], ref: Cell, decoded: dict, prepped: dict,
               outputs: dict, infos: dict, n: int) -> pa.Table:
@@ -319,6 +360,10 @@ class Worker:
                 y, latency = o
                 out_key = (cell.key(INFER), p.digest)
                 row.update(status="ok", latency_ms=latency, reused=out_key in seen_outputs)
+                row["threads_used"] = infos.get(_setting_key(setting), {}).get("threads")
+                checked = self._batch_checks.get((_setting_key(setting), p.digest))
+                if checked is not None:
+                    row["batch_max_abs"], row["batch_rel_l2"] = checked
                 seen_outputs.add(out_key)
                 if classify:
                     if out_key not in top5:

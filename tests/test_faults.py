@@ -109,6 +109,44 @@ def test_a_ray_worker_killed_mid_chunk_is_restarted_and_no_row_is_lost(many_phot
     assert s.rows == len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
 
 
+PEAK_RSS_MB = ("def _peak_rss_mb():\n"
+               "    # VmHWM: this process's own peak RSS. ru_maxrss is no good here: on Linux a child\n"
+               "    # inherits it from the parent at fork/exec (pytest's peak), so it hides the child's.\n"
+               "    for line in open('/proc/self/status'):\n"
+               "        if line.startswith('VmHWM:'):\n"
+               "            return int(line.split()[1]) / 1024\n")
+
+
+def child_peak_rss_mb(code: str) -> float:
+    """Run ``code`` in a fresh Python and return that process's own peak RSS in MB."""
+    r = subprocess.run([sys.executable, "-c", PEAK_RSS_MB + code + "\nprint(_peak_rss_mb())\n"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc needed")
+def test_the_memory_probe_sees_the_childs_own_peak_not_the_parents():
+    """The probe can fail: a child that allocates 300 MB reads 300 MB more than one that does
+    not, even while this (parent) process holds a larger peak; the old probe (ru_maxrss of the
+    child) read the parent's peak for both. Issue 12 item 6."""
+    ballast = bytearray(700 * 1024 * 1024)        # the parent's peak, touched page by page
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    try:
+        idle = child_peak_rss_mb("pass")
+        busy = child_peak_rss_mb("import numpy as np\nb = np.ones(300 * 2**20 // 8)")
+        inherited = subprocess.run(
+            [sys.executable, "-c", "import resource; print(resource.getrusage("
+                                   "resource.RUSAGE_SELF).ru_maxrss / 1024)"],
+            capture_output=True, text=True, check=True)
+    finally:
+        del ballast
+    assert idle < 200, idle
+    assert busy - idle > 250, (idle, busy)
+    # what the old probe read: at least the parent's 700 MB for a child that allocated nothing
+    assert float(inherited.stdout) > 600
+
+
 def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tmp_path: Path):
     """The driver streams chunks to disk: 10x the images must not mean 10x the memory."""
     def peak_rss_mb(n: int) -> float:
@@ -117,15 +155,12 @@ def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tm
         src = sorted(photo_dir.glob("*.jpg"))
         for i in range(n):
             shutil.copy(src[i % len(src)], d / f"{i:04d}.jpg")
-        code = ("import resource, sys\n"
-                "from matrix import parse_spec\nfrom runner.sweep import RunOptions, run_spec\n"
-                f"s = parse_spec({{'name': 'm', 'dataset': {{'path': '{d}'}}, 'model': 'tiny', "
-                f"'axes': {{'decoder': ['pil', 'opencv'], 'backend': ['torch']}}}})\n"
-                f"run_spec(s, RunOptions(out='{tmp_path}/out{n}', executor='local', chunk_size=8, progress=False))\n"
-                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        return float(r.stdout.strip().splitlines()[-1])
+        return child_peak_rss_mb(
+            "from matrix import parse_spec\nfrom runner.sweep import RunOptions, run_spec\n"
+            f"s = parse_spec({{'name': 'm', 'dataset': {{'path': '{d}'}}, 'model': 'tiny', "
+            f"'axes': {{'decoder': ['pil', 'opencv'], 'backend': ['torch']}}}})\n"
+            f"run_spec(s, RunOptions(out='{tmp_path}/out{n}', executor='local', chunk_size=8, "
+            "progress=False))")
 
     small, large = peak_rss_mb(40), peak_rss_mb(400)
     assert large < 1.2 * small, (small, large)

@@ -10,7 +10,8 @@ WITH j AS (
            abs(b.out_max_abs - a.out_max_abs) AS d_max_abs,
            abs(b.cos_dist - a.cos_dist) AS d_cos,
            abs(b.top1_prob - a.top1_prob) AS d_prob,
-           a.top1 AS top1_a, b.top1 AS top1_b, a.top1_agree AS agree_a, b.top1_agree AS agree_b
+           a.top1 AS top1_a, b.top1 AS top1_b, a.top1_agree AS agree_a, b.top1_agree AS agree_b,
+           a.threads_used AS threads_a, b.threads_used AS threads_b
     FROM a_rows a FULL OUTER JOIN b_rows b ON a.cell_id = b.cell_id AND a.image_id = b.image_id
 )
 SELECT
@@ -31,7 +32,9 @@ SELECT
     avg(agree_a::DOUBLE) FILTER (WHERE agree_a IS NOT NULL AND agree_b IS NOT NULL) AS top1_agree_a,
     avg(agree_b::DOUBLE) FILTER (WHERE agree_a IS NOT NULL AND agree_b IS NOT NULL) AS top1_agree_b,
     count(*) FILTER (WHERE status_a = 'ok' AND status_b = 'ok' AND top1_a <> top1_b) AS top1_changed,
-    arg_max(image_id, CASE WHEN top1_a <> top1_b THEN 1 ELSE 0 END)         AS top1_image
+    arg_max(image_id, CASE WHEN top1_a <> top1_b THEN 1 ELSE 0 END)         AS top1_image,
+    max(threads_a)                                                          AS threads_a,
+    max(threads_b)                                                          AS threads_b
 FROM j
 GROUP BY cell_id
 ORDER BY cell_id
