@@ -192,6 +192,15 @@ def _plan(sources: dict[str, str]) -> list[tuple[str, str, str]]:
     return plan
 
 
+class DemoDirError(RuntimeError):
+    """The demo folder holds files dmx did not write where it would write its own."""
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """``rel`` names a file under ``root`` (no absolute path, no ``..``)."""
+    return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file + rename so concurrent builders never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -249,13 +258,31 @@ def build_demo_images(dest: str) -> list[str]:
     outputs["bad/empty.jpg"] = b""
     outputs["bad/not_an_image.jpg"] = b"This is a text file with a .jpg name, not an image.\n"
 
-    # Remove files from an older build that this plan no longer produces.
+    # Only files this builder wrote may be replaced or removed: a file is ours when its bytes
+    # hash to what our manifest recorded for it. Anything else at one of our names is the
+    # user's, and the build stops before touching any file.
     try:
-        old = json.loads((root / MANIFEST_NAME).read_text()).get("files", {})
-    except (OSError, ValueError, AttributeError):
+        old = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8")).get("files", {})
+    except FileNotFoundError:
         old = {}
-    for rel in old if isinstance(old, dict) else ():
-        if rel not in outputs and ".." not in Path(rel).parts:
+    except (OSError, ValueError, AttributeError):
+        raise DemoDirError(f"{root / MANIFEST_NAME} exists and was not written by dmx; "
+                           "choose another --out") from None
+    old = {rel: d for rel, d in (old.items() if isinstance(old, dict) else ())
+           if isinstance(rel, str) and _inside(root, rel)}
+
+    def ours(rel: str) -> bool:
+        path = root / rel
+        return not path.exists() or (path.is_file() and not path.is_symlink()
+                                     and rel in old and _sha256_file(path) == old[rel])
+
+    foreign = [rel for rel in list(outputs) + list(old) if not ours(rel)]
+    if foreign:
+        raise DemoDirError(f"{root / foreign[0]} exists and was not written by dmx (or was "
+                           f"changed since){f' - and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
+                           "dmx never overwrites it: choose another --out")
+    for rel in old:
+        if rel not in outputs:
             (root / rel).unlink(missing_ok=True)
 
     for rel, data in outputs.items():
