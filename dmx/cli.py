@@ -82,18 +82,18 @@ def _bounded_int(lo: int, hi: int, why: str = ""):
     return parse
 
 
+_USER_ERRORS = (("matrix.errors", "SpecError"), ("results.store", "RunDirError"),
+                ("runner.convert", "ConversionError"), ("runner.executors", "ExecutorError"),
+                ("runner.models.base", "ModelUnavailable"), ("runner.models.base", "UnknownModel"),
+                ("runner.models.loading", "ModelLoadError"), ("analysis.check", "CheckError"),
+                ("analysis.diff", "DiffError"), ("runner.envs", "EnvBuildError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from matrix import SpecError
-    from results import RunDirError
-    from runner.convert import ConversionError
-    from runner.executors import ExecutorError
-    from runner.models.base import ModelUnavailable, UnknownModel
-    from runner.models.loading import ModelLoadError
-    from analysis.check import CheckError
-    from analysis.diff import DiffError
-    from runner.envs import EnvBuildError
-    return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError)
+    """The typed errors that are the user's to fix. Only modules already imported can have
+    raised one, so none is imported here: a bad spec is refused without loading torch."""
+    found = [getattr(sys.modules[m], n, None) for m, n in _USER_ERRORS if m in sys.modules]
+    return (CliError, *(t for t in found if isinstance(t, type)))
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
