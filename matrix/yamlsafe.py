@@ -91,6 +91,10 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
 _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
+_CORE = "tag:yaml.org,2002:"
+_PLAIN_TAGS = {_CORE + t for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+
+
 def _check_events(text: str, where: str, limits: YamlLimits) -> None:
     """Walk the event stream (iterative, cheap) and refuse what would blow up construction."""
     sizes: dict[str, int] = {}        # anchor -> nodes it expands to
@@ -109,6 +113,12 @@ def _check_events(text: str, where: str, limits: YamlLimits) -> None:
                                 "are expanded (an alias bomb?); a spec is a few hundred")
 
     for ev in yaml.parse(text, Loader=_BaseLoader):
+        tag = getattr(ev, "tag", None)
+        if tag and tag != "!" and tag not in _PLAIN_TAGS:
+            m = ev.start_mark
+            raise SpecError("", f"{where}: line {m.line + 1}: the YAML tag {tag.replace(_CORE, '!!')} "
+                                f"is not used in specs (allowed: "
+                                f"{', '.join(t.replace(_CORE, '!!') for t in sorted(_PLAIN_TAGS))})")
         if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             if len(stack) >= limits.max_depth:
                 m = ev.start_mark
@@ -166,3 +176,7 @@ def load_yaml_bounded(data: bytes, where: str, limits: YamlLimits = LIMITS) -> A
         if e.key:
             raise SpecError(e.key, f"{str(e)[len(e.key) + 2:]} (in {where})") from None
         raise
+    except Exception as e:  # noqa: BLE001 - PyYAML's constructors raise what int()/float() do
+        # an explicit tag on a value it cannot read (`!!int resize`, `!!bool x`)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise SpecError("", f"{where} is not valid YAML: {type(e).__name__} {first}") from None

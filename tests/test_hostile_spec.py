@@ -62,7 +62,7 @@ HOSTILE = {
     "utf16_file": (VALID.encode("utf-16"), ["UTF-16"]),
     "duplicate_key": (VALID.encode() + b"model: mobilenet_v2\n", ["model", "duplicate key"]),
     "python_object_tag": (VALID.encode() + b"check: !!python/object/apply:os.system [id]\n",
-                          ["not valid YAML"]),
+                          ["YAML tag", "python/object"]),
     "two_documents": (VALID.encode() + b"---\nname: y\n", ["not valid YAML"]),
     "a_list_not_a_mapping": (b"- a\n- b\n", ["mapping"]),
     "size_as_text": (VALID.replace("model: tiny", "model: {name: tiny, input: {size: big}}").encode(),
