@@ -254,6 +254,7 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
         return EXIT_FAILED
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
+    _print_not_read(s.not_read, s.out)
     c, m = s.counters, s.minimum
     print(f"dmx: work done (each at most once per image and variant): "
           f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
@@ -268,6 +269,22 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     else:
         print(f"dmx: next: dmx explain {out}", file=sys.stderr)
     return 0
+
+
+NOT_READ_SHOWN = 50
+
+
+def _print_not_read(not_read, out: str) -> None:
+    """One line per dataset entry that has no row (the first 50; all are in the manifest)."""
+    if not not_read:
+        return
+    print(f"dmx: {len(not_read)} entries under the dataset not read (manifest.json not_read):",
+          file=sys.stderr)
+    for n in not_read[:NOT_READ_SHOWN]:
+        print(f"dmx:   not read: {n.path}: {n.reason}", file=sys.stderr)
+    if len(not_read) > NOT_READ_SHOWN:
+        print(f"dmx:   ... and {len(not_read) - NOT_READ_SHOWN} more in {out}/manifest.json",
+              file=sys.stderr)
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
