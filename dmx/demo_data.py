@@ -276,7 +276,7 @@ def build_demo_images(dest: str) -> list[str]:
         return not path.exists() or (path.is_file() and not path.is_symlink()
                                      and rel in old and _sha256_file(path) == old[rel])
 
-    foreign = [rel for rel in list(outputs) + list(old) if not ours(rel)]
+    foreign = [rel for rel in dict.fromkeys([*outputs, *old]) if not ours(rel)]
     if foreign:
         raise DemoDirError(f"{root / foreign[0]} exists and was not written by dmx (or was "
                            f"changed since){f' - and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
