@@ -34,14 +34,27 @@ def _resume_command(spec_path: str, out: str, a: argparse.Namespace) -> str:
     return " ".join(shlex.quote(p) for p in parts) + " --resume"
 
 
+def _disk_full(e: BaseException) -> OSError | None:
+    """The no-space error behind ``e`` (itself, its cause, or a Ray task error's cause)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
-    """Ray's errors for a worker, actor, node or system process that died (Ray only if loaded)."""
+    """Ray's errors: a worker, actor, node or system process that died, or a task that failed
+    (only when Ray is loaded; no Ray error can be raised otherwise)."""
     ray_exc = sys.modules.get("ray.exceptions")
-    names = ("RaySystemError", "RayActorError", "WorkerCrashedError", "NodeDiedError",
-             "ObjectLostError", "OwnerDiedError", "LocalRayletDiedError", "ActorUnavailableError",
-             "ActorDiedError", "ObjectFetchTimedOutError", "ReferenceCountingAssertionError")
-    found = tuple(t for n in names if isinstance(t := getattr(ray_exc, n, None), type))
-    return found or (_NeverRaised,)
+    base = getattr(ray_exc, "RayError", None)
+    return (base,) if isinstance(base, type) else (_NeverRaised,)
 
 
 class _NeverRaised(Exception):
@@ -235,22 +248,29 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet)
     resume_cmd = _resume_command(spec_path, out, a)
+    if spec.model.weights:
+        # Refused here, once, as one line - not as an error row per image in every worker.
+        from runner.models.loading import load_weights
+        load_weights(spec.model.weights)
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:
         print(f"\ndmx: interrupted; finished chunks are saved. Resume with:\n"
               f"  {resume_cmd}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except OSError as e:
-        if e.errno not in _DISK_FULL:
+    except Exception as e:  # noqa: BLE001 - only the two failures below; others re-raised
+        full = _disk_full(e)
+        if full is not None:
+            print(f"dmx: error: no space left writing {out} ({full.strerror or full}); finished "
+                  f"chunks are saved. Free space, then resume with: {resume_cmd}", file=sys.stderr)
+            return EXIT_FAILED
+        if not isinstance(e, _lost_worker_errors()):
             raise
-        print(f"dmx: error: no space left writing {out} ({e.strerror}); finished chunks are "
-              f"saved. Free space, then resume with: {resume_cmd}", file=sys.stderr)
-        return EXIT_FAILED
-    except _lost_worker_errors() as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        print(f"dmx: error: a Ray worker or system process was lost ({type(e).__name__}: "
-              f"{first}); finished chunks are saved. Resume with: {resume_cmd}", file=sys.stderr)
+        why = getattr(e, "cause", None) or e  # a task's own error, where Ray wraps one
+        first = (str(why).strip().splitlines() or [""])[0][:200]
+        print(f"dmx: error: the Ray run failed - a worker or Ray system process was lost "
+              f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
+              f"{resume_cmd}", file=sys.stderr)
         return EXIT_FAILED
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
