@@ -122,3 +122,64 @@ def test_a_full_disk_is_one_line_with_the_resume_command_and_resume_completes(
     after = _rows(out)
     assert set(done_before) <= set(after)  # nothing written was lost
     assert len(after) == len(set((c, i) for c, i, _ in after)) == 6 * 7
+
+
+def test_ray_processes_killed_mid_run_are_one_line_with_the_resume_command(
+        photo_dir: Path, tmp_path: Path):
+    """The embedded cluster's raylet and its workers are SIGKILLed once chunks are on disk: the
+    driver ends with one line naming the resume command (exit 3), the chunks written stay, and
+    the command printed finishes the run."""
+    import signal
+    import time
+
+    import psutil
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(60):
+        shutil.copy(photo_dir / "chelsea_420.jpg", imgs / f"c{i:02d}.jpg")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: raylost\ndataset: {path: imgs}\nmodel: tiny\n"
+                    "axes: {decoder: [pil, opencv], resize: [pil-bilinear, cv2-linear]}\n")
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out), "--workers", "2",
+           "--chunk-size", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(out.glob("rows/*/part-0.parquet")):
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        driver = psutil.Process(proc.pid)
+        raylets = [p for p in driver.children(recursive=True) if p.name() == "raylet"]
+        assert raylets, "no raylet under the driver"
+        raylets[0].send_signal(signal.SIGKILL)
+        # and the workers, again as Ray restarts them, until the driver gives up
+        while proc.poll() is None and time.time() < deadline:
+            for p in driver.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::"):
+                        p.send_signal(signal.SIGKILL)
+            time.sleep(0.3)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before its Ray processes died")
+    assert proc.returncode == 3, err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    # dmx says one line; Ray's C++ core worker may log its own lines ("[date E pid] x.cc:N: ...")
+    # to the driver's stderr before it, which dmx does not control
+    ours = [ln for ln in lines if not re.match(r"^\[\d{4}-\d\d-\d\d [\d:,]+ [A-Z] \d+ \d+\] ", ln)]
+    assert len(ours) == 1 and ours[0] == lines[-1], err
+    assert "Ray" in err and "Resume with: " in err
+    kept = _rows(out)
+    assert kept
+    resume = err.split("Resume with: ")[-1].strip().split()
+    r = subprocess.run([sys.executable, "-m", "dmx", *resume[1:], "--quiet"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    after = _rows(out)
+    assert set(kept) <= set(after) and len(after) == len(set(after)) == 4 * 60
