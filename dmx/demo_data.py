@@ -258,9 +258,9 @@ def build_demo_images(dest: str) -> list[str]:
     outputs["bad/empty.jpg"] = b""
     outputs["bad/not_an_image.jpg"] = b"This is a text file with a .jpg name, not an image.\n"
 
-    # Only files this builder wrote may be replaced or removed: a file is ours when its bytes
-    # hash to what our manifest recorded for it. Anything else at one of our names is the
-    # user's, and the build stops before touching any file.
+    # Only files this builder wrote (recorded in its manifest) may be replaced - a damaged one is
+    # repaired - or removed (only while unchanged). A file at one of our names that no build
+    # of ours recorded is the user's, and the build stops before touching any file.
     try:
         old = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8")).get("files", {})
     except FileNotFoundError:
@@ -273,17 +273,19 @@ def build_demo_images(dest: str) -> list[str]:
 
     def ours(rel: str) -> bool:
         path = root / rel
-        return not path.exists() or (path.is_file() and not path.is_symlink()
-                                     and rel in old and _sha256_file(path) == old[rel])
+        return not os.path.lexists(path) or (rel in old and path.is_file()
+                                             and not path.is_symlink())
 
-    foreign = [rel for rel in dict.fromkeys([*outputs, *old]) if not ours(rel)]
+    foreign = [rel for rel in outputs if not ours(rel)]
     if foreign:
-        raise DemoDirError(f"{root / foreign[0]} exists and was not written by dmx (or was "
-                           f"changed since){f' - and {len(foreign) - 1} more' if len(foreign) > 1 else ''}; "
+        raise DemoDirError(f"{root / foreign[0]} exists and was not written by dmx"
+                           f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
                            "dmx never overwrites it: choose another --out")
     for rel in old:
-        if rel not in outputs:
-            (root / rel).unlink(missing_ok=True)
+        path = root / rel
+        if rel not in outputs and path.is_file() and not path.is_symlink() \
+                and _sha256_file(path) == old[rel]:
+            path.unlink()
 
     for rel, data in outputs.items():
         _write_atomic(root / rel, data)

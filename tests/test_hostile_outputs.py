@@ -22,10 +22,12 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 
 def test_demo_images_never_overwrite_a_file_of_the_users(tmp_path: Path):
-    images = tmp_path / "images"
-    first = build_demo_images(str(images))
-    victim = Path(first[0])
+    names = [Path(p).name for p in build_demo_images(str(tmp_path / "elsewhere"))]
+    images = tmp_path / "out" / "images"
+    images.mkdir(parents=True)
+    victim = images / names[0]  # the user's own file, under a name the demo also uses
     victim.write_bytes(b"my own photo, not the demo's")
+    tmp_path = tmp_path / "out"
     code, err = run_cli(["demo", "--out", str(tmp_path), "--executor", "local"])
     assert code == 2 and len(err.strip().splitlines()) == 2, err  # the "building" note + error
     assert "was not written by dmx" in err and victim.name in err
@@ -37,6 +39,10 @@ def test_demo_images_rebuild_over_their_own_files_only(tmp_path: Path):
     assert build_demo_images(str(tmp_path)) == paths  # intact: nothing rewritten
     Path(paths[0]).unlink()                           # ours, missing: rebuilt
     assert build_demo_images(str(tmp_path)) == paths and Path(paths[0]).is_file()
+    (tmp_path / "holiday.jpg").write_bytes(b"mine")   # a file of the user's beside them: kept
+    Path(paths[1]).write_bytes(b"damaged")            # ours, damaged: repaired
+    assert build_demo_images(str(tmp_path)) == paths
+    assert (tmp_path / "holiday.jpg").read_bytes() == b"mine"
 
 
 def test_demo_out_at_a_file_is_one_line(tmp_path: Path):
