@@ -205,8 +205,9 @@ class Calibration(_Strict):
 
 
 @functools.lru_cache(maxsize=8)
-def _spec_model(axes_key: tuple[str, ...]) -> type[_Strict]:
-    """The top-level model for the axes registered now (the registry may grow at import time)."""
+def _spec_model(axes_key: tuple[str, ...], _registry: tuple = ()) -> type[_Strict]:
+    """The top-level model for the axes registered now: backends register their axes and
+    levels when imported, so the cache is keyed by the registry's content."""
     axes = _axes_model("Axes", True, "axis")
     partial = _axes_model("Cell", False, "axis")
     fields: dict[str, Any] = {
@@ -232,7 +233,9 @@ def _spec_model(axes_key: tuple[str, ...]) -> type[_Strict]:
 
 
 def spec_model() -> type[_Strict]:
-    return _spec_model(tuple(AXIS_ORDER))
+    registry = tuple((a.name, tuple(a.levels), a.integer, a.mapping_levels, a.doc)
+                     for a in (AXES[n] for n in AXIS_ORDER))
+    return _spec_model(tuple(AXIS_ORDER), registry)
 
 
 def spec_json_schema() -> dict[str, Any]:
