@@ -3,58 +3,142 @@ line on stderr and an exit code (2 for bad input, 1 for a failed gate, 130 for C
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
-import shutil
 import sys
+import typing
 from pathlib import Path
 from typing import Sequence
 
 EXIT_GATE = 1
 EXIT_USAGE = 2
+EXIT_FAILED = 3  # the machine failed the run (disk full, a Ray process lost): resume it
 EXIT_INTERRUPTED = 130
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _resume_command(spec_path: str, out: str, a: argparse.Namespace) -> str:
+    """The command that finishes this run: the same spec, overrides and executor, --resume."""
+    import shlex
+    if spec_path == "(demo)":
+        return f"dmx demo --out {shlex.quote(str(Path(out).parent))}"
+    parts = ["dmx", "run", spec_path, "--out", out]
+    for ov in getattr(a, "override", None) or []:
+        parts += ["-o", ov]
+    if getattr(a, "executor", "ray") != "ray":
+        parts += ["--executor", a.executor]
+    if getattr(a, "address", None):
+        parts += ["--address", a.address]
+    return " ".join(shlex.quote(p) for p in parts) + " --resume"
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The no-space error behind ``e`` (itself, its cause, or a Ray task error's cause)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors: a worker, actor, node or system process that died, or a task that failed
+    (only when Ray is loaded; no Ray error can be raised otherwise)."""
+    ray_exc = sys.modules.get("ray.exceptions")
+    base = getattr(ray_exc, "RayError", None)
+    return (base,) if isinstance(base, type) else (_NeverRaised,)
+
+
+class _NeverRaised(Exception):
+    """Stands in for Ray's errors when Ray is not loaded."""
 
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dmx run: error: ...``), not usage + error."""
+
+    def error(self, message: str) -> "typing.NoReturn":  # type: ignore[name-defined]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# Bounds of the numeric options, with the reason a user sees when they pass one beyond them.
+MAX_WORKERS = 1024
+MAX_BATCH = 4096  # as the spec's batch axis: 4096 x 3 x 224 x 224 float32 is 2.5 GB
+MAX_CHUNK = 1_000_000
+
+
+def _bounded_int(lo: int, hi: int, why: str = ""):
+    """An argparse type: an integer from ``lo`` to ``hi``; anything else is a one-line error."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(
+                f"must be a positive integer, got {v}" if lo == 1 else f"must be at least {lo}, got {v}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}{f' ({why})' if why else ''}, got {v:,}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+_USER_ERRORS = (("matrix.errors", "SpecError"), ("results.store", "RunDirError"),
+                ("runner.convert", "ConversionError"), ("runner.executors", "ExecutorError"),
+                ("runner.models.base", "ModelUnavailable"), ("runner.models.base", "UnknownModel"),
+                ("runner.models.loading", "ModelLoadError"), ("analysis.check", "CheckError"),
+                ("analysis.diff", "DiffError"), ("runner.envs", "EnvBuildError"),
+                ("results.fs", "StorageError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from matrix import SpecError
-    from results import RunDirError
-    from runner.convert import ConversionError
-    from runner.executors import ExecutorError
-    from runner.models.base import ModelUnavailable, UnknownModel
-    from runner.models.loading import ModelLoadError
-    from analysis.check import CheckError
-    from analysis.diff import DiffError
-    from runner.envs import EnvBuildError
-    from results.fs import StorageError
-    return (CliError, SpecError, RunDirError, ConversionError, ExecutorError, ModelUnavailable,
-            UnknownModel, ModelLoadError, CheckError, DiffError, EnvBuildError, StorageError)
+    """The typed errors that are the user's to fix. Only modules already imported can have
+    raised one, so none is imported here: a bad spec is refused without loading torch."""
+    found = [getattr(sys.modules[m], n, None) for m, n in _USER_ERRORS if m in sys.modules]
+    return (CliError, *(t for t in found if isinstance(t, type)))
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray (default: embedded local Ray, or the cluster at --address/RAY_ADDRESS) "
                         "or local (in-process)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=_bounded_int(1, MAX_WORKERS), default=None,
                    help="at most this many workers (default: one per CPU the Ray cluster offers)")
     p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs each worker asks Ray for when cells run on CUDA (default 1; "
                         "a fraction such as 0.25 packs four workers on a GPU)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
-    p.add_argument("--chunk-size", type=int, default=None, help="images per chunk (default: sized from the matrix)")
-    p.add_argument("--batch", type=int, default=8, help="inference batch size (default 8)")
+    p.add_argument("--chunk-size", type=_bounded_int(1, MAX_CHUNK), default=None,
+                   help="images per chunk (default: sized from the matrix)")
+    p.add_argument("--batch", type=_bounded_int(1, MAX_BATCH, "a batch is held in memory at once"),
+                   default=8, help=f"inference batch size (default 8, at most {MAX_BATCH})")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--verbose", action="store_true",
                    help="also show Ray's own log lines and the workers' output (off by default: "
                         "library warnings go to the rows' decode_note)")
+    _add_max_cells(p)
+
+
+def _add_max_cells(p: argparse.ArgumentParser) -> None:
+    from matrix.spec import DEFAULT_MAX_CELLS
+    p.add_argument("--max-cells", type=_bounded_int(1, 10**9), default=DEFAULT_MAX_CELLS,
+                   help=f"refuse a matrix of more cells (default {DEFAULT_MAX_CELLS:,})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dmx", description="Sweep a matrix of image pipeline variants "
+    ap = _Parser(prog="dmx", description="Sweep a matrix of image pipeline variants "
                                  "over a dataset and explain which factors make outputs diverge.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -72,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print the expanded cells and the reference")
     p.add_argument("spec")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE")
+    _add_max_cells(p)
 
     p = sub.add_parser("explain", help="rank the factors that drive divergence in a run")
     p.add_argument("run_dir")
@@ -85,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the built-in demo on real photos and explain it")
     p.add_argument("--out", default="dmx-demo", help="folder for the demo images and run (default ./dmx-demo)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--limit", type=_bounded_int(1, 10**9), default=None,
+                   help="use only the first N images")
     _add_run_options(p)
 
     p = sub.add_parser("report", help="write one self-contained HTML page about a run")
@@ -125,7 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run directory (local folder, s3:// or gs://)")
 
     _add_envs_parser(sub)
-    sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning)")
+    p = sub.add_parser("schema", help="print the Parquet row columns (name, type, unit, meaning), "
+                                      "or with --spec the JSON Schema of a spec file")
+    p.add_argument("--spec", action="store_true",
+                   help="print the JSON Schema of a matrix spec (for editors: yaml-language-server)")
     return ap
 
 
@@ -145,9 +234,28 @@ def _add_envs_parser(sub) -> None:
                    help="remove only those not used for N days")
 
 
+def _load_planned(a: argparse.Namespace):
+    """The spec, checked whole before anything heavy is imported: schema, cell limit, reference."""
+    from matrix import expand, load_spec, reference_cell
+    spec = load_spec(a.spec, a.override, max_cells=a.max_cells)
+    cells = expand(spec)
+    return spec, cells, reference_cell(spec, cells)
+
+
+def _check_out(out: str, flag: str = "--out") -> None:
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise CliError(f"{flag} {out} is a file; give a folder (dmx writes a run directory there)")
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CliError(f"{flag} {out}: {parent} is a file, not a folder")
+            break
+
+
 def cmd_run(a: argparse.Namespace) -> int:
-    from matrix import load_spec
-    spec = load_spec(a.spec, a.override)
+    _check_out(a.out)
+    spec, _, _ = _load_planned(a)
     return _run_and_report(spec, a, a.out, resume=a.resume, explain=False, spec_path=a.spec)
 
 
@@ -158,17 +266,35 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
-                      gpus_per_worker=a.gpus_per_worker,
-
-                      compact=not getattr(a, "no_compact", False))
+                      gpus_per_worker=a.gpus_per_worker, compact=not getattr(a, "no_compact", False))
+    resume_cmd = _resume_command(spec_path, out, a)
+    if spec.model.weights:
+        # Refused here, once, as one line - not as an error row per image in every worker.
+        from runner.models.loading import load_weights
+        load_weights(spec.model.weights)
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:
         print(f"\ndmx: interrupted; finished chunks are saved. Resume with:\n"
-              f"  dmx run {spec_path} --out {out} --resume", file=sys.stderr)
+              f"  {resume_cmd}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - only the two failures below; others re-raised
+        full = _disk_full(e)
+        if full is not None:
+            print(f"dmx: error: no space left writing {out} ({full.strerror or full}); finished "
+                  f"chunks are saved. Free space, then resume with: {resume_cmd}", file=sys.stderr)
+            return EXIT_FAILED
+        if not isinstance(e, _lost_worker_errors()):
+            raise
+        why = getattr(e, "cause", None) or e  # a task's own error, where Ray wraps one
+        first = (str(why).strip().splitlines() or [""])[0][:200]
+        print(f"dmx: error: the Ray run failed - a worker or Ray system process was lost "
+              f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
+              f"{resume_cmd}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
+    _print_not_read(s.not_read, s.out)
     c, m = s.counters, s.minimum
     print(f"dmx: work done (each at most once per image and variant): "
           f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
@@ -188,11 +314,24 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     return 0
 
 
+NOT_READ_SHOWN = 50
+
+
+def _print_not_read(not_read, out: str) -> None:
+    """One line per dataset entry that has no row (the first 50; all are in the manifest)."""
+    if not not_read:
+        return
+    print(f"dmx: {len(not_read)} entries under the dataset not read (manifest.json not_read):",
+          file=sys.stderr)
+    for n in not_read[:NOT_READ_SHOWN]:
+        print(f"dmx:   not read: {n.path}: {n.reason}", file=sys.stderr)
+    if len(not_read) > NOT_READ_SHOWN:
+        print(f"dmx:   ... and {len(not_read) - NOT_READ_SHOWN} more in {out}/manifest.json",
+              file=sys.stderr)
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
-    from matrix import load_spec
-    from runner.sweep import plan_cells
-    spec = load_spec(a.spec, a.override)
-    cells, ref = plan_cells(spec)
+    spec, cells, ref = _load_planned(a)
     print(f"spec {spec.name!r}: {len(cells)} cells; reference {ref.cell_id}: {ref.label()}")
     for c in cells:
         mark = "*" if c.cell_id == ref.cell_id else " "
@@ -277,21 +416,44 @@ def _sql_prompt(con, run_dir: str) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from importlib.resources import files
 
-    from dmx.demo_data import build_demo_images
+    from dmx.demo_data import DemoDirError, build_demo_images
     from matrix import parse_spec
-    import yaml
+    from matrix.yamlsafe import load_yaml_bounded
+    _check_out(a.out)
     root = Path(a.out)
     images = root / "images"
+    raw = load_yaml_bounded(files("dmx").joinpath("demo.yaml").read_bytes(), "demo.yaml")
+    overrides = [f"dataset.limit={a.limit}"] if a.limit else []
+    spec = parse_spec(raw, base_dir=str(root.resolve()), overrides=overrides,
+                      max_cells=a.max_cells)
+    run_dir = _demo_run_dir(root, spec.digest)
     print(f"dmx demo: building the demo images in {images} (real photos from matplotlib, "
           "scikit-image and scikit-learn, re-encoded by Pillow and OpenCV)", file=sys.stderr)
-    build_demo_images(str(images))
-    raw = yaml.safe_load(files("dmx").joinpath("demo.yaml").read_text(encoding="utf-8"))
-    overrides = [f"dataset.limit={a.limit}"] if a.limit else []
-    spec = parse_spec(raw, base_dir=str(root.resolve()), overrides=overrides)
-    run_dir = root / "run"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's own previous run; a fresh one each time
-    return _run_and_report(spec, a, str(run_dir), resume=False, explain=True, spec_path="(demo)")
+    try:
+        build_demo_images(str(images))
+    except DemoDirError as e:
+        raise CliError(str(e)) from None
+    resume = (run_dir / "manifest.json").is_file()
+    if resume:
+        print(f"dmx demo: {run_dir} holds this demo's run; finishing it (nothing is deleted)",
+              file=sys.stderr)
+    return _run_and_report(spec, a, str(run_dir), resume=resume, explain=True, spec_path="(demo)")
+
+
+def _demo_run_dir(root: Path, digest: str) -> Path:
+    """Where the demo's run goes: ``run`` when free or holding this very demo's run; else a
+    folder named by the spec digest. Never a folder holding anything else: dmx deletes nothing."""
+    from results import RunDir, RunDirError
+    for cand in (root / "run", root / f"run-{digest[:8]}"):
+        if not cand.exists() or (cand.is_dir() and not any(cand.iterdir())):
+            return cand
+        try:
+            if RunDir(str(cand)).read_manifest().get("spec_digest") == digest:
+                return cand
+        except (RunDirError, OSError, ValueError):
+            pass
+    raise CliError(f"{root / 'run'} and {root / f'run-{digest[:8]}'} hold files that are not "
+                   "this demo's run; dmx never deletes them: choose another --out")
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -402,6 +564,10 @@ def cmd_compact(a: argparse.Namespace) -> int:
 
 
 def cmd_schema(a: argparse.Namespace) -> int:
+    if a.spec:
+        from matrix.schema import spec_json_schema
+        print(json.dumps(spec_json_schema(), indent=2))
+        return 0
     from results.schema import columns_markdown
     print(columns_markdown())
     return 0

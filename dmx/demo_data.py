@@ -192,6 +192,15 @@ def _plan(sources: dict[str, str]) -> list[tuple[str, str, str]]:
     return plan
 
 
+class DemoDirError(RuntimeError):
+    """The demo folder holds files dmx did not write where it would write its own."""
+
+
+def _inside(root: Path, rel: str) -> bool:
+    """``rel`` names a file under ``root`` (no absolute path, no ``..``)."""
+    return bool(rel) and not Path(rel).is_absolute() and ".." not in Path(rel).parts
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file + rename so concurrent builders never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -249,14 +258,34 @@ def build_demo_images(dest: str) -> list[str]:
     outputs["bad/empty.jpg"] = b""
     outputs["bad/not_an_image.jpg"] = b"This is a text file with a .jpg name, not an image.\n"
 
-    # Remove files from an older build that this plan no longer produces.
+    # Only files this builder wrote (recorded in its manifest) may be replaced - a damaged one is
+    # repaired - or removed (only while unchanged). A file at one of our names that no build
+    # of ours recorded is the user's, and the build stops before touching any file.
     try:
-        old = json.loads((root / MANIFEST_NAME).read_text()).get("files", {})
-    except (OSError, ValueError, AttributeError):
+        old = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8")).get("files", {})
+    except FileNotFoundError:
         old = {}
-    for rel in old if isinstance(old, dict) else ():
-        if rel not in outputs and ".." not in Path(rel).parts:
-            (root / rel).unlink(missing_ok=True)
+    except (OSError, ValueError, AttributeError):
+        raise DemoDirError(f"{root / MANIFEST_NAME} exists and was not written by dmx; "
+                           "choose another --out") from None
+    old = {rel: d for rel, d in (old.items() if isinstance(old, dict) else ())
+           if isinstance(rel, str) and _inside(root, rel)}
+
+    def ours(rel: str) -> bool:
+        path = root / rel
+        return not os.path.lexists(path) or (rel in old and path.is_file()
+                                             and not path.is_symlink())
+
+    foreign = [rel for rel in outputs if not ours(rel)]
+    if foreign:
+        raise DemoDirError(f"{root / foreign[0]} exists and was not written by dmx"
+                           f"{f' (and {len(foreign) - 1} more)' if len(foreign) > 1 else ''}; "
+                           "dmx never overwrites it: choose another --out")
+    for rel in old:
+        path = root / rel
+        if rel not in outputs and path.is_file() and not path.is_symlink() \
+                and _sha256_file(path) == old[rel]:
+            path.unlink()
 
     for rel, data in outputs.items():
         _write_atomic(root / rel, data)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from .axes import AXES, DECODE, DEFAULT_LEVELS, INFER, PREPROCESS
+from .axes import AXES, Axis, DECODE, DEFAULT_LEVELS, INFER, PREPROCESS
 from .errors import SpecError
 from .spec import Spec
 
@@ -50,20 +51,54 @@ def _matches(cell: Cell, partial: Mapping[str, str]) -> bool:
     return all(cell[a] == v for a, v in partial.items())
 
 
+# The default ``applies`` of an axis that applies to every cell (None if the registry changes).
+_ALWAYS = getattr(getattr(Axis, "__dataclass_fields__", {}).get("applies"), "default", None)
+
+
+def _product(spec: Spec) -> str:
+    return f"{' x '.join(str(len(l)) for _, l in spec.axes)} = " \
+           f"{math.prod(len(l) for _, l in spec.axes):,}"
+
+
+def _too_many(spec: Spec, counted: int, complete: bool) -> SpecError:
+    size = f"{counted:,}" if complete else f"at least {counted:,}"
+    return SpecError("axes", f"the matrix has {size} cells (product of the levels "
+                             f"{_product(spec)}); "
+                             f"the limit is {spec.max_cells:,}: sweep fewer levels, exclude cells, "
+                             "or raise it with --max-cells")
+
+
 def expand(spec: Spec) -> list[Cell]:
-    """All cells of the spec: the product of its axes, minus ``exclude``, plus ``include``."""
+    """All cells of the spec: the product of its axes, minus ``exclude``, plus ``include``.
+
+    Raises SpecError when there are more than ``spec.max_cells``: expansion stops there, so a
+    matrix of 10^12 combinations costs no more than one at the limit.
+    """
     order = spec.axis_names
+    if not spec.exclude:
+        # Axes that apply everywhere are never nulled: their product alone is a lower bound.
+        floor = math.prod(len(lv) for a, lv in spec.axes if _ALWAYS is not None and getattr(AXES[a], "applies", None) is _ALWAYS)
+        if floor > spec.max_cells:
+            raise _too_many(spec, floor, complete=False)
     seen: dict[str, Cell] = {}
-    for combo in itertools.product(*(levels for _, levels in spec.axes)):
+    for n, combo in enumerate(itertools.product(*(levels for _, levels in spec.axes))):
         cell = make_cell(dict(zip(order, combo)), order)
+        if n >= 10 * spec.max_cells and len(seen) < spec.max_cells:
+            raise SpecError("axes", f"the matrix is a product of {_product(spec)} combinations, "
+                                    f"too many to expand under the cell limit "
+                                    f"({spec.max_cells:,}); sweep fewer levels or raise --max-cells")
         if any(_matches(cell, ex) for ex in spec.exclude):
             continue
         seen.setdefault(cell.cell_id, cell)
+        if len(seen) > spec.max_cells:
+            raise _too_many(spec, len(seen), complete=False)
     base = {a: levels[0] for a, levels in spec.axes}
     base.update(spec.reference)
     for inc in spec.include:
         cell = make_cell({**base, **inc}, order)
         seen.setdefault(cell.cell_id, cell)
+    if len(seen) > spec.max_cells:
+        raise _too_many(spec, len(seen), complete=True)
     return list(seen.values())
 
 

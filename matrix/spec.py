@@ -5,6 +5,7 @@ to import: a spec that uses it is trusted configuration.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import re
@@ -12,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import yaml
-
 from .axes import AXES, AXIS_ORDER
 from .errors import SpecError
+from .schema import DEFAULT_INTEGER_CAP, INTEGER_CAPS, validate_spec_data
+from .yamlsafe import LIMITS, load_yaml_bounded
+
+DEFAULT_MAX_CELLS = 100_000
 
 TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference",
             "calibration", "check")
@@ -68,6 +71,8 @@ class Spec:
     calibration_limit: int
     check: Mapping[str, Any]
     raw: Mapping[str, Any] = field(repr=False)
+    # Not part of the spec's identity (digest): a guard against matrices nobody meant to run.
+    max_cells: int = field(default=DEFAULT_MAX_CELLS, compare=False)
 
     @property
     def axis_names(self) -> tuple[str, ...]:
@@ -83,26 +88,29 @@ class Spec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load_spec(path: str | Path, overrides: Iterable[str] = ()) -> Spec:
-    """Read a YAML spec file, apply ``key=value`` overrides, validate."""
+def load_spec(path: str | Path, overrides: Iterable[str] = (),
+              max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
+    """Read a YAML spec file (bounded, safe), apply ``key=value`` overrides, validate."""
     p = Path(path)
     if not p.is_file():
         raise SpecError("", f"spec file not found: {path}")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise SpecError("", f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return parse_spec(raw, base_dir=str(p.resolve().parent), overrides=overrides)
+    with open(p, "rb") as f:  # read one byte past the limit: a huge file is never read whole
+        data = f.read(LIMITS.max_bytes + 1)
+    raw = load_yaml_bounded(data, str(path))
+    return parse_spec(raw, base_dir=str(p.resolve().parent), overrides=overrides,
+                      max_cells=max_cells)
 
 
-def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = ()) -> Spec:
+def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = (),
+               max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
     """Validate a spec given as plain data (the parsed YAML)."""
     if not isinstance(raw, dict):
         raise SpecError("", "a spec must be a YAML mapping with keys " + ", ".join(TOP_KEYS))
-    raw = json.loads(json.dumps(raw, default=str))  # deep copy, plain types only
+    raw = copy.deepcopy(raw)
     for ov in overrides:
         apply_override(raw, ov)
-    _reject_unknown("", raw, TOP_KEYS)
+    validate_spec_data(raw)  # structure and types; below: what depends on several keys
+    raw = json.loads(json.dumps(raw))  # plain JSON types only: the digest hashes this
     name = raw.get("name", "dmx-run")
     if not isinstance(name, str) or not name:
         raise SpecError("name", "must be a non-empty string")
@@ -134,7 +142,7 @@ def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = ()) -> 
         "check": check,
     }
     return Spec(name, dataset, model, axes, include, exclude, reference, cal_limit, check,
-                normalised)
+                normalised, max_cells=max_cells)
 
 
 def apply_override(raw: dict, text: str) -> None:
@@ -169,8 +177,8 @@ def apply_override(raw: dict, text: str) -> None:
 
 def _scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text.strip())
-    except yaml.YAMLError:
+        return load_yaml_bounded(text.strip().encode("utf-8", "surrogateescape"), "override")
+    except SpecError:
         return text.strip()
 
 
@@ -330,8 +338,11 @@ def normalise_level(axis: str, level: Any, key: str) -> str:
         raise SpecError(key, f"a level must be a string, got {level!r}")
     text = str(level)
     if spec.integer:
-        if not text.isdigit() or int(text) < 1:
+        if not text.isdigit() or int(text) < 1 or len(text) > 12:
             raise SpecError(key, f"{axis} levels are positive integers, got {text!r}")
+        cap, why = INTEGER_CAPS.get(axis, DEFAULT_INTEGER_CAP)
+        if int(text) > cap:
+            raise SpecError(key, f"{axis} {text} is above {cap}: {why}")
         return text
     if axis == "device" and _CUDA.match(text):
         return text

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from matrix import DatasetSpec, SpecError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff",
+                  ".gif"}
 MANIFEST_SUFFIXES = {".txt", ".csv", ".lst"}
 
 
@@ -22,24 +25,60 @@ class ImageRef:
     size: int | None = None     # bytes, when known from the listing (the run records it)
 
 
+@dataclass(frozen=True)
+class NotRead:
+    """An entry under the dataset that no row will stand for, and why (recorded in the manifest)."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What a dataset holds: the images to read (sorted by id, cut to ``limit``) and every other
+    entry found, with the reason it is not read - so each file is accounted for."""
+
+    images: list[ImageRef]
+    not_read: list[NotRead] = field(default_factory=list)
+
+
 def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
 def list_images(ds: DatasetSpec) -> list[ImageRef]:
     """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist."""
+    return scan_dataset(ds).images
+
+
+def scan_dataset(ds: DatasetSpec) -> Listing:
+    """The dataset's images and the entries it holds that are not read (see ``Listing``).
+
+    Symlinks are followed and images de-duplicated by real path: a file reached twice (a link
+    to an image already in the dataset) is read once, under the id of the path as given - the
+    real file's own path when it is in the dataset, else the first link in id order.
+    """
     from . import sources  # object stores and shard files (s3://, gs://, *.parquet, *.tar)
     if sources.handles(ds):
-        return sources.list_images(ds)
+        return Listing(sources.list_images(ds))
     base = Path(ds.base_dir)
     target = ds.path if os.path.isabs(ds.path) else str(base / ds.path)
+    not_read: list[NotRead] = []
     if _is_glob(ds.path):
         root = Path(target.split("*")[0].split("?")[0].split("[")[0])
         root = root if root.is_dir() else root.parent
-        paths = [Path(p) for p in glob.glob(target, recursive=True) if os.path.isfile(p)]
+        paths = []
+        for p in sorted(glob.glob(target, recursive=True)):
+            if os.path.isdir(p):
+                continue
+            reason = _unreadable(Path(p))
+            if reason:
+                not_read.append(NotRead(_rel_id(Path(p), root), reason))
+            else:
+                paths.append(Path(p))
     elif os.path.isdir(target):
         root = Path(target)
-        paths = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        paths = _walk(root, not_read)
     elif os.path.isfile(target) and Path(target).suffix.lower() in MANIFEST_SUFFIXES:
         root = Path(target).parent
         paths = [Path(p) if os.path.isabs(p) else root / p for p in _read_manifest(Path(target))]
@@ -49,18 +88,97 @@ def list_images(ds: DatasetSpec) -> list[ImageRef]:
     else:
         raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target}); "
                                         "give a folder, a glob or a .txt/.csv manifest")
-    refs = sorted({ImageRef(_rel_id(p, root), str(p)) for p in paths}, key=lambda r: r.image_id)
+    refs = _dedupe([ImageRef(_rel_id(p, root), str(p)) for p in paths], not_read)
     if not refs:
+        found = f"; {len(not_read)} entries not read, e.g. {not_read[0].path}: " \
+                f"{not_read[0].reason}" if not_read else ""
         raise SpecError("dataset.path", f"no images found under {ds.path} "
-                                        f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return refs[: ds.limit] if ds.limit else refs
+                                        f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}){found}")
+    not_read.sort(key=lambda n: n.path)
+    return Listing(refs[: ds.limit] if ds.limit else refs, not_read)
+
+
+def _unreadable(p: Path) -> str | None:
+    """Why a path found by a listing cannot be read as a file, or None when it can."""
+    try:
+        st = p.stat()  # follows links
+    except OSError as e:
+        if p.is_symlink():
+            if e.errno == errno.ELOOP:
+                return "symlink loop"
+            return f"dangling symlink (to {os.readlink(p)})"
+        return f"cannot stat: {e.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    return None
+
+
+def _walk(root: Path, not_read: list[NotRead]) -> list[Path]:
+    """Image files under ``root``, following symlinked folders once each (no loops); every
+    other entry goes to ``not_read`` with its reason. Real folders are walked before linked
+    ones, so an image reached both ways keeps the id of its real path."""
+    out: list[Path] = []
+    seen_dirs = {os.path.realpath(root)}
+    folders, linked = [root], []
+    while folders or linked:
+        folder = folders.pop() if folders else linked.pop(0)
+        if folder is not root:
+            real = os.path.realpath(folder)
+            if real in seen_dirs:
+                inside = (os.path.realpath(folder.parent) + os.sep).startswith(real + os.sep)
+                not_read.append(NotRead(_rel_id(folder, root) + "/", "symlink loop" if inside
+                                        else "folder reached twice (a symlink to a folder read)"))
+                continue
+            seen_dirs.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            not_read.append(NotRead(_rel_id(folder, root) + "/", f"cannot list folder: {e.strerror}"))
+            continue
+        for entry in entries:
+            p = Path(entry.path)
+            if _is_dir(entry):
+                (linked if entry.is_symlink() else folders).append(p)
+            elif reason := _unreadable(p):
+                not_read.append(NotRead(_rel_id(p, root), reason))
+            elif p.suffix.lower() not in IMAGE_SUFFIXES:
+                not_read.append(NotRead(_rel_id(p, root), f"unsupported suffix {p.suffix or '(none)'}"))
+            else:
+                out.append(p)
+    return out
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows a symlink to a folder
+    except OSError:
+        return False
+
+
+def _dedupe(refs: list[ImageRef], not_read: list[NotRead]) -> list[ImageRef]:
+    """One image per real file and per id; the others are recorded as duplicates."""
+    by_real: dict[str, ImageRef] = {}
+    # real files before links to them, then id order: the id kept is the path as given
+    for r in sorted(refs, key=lambda r: (os.path.islink(r.path), r.image_id)):
+        real = os.path.realpath(r.path)
+        kept = by_real.get(real)
+        if kept is None:
+            kept = next((k for k in by_real.values() if k.image_id == r.image_id), None)
+        if kept is not None:
+            if kept.image_id != r.image_id or kept.path != r.path:
+                not_read.append(NotRead(r.image_id, f"duplicate of {kept.image_id}"))
+            continue
+        by_real[real] = r
+    return sorted(by_real.values(), key=lambda r: r.image_id)
 
 
 def _rel_id(p: Path, root: Path) -> str:
-    try:
-        return p.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return p.resolve().as_posix()
+    """The path as given, relative to the dataset root (links are not resolved: the id is the
+    name the user sees); outside the root, the absolute path."""
+    rel = os.path.relpath(os.path.abspath(p), os.path.abspath(root))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        return Path(os.path.abspath(p)).as_posix()
+    return Path(rel).as_posix()
 
 
 def _read_manifest(path: Path) -> list[str]:

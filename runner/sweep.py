@@ -21,7 +21,7 @@ from results.environment import fingerprint
 
 from .backends import InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
-from .dataset import ImageRef, list_images
+from .dataset import ImageRef, NotRead, scan_dataset
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
 from .executors import LocalExecutor, RayExecutor
 from .plan import Plan, default_chunk_size
@@ -61,6 +61,7 @@ class RunSummary:
     wall_s: float
     counters: dict[str, float]
     minimum: dict[str, int]
+    not_read: tuple[NotRead, ...] = ()  # entries under the dataset that have no row, and why
 
 
 def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
@@ -121,7 +122,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     t0 = time.perf_counter()
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
-    images = with_sizes(list_images(spec.dataset))
+    listing = scan_dataset(spec.dataset)
+    images = with_sizes(listing.images)
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
@@ -176,8 +178,12 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                   "detection": dataclasses.asdict(model.detection) if model.detection else None},
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
-        "images": len(images), "chunk_size": chunk_size, "chunks": len(chunks),
-        "dataset": {"images": len(images), "digest": resume_digest(images),
+        "images": len(images),
+        "not_read": [{"path": n.path, "reason": n.reason} for n in listing.not_read],
+        "chunk_size": chunk_size, "chunks": len(chunks),
+        "dataset": {"images": len(images),
+        "not_read": [{"path": n.path, "reason": n.reason} for n in listing.not_read],
+        "digest": resume_digest(images),
                     "bytes": sum(r.size or 0 for r in images), "chunk_list": "chunks.parquet"},
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
                      "gpus_per_worker": executor.gpus_per_worker},
@@ -235,7 +241,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     return RunSummary(out=run.uri, run_id=run_id, images=n_images, cells=len(cells),
                       skipped_cells=len(skipped), rows=totals["rows"], errors=totals["errors"],
                       chunks_run=len(todo), chunks_resumed=len(done), wall_s=wall,
-                      counters=dict(counters), minimum=manifest["minimum"])
+                      counters=dict(counters), minimum=manifest["minimum"],
+                      not_read=tuple(listing.not_read))
 
 
 def _cells_table(spec: Spec, cells: list[Cell], ref: Cell, skipped: dict[str, str]) -> pa.Table:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import pickle
+import re
 from typing import Any
 
 
@@ -27,8 +29,36 @@ def build_torch_model(factory: str | None, weights: str | None) -> Any:
         raise ModelLoadError(f"model.torch {factory!r}: {e}") from None
     model = fn()
     if weights:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_weights(weights)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"model.weights {weights} does not fit {factory}: "
+                                 f"{_first_line(e)}") from None
     return model.eval().float()
+
+
+def load_weights(path: str) -> Any:
+    """``torch.load(path, weights_only=True)``; a checkpoint that holds anything but tensors and
+    plain containers is refused as unsafe - never loaded another way."""
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text advises weights_only=False, i.e. running the file's code: not ours to say
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL|Unsupported operand) "
+                          r"([\w.]+)", str(e), re.I)
+        what = f" (it calls {found.group(1)})" if found else ""
+        raise ModelLoadError(f"model.weights {path} was refused as unsafe: it holds Python "
+                             f"objects, not only tensors{what}; dmx loads weights only") from None
+    except FileNotFoundError:
+        raise ModelLoadError(f"model.weights {path}: file not found") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise ModelLoadError(f"model.weights {path} cannot be read as a torch checkpoint: "
+                             f"{_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
