@@ -49,7 +49,7 @@ def image_inputs(paths: list[tuple[str, str]], pre: Any, decoder: str = "pil",
         yield image_id, x[None]
 
 
-def list_image_paths(path: str, limit: int) -> list[tuple[str, str]]:
+def list_image_paths(path: str) -> list[tuple[str, str]]:
     p = Path(path)
     if p.is_file():
         return [(p.name, str(p))]
@@ -59,7 +59,7 @@ def list_image_paths(path: str, limit: int) -> list[tuple[str, str]]:
                    and not any(part.startswith(".") for part in f.relative_to(p).parts))
     if not files:
         raise LocalizeError(f"--images {path}: no image files there")
-    return [(str(f.relative_to(p)), str(f)) for f in files[:limit]]
+    return [(str(f.relative_to(p)), str(f)) for f in files]
 
 
 def _input_size(path: str) -> int:
@@ -104,9 +104,11 @@ def localize_models(a: str, b: str, images: str, *, backend: str = "onnxruntime"
 
     ref = make_side(a, ref_setting, artifacts(a, ref_setting), threads)
     var = make_side(b, var_setting, artifacts(b, var_setting), threads)
-    decoder_factors = {"color": "bgr"} if pre.channels == "bgr" else {}
-    inputs = list(image_inputs(list_image_paths(images, n_images), pre,
-                               factors=decoder_factors if False else {}))
+    inputs = []
+    for item in image_inputs(list_image_paths(images), pre):
+        inputs.append(item)
+        if len(inputs) >= n_images:
+            break
     if not inputs:
         raise LocalizeError(f"--images {images}: no image decodes")
     return localize(ref, var, inputs, cell_id="models", tolerance=tolerance,

@@ -51,9 +51,10 @@ def pick_cell(cells: list[dict[str, Any]], axes: list[str], ref: dict[str, Any],
                             "localize compares models layer by layer on the same input "
                             "(backend, precision, conversion, hints)")
     same_input = [c for c in cells if c.get(factor) == level and not c["is_reference"]
+                  and c["status"] == "ok"
                   and all(c.get(a) == ref.get(a) for a in axes if a in AXES and AXES[a].stage != INFER)]
     if not same_input:
-        levels = sorted({str(c.get(factor)) for c in cells})
+        levels = sorted({str(c.get(factor)) for c in cells if c["status"] == "ok"})
         raise LocalizeError(f"--contrast {contrast}: no cell at that level with the reference's input "
                             f"(levels of {factor}: {', '.join(levels)})")
 

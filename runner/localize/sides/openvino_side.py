@@ -11,7 +11,7 @@ import numpy as np
 
 from runner.backends import BACKENDS
 
-from ..graph import is_onnx_file
+from ..graph import is_onnx_file, load_onnx
 from .base import Side
 
 
@@ -24,6 +24,8 @@ class OpenVinoSide(Side):
         self._ov = ov
         self.core = ov.Core()
         model = self.core.read_model(self.path)
+        # the ONNX graph it was read from names the layers (None for an IR model: NNCF int8)
+        self.model = load_onnx(self.path) if is_onnx_file(self.path) else None
         self._names: set[str] = set()
         for op in model.get_ops():
             if op.get_type_name() in ("Constant", "Result"):
