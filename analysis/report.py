@@ -34,6 +34,7 @@ from . import pictures
 from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_failure
 from .db import load_sql, open_run
 from .explain import Explanation, explain_run, query_dicts
+from .layer_curve import layer_curve_section
 from .render import g, pct
 
 DPI = 110
@@ -74,12 +75,14 @@ def build_report(run_dir: str | Path) -> str:
         _distributions(con, axes, order),
         _images(con, e, manifest),
         _gate(gate, run_dir, e),
+        layer_curve_section(run_dir),  # only when dmx localize has run on this run
         _notes(e, con),
     ]
     title = f"dmx report - {manifest['spec']['name']} ({manifest['run_id']})"
     nav = " ".join(f'<a href="#{sid}">{name}</a>' for sid, name in (
         ("summary", "Run"), ("ranking", "Ranking"), ("interactions", "Interactions"),
-        ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"), ("notes", "Notes")))
+        ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"),
+        *((("layers", "Layers"),) if sections[-2] else ()), ("notes", "Notes")))
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{_e(title)}</h1><nav>{nav}</nav></header><main>"

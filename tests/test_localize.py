@@ -203,3 +203,11 @@ def test_text_output_names_the_layer_and_draws_the_curve(tiny_run, photo_dir, tm
     out = capsys.readouterr().out
     assert f"First tensor beyond fp32's rel-L2 tolerance 1.3e-05: {planted!r} (Conv" in out
     assert "Error curve" in out and "Layers introducing most error" in out
+
+
+def test_report_draws_the_layer_curve_once_localized(tiny_run, capsys):
+    from analysis.report import build_report
+    _dmx_json(capsys, "localize", str(tiny_run), "--cell", _cell(tiny_run, backend="onnxruntime", precision="fp16"),
+              "--images", "1")
+    page = build_report(tiny_run)
+    assert 'id="layer-curve"' in page and 'href="#layers"' in page

@@ -48,6 +48,7 @@ class LocalizeResult:
     final_output: dict[str, float]        # variant vs reference final output, plain / all-marked
     bisection: dict[str, Any] | None
     reference_check: dict[str, Any] | None = None
+    torch_eager_check: dict[str, Any] | None = None   # interpreter vs eager torch, per torch side
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -66,7 +67,7 @@ class LocalizeResult:
                 "reference": self.reference, "variant": self.variant,
                 "precision": self.precision, "tolerance_rel_l2": self.tolerance,
                 "images": self.images, "bisection": self.bisection,
-                "reference_check": self.reference_check,
+                "reference_check": self.reference_check, "torch_eager_check": self.torch_eager_check,
                 "seconds": round(self.seconds, 2), "notes": self.notes}
 
 
@@ -125,9 +126,17 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
     inst = {"max_abs": 0.0, "rel_l2": 0.0}
     final = {"plain_rel_l2": 0.0, "instrumented_rel_l2": 0.0}
     ref_check = {"max_abs": 0.0, "rel_l2": 0.0}
+    eager: dict[str, dict[str, float]] = {}
     for image_id, x in images:
         plain = var.plain(x)
         ref_plain = ref.plain(x)
+        for side_name, side, mine in (("reference", ref, ref_plain), ("variant", var, plain)):
+            theirs = side.eager(x) if hasattr(side, "eager") else None
+            if theirs is not None:
+                e = eager.setdefault(side_name, {"max_abs": 0.0, "rel_l2": 0.0})
+                for a, c in zip(mine, theirs):
+                    m = compare(a, c)
+                    e["max_abs"], e["rel_l2"] = max(e["max_abs"], m["max_abs"]), max(e["rel_l2"], m["rel_l2"])
         for gi, group in enumerate(groups):
             r, r_final = ref.tensors(x, group)
             v, v_final = var.tensors(x, group)
@@ -175,7 +184,7 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
                          tolerance=tol, images=[i for i, _ in images], rows=rows, layers=per_tensor,
                          first_divergent=first_div, instrumentation_changed_output=inst["max_abs"] > 0,
                          instrumentation=inst, final_output=final, bisection=bis,
-                         reference_check=ref_check)
+                         reference_check=ref_check, torch_eager_check=eager or None)
     res.seconds = time.perf_counter() - t0
     return res
 

@@ -1,6 +1,7 @@
 """torch: the ONNX graph run node by node with torch kernels (runner/models/onnx_torch.py), so
-every intermediate has its ONNX name. The interpreter computes what the eager model computes
-(same weights, same torch kernels); ``plain`` runs the eager torch model when the run has one."""
+every intermediate has its ONNX name. The exported graph has BatchNorm folded into the Conv
+weights, so the interpreter is close to, not bit-equal with, the eager model; ``eager`` runs
+the eager model of the run so the result can say how close (``torch_eager_check``)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -49,9 +50,16 @@ class TorchSide(Side):
         return ({n: self._np(got[n]) for n in names if n in got}, [self._np(got[o]) for o in self._outputs])
 
     def plain(self, x: np.ndarray) -> list[np.ndarray]:
-        if self.artifacts.torch_factory is not None and self.setting.backend == "torch":
-            return super().plain(x)
+        """The interpreter without kept tensors: keeping one changes no kernel, so marking
+        tensors cannot change torch's answer."""
         return self.tensors(x, [])[1]
+
+    def eager(self, x: np.ndarray) -> list[np.ndarray] | None:
+        """The eager torch model of the run (the one its torch cells ran), when there is one:
+        how closely the interpreter stands in for it."""
+        if self.artifacts.torch_factory is None:
+            return None
+        return super().plain(x)
 
     def compile_cut(self, model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
         torch = self._torch
