@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
 
     p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images, contrasts, "
-                                   "effects, interactions)")
+                                   "effects, interactions; layers once dmx localize ran)")
     p.add_argument("run_dir")
     p.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")

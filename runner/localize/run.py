@@ -91,9 +91,10 @@ def _artifacts(manifest: dict[str, Any]) -> tuple[ModelArtifacts, Any]:
     return art, pre
 
 
-def _onnx_graph(art: ModelArtifacts, setting: InferSetting) -> str:
-    """The fp32 ONNX file that names the layers (the torch side runs it through the interpreter)."""
-    exporter = setting.conversion if setting.conversion in ("onnx-dynamo", "onnx-legacy") else "onnx-dynamo"
+def _onnx_graph(art: ModelArtifacts, conversion: str | None) -> str:
+    """The fp32 ONNX file that names the layers (the torch side runs it through the interpreter):
+    the export the other side's model came from, so that tensor names match."""
+    exporter = conversion if conversion in ("onnx-dynamo", "onnx-legacy") else "onnx-dynamo"
     for key in (f"onnx:{exporter}", "onnx:onnx-dynamo", "onnx:onnx-legacy", f"ort:{exporter}:fp32"):
         if art.files.get(key):
             return art.files[key]
@@ -101,9 +102,9 @@ def _onnx_graph(art: ModelArtifacts, setting: InferSetting) -> str:
                         "cell); localize names layers by the ONNX graph")
 
 
-def side_path(art: ModelArtifacts, setting: InferSetting) -> str:
+def side_path(art: ModelArtifacts, setting: InferSetting, other: InferSetting) -> str:
     if setting.backend == "torch":
-        path = _onnx_graph(art, setting)
+        path = _onnx_graph(art, setting.conversion or other.conversion)
     else:
         path = art.file_for(setting)
         if path is None:
@@ -139,8 +140,8 @@ def localize_run(run_dir: str, *, contrast: str | None = None, cell_id: str | No
     var_setting = InferSetting.from_factors(factors)
     if ref_setting.device != "cpu" or var_setting.device != "cpu":
         raise LocalizeError("localize runs on CPU; a cuda cell cannot be localized yet")
-    ref_side = make_side(side_path(art, ref_setting), ref_setting, art, threads)
-    var_side = make_side(side_path(art, var_setting), var_setting, art, threads)
+    ref_side = make_side(side_path(art, ref_setting, var_setting), ref_setting, art, threads)
+    var_side = make_side(side_path(art, var_setting, ref_setting), var_setting, art, threads)
     images = _images(run)
     if not images:
         raise LocalizeError(f"{run_dir}: no image of the run decoded")

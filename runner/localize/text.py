@@ -85,8 +85,8 @@ def format_text(res: LocalizeResult, title: str = "") -> str:
         lines.append(f"Instrumentation did not change the final output (bit-identical; final rel L2 vs "
                      f"the reference {g(fo['plain_rel_l2'])}).")
     for side, e in (res.torch_eager_check or {}).items():
-        lines.append(f"torch {side}: dmx's ONNX interpreter vs the run's eager torch model (BatchNorm "
-                     f"unfolded): final rel L2 {g(e['rel_l2'])}, max abs {g(e['max_abs'])}")
+        lines.append(f"torch {side}: dmx's ONNX interpreter vs the run's eager torch model: "
+                     f"final rel L2 {g(e['rel_l2'])}, max abs {g(e['max_abs'])}")
     b = res.bisection
     if b:
         lines.append(f"Bisection with one marked tensor per run ({b['runs']} runs, image {b['image_id']}): "
