@@ -136,6 +136,8 @@ def test_openvino_and_fp16_contrasts_localize(tiny_run, capsys):
         seen = [l for l in j["layers"] if l["observable"]]
         assert len(seen) >= len(j["layers"]) // 2, factors
         assert all(l["rel_l2"] is not None and l["cosine"] > 0.99 for l in seen), factors
+        if factors["precision"] == "int8":  # NNCF's IR is cut in OpenVINO's own graph
+            assert any(l["introduced_rel_l2"] is not None for l in seen)
 
 
 def test_contrast_picks_the_cell_nearest_the_reference(tiny_run, capsys):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from .graph import Layer, LocalizeError, cut, graph_inputs, layers_of, tensor_bytes, value_types
+from .graph import Layer, LocalizeError, graph_inputs, layers_of, tensor_bytes, value_types
 from .metrics import compare
 from .sides import Side
 
@@ -94,10 +94,6 @@ def _groups(names: list[str], types: dict, budget: int, fallback: int) -> list[l
     return [g for g in groups if g]
 
 
-def _finite(v: float) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
 def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, cell_id: str = "",
              tolerance: float | None = None, budget_bytes: int = DEFAULT_BUDGET,
              top: int = TOP_INTRODUCED, bisect: bool = True,
@@ -145,16 +141,15 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
                     m = compare(a, c)
                     ref_check["max_abs"] = max(ref_check["max_abs"], m["max_abs"])
                     ref_check["rel_l2"] = max(ref_check["rel_l2"], m["rel_l2"])
-                for a, b, c in zip(v_final, plain, ref_plain):
-                    if np.shape(a) != np.shape(b) or np.shape(b) != np.shape(c):
-                        raise LocalizeError(f"final output shapes differ: {np.shape(a)}, {np.shape(b)}, "
-                                            f"{np.shape(c)}")
-                    m = compare(a, b)
-                    inst["max_abs"] = max(inst["max_abs"], m["max_abs"])
-                    inst["rel_l2"] = max(inst["rel_l2"], m["rel_l2"])
-                    final["plain_rel_l2"] = max(final["plain_rel_l2"], compare(b, c)["rel_l2"])
-                    final["instrumented_rel_l2"] = max(final["instrumented_rel_l2"],
-                                                       compare(a, c)["rel_l2"])
+            for a, b, c in zip(v_final, plain, ref_plain):  # every instrumented session
+                if np.shape(a) != np.shape(b) or np.shape(b) != np.shape(c):
+                    raise LocalizeError(f"final output shapes differ: {np.shape(a)}, {np.shape(b)}, "
+                                        f"{np.shape(c)}")
+                m = compare(a, b)
+                inst["max_abs"] = max(inst["max_abs"], m["max_abs"])
+                inst["rel_l2"] = max(inst["rel_l2"], m["rel_l2"])
+                final["plain_rel_l2"] = max(final["plain_rel_l2"], compare(b, c)["rel_l2"])
+                final["instrumented_rel_l2"] = max(final["instrumented_rel_l2"], compare(a, c)["rel_l2"])
             for name in group:
                 layer = by_tensor[name]
                 row = _row(image_id, cell_id, layer)
@@ -169,7 +164,8 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
         for l in layers:
             if l.tensor not in joined:
                 row = _row(image_id, cell_id, l)
-                row["note"] = var.missing_note() if l.tensor not in seen else "not in the reference graph"
+                row["note"] = (var.missing_note() if l.tensor not in seen else
+                               "the reference backend has no tensor of that name: " + ref.missing_note())
                 rows.append(row)
         if progress:
             progress(f"localize: {image_id} ({len(joined)} tensors joined)")
@@ -178,7 +174,7 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
     per_tensor = _aggregate(rows, layers)
     first = next((l for l in per_tensor if l["observable"] and (l["rel_l2"] or 0) > tol), None)
     first_div = None if first is None else {k: first[k] for k in ("tensor", "node", "op_type", "topo_index", "rel_l2")}
-    _introduced(ref, var, model, images, per_tensor, rows, first, in_name, types, top)
+    _introduced(ref, var, model, images, per_tensor, rows, first, in_name, top)
     bis = _bisect(ref, var, images, rows, joined, tol) if bisect and first is not None else None
     res = LocalizeResult(reference=ref.describe(), variant=var.describe(), precision=precision,
                          tolerance=tol, images=[i for i, _ in images], rows=rows, layers=per_tensor,
@@ -216,13 +212,10 @@ def _aggregate(rows: list[dict[str, Any]], layers: list[Layer]) -> list[dict[str
 
 def _introduced(ref: Side, var: Side, model: Any, images: list, per_tensor: list[dict[str, Any]],
                 rows: list[dict[str, Any]], first: dict[str, Any] | None, in_name: str,
-                types: dict, top: int) -> None:
+                top: int) -> None:
     """Re-run the variant's node (or its short QDQ chain) making each top layer on the
     reference's own inputs: the error it introduces by itself, next to what it shows in the
     full run (introduced + inherited)."""
-    vmodel = getattr(var, "model", None)
-    if vmodel is None and not hasattr(var, "compile_cut"):
-        return
     rel = {l["tensor"]: (l["rel_l2"] or 0.0) for l in per_tensor}
     ins = {l.tensor: l.inputs for l in layers_of(model)}
     jump = []
@@ -234,24 +227,15 @@ def _introduced(ref: Side, var: Side, model: Any, images: list, per_tensor: list
     chosen = [t for j, t in sorted(jump, reverse=True)[:top] if j > 0]
     if first is not None and first["tensor"] not in chosen:
         chosen.insert(0, first["tensor"])
-    if not chosen:
-        return
-    cut_source = vmodel if vmodel is not None else model  # an OpenVINO side re-runs the ONNX file it read
-    if vmodel is None and not getattr(var, "path", "").lower().endswith(".onnx"):
-        return
     available = ref.observable() | {in_name}
-    vtypes = value_types(cut_source) if vmodel is not None else types
     cuts: dict[str, tuple[Callable, list[str]]] = {}
     for t in chosen:
-        c = cut(cut_source, var.cut_target(t), available - {t}, vtypes)
-        if c is None:
-            continue
         try:
-            fn = var.compile_cut(c[0])
+            c = var.cut_runner(var.cut_target(t), available - {t})
         except Exception:  # a backend may refuse a cut (an op it only supports fused): no number
-            fn = None
-        if fn is not None:
-            cuts[t] = (fn, c[1])
+            c = None
+        if c is not None:
+            cuts[t] = c
     if not cuts:
         return
     need = sorted({n for _, names in cuts.values() for n in names} | set(cuts))

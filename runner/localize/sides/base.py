@@ -53,6 +53,22 @@ class Side:
         """A callable running a cut-out ONNX graph (one output) here, at this side's setting."""
         raise NotImplementedError
 
+    def cut_runner(self, tensor: str, available: set[str]
+                   ) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], list[str]] | None:
+        """(run(feeds) -> tensor, feed names): the nodes of this side's model that make
+        ``tensor`` from tensors in ``available`` (the reference supplies those), run here at
+        this side's setting; None when the model has no such tensor or cannot be cut."""
+        from ..graph import cut, value_types
+        model = getattr(self, "model", None)
+        if model is None:
+            return None
+        if not hasattr(self, "_cut_types"):
+            self._cut_types = value_types(model)
+        c = cut(model, tensor, available, self._cut_types)
+        if c is None:
+            return None
+        return self.compile_cut(c[0]), c[1]
+
     def precision(self) -> str:
         """The precision the backend ran at (read back from the session where it can be)."""
         if self._runner is None or not getattr(self._runner, "active", False):

@@ -3,8 +3,6 @@ with the config a sweep uses (precision hint included). A name the reader no lon
 or fused while converting) is not observable."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
@@ -69,24 +67,55 @@ class OpenVinoSide(Side):
                 got[n] = x
         return got, outs[:n_out]
 
-    def compile_cut(self, model: Any) -> Callable[[dict[str, np.ndarray]], np.ndarray] | None:
-        if not is_onnx_file(self.path):
-            return None  # an IR model (NNCF int8) has no ONNX graph to cut from
-        fd, tmp = tempfile.mkstemp(suffix=".onnx")
-        os.close(fd)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-            compiled = self.core.compile_model(self.core.read_model(tmp), "CPU", self.config())
-        finally:
-            os.unlink(tmp)
+    def cut_runner(self, tensor: str, available: set[str]
+                   ) -> tuple[Callable[[dict[str, np.ndarray]], np.ndarray], list[str]] | None:
+        """Cut in OpenVINO's own graph (an ONNX file as read, or an IR such as NNCF's int8 with
+        its FakeQuantize nodes): the op making ``tensor`` and its producers back to tensors the
+        reference supplies, which become Parameters; compiled with the sweep's config."""
+        import openvino as ov
+        from openvino import opset13 as ops
+        model = self.core.read_model(self.path)
+        target = None
+        for op in model.get_ordered_ops():
+            for out in op.outputs():
+                if tensor in out.get_names():
+                    target = out
+        if target is None:
+            return None
+        params: list[Any] = []
+        names: list[str] = []
+        seen: set[str] = set()
+        stack = [target.get_node()]
+        while stack:
+            node = stack.pop()
+            if node.get_friendly_name() in seen:
+                continue
+            seen.add(node.get_friendly_name())
+            if len(seen) > 64:  # no longer "this layer by itself"
+                return None
+            for inp in node.inputs():
+                src = inp.get_source_output()
+                kind = src.get_node().get_type_name()
+                if kind == "Constant":
+                    continue
+                hit = [n for n in src.get_names() if n in available]
+                if not hit and kind != "Parameter":
+                    stack.append(src.get_node())
+                    continue
+                name = hit[0] if hit else next(iter(src.get_names()))
+                if name not in names:
+                    p = ops.parameter(src.get_partial_shape(), src.get_element_type(), name=name)
+                    p.output(0).set_names({name})
+                    params.append(p)
+                    names.append(name)
+                inp.replace_source_output(params[names.index(name)].output(0))
+        compiled = self.core.compile_model(ov.Model([ops.result(target)], params, "cut"), "CPU", self.config())
         req = compiled.create_infer_request()
-        names = [next(iter(i.get_names())) for i in compiled.inputs]
 
         def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
             res = req.infer({k: feeds[n] for k, n in enumerate(names)})
             return np.array(res[compiled.outputs[0]])
-        return run
+        return run, names
 
     def close(self) -> None:
         self._compiled.clear()
