@@ -129,14 +129,15 @@ def _add_localize_parser(sub) -> None:
                    help="--models: backend that runs B (default onnxruntime)")
     p.add_argument("--reference-backend", choices=("onnxruntime", "openvino", "torch"), default=None,
                    help="--models: backend that runs A (default: --backend)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
-                   help="--models: precision B is run at / labelled with (sets the tolerance)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=None,
+                   help="--models: precision B runs at (torch casts to it; OpenVINO's hint follows it); "
+                        "default fp32")
     p.add_argument("--openvino-hint", choices=("default", "f32", "bf16", "f16", "accuracy"), default=None,
                    help="--models: OpenVINO INFERENCE_PRECISION_HINT for B")
     p.add_argument("--preprocess", metavar="MODEL", default=None,
                    help="--models: feed images as this built-in model does (default: stretch to "
                         "the input size, ImageNet normalisation)")
-    p.add_argument("--limit", type=int, default=8, help="--models: images to use (default 8)")
+    p.add_argument("--limit", type=int, default=None, help="--models: images to use (default 8)")
     p.add_argument("--tolerance", type=float, default=None, metavar="RATIO",
                    help="per-tensor rel-L2 tolerance (default by the precision that ran: fp32 1.3e-5, "
                         "fp16 1e-2, bf16 1.6e-1, int8 1e-1)")
@@ -147,7 +148,7 @@ def _add_localize_parser(sub) -> None:
 
 def cmd_localize(a: argparse.Namespace) -> int:
     from runner.localize import format_text, localize_models, localize_run
-    if a.threads < 1 or (a.tolerance is not None and not a.tolerance > 0) or a.limit < 1:
+    if a.threads < 1 or (a.tolerance is not None and not a.tolerance > 0) or (a.limit is not None and a.limit < 1):
         raise CliError("localize: --threads and --limit must be >= 1, --tolerance > 0")
     progress = None if a.format == "json" else (lambda msg: print(msg, file=sys.stderr))
     if a.models:
@@ -156,8 +157,8 @@ def cmd_localize(a: argparse.Namespace) -> int:
         if not a.images:
             raise CliError("localize --models needs --images PATH (an image file or folder)")
         res = localize_models(a.models[0], a.models[1], a.images, backend=a.backend or "onnxruntime",
-                              reference_backend=a.reference_backend, precision=a.precision,
-                              openvino_hint=a.openvino_hint, n_images=a.limit, preprocess=a.preprocess,
+                              reference_backend=a.reference_backend, precision=a.precision or "fp32",
+                              openvino_hint=a.openvino_hint, n_images=a.limit or 8, preprocess=a.preprocess,
                               threads=a.threads, tolerance=a.tolerance, progress=progress)
         title = f"{a.models[1]} vs {a.models[0]}"
         if a.out:
@@ -168,9 +169,11 @@ def cmd_localize(a: argparse.Namespace) -> int:
             raise CliError("localize: give a run directory, or --models A.onnx B.onnx --images PATH")
         if bool(a.contrast) == bool(a.cell):
             raise CliError("localize: give exactly one of --contrast FACTOR=LEVEL and --cell CELL_ID")
-        if a.backend or a.reference_backend or a.openvino_hint or a.preprocess:
-            raise CliError("localize RUN: the backends and preprocessing come from the run's cells; "
-                           "--backend/--reference-backend/--openvino-hint/--preprocess go with --models")
+        if a.backend or a.reference_backend or a.openvino_hint or a.preprocess or a.limit or a.out \
+                or a.precision:
+            raise CliError("localize RUN: the backends, preprocessing and images come from the run "
+                           "(--images N); --backend/--reference-backend/--openvino-hint/--preprocess/"
+                           "--limit/--out/--precision go with --models")
         n = 8
         if a.images is not None:
             if not re.fullmatch(r"[0-9]+", a.images) or int(a.images) < 1:

@@ -156,6 +156,8 @@ def test_bad_localize_input_is_one_line_exit_2(tiny_run, capsys):
     assert main(["localize", str(tiny_run), "--cell", _cell(tiny_run, backend="onnxruntime", precision="fp32"),
                  "--images", "many"]) == 2
     assert main(["localize", "--models", "missing.onnx", "also.onnx", "--images", "."]) == 2
+    assert main(["localize", str(tiny_run), "--contrast", "precision=int8", "--limit", "3"]) == 2
+    assert main(["localize", "--models", "a.onnx", "b.onnx"]) == 2  # no --images
     err = capsys.readouterr().err
     assert "Traceback" not in err
 
