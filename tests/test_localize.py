@@ -215,3 +215,40 @@ def test_report_draws_the_layer_curve_once_localized(tiny_run, capsys):
               "--images", "1")
     page = build_report(tiny_run)
     assert 'id="layer-curve"' in page and 'href="#layers"' in page
+
+
+_DEEP_CHILD = """
+import resource, sys
+import numpy as np, onnx
+from onnx import helper, numpy_helper
+from runner.localize import localize_models
+path, depth, budget, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w")
+nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], pads=[1, 1, 1, 1], name="stem")]
+nodes += [helper.make_node("Relu" if k % 2 else "Sigmoid", [f"t{k - 1}"], [f"t{k}"], name=f"n{k}")
+          for k in range(1, depth)]
+g = helper.make_graph(nodes, "deep", [helper.make_tensor_value_info("x", 1, [1, 3, 64, 64])],
+                      [helper.make_tensor_value_info(f"t{depth - 1}", 1, None)], [w])
+onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+r = localize_models(path, path, images, n_images=1, budget_bytes=budget)
+assert r.first_divergent is None and len(r.layers) == depth
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_memory_stays_flat_with_depth(photo_dir, tmp_path):
+    """Peak RSS of a fresh process localizing a chain of N 256 KB tensors: with the tensor budget
+    it does not grow with N; marking every tensor at once (a 1 GB budget) it does."""
+    import os
+    import subprocess
+    import sys
+
+    def peak_mb(depth: int, budget: int) -> int:
+        out = subprocess.run([sys.executable, "-c", _DEEP_CHILD, str(tmp_path / f"d{depth}.onnx"), str(depth),
+                              str(budget), str(photo_dir)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return int(out.stdout.strip().splitlines()[-1])
+
+    shallow, deep, unbounded = peak_mb(20, 4 << 20), peak_mb(400, 4 << 20), peak_mb(400, 1 << 30)
+    assert deep - shallow < 30, (shallow, deep)            # 400 x 256 KB = 100 MB per side otherwise
+    assert unbounded - deep > 80, (deep, unbounded)        # the measurement sees the tensors
