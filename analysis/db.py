@@ -1,4 +1,5 @@
-"""DuckDB over a run directory: views ``rows``, ``cells``, ``images`` on the Parquet files.
+"""DuckDB over a run directory: views ``rows``, ``cells``, ``images`` (and ``layers``
+once ``dmx localize`` ran) on the Parquet files.
 
 The run is verified on read (``RunDir.verify``): the rows come from the files the run's own
 bookkeeping names (compacted files, then intact part files of planned chunks), never a stray or
@@ -72,4 +73,7 @@ def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None, *,
         con.execute(f"CREATE OR REPLACE VIEW images AS SELECT * FROM read_parquet('{root}/images.parquet')")
     else:
         con.execute(f"CREATE OR REPLACE VIEW images AS SELECT * FROM read_parquet('{root}/_images/*.parquet')")
+    if any((run.root / "layers").glob("cell=*.parquet")):  # written by dmx localize
+        con.execute(f"CREATE OR REPLACE VIEW layers AS SELECT * FROM read_parquet("
+                    f"'{root}/layers/cell=*.parquet', hive_partitioning = false, union_by_name = true)")
     return con

@@ -37,6 +37,7 @@ from .db import load_sql, open_run
 from .explain import Explanation, explain_run
 from .numbers import g, pct
 from .queries import query_dicts
+from .layer_curve import layer_curve_section
 
 DPI = 110
 TOP_IMAGES = 6
@@ -91,11 +92,13 @@ def build_report(run_dir: str | Path) -> str:
         _distributions(con, axes, order),
         _images(con, e, manifest),
         _gate(gate, run_dir, e),
+        layer_curve_section(run_dir),  # only when dmx localize has run on this run
         _notes(e, con),
     ]
     title = f"dmx report - {manifest['spec']['name']} ({manifest['run_id']})"
     nav = (("summary", "Run"), ("ranking", "Ranking"), ("interactions", "Interactions"),
-           ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"), ("notes", "Notes"))
+           ("distributions", "Distributions"), ("images", "Images"), ("gate", "Gate"),
+           *((("layers", "Layers"),) if sections[-2] else ()), ("notes", "Notes"))
     return _template("report.html.j2").render(
         title=title, nav=nav, sections=sections, version=_dmx_version(),
         written=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M}")

@@ -85,6 +85,40 @@ def _concat(m: "OnnxModule", ins: list, a: dict) -> Any:
     return torch.cat(ins, dim=int(a["axis"]))
 
 
+def _clip(m: "OnnxModule", ins: list, a: dict) -> Any:
+    lo = ins[1] if len(ins) > 1 and ins[1] is not None else a.get("min")
+    hi = ins[2] if len(ins) > 2 and ins[2] is not None else a.get("max")
+    lo = None if lo is None else float(lo.item() if hasattr(lo, "item") else lo)
+    hi = None if hi is None else float(hi.item() if hasattr(hi, "item") else hi)
+    return torch.clamp(ins[0], lo, hi)
+
+
+def _reduce_mean(m: "OnnxModule", ins: list, a: dict) -> Any:
+    axes = m.ints(ins[1]) if len(ins) > 1 and ins[1] is not None else a.get("axes")
+    keep = bool(a.get("keepdims", 1))
+    if not axes:
+        return torch.mean(ins[0], dim=None, keepdim=keep) if keep else torch.mean(ins[0])
+    return torch.mean(ins[0], dim=tuple(int(x) for x in axes), keepdim=keep)
+
+
+def _gemm(m: "OnnxModule", ins: list, a: dict) -> Any:
+    x, w = ins[0], ins[1]
+    if a.get("transA", 0):
+        x = x.t()
+    if a.get("transB", 0):
+        w = w.t()
+    y = float(a.get("alpha", 1.0)) * (x @ w)
+    if len(ins) > 2 and ins[2] is not None:
+        y = y + float(a.get("beta", 1.0)) * ins[2]
+    return y
+
+
+def _flatten(m: "OnnxModule", ins: list, a: dict) -> Any:
+    axis = int(a.get("axis", 1))
+    x = ins[0]
+    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+
+
 OPS: dict[str, Callable[["OnnxModule", list, dict], Any]] = {
     "Conv": _conv,
     "MaxPool": _maxpool,
@@ -92,6 +126,12 @@ OPS: dict[str, Callable[["OnnxModule", list, dict], Any]] = {
     "Reshape": _reshape,
     "Resize": _resize,
     "Concat": _concat,
+    "Clip": _clip,
+    "ReduceMean": _reduce_mean,
+    "Gemm": _gemm,
+    "Flatten": _flatten,
+    "MatMul": lambda m, ins, a: ins[0] @ ins[1],
+    "GlobalAveragePool": lambda m, ins, a: torch.mean(ins[0], dim=(2, 3), keepdim=True),
     "Sigmoid": lambda m, ins, a: torch.sigmoid(ins[0]),
     "Relu": lambda m, ins, a: torch.relu(ins[0]),
     "Exp": lambda m, ins, a: torch.exp(ins[0]),
@@ -157,3 +197,28 @@ class OnnxModule(nn.Module):
             env[outs[0]] = OPS[op](self, args, attrs)
         result = tuple(env[o] for o in self._outputs)
         return result[0] if len(result) == 1 else result
+
+    def trace(self, feeds: dict[str, torch.Tensor], keep: set[str]) -> dict[str, torch.Tensor]:
+        """Run the graph from ``feeds`` (graph inputs, or any intermediate tensors by name: the
+        nodes that make them are then skipped) and return the tensors named in ``keep``. Every
+        other intermediate is dropped after its last consumer, so memory holds the live
+        frontier of the graph, not all of it (``dmx localize``)."""
+        last_use: dict[str, int] = {}
+        for k, (_, ins, _, _) in enumerate(self._nodes):
+            for name in ins:
+                last_use[name] = k
+        env: dict[str, Any] = dict(feeds)
+        kept = {n: env[n] for n in keep if n in env}
+        for k, (op, ins, outs, attrs) in enumerate(self._nodes):
+            if outs[0] in feeds:
+                continue
+            args = [None if not name else env[name] if name in env
+                    else getattr(self, self._names[name]) if name in self._names
+                    else self._consts[name] for name in ins]
+            env[outs[0]] = OPS[op](self, args, attrs)
+            if outs[0] in keep:
+                kept[outs[0]] = env[outs[0]]
+            for name in ins:
+                if name in env and last_use.get(name) == k:
+                    del env[name]
+        return kept
