@@ -14,7 +14,7 @@ What it does:
      introduced-vs-propagated re-runs, instrumentation check, bisection);
    - ``localize`` again with an 8 MB tensor budget (several instrumented sessions), to show
      what the memory bound costs in time. Each localisation runs in a fresh child process so
-     its peak RSS (``ru_maxrss``) is its own: the two peaks side by side show the bound.
+     its peak RSS (``VmHWM``) is its own: the two peaks side by side show the bound.
 3. With ``--contrast openvino``: OpenVINO with its default precision hint (bf16 on CPUs with
    avx512_bf16/AMX, f32 elsewhere) instead of ONNX Runtime int8.
 
@@ -36,6 +36,15 @@ import subprocess
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak RSS (VmHWM; ru_maxrss would include the forking parent's peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def main() -> None:
@@ -88,7 +97,7 @@ def main() -> None:
         res = localize(ref, var, inputs, cell_id="bench", budget_bytes=a.child_budget_mb << 20)
         wall = time.perf_counter() - t
         print(json.dumps({"wall_s": round(wall, 2), "precision": res.precision,
-                          "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                          "peak_rss_mb": _peak_rss_mb(),
                           "first_divergent": (res.first_divergent or {}).get("tensor")}))
         return
 

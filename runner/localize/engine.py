@@ -3,8 +3,9 @@ tensor by its ONNX name, reduce each pair to a few numbers where it is computed,
 first tensor beyond tolerance and the layers that introduce error by themselves.
 
 Memory: tensors are requested in groups whose batch-1 size fits ``budget_bytes`` (one
-instrumented session per group, re-run per group), and each pair is reduced and dropped as
-soon as both sides have it, so memory is bounded by the budget, not by the model's depth.
+instrumented session per group, built once and run over every image), and each pair is
+reduced and dropped as soon as both sides have it, so memory is bounded by the budget, not by
+the model's depth.
 """
 from __future__ import annotations
 
@@ -123,9 +124,11 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
     final = {"plain_rel_l2": 0.0, "instrumented_rel_l2": 0.0}
     ref_check = {"max_abs": 0.0, "rel_l2": 0.0}
     eager: dict[str, dict[str, float]] = {}
-    for image_id, x in images:
+    plains: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    for image_id, x in images:  # final outputs only: small
         plain = var.plain(x)
         ref_plain = ref.plain(x)
+        plains[image_id] = (plain, ref_plain)
         for side_name, side, mine in (("reference", ref, ref_plain), ("variant", var, plain)):
             theirs = side.eager(x) if hasattr(side, "eager") else None
             if theirs is not None:
@@ -133,7 +136,10 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
                 for a, c in zip(mine, theirs):
                     m = compare(a, c)
                     e["max_abs"], e["rel_l2"] = max(e["max_abs"], m["max_abs"]), max(e["rel_l2"], m["rel_l2"])
-        for gi, group in enumerate(groups):
+    # groups outside, images inside: each instrumented session is built once
+    for gi, group in enumerate(groups):
+        for image_id, x in images:
+            plain, ref_plain = plains[image_id]
             r, r_final = ref.tensors(x, group)
             v, v_final = var.tensors(x, group)
             if gi == 0:
@@ -161,14 +167,16 @@ def localize(ref: Side, var: Side, images: Iterable[tuple[str, np.ndarray]], *, 
                                    if name in v else "the variant returned no tensor of that name")
                 rows.append(row)
             del r, v
+        if progress:
+            progress(f"localize: tensors {gi + 1}/{len(groups)} groups x {len(images)} images "
+                     f"({len(joined)} tensors joined)")
+    for image_id, _ in images:
         for l in layers:
             if l.tensor not in joined:
                 row = _row(image_id, cell_id, l)
                 row["note"] = (var.missing_note() if l.tensor not in seen else
                                "the reference backend has no tensor of that name: " + ref.missing_note())
                 rows.append(row)
-        if progress:
-            progress(f"localize: {image_id} ({len(joined)} tensors joined)")
     precision = var.precision()
     tol = tolerance if tolerance is not None else tolerance_for(precision)
     per_tensor = _aggregate(rows, layers)
