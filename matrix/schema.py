@@ -197,6 +197,8 @@ class Check(_Strict):
     scope: Optional[Literal[SCOPES]] = None  # type: ignore[valid-type]
     allow_lower_precision: Optional[bool] = None
     allow_errors: Optional[bool] = None
+    max_reference_errors: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description="images the reference cell may fail on before the gate fails (default 0)")
 
 
 class Calibration(_Strict):
