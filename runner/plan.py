@@ -18,6 +18,7 @@ class Chunk:
 
     index: int                      # chunk_id of its image ids (not a position)
     images: tuple[ImageRef, ...]
+    position: int = 0               # place in the run's plan (samples the determinism check)
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,8 @@ class Plan:
 def make_chunks(images: list[ImageRef], size: int) -> list[Chunk]:
     """Consecutive slices of ``size`` images, each numbered by its image ids (``chunk_id``),
     never by its position: a resume after the dataset changed cannot shift a chunk."""
-    chunks = [Chunk(chunk_id(r.image_id for r in images[i: i + size]), tuple(images[i: i + size]))
-              for i in range(0, len(images), size)]
+    chunks = [Chunk(chunk_id(r.image_id for r in images[i: i + size]), tuple(images[i: i + size]),
+                    i // size) for i in range(0, len(images), size)]
     if len({c.index for c in chunks}) != len(chunks):  # 60-bit ids: never seen, but never silent
         raise ValueError("two chunks of the dataset got the same id; change --chunk-size")
     return chunks

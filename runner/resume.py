@@ -7,6 +7,7 @@ removed or changed, the resume is refused with one line (its rows cannot be take
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -74,7 +75,8 @@ def plan_chunks(images: list[ImageRef], size: int, previous: pa.Table | None, do
     clash = {c.index for c in fresh} & {c.index for c in kept}
     if clash:
         raise RunDirError(f"chunk id clash in {where}; choose another --out")
-    chunks = sorted(kept + fresh, key=lambda c: c.images[0].image_id)
+    chunks = [dataclasses.replace(c, position=i) for i, c in
+              enumerate(sorted(kept + fresh, key=lambda c: c.images[0].image_id))]
     old_ids = set(previous["image_id"].to_pylist())
     added = len(set(current) - old_ids)
     removed = len(old_ids - set(current))

@@ -189,7 +189,7 @@ class Worker:
                     for p in prepped[c.key(PREPROCESS)]:
                         if isinstance(p, _Prepped):
                             inputs.setdefault(p.digest, p.tensor)
-            outputs[ikey] = self._infer(setting, inputs, chunk.index)
+            outputs[ikey] = self._infer(setting, inputs, chunk.position)  # every 8th in plan order
             r = self.runners.get(setting)
             if isinstance(r, BackendRunner):
                 infos[_setting_key(setting)] = r.info() | {"build_s": round(r.build_s, 3)}
