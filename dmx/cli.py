@@ -52,9 +52,9 @@ def _disk_full(e: BaseException) -> OSError | None:
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     """Ray's errors: a worker, actor, node or system process that died, or a task that failed
     (only when Ray is loaded; no Ray error can be raised otherwise)."""
-    ray_exc = sys.modules.get("ray.exceptions")
-    base = getattr(ray_exc, "RayError", None)
-    return (base,) if isinstance(base, type) else (_NeverRaised,)
+    found = [getattr(sys.modules.get("ray.exceptions"), "RayError", None),
+             getattr(sys.modules.get("runner.executors"), "WorkersLost", None)]
+    return tuple(t for t in found if isinstance(t, type)) or (_NeverRaised,)
 
 
 class _NeverRaised(Exception):
@@ -364,7 +364,7 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
         if not isinstance(e, _lost_worker_errors()):
             raise
         why = getattr(e, "cause", None) or e  # a task's own error, where Ray wraps one
-        first = (str(why).strip().splitlines() or [""])[0][:200]
+        first = (str(why).strip().splitlines() or [""])[0].split(";")[0][:200]
         print(f"dmx: error: the Ray run failed - a worker or Ray system process was lost "
               f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
               f"{resume_cmd}", file=sys.stderr)

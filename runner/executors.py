@@ -26,6 +26,11 @@ OnSummary = Callable[[ChunkSummary], None]
 MAX_ATTEMPTS = 3   # a chunk (or, once split, one image) that kills its worker this often is an error
 
 
+class WorkersLost(RuntimeError):
+    """Every worker of the run is gone and no node can host another (a Ray process died, the
+    nodes were removed): the machine failed the run, finished chunks are kept."""
+
+
 class ExecutorError(RuntimeError):
     """The executor could not start or lost its cluster (Ray unreachable, auth mismatch, ...)."""
 
@@ -293,12 +298,12 @@ class _Scheduler:
             self._submit()
             waiting = list(self.pending) + list(self.pings)
             if not self.pending and not self.pings:
-                raise ExecutorError("every Ray worker is gone and none could be restarted; finished "
+                raise WorkersLost("every Ray worker is gone and none could be restarted; finished "
                                     "chunks are saved: run the same command with --resume")
             ready, _ = ray.wait(waiting, num_returns=1, timeout=10)
             if not ready:
                 if not self.pending and not self._any_node_can_host():
-                    raise ExecutorError(
+                    raise WorkersLost(
                         "no node of the Ray cluster can run a worker any more (a Ray process died "
                         "or the nodes were removed); finished chunks are saved: run the same "
                         "command with --resume")
