@@ -124,9 +124,14 @@ def ray_init(address: str | None, workers: int | None) -> str:
             ray.cluster_resources()  # a cluster that rejects our auth fails here, not later
         except Exception as e:  # noqa: BLE001 - Ray raises many types here; all become one line
             ray.shutdown()
+            # Ray reports a token it lacks as a plain connection failure (the "Unauthenticated"
+            # is only in its C++ log), so a driver without token mode names the setting.
+            hint = ("" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
+                    "; if the cluster uses token auth, set RAY_AUTH_MODE=token and its token "
+                    "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
             raise ExecutorError(_auth_help(address, e)
                                 or f"cannot attach to the Ray cluster at {address}: "
-                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
                                 ) from None
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
             _check_actors_start(address)
