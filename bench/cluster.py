@@ -168,7 +168,7 @@ def main() -> None:
         wall, cpu, m = dmx_run(spec, work / "dmx", cluster.address, env, "--chunk-size", str(a.chunk_size))
         rows = a.images * 12
         files = sorted(p.stat().st_mtime for p in (work / "dmx").glob("rows/*/*.parquet"))
-        print(f"dmx actors: fixed start cost (an 8-image run, models cached) {warm_wall:.1f} s; "
+        print(f"dmx actors: first run of 8 images (starts the workers, converts the models unless cached) {warm_wall:.1f} s; "
               f"first to last part file {files[-1] - files[0]:.1f} s (files stream as chunks end)",
               file=sys.stderr)
         result = {"workers": m["executor"]["workers"], "images_per_s": round(a.images / wall, 1),

@@ -60,13 +60,13 @@ class LocalExecutor:
             on_summary(worker.run_chunk(chunk))
 
 
-def _auth_help(address: str, error: BaseException) -> str | None:
-    """One line naming what to set when the driver's auth mode is not the cluster's."""
+def _auth_help(address: str, error: BaseException | None) -> str | None:
+    """One line naming what to set when the driver's auth mode is not the cluster's (``error``:
+    what attaching raised; None when the cluster accepted us but our actors die)."""
     text = f"{type(error).__name__}: {error}".lower()
-    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
-    if "authenticat" not in text and "unauthenticated" not in text and "token" not in text:
+    if error is not None and "authenticat" not in text and "token" not in text:
         return None
-    if mode == "token":
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
         return (f"the Ray cluster at {address} rejected this driver's token: it runs without token "
                 "auth (unset RAY_AUTH_MODE, or set RAY_AUTH_MODE=disabled), or with another token "
                 "(set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's)")
@@ -87,15 +87,10 @@ def _check_actors_start(address: str) -> None:
     actor = ray.remote(num_cpus=0)(_Probe).remote()
     try:
         ray.get(actor.ping.remote(), timeout=300)
-    except (rex.RayActorError, rex.GetTimeoutError) as e:
+    except (rex.RayActorError, rex.GetTimeoutError):
         ray.shutdown()
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
-            raise ExecutorError(_auth_help(address, RuntimeError("token")) or "") from None
-        raise ExecutorError(f"cannot start a worker on the Ray cluster at {address} "
-                            f"({type(e).__name__})") from None
-    finally:
-        if ray.is_initialized():
-            ray.kill(actor)
+        raise ExecutorError(_auth_help(address, None)) from None
+    ray.kill(actor)
 
 
 def _embedded_auth() -> None:
@@ -137,9 +132,14 @@ def ray_init(address: str | None, workers: int | None) -> str:
             ray.cluster_resources()  # a cluster that rejects our auth fails here, not later
         except Exception as e:  # noqa: BLE001 - Ray raises many types here; all become one line
             ray.shutdown()
+            # Ray reports a token it lacks as a plain connection failure (the "Unauthenticated"
+            # is only in its C++ log), so a driver without token mode names the setting.
+            hint = ("" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else
+                    "; if the cluster uses token auth, set RAY_AUTH_MODE=token and its token "
+                    "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
             raise ExecutorError(_auth_help(address, e)
                                 or f"cannot attach to the Ray cluster at {address}: "
-                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}"
                                 ) from None
         if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
             _check_actors_start(address)

@@ -299,3 +299,28 @@ def test_driver_killed_with_sigkill_leaves_no_ray_process_behind_and_resume_comp
     assert r.returncode == 0, r.stderr[-2000:]
     got = pairs(out)
     assert len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
+
+
+def test_a_killed_raylet_ends_in_a_complete_run_or_one_line_with_the_resume_command(
+        many_photos: Path, tmp_path: Path):
+    """SIGKILL the embedded cluster's raylet mid-run: never a traceback or a hang."""
+    spec = write_spec(tmp_path, many_photos)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out),
+                             "--workers", "1", "--chunk-size", "1", "--quiet"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("rows/chunk=*/*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    raylets = [p for p in _descendants(proc.pid)
+               if b"raylet/raylet" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert raylets
+    os.kill(raylets[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err
+    if proc.returncode == 0:                            # the actor finished without its raylet
+        got = pairs(out)
+        assert len(got) == len(set((c, i) for c, i, _ in got)) == 12 * 96
+    else:
+        errors = [ln for ln in err.splitlines() if ln.startswith("dmx: error")]
+        assert len(errors) == 1 and "--resume" in errors[0], err[-2000:]
