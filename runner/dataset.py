@@ -161,8 +161,9 @@ def _dedupe(refs: list[ImageRef], not_read: list[NotRead]) -> list[ImageRef]:
         if kept is None:
             kept = next((k for k in by_real.values() if k.image_id == r.image_id), None)
         if kept is not None:
-            if kept.image_id != r.image_id or kept.path != r.path:
-                not_read.append(NotRead(r.image_id, f"duplicate of {kept.image_id}"))
+            same = kept.image_id == r.image_id and kept.path == r.path
+            not_read.append(NotRead(r.image_id, "listed twice" if same
+                                    else f"duplicate of {kept.image_id}"))
             continue
         by_real[real] = r
     return sorted(by_real.values(), key=lambda r: r.image_id)
