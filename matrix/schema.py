@@ -274,6 +274,8 @@ def _message(err: dict[str, Any]) -> str:
         shown = shown[:57] + "..."
     if kind == "missing":
         return "missing"
+    if kind == "string_unicode":
+        return "must be UTF-8 text (it holds bytes that are not)"
     if kind == "literal_error":
         return f"got {shown}; allowed: {_plain(str(ctx.get('expected', '')))}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
