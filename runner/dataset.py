@@ -45,21 +45,24 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def list_images(ds: DatasetSpec) -> list[ImageRef]:
-    """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist."""
-    return scan_dataset(ds).images
-
-
 def scan_dataset(ds: DatasetSpec) -> Listing:
-    """The dataset's images and the entries it holds that are not read (see ``Listing``).
+    """The dataset's images and the entries it holds that are not read (see ``Listing``)."""
+    not_read: list[NotRead] = []
+    images = list_images(ds, not_read)
+    return Listing(images, sorted(not_read, key=lambda n: n.path))
 
-    Symlinks are followed and images de-duplicated by real path: a file reached twice (a link
-    to an image already in the dataset) is read once, under the id of the path as given - the
-    real file's own path when it is in the dataset, else the first link in id order.
+
+def list_images(ds: DatasetSpec, not_read: list[NotRead] | None = None) -> list[ImageRef]:
+    """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist.
+
+    Every entry found that is not read is appended to ``not_read`` with its reason. Symlinks
+    are followed and images de-duplicated by real path: a file reached twice (a link to an
+    image already in the dataset) is read once, under the id of the path as given - the real
+    file's own path when it is in the dataset, else the first link in id order.
     """
+    not_read = [] if not_read is None else not_read
     base = Path(ds.base_dir)
     target = ds.path if os.path.isabs(ds.path) else str(base / ds.path)
-    not_read: list[NotRead] = []
     if _is_glob(ds.path):
         root = Path(target.split("*")[0].split("?")[0].split("[")[0])
         root = root if root.is_dir() else root.parent
@@ -90,8 +93,7 @@ def scan_dataset(ds: DatasetSpec) -> Listing:
                 f"{not_read[0].reason}" if not_read else ""
         raise SpecError("dataset.path", f"no images found under {ds.path} "
                                         f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}){found}")
-    not_read.sort(key=lambda n: n.path)
-    return Listing(refs[: ds.limit] if ds.limit else refs, not_read)
+    return refs[: ds.limit] if ds.limit else refs
 
 
 def _unreadable(p: Path) -> str | None:
