@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import itertools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

@@ -75,11 +75,14 @@ def expand(spec: Spec) -> list[Cell]:
     matrix of 10^12 combinations costs no more than one at the limit.
     """
     order = spec.axis_names
-    if not spec.exclude:
-        # Axes that apply everywhere are never nulled: their product alone is a lower bound.
-        floor = math.prod(len(lv) for a, lv in spec.axes if _ALWAYS is not None and getattr(AXES[a], "applies", None) is _ALWAYS)
-        if floor > spec.max_cells:
-            raise _too_many(spec, floor, complete=False)
+    # Axes that apply everywhere are never nulled, so their product is a lower bound on the
+    # cells; an exclude removes at most the share of it that matches its levels on those axes.
+    always = {a: len(lv) for a, lv in spec.axes
+              if _ALWAYS is not None and getattr(AXES[a], "applies", None) is _ALWAYS}
+    floor = math.prod(always.values())
+    removed = sum(floor // math.prod(always[a] for a in ex if a in always) for ex in spec.exclude)
+    if floor - removed > spec.max_cells:
+        raise _too_many(spec, floor - removed, complete=False)
     seen: dict[str, Cell] = {}
     for n, combo in enumerate(itertools.product(*(levels for _, levels in spec.axes))):
         cell = make_cell(dict(zip(order, combo)), order)

@@ -20,6 +20,7 @@ from typing_extensions import Annotated
 
 from .axes import AXES, AXIS_ORDER, Axis
 from .errors import SpecError
+from .levels import DEFAULT_INTEGER_CAP, INTEGER_CAPS, normalise_level
 
 INPUT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
 TASKS = ("classification", "detection", "tensor")
@@ -30,13 +31,6 @@ SCOPES = ("all", "same-input")
 MAX_INPUT_SIZE = 8192   # px per side: 8192^2 x 3 float32 is 0.8 GB per image before batching
 MAX_LEVELS = 1000       # levels per axis; the cell limit bounds the product anyway
 MAX_LIMIT = 10**9       # images
-INTEGER_CAPS: dict[str, tuple[int, str]] = {
-    "threads": (1024, "more threads than cores only oversubscribe them, and libgomp runs out of "
-                      "memory near 100000"),
-    "batch": (4096, "a batch holds its inputs in memory at once: 4096 x 3 x 224 x 224 float32 "
-                    "is 2.5 GB"),
-}
-DEFAULT_INTEGER_CAP = (65536, "an integer level this large is surely a typo")
 _FACTORY = r"^[\w.]+:\w+$"
 
 _DATASET_HINT = "give {path: images/} (a folder, a glob or a .txt/.csv manifest)"
@@ -68,7 +62,6 @@ class _Strict(BaseModel):
 
 def _level_validator(axis: Axis, many: bool) -> Callable[[Any], Any]:
     """Check one level (or a list of levels) of ``axis`` with the spec's own normalisation."""
-    from .spec import normalise_level  # spec imports this module
 
     def check(v: Any) -> Any:
         items = v if many and isinstance(v, list) else [v]
@@ -276,6 +269,8 @@ def _message(err: dict[str, Any]) -> str:
         shown = shown[:57] + "..."
     if kind == "missing":
         return "missing"
+    if kind == "string_unicode":
+        return "must be UTF-8 text (it holds bytes that are not)"
     if kind == "literal_error":
         return f"got {shown}; allowed: {_plain(str(ctx.get('expected', '')))}"
     if kind.endswith("_type") or kind.endswith("_parsing"):

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping
 
 from .axes import AXES, AXIS_ORDER
 from .errors import SpecError
-from .schema import DEFAULT_INTEGER_CAP, INTEGER_CAPS, validate_spec_data
+from .levels import _reject_unknown, normalise_level
+from .schema import validate_spec_data
 from .yamlsafe import LIMITS, load_yaml_bounded
 
 DEFAULT_MAX_CELLS = 100_000
@@ -31,8 +32,6 @@ DETECTION_LAYOUTS = ("yolox", "yolov5", "yolo", "yolo-transposed", "boxes-scores
 DETECTION_KEYS = ("layout", "decoder", "strides", "score_threshold", "nms_iou", "class_agnostic",
                   "nms_plus_one", "max_detections", "rank_k", "match_iou", "same_iou", "same_score")
 _FRACTIONS = ("score_threshold", "nms_iou", "match_iou", "same_iou", "same_score")
-_CUDA = re.compile(r"^cuda(:\d+)?$")
-_VARIANT = re.compile(r"^(\w+)(?::[0-9a-z]+|\[[^\]]+\])$")  # libjpeg:9e, pil[pillow==9.4.0]
 
 
 @dataclass(frozen=True)
@@ -182,11 +181,7 @@ def _scalar(text: str) -> Any:
         return text.strip()
 
 
-def _reject_unknown(where: str, d: Mapping, allowed: tuple[str, ...]) -> None:
-    for k in d:
-        if k not in allowed:
-            key = f"{where}.{k}" if where else str(k)
-            raise SpecError(key, f"unknown key; allowed: {', '.join(allowed)}")
+
 
 
 def _as_list(key: str, v: Any) -> list:
@@ -315,45 +310,6 @@ def _parse_detection(d: Any, needed: bool) -> dict[str, Any] | None:
         if d.get(k) is not None and not isinstance(d[k], bool):
             raise SpecError(f"model.detection.{k}", f"must be true or false, got {d[k]!r}")
     return dict(d)
-
-
-def normalise_level(axis: str, level: Any, key: str) -> str:
-    """Canonical string for a level; mappings become ``name:build`` or ``name[package]``."""
-    spec = AXES[axis]
-    if isinstance(level, dict) and spec.mapping_levels:
-        _reject_unknown(key, level, ("name", "build", "package"))
-        name = level.get("name")
-        if name not in spec.levels:
-            raise SpecError(f"{key}.name", f"unknown {axis} {name!r}; allowed: {', '.join(spec.levels)}")
-        if level.get("build") and level.get("package"):
-            raise SpecError(key, "give build or package, not both")
-        if level.get("build"):
-            return normalise_level(axis, f"{name}:{level['build']}", key)
-        if level.get("package"):
-            return normalise_level(axis, f"{name}[{level['package']}]", key)
-        return name
-    if isinstance(level, bool) and set(spec.levels) == {"on", "off"}:
-        level = "on" if level else "off"  # YAML 1.1 reads a bare on/off as a boolean
-    if isinstance(level, bool) or not isinstance(level, (str, int)):
-        raise SpecError(key, f"a level must be a string, got {level!r}")
-    text = str(level)
-    if spec.integer:
-        if not text.isdigit() or int(text) < 1 or len(text) > 12:
-            raise SpecError(key, f"{axis} levels are positive integers, got {text!r}")
-        cap, why = INTEGER_CAPS.get(axis, DEFAULT_INTEGER_CAP)
-        if int(text) > cap:
-            raise SpecError(key, f"{axis} {text} is above {cap}: {why}")
-        return text
-    if axis == "device" and _CUDA.match(text):
-        return text
-    variant = _VARIANT.match(text) if spec.mapping_levels else None
-    if variant and variant.group(1) in spec.levels:
-        return text
-    if text not in spec.levels:
-        raise SpecError(key, f"unknown level {text!r}; allowed: {', '.join(spec.levels)}")
-    if axis == "decoder" and text == "libjpeg":
-        raise SpecError(key, "libjpeg needs a build, e.g. {name: libjpeg, build: 9e}")
-    return text
 
 
 def _parse_axes(a: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:

@@ -22,7 +22,7 @@ from matrix import ModelSpec
 from .backends import BACKENDS, InferSetting
 from .backends.base import ConversionError, ModelArtifacts
 from .backends.onnx_export import ONNX_EXPORTERS, export_onnx, onnx_batch_limit
-from .cache import cache_dir, cached, file_digest
+from .cache import cache_dir, cached, file_digest  # noqa: F401 - cache_dir: public name kept
 from .detection import DetectionConfig, config_from
 from .models.base import ModelDef, Preprocess
 

@@ -11,18 +11,7 @@ from pathlib import Path
 
 from matrix import DatasetSpec, SpecError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff",
-                  ".gif"}
-MANIFEST_SUFFIXES = {".txt", ".csv", ".lst"}
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One image of the dataset: a stable id (path relative to the dataset root) and its path."""
-
-    image_id: str
-    path: str
-    size: int | None = None     # bytes, when known from the listing (the run records it)
+from .imageref import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, ImageRef
 
 
 @dataclass(frozen=True)
@@ -46,24 +35,27 @@ def _is_glob(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def list_images(ds: DatasetSpec) -> list[ImageRef]:
-    """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist."""
-    return scan_dataset(ds).images
-
-
 def scan_dataset(ds: DatasetSpec) -> Listing:
-    """The dataset's images and the entries it holds that are not read (see ``Listing``).
+    """The dataset's images and the entries it holds that are not read (see ``Listing``)."""
+    not_read: list[NotRead] = []
+    images = list_images(ds, not_read)
+    return Listing(images, sorted(not_read, key=lambda n: n.path))
 
-    Symlinks are followed and images de-duplicated by real path: a file reached twice (a link
-    to an image already in the dataset) is read once, under the id of the path as given - the
-    real file's own path when it is in the dataset, else the first link in id order.
+
+def list_images(ds: DatasetSpec, not_read: list[NotRead] | None = None) -> list[ImageRef]:
+    """The dataset's images, sorted by id, cut to ``limit``. Raises SpecError if none exist.
+
+    Every entry found that is not read is appended to ``not_read`` with its reason. Symlinks
+    are followed and images de-duplicated by real path: a file reached twice (a link to an
+    image already in the dataset) is read once, under the id of the path as given - the real
+    file's own path when it is in the dataset, else the first link in id order.
     """
     from . import sources  # object stores and shard files (s3://, gs://, *.parquet, *.tar)
     if sources.handles(ds):
-        return Listing(sources.list_images(ds))
+        return sources.list_images(ds)
+    not_read = [] if not_read is None else not_read
     base = Path(ds.base_dir)
     target = ds.path if os.path.isabs(ds.path) else str(base / ds.path)
-    not_read: list[NotRead] = []
     if _is_glob(ds.path):
         root = Path(target.split("*")[0].split("?")[0].split("[")[0])
         root = root if root.is_dir() else root.parent
@@ -94,8 +86,7 @@ def scan_dataset(ds: DatasetSpec) -> Listing:
                 f"{not_read[0].reason}" if not_read else ""
         raise SpecError("dataset.path", f"no images found under {ds.path} "
                                         f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))}){found}")
-    not_read.sort(key=lambda n: n.path)
-    return Listing(refs[: ds.limit] if ds.limit else refs, not_read)
+    return refs[: ds.limit] if ds.limit else refs
 
 
 def _unreadable(p: Path) -> str | None:
@@ -165,8 +156,9 @@ def _dedupe(refs: list[ImageRef], not_read: list[NotRead]) -> list[ImageRef]:
         if kept is None:
             kept = next((k for k in by_real.values() if k.image_id == r.image_id), None)
         if kept is not None:
-            if kept.image_id != r.image_id or kept.path != r.path:
-                not_read.append(NotRead(r.image_id, f"duplicate of {kept.image_id}"))
+            same = kept.image_id == r.image_id and kept.path == r.path
+            not_read.append(NotRead(r.image_id, "listed twice" if same
+                                    else f"duplicate of {kept.image_id}"))
             continue
         by_real[real] = r
     return sorted(by_real.values(), key=lambda r: r.image_id)

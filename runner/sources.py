@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from matrix import DatasetSpec, SpecError
 from results.fs import StorageError, filesystem, is_remote, uri
 
-from .dataset import IMAGE_SUFFIXES, ImageRef
+from .imageref import IMAGE_SUFFIXES, ImageRef
 
 SHARD_SUFFIXES = {".parquet", ".tar"}
 _ID_COLUMNS = ("image_id", "id", "key", "__key__", "path", "file_name", "filename", "name")

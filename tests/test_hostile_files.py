@@ -126,3 +126,17 @@ def test_a_decoder_that_cannot_read_a_format_gives_an_error_row_with_a_reason(ho
         get_decoder("simplejpeg").decode((hostile_dir / "photo.png").read_bytes(),
                                          decode_options({"decoder": "simplejpeg"}))
     assert str(e.value).startswith("simplejpeg")
+
+
+def test_a_glob_and_a_manifest_account_for_links_and_repeats_too(hostile_dir: Path, tmp_path: Path):
+    listing = dataset.scan_dataset(DatasetSpec(str(hostile_dir / "*.jpg"), None, "."))
+    assert [r.image_id for r in listing.images] == ["photo.jpg"]
+    assert {n.path for n in listing.not_read} == {"again.jpg", "dangling.jpg", "loop_a.jpg",
+                                                 "loop_b.jpg", "pipe.jpg"}
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{hostile_dir}/photo.png\n{hostile_dir}/photo.png\n{hostile_dir}/again.jpg\n"
+                   f"{hostile_dir}/photo.jpg\n")
+    listing = dataset.scan_dataset(DatasetSpec(str(lst), None, "."))
+    assert sorted(Path(r.image_id).name for r in listing.images) == ["photo.jpg", "photo.png"]
+    assert sorted((Path(n.path).name, n.reason.split(" ")[0]) for n in listing.not_read) == \
+        [("again.jpg", "duplicate"), ("photo.png", "listed")]

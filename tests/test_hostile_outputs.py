@@ -5,7 +5,6 @@ import contextlib
 import io
 from pathlib import Path
 
-import pytest
 
 from dmx.cli import main
 from dmx.demo_data import build_demo_images

@@ -154,7 +154,7 @@ def _random_design(rng: np.random.Generator) -> tuple[list, list[str]]:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_shares_never_sum_above_what_the_cells_explain_on_random_designs(seed: int):
-    from analysis.effects import CellStat, attribute
+    from analysis.effects import attribute
     cells, axes = _random_design(np.random.default_rng(seed))
     a = attribute(cells, axes)
     total = sum(a.main.values()) + sum(i["eta_squared"] for i in a.interactions)
@@ -422,7 +422,6 @@ def _chart_rows(html: str) -> list[dict[str, Any]]:
 def test_the_ranking_chart_draws_explains_numbers_and_never_hides_a_rare_large_effect(planted_run: Path):
     """Issue 12 item 4: the chart plotted the median under an axis saying mean, and drew a level
     with 5% top-1 flips and max abs 7.68 as '(identical outputs)'. Fails on 16e8c81."""
-    import re
     from analysis.render import g
     from analysis.report import build_report
     e = explain_run(planted_run)

@@ -16,7 +16,6 @@ def build_torch_model(factory: str | None, weights: str | None) -> Any:
 
     User weights load with ``torch.load(..., weights_only=True)``: a checkpoint cannot run code.
     """
-    import torch
     if factory is None:
         raise ModelLoadError("this model has no torch form (it was given as an ONNX file)")
     if factory.startswith("builtin:"):
