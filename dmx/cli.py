@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not fail a cell that ran at a lower precision than it asked for")
     p.add_argument("--allow-errors", action="store_true", default=None,
                    help="do not fail a cell whose rows error where the reference's did not")
-    p.add_argument("--max-reference-errors", type=int, default=None, metavar="IMAGES",
+    p.add_argument("--max-reference-errors", type=_bounded_int(0, 10**9), default=None, metavar="IMAGES",
                    help="images the reference cell may fail on (default 0); the other cells' rows "
                         "on them are not judged")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
