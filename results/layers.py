@@ -10,15 +10,13 @@ Tensors are never stored: each is reduced to these numbers where it is computed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 
-from .store import write_parquet_atomic
+from .store import _atomic_write_bytes, write_parquet_atomic
 
 # (name, type, unit, meaning)
 LAYER_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
@@ -66,18 +64,6 @@ def write_layers(run_root: str | Path, cell_id: str, rows: Iterable[dict[str, An
     write_parquet_atomic(table, parquet)
     _atomic_write_bytes(js, json.dumps(summary, indent=1, default=_json_default).encode())
     return parquet
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_summaries(run_root: str | Path) -> list[dict[str, Any]]:

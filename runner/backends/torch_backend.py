@@ -53,6 +53,22 @@ def effective_precision(model: Any, setting: InferSetting) -> tuple[str, str]:
     return eff, str(dtype)
 
 
+def torch_forward(torch: Any, module: Any, batch: np.ndarray, setting: InferSetting, dtype: Any,
+                  threads: int) -> list[np.ndarray]:
+    """Every output of ``module`` on ``batch`` (float32 arrays): a module may return a tensor or
+    a tuple/list of tensors. Threads and TF32 are set as the setting says, every call."""
+    torch.set_num_threads(threads)
+    if setting.device.startswith("cuda"):
+        on = setting.tf32 == "on"
+        torch.backends.cuda.matmul.allow_tf32 = on
+        torch.backends.cudnn.allow_tf32 = on
+    with torch.inference_mode():
+        x = torch.from_numpy(batch).to(device=setting.device, dtype=dtype)
+        out = module(x)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.float().cpu().numpy() for o in outs]
+
+
 class TorchRunner(BackendRunner):
     name = "torch"
     precisions = tuple(_DTYPES)
@@ -74,18 +90,7 @@ class TorchRunner(BackendRunner):
         self.model = self.artifacts.build_torch().to(device=self.setting.device, dtype=self.dtype)
 
     def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Every output: a module may return a tensor or a tuple/list of tensors."""
-        torch = self._torch
-        torch.set_num_threads(self.threads)
-        if self.setting.device.startswith("cuda"):
-            on = self.setting.tf32 == "on"
-            torch.backends.cuda.matmul.allow_tf32 = on
-            torch.backends.cudnn.allow_tf32 = on
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(device=self.setting.device, dtype=self.dtype)
-            out = self.model(x)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            return [o.float().cpu().numpy() for o in outs]
+        return torch_forward(self._torch, self.model, batch, self.setting, self.dtype, self.threads)
 
     def _deactivate(self) -> None:
         del self.model

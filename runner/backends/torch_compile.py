@@ -20,7 +20,8 @@ from matrix.axes import INFER, Axis
 from runner.cache import cache_dir, cached
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
-from .torch_backend import TF32_AXIS, effective_precision, torch_dtype, torch_unsupported
+from .torch_backend import (TF32_AXIS, effective_precision, torch_dtype, torch_forward,
+                            torch_unsupported)
 
 if TYPE_CHECKING:
     import numpy as np   # imported where used: `import runner.backends` stays cheap
@@ -131,17 +132,8 @@ class TorchCompileRunner(BackendRunner):
         self.cache_hit = counters["inductor"]["fxgraph_cache_miss"] == misses
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        torch = self._torch
-        torch.set_num_threads(self.threads)
-        if self.setting.device.startswith("cuda"):
-            on = self.setting.tf32 == "on"
-            torch.backends.cuda.matmul.allow_tf32 = on
-            torch.backends.cudnn.allow_tf32 = on
-        with torch.inference_mode():
-            x = torch.from_numpy(batch).to(device=self.setting.device, dtype=self.dtype)
-            out = self.compiled(x)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            return [o.float().cpu().numpy() for o in outs]
+        return torch_forward(self._torch, self.compiled, batch, self.setting, self.dtype,
+                             self.threads)
 
     def _infer_all(self, batch: np.ndarray) -> list[np.ndarray]:
         """Runs at the compiled batch size: pads the last slice with zeros, drops their outputs."""
