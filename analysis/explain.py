@@ -450,10 +450,14 @@ def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],
                  metric: str = "1 - out_cosine") -> Attribution:
     """Type-II shares per factor and the strongest two-factor interactions (``analysis.effects``),
     over the rows with a finite metric; axes that apply to some cells only are nested."""
-    cols = ", ".join(_ident(a) for a in axes)
-    q = (f"SELECT {cols}, count(*) AS n, avg(m) AS mean, coalesce(var_pop(m), 0) * count(*) AS ssw "
-         f"FROM (SELECT *, {metric} AS m FROM rows WHERE status = 'ok' AND out_cosine IS NOT NULL) "
-         f"WHERE NOT isnan(m::VARCHAR::DOUBLE) GROUP BY ALL")
+    cols = ", ".join(f"c.{_ident(a)}" for a in axes)
+    # grouped by cell id (one key) and joined to the cells' levels: 10 M rows grouped by every
+    # axis column took 1.8 s of explain's 6.3 s
+    q = (f"SELECT {cols}, s.n, s.mean, s.ssw FROM ("
+         f"SELECT cell_id, count(*) AS n, avg(m) AS mean, coalesce(var_pop(m), 0) * count(*) AS ssw "
+         f"FROM (SELECT cell_id, ({metric})::DOUBLE AS m FROM rows "
+         f"WHERE status = 'ok' AND out_cosine IS NOT NULL) WHERE NOT isnan(m) GROUP BY cell_id"
+         f") s JOIN cells c USING (cell_id)")
     stats = [CellStat({a: d[a] for a in axes}, int(d["n"]), float(d["mean"]), float(d["ssw"]))
              for d in query_dicts(con, q)]
     return attribute(stats, axes, reference)
