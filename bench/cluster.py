@@ -94,6 +94,7 @@ def ray_data_child(spec_path: str, out: str, address: str, workers: int, chunk: 
     import pyarrow as pa
     import ray
 
+    import runner.backends  # noqa: F401 - registers the backends' axes and levels
     from matrix import load_spec
     from runner.capabilities import node_name, skip_reasons
     from runner.convert import prepare_artifacts, resolve_model

@@ -55,6 +55,7 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from machine import wait_for_quiet  # noqa: E402
+import runner.backends  # noqa: E402,F401 - registers the backends' axes and levels
 from matrix import parse_spec  # noqa: E402
 from results.schema import IMAGE_SCHEMA, cell_schema, row_schema  # noqa: E402
 from results.store import RunDir, write_parquet_atomic  # noqa: E402

@@ -217,6 +217,7 @@ def maxrss_mb(who: int) -> float:
 
 # ----------------------------------------------------------------------------- the spec
 def make_spec(data_dir: Path, a: argparse.Namespace):
+    import runner.backends  # noqa: F401 - registers the backends' axes and levels
     from matrix import parse_spec
     axes = {"decoder": a.decoders, "resize": a.resizes, "backend": a.backends,
             "precision": [a.precision]}
