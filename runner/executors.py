@@ -172,8 +172,10 @@ class _WorkerActor:
         """Compute without writing (pieces of a split chunk, merged by the driver)."""
         return self.worker.process_chunk(chunk)
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> str:
+        """The id of the node this actor runs on (the driver watches those nodes)."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
 
     def pid(self) -> int:
         return os.getpid()
@@ -281,11 +283,16 @@ class _Scheduler:
                  on_summary: OnSummary) -> None:
         self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
         self.actors = [new_actor() for _ in range(workers)]
+        self.node: dict[int, str] = {}                   # actor -> node id, once it answered
         self.replacements = workers * MAX_ATTEMPTS
         self.lost = _worker_lost_errors()
         self.queue: deque[tuple[Chunk, int, bool]] = deque()   # chunk, attempt, is a piece
         self.pending: dict[Any, tuple[int, Chunk, int, bool]] = {}
         self.pings: dict[Any, int] = {}
+        self.later: list[tuple[float, int]] = []          # (when, actor): ping a restarting actor
+        self.backoff = {i: 0.2 for i in range(workers)}
+        for i, actor in enumerate(self.actors):          # learn where each actor landed
+            self.pings[actor.ping.remote()] = i
         self.healthy = set(range(workers))
         self.load = {i: 0 for i in range(workers)}
         self.pieces: dict[int, dict[str, ChunkResult]] = {}   # split chunk -> image id -> result
@@ -295,13 +302,22 @@ class _Scheduler:
         import ray
         self.queue.extend((c, 0, False) for c in chunks)
         while self.queue or self.pending:
+            self._ping_due()
             self._submit()
             waiting = list(self.pending) + list(self.pings)
-            if not self.pending and not self.pings:
+            if not waiting and not self.later:
                 raise WorkersLost("every Ray worker is gone and none could be restarted; finished "
-                                    "chunks are saved: run the same command with --resume")
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=10)
+                                  "chunks are saved: run the same command with --resume")
+            timeout = min([10.0] + [max(0.0, t - time.monotonic()) for t, _ in self.later])
+            if waiting:
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
+            else:                       # only restarting actors, to be pinged later
+                time.sleep(timeout)
+                ready = []
             if not ready:
+                if self.later and min(t for t, _ in self.later) <= time.monotonic():
+                    continue
+                self._check_nodes()
                 if not self.pending and not self._any_node_can_host():
                     raise WorkersLost(
                         "no node of the Ray cluster can run a worker any more (a Ray process died "
@@ -324,6 +340,12 @@ class _Scheduler:
             else:
                 self.on_summary(result)
 
+    def _ping_due(self) -> None:
+        now = time.monotonic()
+        for t, i in [x for x in self.later if x[0] <= now]:
+            self.later.remove((t, i))
+            self.pings[self.actors[i].ping.remote()] = i
+
     def _any_node_can_host(self) -> bool:
         import ray
         try:
@@ -339,11 +361,14 @@ class _Scheduler:
         import ray.exceptions as rex
         i = self.pings.pop(ref)
         try:
-            ray.get(ref)
+            self.node[i] = ray.get(ref)
             self.healthy.add(i)
-        except rex.ActorUnavailableError:      # restarting: ask again shortly
-            time.sleep(0.2)
-            self.pings[self.actors[i].ping.remote()] = i
+            self.backoff[i] = 0.2
+        except rex.ActorUnavailableError:
+            # Restarting - for as long as no node has a free CPU for it: ask again later, without
+            # holding up the chunks the live workers finish meanwhile.
+            self.later.append((time.monotonic() + self.backoff[i], i))
+            self.backoff[i] = min(5.0, self.backoff[i] * 2)
         except self.lost:
             if self.replacements > 0:
                 self.replacements -= 1
@@ -366,6 +391,7 @@ class _Scheduler:
         if i in self.healthy:
             self.healthy.discard(i)
             self.pings[self.actors[i].ping.remote()] = i
+        self._requeue_behind(i)
         attempt += 1
         if attempt < MAX_ATTEMPTS - 1 or (piece and attempt < MAX_ATTEMPTS):
             self.queue.append((chunk, attempt, piece))
@@ -382,6 +408,49 @@ class _Scheduler:
                 self._piece_done(chunk, res)
             else:
                 self.on_summary(_write(self.plan, res))
+
+    def _check_nodes(self) -> None:
+        """Nothing finished for a while. Chunks queued on an actor whose node has left the
+        cluster, or on one that never started while a started worker idles (its node went away
+        before it came up, and Ray keeps it pending), may wait forever - Ray does not fail them:
+        they go back to the queue for the live workers."""
+        import sys
+
+        import ray
+        busy = {i for i, *_ in self.pending.values()}
+        if not busy:
+            return
+        try:
+            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        except Exception:  # noqa: BLE001 - GCS unreachable: the idle check in run handles it
+            return
+        idle = any(self.load[j] == 0 and j in self.node for j in self.healthy)
+        for i in busy:
+            gone = i in self.node and self.node[i] not in alive
+            if gone or (i not in self.node and idle):
+                print(f"dmx: worker {i} {'lost its node' if gone else 'never started'}; "
+                      "its chunks go to the other workers", file=sys.stderr)
+                self.healthy.discard(i)
+                self._requeue_behind(i)
+                if gone:          # the first ping of one that never started is still out
+                    del self.node[i]
+                    self.pings[self.actors[i].ping.remote()] = i
+
+    def _requeue_behind(self, i: int) -> None:
+        """The chunks queued behind a lost task on the same actor wait for that actor to come
+        back, which may be never (its node is gone and no other has a free CPU): they go back to
+        the queue for the live workers. Should the old task still run, it writes the same part
+        file (atomically, same name) and its summary is never read: no duplicate rows."""
+        import ray
+        for ref, (j, chunk, attempt, piece) in list(self.pending.items()):
+            if j == i:
+                del self.pending[ref]
+                self.load[i] -= 1
+                try:
+                    ray.cancel(ref)
+                except Exception:  # noqa: BLE001 - best effort: the result is ignored anyway
+                    pass
+                self.queue.appendleft((chunk, attempt, piece))
 
     def _piece_done(self, piece: Chunk, result: ChunkResult) -> None:
         parts = self.pieces[piece.index]

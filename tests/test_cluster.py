@@ -135,7 +135,6 @@ def test_workers_write_their_part_files_and_send_the_driver_small_summaries(
     assert max(size for size, _ in seen) < 16_000         # bytes: counts and names, not rows
 
 
-@pytest.mark.skip(reason="hangs intermittently: in 1 of 2 clean-clone runs the driver never finished after the 2-CPU node was removed (open in issue 11); passed in the other run and on the branch")
 def test_a_node_removed_mid_run_the_run_completes_with_every_pair_once(cluster, photos: Path,
                                                                         tmp_path: Path):
     proc = dmx_run(tmp_path, photos, cluster.address, "--chunk-size", "1", wait=False)
