@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import duckdb
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from results.store import Health, RunDir, RunDirError
@@ -44,10 +43,10 @@ def verify_run(path: str | Path | RunDir, require_complete: bool = False) -> Hea
     return health
 
 
-def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None, *,
+def open_run(path: str | Path | RunDir, con: duckdb.DuckDBPyConnection | None = None, *,
              require_complete: bool = False) -> duckdb.DuckDBPyConnection:
     """Connect DuckDB to a run; raises RunDirError if ``path`` holds no readable rows."""
-    run = RunDir(path)
+    run = path if isinstance(path, RunDir) else RunDir(path)
     run.read_manifest()
     verify_run(run, require_complete)
     files = run.row_files()
@@ -55,6 +54,7 @@ def open_run(path: str | Path, con: duckdb.DuckDBPyConnection | None = None, *,
         raise RunDirError(f"{run.uri} has no rows yet (the run wrote no readable chunk)")
     con = con or duckdb.connect()
     if run.remote:
+        import pyarrow.dataset as pads   # imports pandas (0.4 s): only for runs in object storage
         schema = pq.read_schema(files[0], filesystem=run.fs)
         con.register("_dmx_rows", pads.dataset(files, schema=schema, filesystem=run.fs,
                                                format="parquet"))

@@ -19,10 +19,11 @@ import duckdb
 from matrix.axes import AXES
 from results.store import RunDir
 
-from .db import load_sql, open_run
+from .db import open_run
 from .effects import Attribution, CellStat, attribute
 from .queries import query_dicts
-from .tolerances import default_limits, precision_family
+from .summary import WORST_PER_CELL, Summary
+from .tolerances import COS_EPS, default_limits, precision_family
 
 # The ranking metric: median over images of the cosine distance of the outputs, i.e. how far a
 # factor moves a typical image. A factor that moves few images a lot (EXIF orientation on the
@@ -284,7 +285,6 @@ def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tu
     return (max(0.0, mean - half), mean + half)
 
 
-COS_EPS = 1e-6   # a row "diverges" when 1 - cosine exceeds this (or its input/shape differs)
 
 
 def concentration(split: dict[str, list[tuple[str, int, int]]],
@@ -319,12 +319,6 @@ def _axes(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [c for c in cols if c in AXES]
 
 
-def _ident(name: str) -> str:
-    if name not in AXES:
-        raise ValueError(f"not an axis: {name}")
-    return f'"{name}"'
-
-
 def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
               s: dict[str, Any]) -> Contrast:
     n_top1 = s["n_top1"] or 0
@@ -345,14 +339,15 @@ def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
         n_diff_input=int(s["n_diff_input"] or 0), cos_dist_diff_input=s["cos_dist_diff_input"])
 
 
-def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
+def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Explanation:
     run = RunDir(path)
     manifest = run.read_manifest()
-    con = open_run(path)
+    con = open_run(run)
+    stored = Summary(con, run)      # the aggregates kept at compaction, when they fit these rows
     axes = _axes(con)
     cells = query_dicts(con, "SELECT * FROM cells")
     ref = next(c for c in cells if c["is_reference"])
-    stats = {s["cell_id"]: s for s in query_dicts(con, load_sql("cell_stats"))}
+    stats = {s["cell_id"]: s for s in stored.rows("cell_stats")}
 
     # A level's contrast is the cell with that level that differs from the reference in the
     # fewest other factors: exactly one where the matrix has it; otherwise (say int8, which
@@ -374,15 +369,15 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
             contrasts.append(_contrast(factor, level, c, others, stats[c["cell_id"]]))
     if contrasts:
         by_cell: dict[str, list] = {}
-        for d in query_dicts(con, load_sql("worst_images"),
-                             {"cells": [c.cell_id for c in contrasts], "per_cell": worst_per_cell}):
+        for d in stored.rows("worst_images", {"cells": [c.cell_id for c in contrasts],
+                                               "per_cell": worst_per_cell}):
             by_cell.setdefault(d.pop("cell_id"), []).append(d)
         for c in contrasts:
             c.worst = [w for w in by_cell.get(c.cell_id, []) if (w["max_abs"] or 0) > 0]
 
         splits: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
-        for d in query_dicts(con, load_sql("property_split"),
-                             {"cells": [c.cell_id for c in contrasts], "cos_eps": COS_EPS}):
+        for d in stored.rows("property_split", {"cells": [c.cell_id for c in contrasts],
+                                                 "cos_eps": COS_EPS}):
             splits.setdefault(d["cell_id"], {}).setdefault(d["property"], []).append(
                 (d["value"], d["n"], d["n_divergent"]))
         for c in contrasts:
@@ -390,19 +385,20 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
 
     task = (manifest.get("model") or {}).get("task") or "classification"
     if task == "detection" and contrasts:
-        det_stats = {s["cell_id"]: s for s in query_dicts(con, load_sql("det_cell_stats"))}
+        det_stats = {s["cell_id"]: s for s in stored.rows("det_cell_stats")}
         changed: dict[str, list[dict[str, Any]]] = {}
-        for d in query_dicts(con, load_sql("det_worst_images"),
-                             {"cells": [c.cell_id for c in contrasts], "per_cell": worst_per_cell}):
+        for d in stored.rows("det_worst_images", {"cells": [c.cell_id for c in contrasts],
+                                                   "per_cell": worst_per_cell}):
             changed.setdefault(d.pop("cell_id"), []).append(d)
         for c in contrasts:
             if c.cell_id in det_stats:
                 c.detection = _detection_contrast(det_stats[c.cell_id])
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
-    attribution = main_effects(con, axes, {a: ref[a] for a in axes})
+    attribution = main_effects(stored.rows("cell_moments"), cells, axes,
+                               {a: ref[a] for a in axes})
     eta, inter = attribution.main, attribution.interactions
-    node_eta = _node_eta_squared(con)
+    node_eta = _node_eta_squared(con, stored)
     if node_eta is not None:
         eta["node"] = node_eta
     mismatches: dict[str, dict[str, Any]] = {}
@@ -415,7 +411,7 @@ def explain_run(path: str | Path, worst_per_cell: int = 3) -> Explanation:
             m = mismatches.setdefault(setting, {"label": setting, "asked": asked,
                                                 "effective": s["precision_effective"], "cells": 0})
             m["cells"] += 1
-    status = query_dicts(con, load_sql("row_status"))
+    status = stored.rows("row_status")
     counters = manifest.get("counters", {})
     return Explanation(
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"],
@@ -437,27 +433,20 @@ def nodes_differ(manifest: dict[str, Any]) -> dict[str, list[str]]:
             if len({json.dumps(env.get(sec), sort_keys=True) for env in nodes.values()}) > 1}
 
 
-def _node_eta_squared(con: duckdb.DuckDBPyConnection) -> float | None:
+def _node_eta_squared(con: duckdb.DuckDBPyConnection, stored: Summary) -> float | None:
     """Share of the output variance (cosine distance) explained by the node within each cell,
     ranked beside the factors; None when one node computed every row."""
     if "node" not in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
         return None
-    return con.execute(load_sql("node_eta")).fetchone()[0]
+    return stored.rows("node_eta")[0]["node_eta"]
 
 
-def main_effects(con: duckdb.DuckDBPyConnection, axes: list[str],
-                 reference: dict[str, Any] | None = None,
-                 metric: str = "1 - out_cosine") -> Attribution:
-    """Type-II shares per factor and the strongest two-factor interactions (``analysis.effects``),
-    over the rows with a finite metric; axes that apply to some cells only are nested."""
-    cols = ", ".join(f"c.{_ident(a)}" for a in axes)
-    # grouped by cell id (one key) and joined to the cells' levels: 10 M rows grouped by every
-    # axis column took 1.8 s of explain's 6.3 s
-    q = (f"SELECT {cols}, s.n, s.mean, s.ssw FROM ("
-         f"SELECT cell_id, count(*) AS n, avg(m) AS mean, coalesce(var_pop(m), 0) * count(*) AS ssw "
-         f"FROM (SELECT cell_id, ({metric})::DOUBLE AS m FROM rows "
-         f"WHERE status = 'ok' AND out_cosine IS NOT NULL) WHERE NOT isnan(m) GROUP BY cell_id"
-         f") s JOIN cells c USING (cell_id)")
-    stats = [CellStat({a: d[a] for a in axes}, int(d["n"]), float(d["mean"]), float(d["ssw"]))
-             for d in query_dicts(con, q)]
+def main_effects(moments: list[dict[str, Any]], cells: list[dict[str, Any]], axes: list[str],
+                 reference: dict[str, Any] | None = None) -> Attribution:
+    """Type-II shares per factor and the strongest two-factor interactions (``analysis.effects``)
+    from each cell's count, mean and within-cell sum of squares of the cosine distance
+    (``sql/cell_moments.sql``); axes that apply to some cells only are nested."""
+    levels = {c["cell_id"]: c for c in cells}
+    stats = [CellStat({a: levels[m["cell_id"]][a] for a in axes}, int(m["n"]), float(m["mean"]),
+                      float(m["ssw"])) for m in moments if m["cell_id"] in levels]
     return attribute(stats, axes, reference)

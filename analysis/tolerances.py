@@ -12,6 +12,7 @@ WHOLE_MODEL_ALLOWANCE = 10.0  # the table is per op; a forward pass chains many
 DEFAULT_MIN_COSINE = 0.999
 DEFAULT_MIN_TOP1 = 1.0
 MANTISSA_BITS = {"fp32": 23, "tf32": 10, "fp16": 10, "bf16": 7, "int8": 0}
+COS_EPS = 1e-6   # a row "diverges" when 1 - cosine exceeds this (or its input/shape differs)
 
 
 def precision_family(name: str | None) -> str | None:

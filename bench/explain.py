@@ -20,8 +20,10 @@ What it does:
    interpreter start and imports).
 3. With ``--profile``: times every SQL statement explain issues (a timing proxy around the
    DuckDB connection) and prints ``EXPLAIN ANALYZE`` for the slowest ones.
-4. Side by side in the same run: the same rows compacted by dmx (``results.compact``, as every
-   run now ends and ``dmx compact`` does) - few files sorted by cell - and explain timed on both.
+4. Side by side in the same run: the same rows compacted by dmx (``results.compact`` and
+   ``analysis.summary``, as every run ends and ``dmx compact`` does) - few files sorted by cell
+   plus explain's aggregates stored beside them - and explain timed on the part files, on the
+   compacted rows without the aggregates, and with them.
 
 Run::
 
@@ -31,8 +33,11 @@ Run::
 
 The last line is one JSON object: {"rows": N, "explain_s": <dmx explain subprocess wall s>,
 "explain_inprocess_s": <explain_run + render_text s>, "explain_compacted_s": ...,
-"explain_compacted_inprocess_s": ..., "compact_s": ..., "files": ..., "files_compacted": ...,
-"duckdb_threads": T} (``*_s`` wall seconds; the plain ones are for the part files).
+"explain_compacted_inprocess_s": ..., "explain_compacted_nosummary_s": ..., "compact_s": ...,
+"summary_s": ..., "files": ..., "files_compacted": ..., "duckdb_threads": T} (``*_s`` wall
+seconds; the plain ones are for the part files; "compacted" is what every run ends as: compacted
+rows plus explain's stored aggregates, ``analysis/summary.py``; "nosummary" the same rows with
+the aggregates removed, so explain scans the rows).
 """
 from __future__ import annotations
 
@@ -408,18 +413,25 @@ def explain_analyze(con, sql: str, params) -> list[str]:
     return lines
 
 
-def compacted_copy(src: Path, dest: Path) -> float:
-    """The same run compacted by dmx itself (``results.compact.compact_run``, what every run
-    now does at its end and ``dmx compact`` does for older runs): the part files are hard-linked
-    into ``dest`` and merged there into few files sorted by cell. Cached; returns the seconds
-    the compaction took (0 when cached)."""
+def compacted_copy(src: Path, dest: Path) -> tuple[float, float]:
+    """The same run compacted by dmx itself (``results.compact.compact_run`` and
+    ``analysis.summary.write_summary``, what every run does at its end and ``dmx compact`` does
+    for older runs): the part files are hard-linked into ``dest`` and merged there into few
+    files sorted by cell, then explain's aggregates are stored beside them. Cached; returns the
+    seconds the compaction and the summary took (0 when cached)."""
     import shutil
 
+    from analysis.db import open_run
+    from analysis.summary import Summary, write_summary
     from results.compact import compact_run
     key = repr(RunDir(src).read_manifest().get("bench_key", {}))
     done = dest / ".compacted-from"
     if done.is_file() and done.read_text() == key:
-        return 0.0
+        if Summary(open_run(dest), RunDir(dest)).valid:
+            return 0.0, 0.0
+        t = time.perf_counter()
+        write_summary(dest)
+        return 0.0, time.perf_counter() - t
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for name in ("manifest.json", "cells.parquet", "images.parquet"):
@@ -434,7 +446,19 @@ def compacted_copy(src: Path, dest: Path) -> float:
     print(f"  compacted {c.files_before:,} part files into {c.files_after} ({c.rows:,} rows) "
           f"in {seconds:.1f} s", file=sys.stderr)
     done.write_text(key)
-    return seconds
+    t = time.perf_counter()
+    write_summary(dest)
+    return seconds, time.perf_counter() - t
+
+
+def without_summary(compacted: Path) -> Path:
+    """The compacted run as it would be without explain's stored aggregates (hard links)."""
+    import shutil
+    bare = compacted.with_name(compacted.name + "-nosummary")
+    shutil.rmtree(bare, ignore_errors=True)
+    shutil.copytree(compacted, bare, copy_function=os.link,
+                    ignore=shutil.ignore_patterns("summary"))
+    return bare
 
 
 def time_explain(dest: Path, repeat: int) -> tuple[float, float, str, str]:
@@ -483,7 +507,8 @@ def main() -> None:
 
     import duckdb
     compact = dest.with_name(dest.name + "-compacted")
-    merge_s = compacted_copy(dest, compact)        # before waiting for quiet: it is CPU work
+    merge_s, summary_s = compacted_copy(dest, compact)   # before waiting for quiet: CPU work
+    bare = without_summary(compact)
     files_after = len(list(compact.glob("rows/*/*.parquet")))
     threads = duckdb.connect().execute("SELECT current_setting('threads')").fetchone()[0]
     quiet = wait_for_quiet(a.wait_quiet)
@@ -491,17 +516,21 @@ def main() -> None:
           f"{duckdb.__version__}, threads={threads}")
     best, sub_s, text, stdout = time_explain(dest, a.repeat)
     best_c, sub_c, text_c, _ = time_explain(compact, a.repeat)
+    best_b, sub_b, text_b, _ = time_explain(bare, a.repeat)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if stdout.strip() != text.strip():
         print("warning: subprocess output differs from the in-process rendering", file=sys.stderr)
     print("--- dmx explain output (first 25 lines) ---")
     print("\n".join(stdout.splitlines()[:25]))
     print("---")
-    print(f"{'':34} {'part files':>12} {'compacted':>12} {'ratio':>7}")
-    print(f"{'files':34} {len(parts):>12,} {files_after:>12,}")
-    print(f"{'explain_run + render_text (s)':34} {best:>12.2f} {best_c:>12.2f} {best / best_c:>6.1f}x")
-    print(f"{'`dmx explain` subprocess wall (s)':34} {sub_s:>12.2f} {sub_c:>12.2f} {sub_s / sub_c:>6.1f}x")
-    print(f"compaction took {merge_s:.1f} s (0 = cached); same explain text: {text_c == text}; "
+    print(f"{'':34} {'part files':>12} {'compacted':>12} {'+ summary':>12} {'ratio':>7}")
+    print(f"{'files':34} {len(parts):>12,} {files_after:>12,} {files_after:>12,}")
+    print(f"{'explain_run + render_text (s)':34} {best:>12.2f} {best_b:>12.2f} {best_c:>12.2f} "
+          f"{best / best_c:>6.1f}x")
+    print(f"{'`dmx explain` subprocess wall (s)':34} {sub_s:>12.2f} {sub_b:>12.2f} {sub_c:>12.2f} "
+          f"{sub_s / sub_c:>6.1f}x")
+    print(f"compaction took {merge_s:.1f} s and the summary {summary_s:.1f} s (0 = cached); "
+          f"same explain text: {text_c == text == text_b}; "
           f"peak RSS {r1.ru_maxrss / 1024:.0f} MB (largest child)")
     if a.profile:
         profile(dest, a.top)
@@ -509,7 +538,8 @@ def main() -> None:
                       "explain_inprocess_s": round(best, 3),
                       "explain_compacted_s": round(sub_c, 3),
                       "explain_compacted_inprocess_s": round(best_c, 3),
-                      "compact_s": round(merge_s, 1), "files": len(parts),
+                      "explain_compacted_nosummary_s": round(sub_b, 3),
+                      "compact_s": round(merge_s, 1), "summary_s": round(summary_s, 1), "files": len(parts),
                       "files_compacted": files_after, "duckdb_threads": int(threads)}))
 
 

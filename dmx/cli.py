@@ -369,6 +369,8 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
               f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
               f"{resume_cmd}", file=sys.stderr)
         return EXIT_FAILED
+    if opts.compact:
+        _summarise(s.out)
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
     _print_not_read(s.not_read, s.out)
@@ -630,11 +632,22 @@ def cmd_envs(a: argparse.Namespace) -> int:
     return 0
 
 
+def _summarise(out: str) -> None:
+    """Keep explain's aggregates beside the freshly compacted rows (analysis/summary.py)."""
+    from analysis.summary import write_summary
+    from results.store import RunDirError
+    try:
+        write_summary(out)
+    except RunDirError:          # no readable rows: explain will say so itself
+        pass
+
+
 def cmd_compact(a: argparse.Namespace) -> int:
     import time
     from results.compact import compact_run
     t = time.perf_counter()
     c = compact_run(a.run_dir)
+    _summarise(a.run_dir)
     print(f"dmx: {a.run_dir}: {c.files_before} file(s) -> {c.files_after} ({c.rows} rows of "
           f"{c.chunks} chunks, sorted by cell) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0

@@ -311,3 +311,51 @@ def test_compacted_files_hold_whole_cells_so_a_cell_filter_skips_files(images: P
     assert md.num_row_groups == 2 and md.row_group(0).column(
         md.schema.to_arrow_schema().get_field_index("cell_id")).statistics.has_min_max
     assert _pairs_with_values(out) == expected
+
+
+# ------------------------------------------------------------------ explain's stored aggregates
+
+def _explain_without_summary(out: Path, tmp_path: Path) -> dict:
+    from analysis.explain import explain_run
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare)
+    shutil.rmtree(bare / "summary", ignore_errors=True)
+    return explain_run(bare).to_json()
+
+
+def test_explain_answers_from_the_summary_kept_at_compaction_and_says_the_same(
+        images: Path, tmp_path: Path, monkeypatch):
+    import analysis.summary as summary
+    from analysis.explain import explain_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert (out / "summary" / "summary.json").is_file()
+    scans = []
+    real = summary.query_dicts
+    monkeypatch.setattr(summary, "query_dicts", lambda *a, **k: scans.append(a[1]) or real(*a, **k))
+    got = explain_run(out).to_json()
+    assert scans == []                                   # no query ran over the rows
+    assert got == _explain_without_summary(out, tmp_path)
+
+
+def test_a_summary_that_no_longer_describes_the_rows_is_not_used(images: Path, tmp_path: Path,
+                                                                 monkeypatch):
+    """Rows added by a resume that did not compact: the stored aggregates are stale, so
+    explain queries the rows and counts the new images."""
+    import analysis.summary as summary
+    from analysis.explain import explain_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    assert subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)]).returncode == 0
+    shutil.copy(images / "img0.jpg", images / "img9.jpg")
+    run_spec(spec_for(images), _opts(out, resume=True))          # a new part file, not compacted
+    scans = []
+    real = summary.query_dicts
+    monkeypatch.setattr(summary, "query_dicts", lambda *a, **k: scans.append(a[1]) or real(*a, **k))
+    got = explain_run(out).to_json()
+    assert scans                                          # the rows were read again
+    assert got == _explain_without_summary(out, tmp_path)
+    assert sum(s["n"] for s in got["status"]) == CELLS * 9

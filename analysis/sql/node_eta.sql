@@ -9,4 +9,4 @@ g AS (SELECT cell_id, node, avg(y) AS m, count(*) AS n FROM r GROUP BY cell_id, 
 t AS (SELECT sum((y - (SELECT avg(y) FROM r)) ^ 2) AS ss FROM r)
 SELECT CASE WHEN (SELECT count(DISTINCT node) FROM r) < 2 OR (SELECT ss FROM t) = 0 THEN NULL
             ELSE (SELECT sum(g.n * (g.m - c.m) ^ 2) FROM g JOIN c USING (cell_id)) / (SELECT ss FROM t)
-       END
+       END AS node_eta

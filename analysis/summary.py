@@ -1,0 +1,143 @@
+"""The aggregates ``explain`` needs, computed once when a run is compacted, kept beside its rows.
+
+``dmx explain`` runs about eight queries, each a scan of every row; on 10 M rows that is ~4 s
+of DuckDB on two cores however the files are laid out. The same queries, run once when the run
+is compacted (at the end of ``dmx run`` and by ``dmx compact``), give tables of a few hundred
+rows (per cell, per cell and image property, a few worst images per cell) that ``explain``
+reads instead.
+
+A summary is used only while it describes exactly the rows being read: it is keyed by the run's
+row files (names and sizes), ``cells.parquet`` and ``images.parquet``, and the text of the
+queries and their parameters. After a resume adds rows, a recompaction, or a dmx whose queries
+changed, the key differs and the queries run on the rows as before - a summary can make
+``explain`` faster, never different.
+
+    RUN/summary/<query>.parquet   one table per query (computed for every cell)
+    RUN/summary/summary.json      the key; written last (the commit point)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from results.store import RunDir
+
+from .db import load_sql, open_run
+from .queries import query_dicts
+from .tolerances import COS_EPS
+
+SUMMARY_DIR = "summary"
+KEY_FILE = f"{SUMMARY_DIR}/summary.json"
+ALL_CELLS = "*"          # a ``cells`` parameter computed for every cell, filtered on read
+WORST_PER_CELL = 3       # explain's default
+
+# query name -> the parameters it is computed with
+QUERIES: dict[str, dict[str, Any]] = {
+    "cell_stats": {},
+    "cell_moments": {},
+    "row_status": {},
+    "node_eta": {},
+    "worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
+    "property_split": {"cells": ALL_CELLS, "cos_eps": COS_EPS},
+    "det_cell_stats": {},
+    "det_worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
+}
+
+
+def _sql_digest() -> str:
+    text = json.dumps({n: [load_sql(n), p] for n, p in QUERIES.items()}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _key(run: RunDir) -> dict[str, Any]:
+    """What the summary describes: the row files and side tables (relative names, sizes) and
+    the queries."""
+    base = run.path("")
+    files = run.row_files() + [run.path("cells.parquet"), run.path("images.parquet")]
+    infos = run.fs.get_file_info(files)
+    return {"files": [[i.path[len(base):], i.size if i.type == pafs.FileType.File else None]
+                      for i in infos],
+            "queries": _sql_digest()}
+
+
+def _params(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str, Any]:
+    if params.get("cells") == ALL_CELLS:
+        cells = [r[0] for r in con.execute("SELECT cell_id FROM cells").fetchall()]
+        return {**params, "cells": cells}
+    return params
+
+
+def _applies(name: str, columns: set[str], task: str) -> bool:
+    if name == "node_eta":
+        return "node" in columns
+    return task == "detection" or not name.startswith("det_")
+
+
+def _plain(table: pa.Table) -> pa.Table:
+    """DuckDB's HUGEINT sums arrive as decimal128(38, 0): stored as int64, read back as ints
+    (as ``fetchall`` gives them)."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_decimal(f.type):
+            to = pa.int64() if f.type.scale == 0 else pa.float64()
+            table = table.set_column(i, f.name, table.column(i).cast(to))
+    return table
+
+
+def write_summary(location: str | RunDir) -> int:
+    """Compute and store the summary of the run at ``location``; returns the rows it holds."""
+    run = location if isinstance(location, RunDir) else RunDir(location)
+    task = (run.read_manifest().get("model") or {}).get("task") or "classification"
+    con = open_run(run)
+    if run.is_file(KEY_FILE):
+        run.delete([run.path(KEY_FILE)])          # no key while its tables are replaced
+    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
+    held = 0
+    for name, params in QUERIES.items():
+        if not _applies(name, columns, task):
+            continue
+        table = con.sql(load_sql(name), params=_params(con, params)).to_arrow_table()
+        run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", _plain(table))
+        held += table.num_rows
+    run.write_bytes(KEY_FILE, json.dumps(_key(run)).encode())
+    return held
+
+
+class Summary:
+    """Answers explain's named queries from the stored summary when it describes the rows
+    being read, else by running the query on ``con``."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, run: RunDir) -> None:
+        self.con, self.run = con, run
+        self.valid = False
+        try:
+            if run.is_file(KEY_FILE):
+                self.valid = json.loads(run.read_bytes(KEY_FILE).decode()) == _key(run)
+        except (OSError, ValueError):
+            self.valid = False
+
+    def rows(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        params = params or {}
+        stored = QUERIES.get(name)
+        if self.valid and stored is not None and self._same(stored, params):
+            try:
+                table = self.run.read_parquet(f"{SUMMARY_DIR}/{name}.parquet")
+            except (OSError, pa.ArrowInvalid):
+                table = None
+            if table is not None:
+                got = table.to_pylist()
+                if "cells" in params:
+                    wanted = set(params["cells"])
+                    got = [r for r in got if r["cell_id"] in wanted]
+                return got
+        return query_dicts(self.con, load_sql(name), params)
+
+    @staticmethod
+    def _same(stored: dict[str, Any], params: dict[str, Any]) -> bool:
+        if set(stored) != set(params):
+            return False
+        return all(stored[k] == v for k, v in params.items() if k != "cells")
