@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import html
 import io
 import itertools
 import json
@@ -273,13 +272,9 @@ def _ranking(e: Explanation) -> str:
 
 def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]],
                   e: Explanation) -> str:
-    head = ('<section id="interactions"><h2>Factor &times; factor</h2><p>Mean cosine distance over '
-            "all rows (full factorial, reference cell excluded) that have both levels; the diagonal "
-            "is the level alone. A pair far from what its two diagonal entries suggest is an interaction. "
-            "Grey: two levels of the same factor, or a pair that never occurs.</p>")
     data = level_pair_means(con, axes)
     if len(axes) < 2 or not data:
-        return head + '<p class="empty">Fewer than two factors vary in this run.</p></section>'
+        return _template("interactions.html.j2").render(chart=None)
     levels = [(a, lv) for a in axes
               for lv in _sorted_levels((d["la"] for d in data if d["a"] == a and d["b"] is None), order[a])]
     index = {k: i for i, k in enumerate(levels)}
@@ -319,34 +314,22 @@ def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[s
                 ax.text(j, i, _cos(m[i, j], 2), ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")
     fig.colorbar(im, ax=ax, shrink=0.8, label="mean cosine distance (log)")
-    eta = ""
-    if e.eta_squared:
-        cells = "".join(f"<td>{_e(a)} {g(v, 2)}</td>" for a, v in e.eta_squared.items())
-        inter = "".join(f"<td>{_e(' x '.join(i['factors']))} {g(i['eta_squared'], 2)}</td>"
-                        for i in e.interactions[:5])
-        nested = "; ".join(f"{_e(a)} within {_e(', '.join(f'{p}={v}' for p, vs in w.items() for v in vs))}"
-                           for a, w in e.nested.items() if w)
-        eta = (f"<table class=data><tr><th>main effect share (type-II SS)</th>{cells}</tr>"
-               f"<tr><th>interaction share (beyond main effects)</th>{inter or '<td>-</td>'}</tr></table>"
-               f"<p>Shares of the cosine distance's variance; the cells together explain "
-               f"{g(e.explained, 2)}, the rest is image-to-image variation within cells"
-               + (f"; nested axes analysed within their parent: {nested}" if nested else "")
-               + (f"; type-II shares scaled by {g(e.share_scale, 2)} so that they do not sum above "
-                  "what the cells explain" if e.share_scale < 1 else "") + ".</p>")
-    return head + _img(fig, "level by level mean cosine distance", "chart-interactions") + eta + "</section>"
+    nested = [f"{a} within {', '.join(f'{p}={v}' for p, vs in w.items() for v in vs)}"
+              for a, w in e.nested.items() if w]
+    return _template("interactions.html.j2").render(
+        chart=_img(fig, "level by level mean cosine distance", "chart-interactions"),
+        main=[(a, g(v, 2)) for a, v in e.eta_squared.items()],
+        interactions=[(" x ".join(i["factors"]), g(i["eta_squared"], 2)) for i in e.interactions[:5]],
+        explained=g(e.explained, 2), nested=nested,
+        scale=g(e.share_scale, 2) if e.share_scale < 1 else None)
 
 
 def _distributions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]]) -> str:
-    head = ('<section id="distributions"><h2>Distributions per level</h2><p>Every ok row of every '
-            "cell at that level (the other factors vary; the reference cell left out). Box: quartiles, "
-            "whiskers 1.5 IQR. Dots: rows, <b style='color:#e15759'>red</b> where the model input "
-            "differs from the reference's, <b style='color:#4e79a7'>blue</b> where it is bit-identical "
-            "(only backend and precision act). Log scale; rows at 0 sit on the dashed line (cosine "
-            f"distances below {g(COS_ROUNDING)} are float64 rounding and count as 0).</p>")
+    section = _template("distributions.html.j2")
     panels = [(a, level_values(con, a)) for a in axes]
     panels = [(a, v) for a, v in panels if v]
     if not panels:
-        return head + '<p class="empty">No factor varies, or no row has an output divergence.</p></section>'
+        return section.render(chart=None, rounding=g(COS_ROUNDING))
     heights = [len({d["level"] for d in v}) for _, v in panels]
     fig = Figure(figsize=(12, 0.42 * sum(heights) + 1.0 * len(panels) + 0.4))
     grid = fig.add_gridspec(len(panels), 2, height_ratios=[h + 1.4 for h in heights], hspace=0.6,
@@ -390,23 +373,23 @@ def _distributions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[
             ax.tick_params(axis="x", labelsize=8)
             ax.set_xlabel(xlabel, fontsize=8.5)
             ax.grid(axis="x", alpha=0.25)
-    return head + _img(fig, "metric distributions per level", "chart-distributions") + "</section>"
+    return section.render(chart=_img(fig, "metric distributions per level", "chart-distributions"),
+                          rounding=g(COS_ROUNDING))
 
 
 def _images(con: duckdb.DuckDBPyConnection, e: Explanation, manifest: dict[str, Any]) -> str:
-    head = ('<section id="images"><h2>The images that diverge most</h2><p>The rows of the one-factor '
-            "contrasts with the largest cosine distance. Model inputs are re-rendered from the image "
-            "file with the cell's decoder, EXIF handling and resize (0-255, before normalisation); "
-            f"the difference is max over RGB of |reference - variant| &times; {g(DIFF_GAIN)} (more for "
-            "faint differences, so that the largest is drawn at full brightness; the caption says "
-            "the factor). Highlighted class: the other pipeline's top-1.</p>")
+    section = _template("images.html.j2")
+
+    def empty(why: str) -> str:
+        return section.render(gain=g(DIFF_GAIN), empty=why, cards=[])
+
     if not e.contrasts:
-        return head + '<p class="empty">No one-factor contrast in this run.</p></section>'
+        return empty("No one-factor contrast in this run.")
     rows = query_dicts(con, load_sql("report_divergent_rows"),
                        {"cells": [c.cell_id for c in e.contrasts], "limit": 20 * TOP_IMAGES})
     chosen = pick_divergent(rows, TOP_IMAGES)
     if not chosen:
-        return head + '<p class="empty">No contrast row diverges from the reference.</p></section>'
+        return empty("No contrast row diverges from the reference.")
     cells = {c["cell_id"]: c for c in query_dicts(con, "SELECT * FROM cells")}
     ref = next(c for c in cells.values() if c["is_reference"])
     contrast = {c.cell_id: c for c in e.contrasts}
@@ -414,11 +397,11 @@ def _images(con: duckdb.DuckDBPyConnection, e: Explanation, manifest: dict[str, 
     try:
         pre = pictures.preprocess_from_manifest(manifest["model"]["preprocess"])
     except (KeyError, TypeError, ValueError) as err:
-        return head + f'<p class="empty">No preprocessing recorded in the manifest ({_e(err)}).</p></section>'
+        return empty(f"No preprocessing recorded in the manifest ({err}).")
     cache: dict[tuple, np.ndarray | str] = {}
     cards = [_image_card(r, cells[r["cell_id"]], ref, contrast[r["cell_id"]], labels, pre, cache)
              for r in chosen]
-    return head + '<div class="cards">' + "".join(cards) + "</div></section>"
+    return section.render(gain=g(DIFF_GAIN), empty=None, cards=cards)
 
 
 def pick_divergent(rows: list[dict[str, Any]], n: int, per_cell: int = 2) -> list[dict[str, Any]]:
@@ -454,8 +437,8 @@ def _render(path: str | None, factors: dict[str, Any], pre: Any, cache: dict) ->
 
 
 def _image_card(r: dict[str, Any], cell: dict[str, Any], ref: dict[str, Any], c: Any,
-                labels: Sequence[str] | None, pre: Any, cache: dict) -> str:
-    level = f"{c.factor} = {c.level}" + (f" ({c.detail})" if c.detail else "")
+                labels: Sequence[str] | None, pre: Any, cache: dict) -> dict[str, Any]:
+    """One image card's data for ``templates/images.html.j2``."""
     props = [p for p in (r.get("subsampling"), "progressive" if r.get("progressive") else None,
                          f"EXIF orientation {r['exif_orientation']}"
                          if r.get("exif_orientation") not in (None, 1) else None,
@@ -465,49 +448,39 @@ def _image_card(r: dict[str, Any], cell: dict[str, Any], ref: dict[str, Any], c:
                          else None) if p]
     a = _render(r["path"], ref, pre, cache)
     b = _render(r["path"], cell, pre, cache)
-    figs: list[tuple[str, str | None]] = []  # (caption, already HTML: built from numbers only; PNG URI)
-    note = ""
+    figs: list[dict[str, Any]] = []
+    note = None
     if isinstance(a, str) or isinstance(b, str):
-        note = f'<p class="warn">{_e(a if isinstance(a, str) else b)}</p>'
+        note = a if isinstance(a, str) else b
     else:
-        figs.append(("reference input", _png(pictures.to_uint8(a))))
-        figs.append(("variant input", _png(pictures.to_uint8(b))))
+        figs.append({"kind": "reference", "src": _png(pictures.to_uint8(a))})
+        figs.append({"kind": "variant", "src": _png(pictures.to_uint8(b))})
         if a.shape != b.shape:
-            note = f'<p class="warn">inputs differ in shape: {a.shape} vs {b.shape}</p>'
+            note = f"inputs differ in shape: {a.shape} vs {b.shape}"
         else:
             d = np.abs(a - b)
             if not d.any():
-                figs.append(("difference", None))
+                figs.append({"kind": "same"})
             else:
                 gain = diff_gain(float(d.max()))
-                figs.append((f"|difference| &times; {g(gain)} (max {g(float(d.max()))}/255)",
-                             _png(pictures.difference_map(a, b, gain))))
+                figs.append({"kind": "diff", "gain": g(gain), "max": g(float(d.max())),
+                             "src": _png(pictures.difference_map(a, b, gain))})
             seen = float(d.max())
             if r.get("px_max_abs") is not None and abs(seen - r["px_max_abs"]) > 0.5:
-                note = (f'<p class="warn">Re-rendered here, the inputs differ by {g(seen)} at most; the '
-                        f"run measured {g(r['px_max_abs'])}: this machine decodes or resizes "
-                        "differently from the one that made the run.</p>")
+                note = (f"Re-rendered here, the inputs differ by {g(seen)} at most; the run "
+                        f"measured {g(r['px_max_abs'])}: this machine decodes or resizes "
+                        "differently from the one that made the run.")
     width = 224 if pre.crop <= 224 else min(pre.crop, 320)  # CSS px; small inputs drawn pixelated
-    pixelated = ' class="px"' if pre.crop < width else ""
-    pics = "".join(
-        f'<figure><img src="{src}" width="{width}" height="{width}" alt="{cap}"{pixelated}>'
-        f"<figcaption>{cap}</figcaption></figure>"
-        if src else
-        f'<figure><div class="same" style="width:{width}px;height:{width}px">inputs identical: '
-        f"the divergence comes after preprocessing</div><figcaption>difference</figcaption></figure>"
-        for cap, src in figs)
-    top = (_top5_table("reference", r["ref_top5"], r["ref_top5_prob"], labels, r["top1"])
-           + _top5_table("variant", r["top5"], r["top5_prob"], labels, r["ref_top1"]))
-    flip = ""
-    if r["top1"] != r["ref_top1"]:
-        flip = (f' <span class="flip">top-1 {_label(r["ref_top1"], labels)} &rarr; '
-                f'{_label(r["top1"], labels)}</span>')
-    return (f'<div class="card"><h3>{_e(r["image_id"])} <small>variant: {_e(level)}</small>{flip}</h3>'
-            f"<p>cos dist {g(r['cos_dist'])} &middot; max abs {g(r['max_abs'])} logits &middot; rel L2 "
-            f"{g(r['rel_l2'])} &middot; input px max {g(r['px_max_abs'])}, mean {g(r['px_mean_abs'])}"
-            f"{' &middot; ' + _e(', '.join(props)) if props else ''}</p>"
-            f'{note}<div class="body"><div class="pics">{pics}</div>'
-            f'<div class="top5">{top}</div></div></div>')
+    return {
+        "image_id": r["image_id"], "level": f"{c.factor} = {c.level}" + (f" ({c.detail})" if c.detail else ""),
+        "flip": ((_label(r["ref_top1"], labels), _label(r["top1"], labels))
+                 if r["top1"] != r["ref_top1"] else None),
+        "cos_dist": g(r["cos_dist"]), "max_abs": g(r["max_abs"]), "rel_l2": g(r["rel_l2"]),
+        "px_max": g(r["px_max_abs"]), "px_mean": g(r["px_mean_abs"]), "props": ", ".join(props),
+        "note": note, "figs": figs, "width": width, "pixelated": pre.crop < width,
+        "top5": [t for t in (_top5("reference", r["ref_top5"], r["ref_top5_prob"], labels, r["top1"]),
+                             _top5("variant", r["top5"], r["top5_prob"], labels, r["ref_top1"])) if t],
+    }
 
 
 def diff_gain(max_diff: float) -> float:
@@ -520,17 +493,17 @@ def _label(i: int | None, labels: Sequence[str] | None) -> str:
     if i is None:
         return "-"
     name = labels[i] if labels and 0 <= i < len(labels) else None
-    return _e(f"{i} {name}" if name else str(i))
+    return f"{i} {name}" if name else str(i)
 
 
-def _top5_table(title: str, classes: Sequence[int] | None, probs: Sequence[float] | None,
-                labels: Sequence[str] | None, other_top1: int | None) -> str:
+def _top5(title: str, classes: Sequence[int] | None, probs: Sequence[float] | None,
+          labels: Sequence[str] | None, other_top1: int | None) -> dict[str, Any] | None:
+    """A top-5 table's data: (class label, probability text, is the other pipeline's top-1)."""
     if not classes:
-        return ""
-    rows = "".join(f"<tr{' class=hit' if k == other_top1 else ''}><td>{_label(k, labels)}</td>"
-                   f"<td class=num>{pct(p) if p is not None else '-'}</td></tr>"
-                   for k, p in zip(classes, probs or [None] * len(classes)))
-    return f"<table class=data><tr><th>top-5: {_e(title)}</th><th>p</th></tr>{rows}</table>"
+        return None
+    return {"title": title,
+            "rows": [(_label(k, labels), pct(p) if p is not None else "-", k == other_top1)
+                     for k, p in zip(classes, probs or [None] * len(classes))]}
 
 
 def _gate(r: CheckResult | str, run_dir: str | Path, e: Explanation) -> str:
@@ -590,7 +563,8 @@ def _log_floor(values: np.ndarray) -> float:
 def _img(fig: Figure, alt: str, element_id: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return f'<img id="{element_id}" class="chart" alt="{_e(alt)}" src="{_data_uri(buf.getvalue())}">'
+    return _template("chart.html.j2").render(element_id=element_id, alt=alt,
+                                             src=_data_uri(buf.getvalue()))
 
 
 def _png(rgb: np.ndarray) -> str:
@@ -599,10 +573,6 @@ def _png(rgb: np.ndarray) -> str:
 
 def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _e(v: Any) -> str:
-    return html.escape(str(v), quote=True)
 
 
 def _dmx_version() -> str:
