@@ -6,6 +6,7 @@ stay flat however large the cluster or the dataset.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -15,9 +16,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from matrix import Cell
 
-from .backends.base import ModelArtifacts
 from .capabilities import node_name, skip_reasons
 from .plan import Chunk, Plan
 from .worker import ChunkResult, ChunkSummary, Worker, error_result
@@ -49,10 +48,9 @@ class LocalExecutor:
     def start(self, cuda_devices: int = 0) -> None:
         pass
 
-    def probe(self, cells: list[Cell], artifacts: ModelArtifacts
-              ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    def probe(self, plan: Plan) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         from results.environment import fingerprint
-        return skip_reasons(cells, artifacts), {node_name(): fingerprint()}
+        return skip_reasons(plan.cells, plan.artifacts), {node_name(): fingerprint()}
 
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
         worker = Worker(plan, node_name())
@@ -158,18 +156,33 @@ def ray_init(address: str | None, workers: int | None) -> str:
 
 
 class _WorkerActor:
-    """A Ray actor holding one Worker (and its compiled models) for the whole run."""
+    """A Ray actor holding one Worker (and its compiled models) for the whole run. It is made
+    before the driver knows which cells every node can run - it answers that itself (``probe``),
+    so no separate process imports the libraries first - and each chunk carries the cells
+    skipped run-wide (a few ids; a restarted actor gets them with its next chunk)."""
 
     def __init__(self, plan: Plan) -> None:
         import ray
         self.worker = Worker(plan, node_name(ray.get_runtime_context().get_node_id()))
 
-    def process(self, chunk: Chunk) -> ChunkSummary:
+    def probe(self) -> tuple[str, dict, dict[str, str]]:
+        """(node, its environment, cell id -> why this node cannot run that cell)."""
+        from results.environment import fingerprint
+        plan = self.worker.plan
+        return self.worker.node, fingerprint(), skip_reasons(plan.cells, plan.artifacts)
+
+    def _skip(self, skipped: dict[str, str]) -> None:
+        if dict(self.worker.plan.skipped) != skipped:
+            self.worker.plan = dataclasses.replace(self.worker.plan, skipped=skipped)
+
+    def process(self, chunk: Chunk, skipped: dict[str, str]) -> ChunkSummary:
         """Compute ``chunk`` and write its part file; report a summary."""
+        self._skip(skipped)
         return self.worker.run_chunk(chunk)
 
-    def compute(self, chunk: Chunk) -> ChunkResult:
+    def compute(self, chunk: Chunk, skipped: dict[str, str]) -> ChunkResult:
         """Compute without writing (pieces of a split chunk, merged by the driver)."""
+        self._skip(skipped)
         return self.worker.process_chunk(chunk)
 
     def ping(self) -> str:
@@ -179,14 +192,6 @@ class _WorkerActor:
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def _probe_node(cells: list[Cell], artifacts: ModelArtifacts) -> tuple[str, dict, dict[str, str]]:
-    import ray
-
-    from results.environment import fingerprint
-    return (node_name(ray.get_runtime_context().get_node_id()), fingerprint(),
-            skip_reasons(cells, artifacts))
 
 
 def _worker_lost_errors() -> tuple[type[BaseException], ...]:
@@ -215,6 +220,7 @@ class RayExecutor:
         self.gpus_option = gpus_per_worker
         self.gpus_per_worker = 0.0
         self.where = ""
+        self.actors: list[Any] = []          # started by ``probe``, used by ``run``
 
     def start(self, cuda_devices: int = 0) -> None:
         """Attach or start Ray and size the pool from the cluster's resources. ``cuda_devices``:
@@ -234,40 +240,42 @@ class RayExecutor:
             n = max(1, min(n, fit))
         self.workers = n
 
-    def _nodes(self) -> list[dict[str, Any]]:
+    def _actor_class(self):
         import ray
-        need = {"CPU": 1.0, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
-        return [n for n in ray.nodes() if n.get("Alive")
-                and all(n["Resources"].get(k, 0) >= v for k, v in need.items())]
+        return ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=-1,
+                          max_task_retries=0, scheduling_strategy="SPREAD")(_WorkerActor)
 
-    def probe(self, cells: list[Cell], artifacts: ModelArtifacts
-              ) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        """Ask every node the workers may land on which cells it cannot run (with the GPUs an
-        actor would get). A cell is skipped when some node cannot run it, so every row of a
-        cell comes from machines able to run it; the reason names the node when nodes differ."""
+    def probe(self, plan: Plan) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+        """Start the workers and ask each which cells it cannot run, on its node with the GPUs
+        it got. A cell is skipped when some worker's node cannot run it, so every row of a cell
+        comes from machines able to run it; the reason names the node when nodes differ."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-        probe = ray.remote(_probe_node)
-        refs = [probe.options(num_cpus=0, num_gpus=self.gpus_per_worker, max_retries=1,
-                              scheduling_strategy=NodeAffinitySchedulingStrategy(
-                                  n["NodeID"], soft=False)).remote(cells, artifacts)
-                for n in self._nodes()]
-        answers = ray.get(refs)
-        envs = {name: env for name, env, _ in answers}
+        actor_cls = self._actor_class()
+        # The plan is passed by value (it is small): an actor restarted after a crash must not
+        # depend on an object-store reference that may be gone.
+        self.actors = [actor_cls.remote(plan) for _ in range(self.workers)]
+        answers = {}
+        for ref in [a.probe.remote() for a in self.actors]:
+            try:
+                name, env, reasons = ray.get(ref)
+            except _worker_lost_errors():
+                continue            # the scheduler restarts or replaces that worker
+            answers[name] = (env, reasons)
+        if not answers:
+            raise WorkersLost("no Ray worker could start; run the same command again (with "
+                              "--verbose to see Ray's own messages)")
         skipped: dict[str, str] = {}
-        for name, _, reasons in answers:
+        for name, (_, reasons) in answers.items():
             for cid, reason in reasons.items():
-                everywhere = all(r.get(cid) == reason for _, _, r in answers)
+                everywhere = all(r.get(cid) == reason for _, r in answers.values())
                 skipped.setdefault(cid, reason if everywhere else f"on node {name}: {reason}")
-        return skipped, envs
+        return skipped, {name: env for name, (env, _) in answers.items()}
 
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
         import ray
-        actor_cls = ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=-1,
-                               max_task_retries=0, scheduling_strategy="SPREAD")(_WorkerActor)
-        # The plan is passed by value (it is small): an actor restarted after a crash must not
-        # depend on an object-store reference that may be gone.
-        scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary)
+        actor_cls = self._actor_class()
+        scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary,
+                               actors=self.actors or None)
         try:
             scheduler.run(list(chunks))
         finally:
@@ -280,9 +288,11 @@ class _Scheduler:
     task died is pinged; it gets work again once Ray has restarted it and the ping returns."""
 
     def __init__(self, plan: Plan, new_actor: Callable[[], Any], workers: int,
-                 on_summary: OnSummary) -> None:
+                 on_summary: OnSummary, actors: list[Any] | None = None) -> None:
         self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
-        self.actors = [new_actor() for _ in range(workers)]
+        self.skipped = dict(plan.skipped)
+        self.actors = list(actors) if actors else [new_actor() for _ in range(workers)]
+        workers = len(self.actors)
         self.node: dict[int, str] = {}                   # actor -> node id, once it answered
         self.replacements = workers * MAX_ATTEMPTS
         self.lost = _worker_lost_errors()
@@ -380,7 +390,7 @@ class _Scheduler:
             while self.queue and self.load[i] < 2:
                 chunk, attempt, piece = self.queue.popleft()
                 actor = self.actors[i]
-                ref = (actor.compute if piece else actor.process).remote(chunk)
+                ref = (actor.compute if piece else actor.process).remote(chunk, self.skipped)
                 self.pending[ref] = (i, chunk, attempt, piece)
                 self.load[i] += 1
 

@@ -131,7 +131,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
     executor.start(_cuda_devices(cells))
     # Every setting is converted here (conversions are device-independent and cached); which
-    # cells can run is asked where they will run: each node (Ray) or this process (local).
+    # cells can run is asked where they will run: each Ray worker, started by the probe on its
+    # node, or this process (local).
     settings = {InferSetting.from_factors(dict(c.factors)) for c in cells}
     t_conv = time.perf_counter()
     artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model),
@@ -141,7 +142,12 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     if made and opts.progress:
         print(f"dmx: converted the model once ({', '.join(made)}) in "
               f"{time.perf_counter() - t_conv:.1f} s; cached for later runs", file=sys.stderr)
-    skipped, nodes = executor.probe(cells, artifacts)
+    run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
+    plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
+                skipped={}, model=model, artifacts=artifacts, threads=executor.threads,
+                batch=opts.batch, out=run.uri)
+    skipped, nodes = executor.probe(plan)
+    plan = dataclasses.replace(plan, skipped=skipped)
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
 
@@ -152,10 +158,6 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     chunk_size = (opts.chunk_size or (old or {}).get("chunk_size")  # resume keeps its chunks
                   or default_chunk_size(len(images), n_pre, executor.workers,
                                         (model.preprocess.crop, model.preprocess.crop)))
-    run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
-    plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
-                skipped=skipped, model=model, artifacts=artifacts, threads=executor.threads,
-                batch=opts.batch, out=run.uri)
     # Chunks are named by their image ids: a resume reuses finished chunks that still hold and
     # computes the rest, whatever was added; unreadable part files do not count as finished.
     if old and run.drop_damaged_compaction() and opts.progress:
