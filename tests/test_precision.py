@@ -111,3 +111,27 @@ def test_conversion_levels_make_distinct_models_and_skip_what_does_not_apply(pho
     assert skipped == {("onnxruntime", "openvino-from-torch")}
     ort = next(v for v in m["backends"].values() if v["backend"] == "onnxruntime")
     assert ort["properties"]["graph_optimization_level"] == "disable" and ort["threads"] == 1
+
+
+def test_onnxruntime_int8_calibrates_a_model_whose_input_is_not_named_input(tmp_path: Path):
+    """A user's ONNX file names its image input as it likes; calibration fed "input" before."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from runner.backends.onnxruntime_backend import quantize_ort_int8
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["pixel_values", "w"], ["logits"], pads=[1, 1, 1, 1])], "g",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+    path = tmp_path / "user.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calib = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
+    out, notes = quantize_ort_int8(str(path), "user", calib, ["a", "b", "c", "d"])
+    q = onnx.load(out)
+    assert any(n.op_type == "QuantizeLinear" for n in q.graph.node)
+    sess = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"pixel_values": calib[:1]})[0]
+    assert y.shape == (1, 4, 8, 8)

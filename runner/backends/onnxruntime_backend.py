@@ -60,13 +60,15 @@ def quantize_ort_int8(onnx_path: str, digest: str, calib: np.ndarray,
                                               quantize_static)
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        name = _input_name(onnx_path)
+
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
                 self.it = iter(calib[i: i + 1] for i in range(len(calib)))
 
             def get_next(self) -> dict | None:
                 x = next(self.it, None)
-                return None if x is None else {"input": x}
+                return None if x is None else {name: x}
 
         pre = out.with_name("pre.onnx")
         quant_pre_process(onnx_path, str(pre), skip_symbolic_shape=True)
@@ -78,6 +80,15 @@ def quantize_ort_int8(onnx_path: str, digest: str, calib: np.ndarray,
                            "per-channel weights)", "calibration_images": calib_ids}
 
     return cached(key, "model-int8.onnx", make)
+
+
+def _input_name(onnx_path: str) -> str:
+    """The model's image input: its first graph input that is not a weight (a user's ONNX file
+    names it as it likes: ``pixel_values``, ``images``, ...)."""
+    import onnx
+    graph = onnx.load(onnx_path, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in weights)
 
 
 class OnnxRuntimeRunner(BackendRunner):
