@@ -341,6 +341,9 @@ def _run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expl
     from runner.sweep import RunOptions, run_spec
     if getattr(a, "verbose", False):
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
+    elif a.executor == "ray":
+        from runner.quiet_stderr import drop_ray_core_lines
+        drop_ray_core_lines()             # Ray's C++ log lines stay off the console
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
                       gpus_per_worker=a.gpus_per_worker, compact=not getattr(a, "no_compact", False))
