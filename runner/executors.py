@@ -16,7 +16,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-
 from .capabilities import node_name, skip_reasons
 from .plan import Chunk, Plan
 from .worker import ChunkResult, ChunkSummary, Worker, error_result
