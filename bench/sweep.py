@@ -63,370 +63,70 @@ Last line: {"images", "naive_s", "competent_s", "local_s", "ray_s", "floor_s", "
 "ray_vs_floor", "local_vs_naive", "ray_vs_competent", "local_vs_competent", "peak_rss_mb"}
 (seconds; peak_rss_mb is the largest sampled tree RSS). Targets: ray_vs_competent <= 0.8 and
 local_vs_competent <= 1.0 at 1,000 images; ray_vs_floor <= 1.3 at 200.
+
+Where each mode lives: this file is the entry point (arguments, dataset and spec, the timed
+phases (b) and (c), the table and the JSON line); (a), and the fresh process (a') runs in, in
+``bench/sweep_naive.py`` (the competent script itself is ``bench/competent.py``); (d) in
+``bench/sweep_floor.py``; the ``--profile`` breakdowns in ``bench/sweep_profile.py``;
+``--memory-scaling`` in ``bench/sweep_memory.py``; what they share (spec, model files, child
+processes, the RSS/CPU sampler) in ``bench/sweep_common.py``, and waiting for a quiet machine in
+``bench/machine.py``. Child processes run this file with a hidden flag (``--naive-child``,
+``--competent-child``, ``--unit-cost``, ``--profile-child``) that hands over to those modules.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from machine import wait_for_quiet  # noqa: E402
-from photos import build_photo_set, build_tiny_set  # noqa: E402
-
-
-# ----------------------------------------------------------------------------- memory sampling
-class TreeMonitor:
-    """Samples, every ``interval_s``, this process and all its descendants: the peak of their
-    summed RSS, and their CPU seconds (last value seen per pid, so a process that exits loses
-    at most one interval). With the machine's busy CPU seconds (/proc/stat) this also gives the
-    CPU seconds used by *other* processes during a phase: load that skews the timings."""
-
-    def __init__(self, interval_s: float = 0.1) -> None:
-        import psutil
-        self._psutil = psutil
-        self.me = psutil.Process()
-        self.interval_s = interval_s
-        self.names: dict[int, str] = {}
-        self.exclude: set[int] = set()   # roots of process trees left out (an idle Ray session)
-        self._lock = threading.Lock()
-        self.reset()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _busy_s(self) -> float:
-        t = self._psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-    def sample(self) -> None:
-        total, n = 0, 0
-        procs = [self.me]
-        try:
-            procs += self.me.children(recursive=True)
-        except self._psutil.Error:
-            pass
-        if self.exclude:
-            skip = set(self.exclude)
-            for pid in self.exclude:
-                try:
-                    skip.update(c.pid for c in self._psutil.Process(pid).children(recursive=True))
-                except self._psutil.Error:
-                    pass
-            procs = [p for p in procs if p.pid not in skip]
-        with self._lock:
-            for p in procs:
-                try:
-                    with p.oneshot():
-                        total += p.memory_info().rss
-                        c = p.cpu_times()
-                        self.names[p.pid] = _proc_name(p)  # Ray retitles workers as actors
-                    self.cpu[p.pid] = c.user + c.system
-                    n += 1
-                except self._psutil.Error:
-                    pass
-            if total > self.peak:
-                self.peak, self.peak_procs = total, n
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
-    def children_now(self) -> set[int]:
-        return {c.pid for c in self.me.children(recursive=False)}
-
-    def reset(self, exclude: set[int] | None = None) -> None:
-        """Start a phase: peak RSS and CPU accounting from now, without the ``exclude`` trees."""
-        self.exclude = set(exclude or ())
-        with getattr(self, "_lock", threading.Lock()):
-            self.peak, self.peak_procs = 0, 0
-            self.cpu: dict[int, float] = {}
-            self.busy0 = self._busy_s()
-        self.sample()
-        with self._lock:
-            self.cpu0 = dict(self.cpu)
-
-    def phase(self) -> dict[str, float]:
-        """Peak tree RSS (MB), our CPU seconds and other processes' CPU seconds since reset."""
-        self.sample()
-        with self._lock:
-            ours = sum(v - self.cpu0.get(pid, 0.0) for pid, v in self.cpu.items())
-            busy = self._busy_s() - self.busy0
-            by_name: dict[str, float] = {}
-            for pid, v in self.cpu.items():
-                name = "this process" if pid == self.me.pid else self.names.get(pid, "?")
-                by_name[name] = by_name.get(name, 0.0) + v - self.cpu0.get(pid, 0.0)
-            return {"peak_rss_mb": mb(self.peak), "procs": self.peak_procs,
-                    "cpu_s": round(ours, 1), "foreign_cpu_s": round(max(0.0, busy - ours), 1),
-                    "cpu_by_process": by_name}
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def _proc_name(p) -> str:
-    """A short name: Ray's process titles (ray::_WorkerActor, raylet, gcs_server) or the exe."""
-    try:
-        cmd = p.cmdline()
-    except Exception:  # noqa: BLE001  (psutil raises several kinds for vanished processes)
-        cmd = []
-    title = cmd[0].split()[0] if cmd else p.name()
-    if title.startswith("ray::"):
-        return "ray::_WorkerActor" if title.startswith("ray::_WorkerAct") else title
-    if cmd and len(cmd) > 1 and cmd[0].endswith(("python", "python3")):
-        return "python " + Path(cmd[2] if cmd[1] == "-u" and len(cmd) > 2 else cmd[1]).name
-    return p.name()
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve large allocations from the heap and never trim it (mallopt), so freed
-    blocks are reused instead of being unmapped and page-faulted in again on the next use.
-    Irreversible for this process. Returns False where there is no glibc mallopt."""
-    import ctypes
-    import ctypes.util
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(-3, 1 << 30)) and bool(mallopt(-1, 1 << 30))  # M_MMAP_/M_TRIM_THRESHOLD
-
-
-def mb(n_bytes: float) -> float:
-    return round(n_bytes / 2 ** 20, 1)
-
-
-def maxrss_mb(who: int) -> float:
-    return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux: KiB
-
-
-# ----------------------------------------------------------------------------- the spec
-def make_spec(data_dir: Path, a: argparse.Namespace):
-    import runner.backends  # noqa: F401 - registers the backends' axes and levels
-    from matrix import parse_spec
-    axes = {"decoder": a.decoders, "resize": a.resizes, "backend": a.backends,
-            "precision": [a.precision]}
-    ref = {"decoder": a.decoders[0], "resize": a.resizes[0], "backend": a.backends[0],
-           "precision": a.precision}
-    return parse_spec({"name": "bench-sweep", "dataset": {"path": str(data_dir)},
-                       "model": a.model, "axes": axes, "reference": ref})
-
-
-def prepare(spec):
-    """Model files for every backend (cached conversion, untimed) and the cells."""
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.sweep import plan_cells
-    cells, ref = plan_cells(spec)
-    model = resolve_model(spec.model)
-    settings = {(c.get("backend"), c.get("precision"), c["conversion"]) for c in cells}
-
-    def no_calibration():
-        raise SystemExit("this benchmark runs float precisions only (int8 needs calibration)")
-    return cells, ref, model, prepare_artifacts(model, settings, no_calibration)
-
-
-# ----------------------------------------------------------------------------- (a) naive loop
-def naive_decode(decoder: str, path: str) -> np.ndarray:
-    """RGB uint8 (H, W, 3), EXIF orientation applied, as a user writes it."""
-    if decoder == "pil":
-        from PIL import Image, ImageOps
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    if decoder == "opencv":
-        import cv2
-        bgr = cv2.imread(path, cv2.IMREAD_COLOR)  # applies EXIF orientation
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    raise SystemExit(f"the naive loop knows decoders pil and opencv, not {decoder!r}")
-
-
-def naive_preprocess(img: np.ndarray, resize: str, pre) -> np.ndarray:
-    """Shorter side to ``pre.resize``, centre crop ``pre.crop``, /255, mean/std, NCHW (1, ...)."""
-    h, w = img.shape[:2]
-    if pre.mode == "stretch":
-        nh = nw = pre.crop
-    elif h <= w:
-        nh, nw = pre.resize, int(pre.resize * w / h)
-    else:
-        nh, nw = int(pre.resize * h / w), pre.resize
-    if resize == "pil-bilinear":
-        from PIL import Image
-        out = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
-    elif resize == "cv2-linear":
-        import cv2
-        out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    elif resize == "cv2-area":
-        import cv2
-        out = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
-    else:
-        raise SystemExit(f"the naive loop knows resizes pil-bilinear, cv2-linear, cv2-area, not {resize!r}")
-    top, left = int(round((nh - pre.crop) / 2.0)), int(round((nw - pre.crop) / 2.0))
-    x = out[top: top + pre.crop, left: left + pre.crop].astype(np.float32) / 255.0
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
-
-
-def naive_session(backend: str, artifacts, precision: str):
-    """A callable (1, 3, H, W) -> logits, built the way each library's quick-start shows, from
-    the same model file dmx's backend of that name uses."""
-    from runner.backends import InferSetting
-    onnx_path = artifacts.file_for(InferSetting(backend=backend, precision=precision))
-    if backend == "torch":
-        import torch
-        from runner.models.loading import build_torch_model
-        model = build_torch_model(artifacts.torch_factory, artifacts.weights)
-
-        def run(x):
-            with torch.inference_mode():
-                return model(torch.from_numpy(x)).numpy()
-        return run
-    if backend == "onnxruntime":
-        import onnxruntime as ort
-        sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        return lambda x: sess.run(None, {name: x})[0]
-    if backend == "openvino":
-        import openvino as ov
-        compiled = ov.Core().compile_model(onnx_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        return lambda x: compiled(x)[0]
-    raise SystemExit(f"unknown backend {backend!r}")
-
-
-def naive_threads() -> str:
-    import onnxruntime as ort
-    import openvino as ov
-    import torch
-    ov_threads = ov.Core().get_property("CPU", "INFERENCE_NUM_THREADS")
-    return (f"torch.get_num_threads()={torch.get_num_threads()}; onnxruntime SessionOptions "
-            f"intra_op_num_threads=0 (default: one per physical core, ort {ort.__version__}); "
-            f"openvino CPU INFERENCE_NUM_THREADS={ov_threads} (0 = all cores), "
-            "PERFORMANCE_HINT default (LATENCY)")
-
-
-def naive_loop(paths: list[str], cells, ref, model, artifacts) -> tuple[float, dict]:
-    """Returns (seconds, {(cell_id, image index): (top1, max abs vs reference, cosine)})."""
-    t0 = time.perf_counter()
-    outputs: dict[str, list[np.ndarray]] = {}
-    for cell in cells:
-        run = naive_session(cell.get("backend"), artifacts, cell.get("precision"))
-        outs = []
-        for path in paths:
-            img = naive_decode(cell.get("decoder"), path)
-            x = naive_preprocess(img, cell.get("resize"), model.preprocess)
-            outs.append(np.asarray(run(x))[0])
-        outputs[cell.cell_id] = outs
-    ref_out = outputs[ref.cell_id]
-    agree = {}
-    for cell in cells:
-        for i, (y, r) in enumerate(zip(outputs[cell.cell_id], ref_out)):
-            d = float(np.max(np.abs(y - r)))
-            cos = float(y @ r / (np.linalg.norm(y) * np.linalg.norm(r)))
-            agree[(cell.cell_id, i)] = (int(np.argmax(y)), d, cos)
-    return time.perf_counter() - t0, agree
-
-
-def naive_in_child(a: argparse.Namespace) -> tuple[float, dict, float]:
-    """(a) in a fresh process, as a user's script runs: (seconds, results, child's peak RSS MB).
-    The child imports the libraries before its clock starts."""
-    cmd = [sys.executable, __file__, "--naive-child", *_common_args(a)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"naive loop failed:\n{out.stderr}")
-    d = json.loads(out.stdout.strip().splitlines()[-1])
-    return d["seconds"], {(c, i): tuple(v) for c, i, *v in d["results"]}, d["peak_rss_mb"]
-
-
-def own_peak_rss_mb() -> float:
-    """This process's peak RSS since its exec (VmHWM). Not getrusage: on Linux a child's
-    ru_maxrss starts from its parent's RSS at fork time."""
-    with open("/proc/self/status", encoding="ascii") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return round(kb / 1024, 1)
-
-
-def naive_child(a: argparse.Namespace) -> None:
-    paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
-    cells, ref, model, artifacts = prepare(make_spec(Path(paths[0]).parent, a))
-    import cv2  # noqa: F401  (imports are not part of the timing, as in the other phases)
-    import onnxruntime  # noqa: F401
-    import openvino  # noqa: F401
-    import torch  # noqa: F401
-    seconds, results = naive_loop(paths, cells, ref, model, artifacts)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": own_peak_rss_mb(),
-                      "results": [[c, i, *v] for (c, i), v in results.items()]}))
-
-
-def competent_child(a: argparse.Namespace) -> None:
-    from competent import competent_loop
-    paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
-    cells, ref, model, artifacts = prepare(make_spec(Path(paths[0]).parent, a))
-    import cv2  # noqa: F401  (imports are not part of the timing, as in the other phases)
-    import onnxruntime  # noqa: F401
-    import openvino  # noqa: F401
-    import torch  # noqa: F401
-    seconds, results = competent_loop(paths, cells, ref, model, artifacts, batch=a.competent_batch)
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": own_peak_rss_mb(),
-                      "results": [[c, i, *v] for (c, i), v in results.items()]}))
-
-
-def competent_in_child(a: argparse.Namespace) -> tuple[float, dict, float]:
-    """(a') in a fresh process: (seconds, results, the child's peak RSS MB)."""
-    cmd = [sys.executable, __file__, "--competent-child", "--competent-batch",
-           str(a.competent_batch), *_common_args(a)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"competent script failed:\n{out.stderr}")
-    d = json.loads(out.stdout.strip().splitlines()[-1])
-    return d["seconds"], {(c, i): tuple(v) for c, i, *v in d["results"]}, d["peak_rss_mb"]
-
-
-def _common_args(a: argparse.Namespace) -> list[str]:
-    """The arguments that define the dataset and the spec, for child processes."""
-    return ["--images", str(a.images), "--data", a.data, "--model", a.model,
-            "--decoders", ",".join(a.decoders), "--resizes", ",".join(a.resizes),
-            "--backends", ",".join(a.backends), "--precision", a.precision,
-            "--batch", str(a.batch), "--workers", str(a.workers)]
+from sweep_common import (  # noqa: E402
+    TreeMonitor,
+    import_libraries,
+    make_spec,
+    maxrss_mb,
+    photo_set,
+    prepare,
+)
+from sweep_floor import floor_costs, report_floor, unit_cost_child  # noqa: E402
+from sweep_memory import memory_scaling  # noqa: E402
+from sweep_naive import (  # noqa: E402
+    competent_child,
+    competent_in_child,
+    naive_child,
+    naive_in_child,
+    naive_threads,
+)
+from sweep_profile import (  # noqa: E402
+    profile_child,
+    profile_driver,
+    profile_worker_in_child,
+    report_ray_run,
+)
 
 
 # ----------------------------------------------------------------------------- (b), (c) dmx
 def run_dmx(spec, out: Path, executor: str, workers: int | None, a: argparse.Namespace,
-            profile_driver: bool = False):
-    """Time ``run_spec``; with ``profile_driver``, also print where the driver's time goes."""
+            profile: bool = False):
+    """Time ``run_spec``; with ``profile``, also print where the driver's time goes."""
     from runner.sweep import RunOptions, run_spec
     opts = RunOptions(out=str(out), executor=executor, workers=workers, chunk_size=a.chunk_size,
                       batch=a.batch, progress=False)
-    if not profile_driver:
-        t0 = time.perf_counter()
-        s = run_spec(spec, opts)
-        return time.perf_counter() - t0, s
-    import cProfile
-    import pstats
-    prof = cProfile.Profile()
+    if profile:
+        return profile_driver(run_spec, spec, opts, executor)
     t0 = time.perf_counter()
-    s = prof.runcall(run_spec, spec, opts)
-    wall = time.perf_counter() - t0
-    st = pstats.Stats(prof).stats
-    wanted = ("list_images", "resolve_model", "prepare_artifacts", "fingerprint", "_cells_table",
-              "write_manifest", "ray_init", "wait", "get", "write_chunk", "merge_images", "kill")
-    print(f"driver profile of run_spec ({executor}, {wall:.2f} s wall), cumulative seconds:")
-    for (filename, _line, func), (_cc, nc, _tt, ct, _callers) in sorted(st.items(), key=lambda kv: -kv[1][3]):
-        if func in wanted and ("runner" in filename or "results" in filename or "ray" in filename):
-            print(f"    {func:<20} {ct:7.2f} s  {nc:>4} calls  ({Path(filename).parent.name}/{Path(filename).name})")
-    return wall, s
+    s = run_spec(spec, opts)
+    return time.perf_counter() - t0, s
 
 
 def dmx_top1(run_dir: Path, paths: list[str]) -> dict:
@@ -435,274 +135,6 @@ def dmx_top1(run_dir: Path, paths: list[str]) -> dict:
         columns=["cell_id", "image_id", "top1", "status"]).to_pylist()
     index = {Path(p).name: i for i, p in enumerate(paths)}
     return {(r["cell_id"], index[r["image_id"]]): r["top1"] for r in t if r["status"] == "ok"}
-
-
-# ----------------------------------------------------------------------------- (d) floor
-def median_ms(fn, items) -> float:
-    ts = []
-    for it in items:
-        t = time.perf_counter()
-        fn(it)
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
-
-
-def floor_costs(paths: list[str], cells, model, artifacts, a: argparse.Namespace) -> dict:
-    """Unit costs (ms, median, 1 thread) and the irreducible operation counts. Measured with
-    freed memory kept (``keep_freed_memory``): the page faults glibc's default costs are not
-    part of any operation (``fresh_infer_ms`` measures them separately)."""
-    keep_freed_memory()
-    import torch
-    from runner.backends import BACKENDS, InferSetting
-    from runner.decoders import DecodeOptions, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    import cv2
-    cv2_threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        decoders = list(dict.fromkeys(c.get("decoder") for c in cells))
-        resizes = list(dict.fromkeys(c.get("resize") for c in cells))
-        backends = list(dict.fromkeys(c.get("backend") for c in cells))
-        opts = DecodeOptions()
-        dec = {d: get_decoder(d) for d in decoders}
-        dec_ts: dict[str, list[float]] = {d: [] for d in decoders}
-        pre_ts: dict[str, list[float]] = {r: [] for r in resizes}
-        tensors: dict[str, list[np.ndarray]] = {r: [] for r in resizes}   # inference sample
-        digests: list[set[bytes]] = [set() for _ in paths]
-        for i, path in enumerate(paths):  # one image at a time: memory stays flat
-            data = Path(path).read_bytes()
-            for d in decoders:
-                t = time.perf_counter()
-                img = dec[d].decode(data, opts)
-                dec_ts[d].append((time.perf_counter() - t) * 1e3)
-                for r in resizes:
-                    t = time.perf_counter()
-                    x = normalise(model_input_pixels(img, r, model.preprocess), model.preprocess)
-                    pre_ts[r].append((time.perf_counter() - t) * 1e3)
-                    digests[i].add(hashlib.blake2b(x.tobytes(), digest_size=16).digest())
-                    if d == decoders[0] and i < a.floor_sample:
-                        tensors[r].append(x)
-        decode_ms = {d: statistics.median(v) for d, v in dec_ts.items()}
-        pre_ms = {r: statistics.median(v) for r, v in pre_ts.items()}
-        distinct = sum(len(s) for s in digests)
-        sample = [x for r in resizes for x in tensors[r]]
-        infer_ms = {}
-        for b in backends:
-            runner = BACKENDS[b](artifacts, InferSetting(backend=b, precision=a.precision), threads=1)
-            runner.activate()
-            batches = [np.stack(sample[i: i + a.batch]) for i in range(0, len(sample) - a.batch + 1, a.batch)]
-            infer_ms[b] = median_ms(runner.infer, batches) / a.batch
-        n = len(paths)
-        total_ms = (n * sum(decode_ms.values())
-                    + n * len(decoders) * sum(pre_ms.values())
-                    + distinct * sum(infer_ms.values()))
-        return {"decode_ms": decode_ms, "preprocess_ms": pre_ms, "infer_ms_per_image": infer_ms,
-                "decodes": n * len(decoders), "preprocessings": n * len(decoders) * len(resizes),
-                "distinct_tensors": distinct, "inferences": distinct * len(backends),
-                "total_s": total_ms / 1e3, "floor_s": total_ms / 1e3 / a.workers}
-    finally:
-        torch.set_num_threads(torch_threads)
-        cv2.setNumThreads(cv2_threads)
-
-
-# ----------------------------------------------------------------------------- profiling
-# (function name suffix in cProfile's keys, bucket); cumulative times, so buckets must not nest.
-_BUCKETS = (
-    ("imageinfo.py:read_image_info", "image info (header parse + sha256)"),
-    ("worker.py:_decode", "decode"),
-    ("worker.py:_preprocess", "resize + crop + normalise + tensor hash"),
-    ("torch_backend.py:_infer", "infer torch"),
-    ("onnxruntime_backend.py:_infer", "infer onnxruntime"),
-    ("openvino_backend.py:_infer", "infer openvino"),
-    ("torch_backend.py:_activate", "model build torch"),
-    ("onnxruntime_backend.py:_activate", "model build onnxruntime"),
-    ("openvino_backend.py:_activate", "model build openvino"),
-    ("onnxruntime_backend.py:info", "backend info (reads the ONNX file)"),
-    ("metrics.py:input_divergence", "metric: input divergence"),
-    ("metrics.py:output_divergence", "metric: output divergence"),
-    ("metrics.py:classification_divergence", "metric: classification"),
-    ("metrics.py:top5_of", "metric: top-5"),
-    ("worker.py:_rows", "rows"),   # reported minus the metric buckets, which it contains
-)
-
-
-def _bucket_times(stats) -> dict[str, tuple[float, int]]:
-    """Cumulative seconds and call counts per bucket from a pstats.Stats."""
-    out: dict[str, tuple[float, int]] = {}
-    for (filename, _line, func), (_cc, nc, _tt, ct, _callers) in stats.stats.items():
-        key = f"{filename}:{func}"
-        for suffix, bucket in _BUCKETS:
-            if key.endswith(suffix):
-                t, n = out.get(bucket, (0.0, 0))
-                out[bucket] = (t + ct, n + nc)
-    return out
-
-
-def profile_worker(paths: list[str], spec, cells, ref, model, artifacts, a: argparse.Namespace,
-                   chunk_size: int) -> None:
-    """The actors' code path (runner.worker.Worker, 1 thread) over the whole dataset in this
-    process under cProfile: where one worker's CPU time goes, per image."""
-    import cProfile
-    import pstats
-
-    import cv2
-    import torch
-    from runner.dataset import list_images
-    from runner.plan import Plan, make_chunks
-    from runner.worker import Worker
-    threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    plan = Plan(run_id="profile", axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
-                skipped={}, model=model, artifacts=artifacts, threads=1, batch=a.batch)
-    chunks = make_chunks(list_images(spec.dataset), chunk_size)
-    worker = Worker(plan)
-    prof = cProfile.Profile()
-    t = time.perf_counter()
-    prof.enable()
-    for c in chunks:
-        worker.process_chunk(c)
-    prof.disable()
-    total = time.perf_counter() - t
-    torch.set_num_threads(threads[0])
-    cv2.setNumThreads(threads[1])
-    buckets = _bucket_times(pstats.Stats(prof))
-    rows_s, rows_n = buckets.pop("rows", (0.0, 0))
-    metric_s = sum(v[0] for k, v in buckets.items() if k.startswith("metric"))
-    buckets["rows: dicts -> pa.Table, excl. metrics"] = (rows_s - metric_s, rows_n)
-    n = len(paths)
-    counters = worker.counters
-    print(f"profile: one Worker, 1 thread, in a fresh process, {len(chunks)} chunks of {chunk_size}: "
-          f"{total:.2f} s = {total / n * 1e3:.1f} ms per image (÷{a.workers} workers = "
-          f"{total / a.workers:.2f} s); counters {dict(counters)}")
-    for bucket, (sec, calls) in sorted(buckets.items(), key=lambda kv: -kv[1][0]):
-        print(f"    {bucket:<40} {sec:7.2f} s {sec / total * 100:5.1f} %  {calls:>6} calls "
-              f"{sec / calls * 1e3:8.2f} ms/call")
-    rest = total - sum(v[0] for v in buckets.values())
-    print(f"    {'everything else':<40} {rest:7.2f} s {rest / total * 100:5.1f} %")
-    checks = counters.get("determinism_checks", 0)
-    print(f"    (infer includes {int(checks)} determinism re-check batches of {a.batch} and the "
-          f"warm-up batch of each model build)")
-
-
-def ray_timeline_summary(path: str, run_start: float, run_end: float) -> None:
-    """Per actor, from ``ray.timeline``: when its first chunk started, its busy time, the first
-    chunk's duration (imports + model builds) vs the others, and when it went idle for good."""
-    import ray
-    events = ray.timeline(filename=None)
-    if path:
-        Path(path).write_text(json.dumps(events))
-    by_actor: dict[str, list[tuple[float, float]]] = {}
-    for e in events:
-        if e.get("cat") == "task::_WorkerActor.process" and e.get("ph") == "X":
-            start = e["ts"] / 1e6 - run_start
-            if start < 0:
-                continue  # an earlier run's actors
-            by_actor.setdefault(e["tid"], []).append((start, e["dur"] / 1e6))
-    wall = run_end - run_start
-    print(f"ray timeline (seconds from the start of run_spec; run took {wall:.2f} s; the timeline "
-          f"may miss the last chunk of an actor killed at the end):")
-    for i, (_tid, tasks) in enumerate(sorted(by_actor.items())):
-        tasks.sort()
-        busy = sum(d for _, d in tasks)
-        later = [d for _, d in tasks[1:]]
-        print(f"    actor {i}: {len(tasks)} chunks, first starts {tasks[0][0]:.2f}, busy {busy:.2f} s "
-              f"({busy / wall * 100:.0f} % of the run), first chunk {tasks[0][1]:.2f} s vs "
-              f"{statistics.mean(later) if later else float('nan'):.2f} s mean of the others, last ends "
-              f"{tasks[-1][0] + tasks[-1][1]:.2f}")
-
-
-def fresh_infer_ms(backend: str, a: argparse.Namespace, tuned: bool) -> dict:
-    """Inference ms per image at ``--batch``, 1 thread, in a fresh process (as an actor starts),
-    with glibc's default allocator or with freed memory kept; also its system-CPU share and
-    minor page faults per batch."""
-    cmd = [sys.executable, __file__, "--unit-cost", backend, *_common_args(a)]
-    out = subprocess.run(cmd + (["--tuned-malloc"] if tuned else []), capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"unit-cost subprocess failed:\n{out.stderr}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def unit_cost_child(a: argparse.Namespace) -> None:
-    """--unit-cost BACKEND: time inference on real inputs, print one JSON line."""
-    if a.tuned_malloc:
-        keep_freed_memory()
-    import torch
-    from runner.backends import BACKENDS, InferSetting
-    from runner.decoders import DecodeOptions, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
-    torch.set_num_threads(1)
-    paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
-    spec = make_spec(Path(paths[0]).parent, a)
-    cells, ref, model, artifacts = prepare(spec)
-    dec = get_decoder("pil")
-    xs = [normalise(model_input_pixels(dec.decode(Path(p).read_bytes(), DecodeOptions()),
-                                       "pil-bilinear", model.preprocess), model.preprocess)
-          for p in paths[: 8 * a.batch]]
-    runner = BACKENDS[a.unit_cost](artifacts, InferSetting(backend=a.unit_cost, precision=a.precision),
-                                   threads=1)
-    runner.activate()
-    batches = [np.stack(xs[i: i + a.batch]) for i in range(0, len(xs) - a.batch + 1, a.batch)]
-    r0 = resource.getrusage(resource.RUSAGE_SELF)
-    ms = median_ms(runner.infer, batches) / a.batch
-    r1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(json.dumps({"backend": a.unit_cost, "ms_per_image": round(ms, 2),
-                      "sys_share": round((r1.ru_stime - r0.ru_stime) / max(cpu, 1e-9), 2),
-                      "faults_per_batch": round((r1.ru_minflt - r0.ru_minflt) / len(batches))}))
-
-
-# ----------------------------------------------------------------------------- memory scaling
-# `python -m dmx ARGS` that writes its own peak RSS (VmHWM, kB) to the file in argv[1] on exit.
-# (getrusage/wait4 would not do: on Linux a child's ru_maxrss starts at its parent's RSS.)
-_DMX_WITH_VMHWM = """
-import runpy, sys
-out = sys.argv[1]
-sys.argv = ["dmx", *sys.argv[2:]]
-try:
-    runpy.run_module("dmx", run_name="__main__", alter_sys=True)
-finally:
-    with open("/proc/self/status") as f:
-        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    with open(out, "w") as f:
-        f.write(kb)
-"""
-
-
-def memory_scaling(a: argparse.Namespace) -> None:
-    """dmx run --executor local in a child process on N and 10N tiny JPEGs; peak RSS of each.
-    Both runs use the same chunk size: dmx's default grows with the dataset up to 64 images
-    (at most 256 preprocessed inputs held, ~300 MB at 224 px), a bounded step this mode is not
-    about; what must not grow is everything else."""
-    import yaml
-    results = {}
-    for n in (a.memory_images, 10 * a.memory_images):
-        data = build_tiny_set(Path(a.data) / f"tiny-{n}", n)
-        with tempfile.TemporaryDirectory(prefix="dmx-bench-mem-") as tmp:
-            spec = {"name": "bench-memory", "dataset": {"path": str(Path(data[0]).parent)},
-                    "model": a.memory_model,
-                    "axes": {"decoder": a.decoders, "resize": a.resizes, "backend": a.backends,
-                             "precision": [a.precision]}}
-            spec_path = Path(tmp) / "spec.yaml"
-            spec_path.write_text(yaml.safe_dump(spec))
-            args = ["run", str(spec_path), "--out", str(Path(tmp) / "run"), "--executor", "local",
-                    "--quiet", "--chunk-size", str(a.memory_chunk_size)]
-            hwm = Path(tmp) / "vmhwm"
-            t = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", _DMX_WITH_VMHWM, str(hwm), *args],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            wall = time.perf_counter() - t
-            if proc.returncode != 0:
-                raise SystemExit(f"dmx run failed on {n} images:\n{proc.stderr}")
-            results[n] = (round(int(hwm.read_text()) / 1024, 1), wall)
-            print(f"  {n:>7} images ({a.memory_model}, {len(a.decoders) * len(a.resizes) * len(a.backends)} "
-                  f"cells, local executor, chunk size {a.memory_chunk_size}): peak RSS {results[n][0]:8.1f} MB, {wall:6.1f} s")
-    small, big = results.values()
-    print(json.dumps({"images": list(results), "peak_rss_mb": [small[0], big[0]],
-                      "wall_s": [round(small[1], 2), round(big[1], 2)],
-                      "ratio": round(big[0] / small[0], 3)}))
 
 
 # ----------------------------------------------------------------------------- main
@@ -761,19 +193,15 @@ def main() -> None:
         competent_child(a)
         return
     if a.profile_child:
-        paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
-        spec = make_spec(Path(paths[0]).parent, a)
-        cells, ref, model, artifacts = prepare(spec)
-        profile_worker(paths, spec, cells, ref, model, artifacts, a, a.profile_child)
+        profile_child(a)
         return
     if a.memory_scaling:
-        print("memory scaling: dmx run --executor local in a subprocess, its own peak RSS (VmHWM)")
         memory_scaling(a)
         return
 
     quiet = wait_for_quiet(a.wait_quiet)
     mon = TreeMonitor()
-    paths = build_photo_set(Path(a.data) / f"photos-{a.images}", a.images)
+    paths = photo_set(a)
     data_dir = Path(paths[0]).parent
     spec = make_spec(data_dir, a)
     t = time.perf_counter()
@@ -781,10 +209,7 @@ def main() -> None:
     prep_s = time.perf_counter() - t
     for p in paths:  # page cache warm for everyone
         Path(p).read_bytes()
-    import cv2  # noqa: F401  (imports are not part of any timing)
-    import onnxruntime  # noqa: F401
-    import openvino  # noqa: F401
-    import torch  # noqa: F401
+    import_libraries()  # imports are not part of any timing
     cpus = os.cpu_count()
     print(f"dataset: {len(paths)} distinct JPEGs in {data_dir} "
           f"({sum(Path(p).stat().st_size for p in paths) / 2**20:.1f} MB)")
@@ -853,7 +278,7 @@ def main() -> None:
         profiling = a.profile and r == a.repeat - 1
         mon.reset()
         run_start = time.time()
-        seconds, s = run_dmx(spec, out, "ray", a.workers, a, profile_driver=profiling)
+        seconds, s = run_dmx(spec, out, "ray", a.workers, a, profile=profiling)
         run_end = time.time()
         ph = mon.phase()
         m = json.loads((out / "manifest.json").read_text())
@@ -865,10 +290,7 @@ def main() -> None:
             builds = {k: v.get("build_s") for k, v in m.get("backends", {}).items()}
             print(f"    model build + warm-up s, per setting, as first reported by an actor: {builds}")
         if profiling:
-            ray_timeline_summary(a.timeline, run_start, run_end)
-            cpu = sorted(ph["cpu_by_process"].items(), key=lambda kv: -kv[1])
-            print("    CPU seconds per process during the ray run: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in cpu if v >= 0.05))
+            report_ray_run(a, run_start, run_end, ph)
     import ray
     ray.shutdown()
 
@@ -885,31 +307,10 @@ def main() -> None:
     fl = floor_costs(paths, cells, model, artifacts, a)
     ph = mon.phase()
     runs["floor"] = [(fl["floor_s"], ph)]
-    fmt = lambda d: ", ".join(f"{k} {v:.2f}" for k, v in d.items())  # noqa: E731
-    print(f"(d) floor unit costs (ms, median, 1 thread, freed memory kept): decode "
-          f"{fmt(fl['decode_ms'])}; resize+crop+normalise {fmt(fl['preprocess_ms'])}; inference "
-          f"per image at batch {a.batch}: {fmt(fl['infer_ms_per_image'])}  [foreign "
-          f"{ph['foreign_cpu_s']:.1f} CPU s]")
-    print(f"(d) floor counts: {fl['decodes']} decodes, {fl['preprocessings']} preprocessings, "
-          f"{fl['distinct_tensors']} distinct input tensors x {len(fl['infer_ms_per_image'])} "
-          f"backends = {fl['inferences']} inferences; total {fl['total_s']:.2f} s / {a.workers} "
-          f"workers = {fl['floor_s']:.2f} s")
-    fresh = {b: (fresh_infer_ms(b, a, False), fresh_infer_ms(b, a, True)) for b in fl["infer_ms_per_image"]}
-    print(f"(d) inference in a fresh process (as in an actor), batch {a.batch}, 1 thread, glibc's "
-          f"default allocator vs freed memory kept (ms/image, system-CPU share, minor page faults "
-          f"per batch): " + "; ".join(
-              f"{b} {d['ms_per_image']} ({d['sys_share']:.0%} sys, {d['faults_per_batch']} faults) vs "
-              f"{t['ms_per_image']} ({t['sys_share']:.0%}, {t['faults_per_batch']})"
-              for b, (d, t) in fresh.items()))
-    default_total = fl["total_s"] + fl["distinct_tensors"] * sum(
-        d["ms_per_image"] - fl["infer_ms_per_image"][b] for b, (d, _) in fresh.items()) / 1e3
-    print(f"    with the default allocator's inference costs the floor would be "
-          f"{default_total / a.workers:.2f} s")
+    report_floor(fl, ph, a)
     mon.stop()
     if a.profile:  # in a fresh process, like an actor (this one has its allocator tuned now)
-        cmd = [sys.executable, __file__, "--profile-child", str(m["chunk_size"]), *_common_args(a)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        print(child.stdout.rstrip() if child.returncode == 0 else f"profile failed:\n{child.stderr}")
+        profile_worker_in_child(a, m["chunk_size"])
 
     best = {k: min(v, key=lambda x: x[0]) for k, v in runs.items()}
     print("per phase (fastest run): peak RSS = sampled sum of RSS over this process and its "
