@@ -55,3 +55,22 @@ def ray_session():
     import ray
     yield ray
     ray.shutdown()
+
+
+def stop_process_group(proc, grace_s: float = 3.0) -> None:
+    """Stop a `ray start --block` head started in its own process group: SIGTERM, then SIGKILL
+    for the whole group after ``grace_s`` (Ray's graceful stop of a head took ~30 s here)."""
+    import signal
+    import subprocess
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)

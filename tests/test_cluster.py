@@ -19,6 +19,7 @@ import pytest
 from matrix import parse_spec
 from runner.executors import RayExecutor
 from runner.sweep import RunOptions, run_spec
+from conftest import stop_process_group
 
 AXES = "{decoder: [pil, opencv], resize: [pil-bilinear, cv2-linear], backend: [torch]}"
 
@@ -167,11 +168,7 @@ def no_auth_head(tmp_path_factory):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     env.pop("RAY_AUTH_MODE")
     yield f"127.0.0.1:{port}", env
-    os.killpg(head.pid, __import__("signal").SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, __import__("signal").SIGKILL)
+    stop_process_group(head)
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

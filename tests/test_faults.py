@@ -16,6 +16,7 @@ import pytest
 
 from matrix import parse_spec
 from runner.sweep import RunOptions, run_spec
+from conftest import stop_process_group
 
 AXES = {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear", "cv2-area"],
         "backend": ["torch", "onnxruntime"]}
@@ -167,12 +168,17 @@ def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tm
 
 
 def test_run_attaches_to_an_existing_ray_cluster(photo_dir: Path, tmp_path: Path):
-    """`ray start --head` on this machine, then `dmx run --address` (token auth as Ray sets it).
-    The head runs in its own process group so that stopping it leaves the test session's Ray."""
+    """`ray start --head` on this machine, then `dmx run --address`, both with token auth
+    configured the way Ray documents it (RAY_AUTH_MODE=token, the token in RAY_AUTH_TOKEN), in
+    a HOME of its own. The head runs in its own process group so that stopping it leaves the
+    test session's Ray."""
+    import secrets
     ray_bin = Path(sys.executable).with_name("ray")
     ray_tmp = tempfile.mkdtemp(prefix="dmxray", dir="/tmp")  # Ray's socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
-    env.pop("RAY_ADDRESS", None)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+           "RAY_TMPDIR": ray_tmp, "HOME": str(tmp_path / "home"),
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    (tmp_path / "home").mkdir()
     port = "6399"
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--port", port,
                              "--num-cpus", "2", "--include-dashboard=false",
@@ -190,11 +196,7 @@ def test_run_attaches_to_an_existing_ray_cluster(photo_dir: Path, tmp_path: Path
         assert manifest["ray"] == f"cluster 127.0.0.1:{port}"
         assert len(pairs(out)) == 12 * 7
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
