@@ -27,7 +27,7 @@ import numpy as np
 def competent_loop(paths: list[str], cells, ref, model, artifacts, batch: int = 32,
                    block: int = 128, threads: int | None = None) -> tuple[float, dict]:
     """Returns (seconds, {(cell_id, image index): (top1, max abs vs reference, cosine)})."""
-    from sweep_naive import naive_decode, naive_preprocess, naive_session
+    from sweep_naive import agreement, naive_decode, naive_preprocess, naive_session
     t0 = time.perf_counter()
     decoders = list(dict.fromkeys(c.get("decoder") for c in cells))
     variants = list(dict.fromkeys((c.get("decoder"), c.get("resize")) for c in cells))
@@ -48,11 +48,4 @@ def competent_loop(paths: list[str], cells, ref, model, artifacts, batch: int = 
                 run = sessions[(cell.get("backend"), cell.get("precision"))]
                 for i in range(0, len(x), batch):
                     outputs[cell.cell_id].extend(np.asarray(run(np.ascontiguousarray(x[i: i + batch]))))
-    ref_out = outputs[ref.cell_id]
-    agree = {}
-    for cell in cells:
-        for i, (y, r) in enumerate(zip(outputs[cell.cell_id], ref_out)):
-            d = float(np.max(np.abs(y - r)))
-            cos = float(y @ r / (np.linalg.norm(y) * np.linalg.norm(r)))
-            agree[(cell.cell_id, i)] = (int(np.argmax(y)), d, cos)
-    return time.perf_counter() - t0, agree
+    return time.perf_counter() - t0, agreement(outputs, cells, ref)

@@ -103,6 +103,11 @@ def naive_loop(paths: list[str], cells, ref, model, artifacts) -> tuple[float, d
             x = naive_preprocess(img, cell.get("resize"), model.preprocess)
             outs.append(np.asarray(run(x))[0])
         outputs[cell.cell_id] = outs
+    return time.perf_counter() - t0, agreement(outputs, cells, ref)
+
+
+def agreement(outputs: dict[str, list[np.ndarray]], cells, ref) -> dict:
+    """{(cell_id, image index): (top1, max abs vs reference, cosine)} of every cell's outputs."""
     ref_out = outputs[ref.cell_id]
     agree = {}
     for cell in cells:
@@ -110,7 +115,7 @@ def naive_loop(paths: list[str], cells, ref, model, artifacts) -> tuple[float, d
             d = float(np.max(np.abs(y - r)))
             cos = float(y @ r / (np.linalg.norm(y) * np.linalg.norm(r)))
             agree[(cell.cell_id, i)] = (int(np.argmax(y)), d, cos)
-    return time.perf_counter() - t0, agree
+    return agree
 
 
 # ----------------------------------------------------------------------------- the fresh processes
