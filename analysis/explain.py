@@ -285,8 +285,6 @@ def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tu
     return (max(0.0, mean - half), mean + half)
 
 
-
-
 def concentration(split: dict[str, list[tuple[str, int, int]]],
                   min_score: float = 0.6) -> dict[str, Any] | None:
     """The image property whose values best separate divergent from identical images.
