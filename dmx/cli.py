@@ -637,12 +637,18 @@ def cmd_envs(a: argparse.Namespace) -> int:
 
 def _summarise(out: str) -> None:
     """Keep explain's aggregates beside the freshly compacted rows (analysis/summary.py)."""
+    import duckdb
+
     from analysis.summary import write_summary
     from results.store import RunDirError
     try:
         write_summary(out)
     except RunDirError:          # no readable rows: explain will say so itself
         pass
+    except (OSError, duckdb.Error) as e:   # the rows are safe; explain scans them instead
+        print(f"dmx: warning: explain's summary was not written ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); explain will read the rows",
+              file=sys.stderr)
 
 
 def cmd_compact(a: argparse.Namespace) -> int:

@@ -359,3 +359,21 @@ def test_a_summary_that_no_longer_describes_the_rows_is_not_used(images: Path, t
     assert scans                                          # the rows were read again
     assert got == _explain_without_summary(out, tmp_path)
     assert sum(s["n"] for s in got["status"]) == CELLS * 9
+
+
+def test_a_summary_that_cannot_be_written_is_one_warning_and_the_rows_stay(images: Path,
+                                                                          tmp_path: Path):
+    """A file of the user's where the summary folder would go: never replaced; compaction
+    succeeds, one warning line, explain reads the rows."""
+    from analysis.explain import explain_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    (out / "summary").write_text("the user's notes")
+    r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert any(ln.startswith("dmx: warning: explain's summary was not written")
+               for ln in r.stderr.splitlines()), r.stderr
+    assert (out / "summary").read_text() == "the user's notes"
+    assert sum(s["n"] for s in explain_run(out).to_json()["status"]) == CELLS * 8
