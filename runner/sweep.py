@@ -62,6 +62,7 @@ class RunSummary:
     counters: dict[str, float]
     minimum: dict[str, int]
     not_read: tuple[NotRead, ...] = ()  # entries under the dataset that have no row, and why
+    start_s: float = 0.0   # until the workers answered the probe (Ray: process start + imports)
 
 
 def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
@@ -146,7 +147,9 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
                 skipped={}, model=model, artifacts=artifacts, threads=executor.threads,
                 batch=opts.batch, out=run.uri)
-    skipped, nodes = executor.probe(plan)
+    t_start = time.perf_counter()
+    skipped, nodes = executor.probe(plan)  # on Ray: the workers' process start and imports
+    start_s = time.perf_counter() - t_start
     plan = dataclasses.replace(plan, skipped=skipped)
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
@@ -188,7 +191,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "digest": resume_digest(images),
                     "bytes": sum(r.size or 0 for r in images), "chunk_list": "chunks.parquet"},
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
-                     "gpus_per_worker": executor.gpus_per_worker},
+                     "gpus_per_worker": executor.gpus_per_worker, "start_s": round(start_s, 2)},
         "batch": opts.batch,
         "plan": {"decode_variants": n_dec, "preprocess_variants": n_pre, "infer_settings": n_inf},
         # The least work the spec needs: every image decoded once per decode variant and
@@ -228,7 +231,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     if todo:
         progress.note(f"sweeping {len(cells)} cells ({len(skipped)} skipped) x {len(images)} images "
                       f"in {len(todo)} chunks of {chunk_size} on {executor.name} "
-                      f"({executor.workers} worker{'s' if executor.workers > 1 else ''})")
+                      f"({executor.workers} worker{'s' if executor.workers > 1 else ''}"
+                      + (f", up in {start_s:.1f} s" if executor.name == "ray" else "") + ")")
     executor.run(plan, todo, on_summary)
     n_images = run.merge_images(c.index for c in chunks)
     wall = time.perf_counter() - t0
@@ -244,7 +248,7 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                       skipped_cells=len(skipped), rows=totals["rows"], errors=totals["errors"],
                       chunks_run=len(todo), chunks_resumed=len(done), wall_s=wall,
                       counters=dict(counters), minimum=manifest["minimum"],
-                      not_read=tuple(listing.not_read))
+                      not_read=tuple(listing.not_read), start_s=start_s)
 
 
 def _cells_table(spec: Spec, cells: list[Cell], ref: Cell, skipped: dict[str, str]) -> pa.Table:

@@ -3,6 +3,7 @@ own lines stay off unless --verbose; the console shows dmx's lines only."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_a_ray_sweep_over_broken_files_prints_dmx_lines_only(broken_dir: Path, t
     lines = [ln for ln in (res.stdout + res.stderr).replace("\r", "\n").splitlines() if ln.strip()]
     assert lines and all(ln.startswith("dmx") for ln in lines), "\n".join(lines)
     assert any("decodes raised library warnings" in ln for ln in lines)
+    assert any(re.search(r"on ray \(1 worker, up in \d+\.\d s\)", ln) for ln in lines), lines
     notes = dict(duckdb.connect().execute(
         f"SELECT decoder || ' ' || i.path, any_value(r.decode_note) FROM read_parquet('{out}/rows/*/*.parquet') r "
         f"JOIN read_parquet('{out}/images.parquet') i USING (image_id) GROUP BY ALL").fetchall())

@@ -161,3 +161,5 @@ def test_ray_run_gives_the_same_rows_as_the_local_run(photo_dir: Path, local_run
     assert numeric < 1e-4     # thread counts differ (1 per actor vs 2 locally)
     m = json.loads((out / "manifest.json").read_text())
     assert m["executor"]["name"] == "ray" and m["counters"]["model_builds"] <= 2 * 2
+    # the workers' start (process, imports, probe) is recorded apart from the sweep it precedes
+    assert 0 < m["executor"]["start_s"] == round(s.start_s, 2) < m["wall_s"]
