@@ -10,11 +10,13 @@ import hashlib
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from sweep_common import child_json, setup
+from sweep_common import SWEEP, child_json, common_args, setup
 
 from runner.memory import keep_freed_memory
 
@@ -112,6 +114,16 @@ def report_floor(fl: dict, ph: dict, a: argparse.Namespace) -> None:
         d["ms_per_image"] - fl["infer_ms_per_image"][b] for b, (d, _) in fresh.items()) / 1e3
     print(f"    with the default allocator's inference costs the floor would be "
           f"{default_total / a.workers:.2f} s")
+    if a.workers > 1:
+        together = {b: concurrent_infer_ms(b, a) for b in fl["infer_ms_per_image"]}
+        busy_total = fl["total_s"] + fl["distinct_tensors"] * sum(
+            ms - fresh[b][1]["ms_per_image"] for b, ms in together.items()) / 1e3
+        fl["floor_concurrent_s"] = busy_total / a.workers
+        print(f"(d) the floor divides by {a.workers} workers as if they did not slow each other: "
+              f"inference in {a.workers} fresh processes at once (freed memory kept, ms/image, "
+              f"mean of the processes) vs one alone: " + "; ".join(
+                  f"{b} {ms:.2f} vs {fresh[b][1]['ms_per_image']}" for b, ms in together.items())
+              + f"; with these the floor would be {fl['floor_concurrent_s']:.2f} s")
 
 
 def fresh_infer_ms(backend: str, a: argparse.Namespace, tuned: bool) -> dict:
@@ -120,6 +132,25 @@ def fresh_infer_ms(backend: str, a: argparse.Namespace, tuned: bool) -> dict:
     minor page faults per batch."""
     return child_json(["--unit-cost", backend, *(["--tuned-malloc"] if tuned else [])], a,
                       "unit-cost subprocess")
+
+
+def concurrent_infer_ms(backend: str, a: argparse.Namespace) -> float:
+    """``fresh_infer_ms`` (freed memory kept) in ``--workers`` processes started together, as
+    the actors run side by side: the mean of their ms/image. Each times batches for at least
+    ``UNIT_COST_S`` seconds, so their timed windows overlap."""
+    procs = [subprocess.Popen([sys.executable, str(SWEEP), "--unit-cost", backend, "--tuned-malloc",
+                               *common_args(a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(a.workers)]
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"concurrent unit-cost subprocess failed:\n{stderr}")
+        out.append(json.loads(stdout.strip().splitlines()[-1])["ms_per_image"])
+    return statistics.mean(out)
+
+
+UNIT_COST_S = 4.0   # each unit-cost child times batches for at least this long
 
 
 def unit_cost_child(a: argparse.Namespace) -> None:
@@ -141,10 +172,14 @@ def unit_cost_child(a: argparse.Namespace) -> None:
                                    threads=1)
     runner.activate()
     batches = [np.stack(xs[i: i + a.batch]) for i in range(0, len(xs) - a.batch + 1, a.batch)]
+    runner.infer(batches[0])
     r0 = resource.getrusage(resource.RUSAGE_SELF)
-    ms = median_ms(runner.infer, batches) / a.batch
+    t0, times = time.perf_counter(), []
+    while time.perf_counter() - t0 < UNIT_COST_S:
+        times.append(median_ms(runner.infer, batches))
+    ms = statistics.median(times) / a.batch
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     print(json.dumps({"backend": a.unit_cost, "ms_per_image": round(ms, 2),
                       "sys_share": round((r1.ru_stime - r0.ru_stime) / max(cpu, 1e-9), 2),
-                      "faults_per_batch": round((r1.ru_minflt - r0.ru_minflt) / len(batches))}))
+                      "faults_per_batch": round((r1.ru_minflt - r0.ru_minflt) / (len(batches) * len(times)))}))
