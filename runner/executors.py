@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import sys
 import tempfile
 import time
 from collections import deque
@@ -394,7 +395,6 @@ class _Scheduler:
                 self.load[i] += 1
 
     def _lost(self, i: int, chunk: Chunk, attempt: int, piece: bool, error: BaseException) -> None:
-        import sys
         print(f"dmx: a worker died on chunk {chunk.index} ({type(error).__name__}); "
               "its chunk is retried", file=sys.stderr)
         if i in self.healthy:
@@ -423,8 +423,6 @@ class _Scheduler:
         cluster, or on one that never started while a started worker idles (its node went away
         before it came up, and Ray keeps it pending), may wait forever - Ray does not fail them:
         they go back to the queue for the live workers."""
-        import sys
-
         import ray
         busy = {i for i, *_ in self.pending.values()}
         if not busy:

@@ -65,8 +65,8 @@ def default_chunk_size(n_images: int, n_prep_variants: int, workers: int,
     """Big enough to batch inference, small enough to spread over workers and bound memory:
     about 8 chunks per worker (the last chunks end unevenly; with 4 per worker one of two actors
     idled 2.2 s of a 17.8 s run, with 8 0.8 s), and at most ``CHUNK_BYTES`` of preprocessed
-    inputs per chunk
-    (each kept as 0-255 pixels and as the normalised tensor, float32: 24 bytes per pixel).
+    inputs per chunk (each kept as 0-255 pixels and as the normalised tensor, float32: 24 bytes
+    per pixel).
     Full-resolution decodes do not count: a worker holds one at a time (see ``Worker``)."""
     per_image = 24 * input_hw[0] * input_hw[1] * max(1, n_prep_variants)
     by_memory = max(1, CHUNK_BYTES // per_image)

@@ -3,6 +3,7 @@ cluster used, GPU work placed on GPU nodes, workers writing their own part files
 record, a node lost mid-run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -24,14 +25,27 @@ from conftest import stop_process_group
 AXES = "{decoder: [pil, opencv], resize: [pil-bilinear, cv2-linear], backend: [torch]}"
 
 
+@contextlib.contextmanager
+def without_ray_auth():
+    """Nodes started meanwhile run as a plain `ray start` would: without the auth settings an
+    embedded session of this test process (another module's) put in its environment, which
+    would otherwise put them in token mode, and ``dmx_run`` does not pass on."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_AUTH")}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A head with 1 CPU and a second node with 2 CPUs, as `ray start` would make them; this
     test process does not connect to it (dmx runs attach with --address)."""
     from ray.cluster_utils import Cluster
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.second = c.add_node(num_cpus=2)
+    with without_ray_auth():
+        c = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": 1, "include_dashboard": False})
+        c.second = c.add_node(num_cpus=2)
     yield c
     c.shutdown()
 
@@ -51,7 +65,7 @@ def dmx_run(tmp: Path, images: Path, address: str, *extra: str, axes: str = AXES
     spec.write_text(f"name: cluster\ndataset: {{path: {images}}}\nmodel: tiny\naxes: {axes}\n")
     cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(tmp / "run"),
            "--address", address, "--quiet", *extra]
-    # without the auth settings Ray put in this process's environment for its embedded session
+    # without the auth settings an embedded session put in this process's environment
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     if not wait:
         return subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
@@ -94,7 +108,8 @@ def test_cuda_cells_run_on_the_gpu_node_and_are_judged_there(cluster, photos: Pa
     """A node declaring one GPU (a fake resource: this machine has none). The driver has no
     CUDA, yet the actors ask for GPUs, land on that node, and the node - not the driver -
     decides the cuda cell cannot run (torch sees no real GPU there)."""
-    gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+    with without_ray_auth():
+        gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
     try:
         r = dmx_run(tmp_path, photos, cluster.address, "--gpus-per-worker", "0.5",
                     axes="{decoder: [pil, opencv], backend: [torch], device: [cpu, cuda]}")
