@@ -22,12 +22,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from user_pipeline import agreement, naive_decode, naive_preprocess, naive_session
 
 
 def competent_loop(paths: list[str], cells, ref, model, artifacts, batch: int = 32,
                    block: int = 128, threads: int | None = None) -> tuple[float, dict]:
     """Returns (seconds, {(cell_id, image index): (top1, max abs vs reference, cosine)})."""
-    from sweep_naive import agreement, naive_decode, naive_preprocess, naive_session
     t0 = time.perf_counter()
     decoders = list(dict.fromkeys(c.get("decoder") for c in cells))
     variants = list(dict.fromkeys((c.get("decoder"), c.get("resize")) for c in cells))
