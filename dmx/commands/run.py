@@ -1,0 +1,152 @@
+"""``dmx run SPEC --out DIR``: sweep a matrix spec into a run directory. Also the sweep and its
+console summary that ``dmx demo`` shares."""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from pathlib import Path
+
+from .common import (EXIT_FAILED, EXIT_INTERRUPTED, add_run_options, check_out, load_planned,
+                     summarise)
+
+NAME = "run"
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NOT_READ_SHOWN = 50
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="run a matrix spec into a run directory")
+    p.add_argument("spec", help="matrix spec (YAML)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key, e.g. -o backend=torch,openvino -o dataset.limit=10")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    p.add_argument("--no-compact", action="store_true",
+                   help="keep one part file per chunk (default: merge them into few files sorted "
+                        "by cell when the run ends; see `dmx compact`)")
+    add_run_options(p)
+
+
+def run(a: argparse.Namespace) -> int:
+    check_out(a.out)
+    spec, _, _ = load_planned(a)
+    return run_and_report(spec, a, a.out, resume=a.resume, explain=False, spec_path=a.spec)
+
+
+def resume_command(spec_path: str, out: str, a: argparse.Namespace) -> str:
+    """The command that finishes this run: the same spec, overrides and executor, --resume."""
+    import shlex
+    if spec_path == "(demo)":
+        return f"dmx demo --out {shlex.quote(str(Path(out).parent))}"
+    parts = ["dmx", "run", spec_path, "--out", out]
+    for ov in getattr(a, "override", None) or []:
+        parts += ["-o", ov]
+    if getattr(a, "executor", "ray") != "ray":
+        parts += ["--executor", a.executor]
+    if getattr(a, "address", None):
+        parts += ["--address", a.address]
+    return " ".join(shlex.quote(p) for p in parts) + " --resume"
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The no-space error behind ``e`` (itself, its cause, or a Ray task error's cause)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in _DISK_FULL:
+            return x
+        todo += [getattr(x, "cause", None), x.__cause__, x.__context__]
+    return None
+
+
+def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors: a worker, actor, node or system process that died, or a task that failed
+    (only when Ray is loaded; no Ray error can be raised otherwise)."""
+    found = [getattr(sys.modules.get("ray.exceptions"), "RayError", None),
+             getattr(sys.modules.get("runner.executors"), "WorkersLost", None)]
+    return tuple(t for t in found if isinstance(t, type)) or (_NeverRaised,)
+
+
+class _NeverRaised(Exception):
+    """Stands in for Ray's errors when Ray is not loaded."""
+
+
+def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, explain: bool,
+                   spec_path: str) -> int:
+    """Sweep ``spec`` into ``out`` and print the summary; a lost worker or a full disk is one
+    line with the resume command (exit 3), Ctrl-C exit 130."""
+    from runner.sweep import RunOptions, run_spec
+    if getattr(a, "verbose", False):
+        os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
+    elif a.executor == "ray":
+        from runner.quiet_stderr import drop_ray_core_lines
+        drop_ray_core_lines()             # Ray's C++ log lines stay off the console
+    opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
+                      chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
+                      gpus_per_worker=a.gpus_per_worker, compact=not getattr(a, "no_compact", False))
+    resume_cmd = resume_command(spec_path, out, a)
+    if spec.model.weights:
+        # Refused here, once, as one line - not as an error row per image in every worker.
+        from runner.models.loading import load_weights
+        load_weights(spec.model.weights)
+    try:
+        s = run_spec(spec, opts)
+    except KeyboardInterrupt:
+        print(f"\ndmx: interrupted; finished chunks are saved. Resume with:\n"
+              f"  {resume_cmd}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - only the two failures below; others re-raised
+        full = _disk_full(e)
+        if full is not None:
+            print(f"dmx: error: no space left writing {out} ({full.strerror or full}); finished "
+                  f"chunks are saved. Free space, then resume with: {resume_cmd}", file=sys.stderr)
+            return EXIT_FAILED
+        if not isinstance(e, _lost_worker_errors()):
+            raise
+        why = getattr(e, "cause", None) or e  # a task's own error, where Ray wraps one
+        first = (str(why).strip().splitlines() or [""])[0].split(";")[0][:200]
+        print(f"dmx: error: the Ray run failed - a worker or Ray system process was lost "
+              f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
+              f"{resume_cmd}", file=sys.stderr)
+        return EXIT_FAILED
+    if opts.compact:
+        summarise(s.out)
+    print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
+          f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
+    _print_not_read(s.not_read, s.out)
+    c, m = s.counters, s.minimum
+    print(f"dmx: work done (each at most once per image and variant): "
+          f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
+          f"{int(c.get('resizes', 0))}/{m['resizes']} resizes, "
+          f"{int(c.get('inferences', 0))} inferences for {m['inferences_without_reuse']} "
+          f"image x cell inputs ({int(c.get('reuses', 0))} outputs reused), "
+          f"{int(c.get('model_builds', 0))}/{m['model_builds']} model builds", file=sys.stderr)
+    if c.get("decode_warnings"):
+        print(f"dmx: {int(c['decode_warnings'])} decodes raised library warnings (corrupt data the "
+              "decoder tolerated): see the rows' decode_note", file=sys.stderr)
+    if explain:
+        from analysis.explain import explain_run
+        from analysis.render import render_text
+        print(render_text(explain_run(out)))
+    else:
+        print(f"dmx: next: dmx explain {out}", file=sys.stderr)
+    return 0
+
+
+def _print_not_read(not_read, out: str) -> None:
+    """One line per dataset entry that has no row (the first 50; all are in the manifest)."""
+    if not not_read:
+        return
+    print(f"dmx: {len(not_read)} entries under the dataset not read (manifest.json not_read):",
+          file=sys.stderr)
+    for n in not_read[:NOT_READ_SHOWN]:
+        print(f"dmx:   not read: {n.path}: {n.reason}", file=sys.stderr)
+    if len(not_read) > NOT_READ_SHOWN:
+        print(f"dmx:   ... and {len(not_read) - NOT_READ_SHOWN} more in {out}/manifest.json",
+              file=sys.stderr)
