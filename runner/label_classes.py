@@ -11,7 +11,9 @@ An unmapped label raises ``UnmappedLabel``, naming the label and the closest cla
 from __future__ import annotations
 
 import difflib
+from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import pyarrow as pa
@@ -77,10 +79,18 @@ class ClassSpace:
     def __len__(self) -> int:
         return len(self.names)
 
+    @cached_property
+    def _exact_names(self) -> dict[str, int]:
+        """A model's own name, exactly as written, when only one class has it (ImageNet's
+        ``Cardigan`` the corgi and ``cardigan`` the sweater differ only in case)."""
+        counts = Counter(self.names)
+        return {n: i for i, n in enumerate(self.names) if counts[n] == 1}
+
+    @cached_property
     def _name_table(self) -> dict[str, tuple[int, ...]]:
-        """Normalised name -> the classes it names. A model's own name beats an alias (``cock``
-        is class 7 even though another class lists it as a lemma); a name that still names
-        several classes (ImageNet has two ``crane``s) maps to all of them and is refused."""
+        """Normalised name -> the classes it names. A model's own name beats an alias
+        (``polecat`` is class 358 though skunk, 361, lists it as a lemma); a name that still
+        names several classes (ImageNet has two ``crane``s) maps to all of them and is refused."""
         own: dict[str, list[int]] = {}
         for i, n in enumerate(self.names):
             own.setdefault(_norm(n), []).append(i)
@@ -92,9 +102,9 @@ class ClassSpace:
 
     def closest(self, label: str, k: int = 5) -> list[str]:
         """Up to ``k`` class names (the model's own) most like ``label``."""
-        table = self._name_table()
+        table = self._name_table
         hits = difflib.get_close_matches(_norm(label), list(table), n=4 * k, cutoff=0.5)
-        syn = self._synset_table().get(label.strip().lower())
+        syn = self._synset_table.get(label.strip().lower())
         idx = ([syn] if syn is not None else []) + [i for h in hits for i in table[h]]
         return list(dict.fromkeys(self.names[i] for i in idx))[:k]
 
@@ -103,6 +113,7 @@ class ClassSpace:
             return "index"
         return "name" if not self.synsets else "auto"
 
+    @cached_property
     def _synset_table(self) -> dict[str, int]:
         return {s.lower(): i for i, s in enumerate(self.synsets or ())}
 
@@ -141,14 +152,14 @@ class ClassSpace:
             if not self.synsets:
                 raise LabelError("labels are matched by synset, but the model's classes have no "
                                  "WordNet synsets (only ImageNet-1k models do)")
-            syn = self._synset_table()
+            syn = self._synset_table
             table = {d: syn.get(d.lower(), -1) for d in distinct}
         else:  # name, or auto: a name, else a synset
-            syn = self._synset_table() if by == "auto" else {}
-            names = self._name_table()
+            syn = self._synset_table if by == "auto" else {}
+            names = self._name_table
             table = {}
             for d in distinct:
-                hit = names.get(_norm(d), ())
+                hit = (self._exact_names[d],) if d in self._exact_names else names.get(_norm(d), ())
                 if len(hit) > 1:
                     which = ", ".join(f"{i} ({self.synsets[i]})" if self.synsets else str(i)
                                       for i in hit)

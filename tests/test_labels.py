@@ -260,3 +260,9 @@ def test_yolo_class_beyond_the_model_is_an_unmapped_label(tmp_path):
     sizes = pa.table({"image_id": ["x.jpg"], "width": [10], "height": [10]})
     with pytest.raises(UnmappedLabel, match="'5'"):
         read_yolo(str(tmp_path / "labels"), sizes, SMALL)
+
+
+def test_a_name_written_exactly_as_the_model_writes_it_wins_over_a_case_insensitive_twin():
+    assert IMAGENET.to_index(["Cardigan", "cardigan", "polecat"]).to_pylist() == [264, 474, 358]
+    with pytest.raises(LabelError, match="several classes: 264"):
+        IMAGENET.to_index(["CARDIGAN"])
