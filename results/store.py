@@ -25,12 +25,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -281,15 +283,55 @@ class RunDir:
                                               default=str).encode())
 
     # ------------------------------------------------------------------ the plan
-    def write_chunk_list(self, table: pa.Table) -> None:
-        self.write_parquet(CHUNK_LIST, table.cast(CHUNK_LIST_SCHEMA))
+    def upload(self, rel: str, local: str | os.PathLike) -> None:
+        """Copy the local file ``local`` to ``rel``: a temp + rename locally, one streamed
+        upload to an object store (the object appears when the upload completes)."""
+        self._parts = None
+        if not self.remote:
+            dest = Path(self.path(rel))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            try:
+                shutil.copyfile(local, tmp)
+                os.replace(tmp, dest)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return
+        try:
+            with open(local, "rb") as src, self.fs.open_output_stream(self.path(rel)) as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except OSError as e:
+            raise self._storage_error(e) from None
 
-    def read_chunk_list(self) -> pa.Table | None:
+    def fetch(self, rel: str, local: str | os.PathLike) -> Path:
+        """Copy ``rel`` to the local file ``local`` (streamed); returns ``local``."""
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+        except OSError as e:
+            raise self._storage_error(e) from None
+        return Path(local)
+
+    def fetch_chunk_list(self, local: str | os.PathLike) -> Path | None:
+        """The run's chunk list as a local file (None for runs of dmx before chunk ids)."""
+        if not self.is_file(CHUNK_LIST):
+            return None
+        path = Path(self.path(CHUNK_LIST)) if not self.remote else self.fetch(CHUNK_LIST, local)
+        try:
+            pq.read_metadata(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise RunDirError(f"{self.uri}/{CHUNK_LIST} is unreadable ({e}); "
+                              "the run cannot be resumed safely: choose another --out") from None
+        return path
+
+    def read_chunk_list(self, columns: list[str] | None = None) -> pa.Table | None:
         """The image list and chunk of every image (None for runs of dmx before chunk ids)."""
         if not self.is_file(CHUNK_LIST):
             return None
         try:
-            return self.read_parquet(CHUNK_LIST)
+            return pq.read_table(self.path(CHUNK_LIST), filesystem=self.fs, columns=columns)
         except (OSError, pa.ArrowInvalid) as e:
             raise RunDirError(f"{self.uri}/{CHUNK_LIST} is unreadable ({e}); "
                               "the run cannot be resumed safely: choose another --out") from None
@@ -297,11 +339,11 @@ class RunDir:
     def planned_chunks(self) -> list[int] | None:
         """Chunk numbers in plan order (by first image id); runs of dmx before chunk lists:
         0 .. chunks-1; None when the run says nothing about its chunks (hand-made runs)."""
-        t = self.read_chunk_list()
+        t = self.read_chunk_list(["chunk"])
         if t is None:
             n = self.read_manifest().get("chunks")
             return list(range(int(n))) if isinstance(n, int) else None
-        return list(dict.fromkeys(t["chunk"].to_pylist()))
+        return pc.unique(t["chunk"]).to_pylist()   # in order of first appearance
 
     # ------------------------------------------------------------------ chunks
     def _intact(self, path: str, size: int | None) -> bool:
@@ -413,18 +455,38 @@ class RunDir:
         self.write_parquet(f"_images/chunk={chunk:05d}.parquet", images)
         self.write_parquet(f"rows/chunk={chunk:05d}/part-0.parquet", rows)
 
-    def merge_images(self, chunks: Iterable[int] | None = None) -> int:
-        """Merge per-chunk image properties (of ``chunks``, default all) into ``images.parquet``;
-        returns the image count."""
-        wanted = None if chunks is None else set(chunks)
-        tables = []
-        for info in sorted(self._list("_images"), key=lambda i: i.path):
+    def merge_images(self, chunks: set[int] | None = None, scratch: str | os.PathLike | None = None) -> int:
+        """Merge per-chunk image properties (of ``chunks``, default all) into ``images.parquet``,
+        sorted by image id, in DuckDB (bounded memory, spilling to ``scratch``); returns the
+        image count."""
+        import duckdb
+        files = []
+        for info in self._list("_images"):
             m = re.match(r"^chunk=(\d+)\.parquet$", info.base_name)
-            if m and (wanted is None or int(m.group(1)) in wanted) and self._intact(info.path, info.size):
-                tables.append(pq.read_table(info.path, filesystem=self.fs, schema=IMAGE_SCHEMA))
-        table = pa.concat_tables(tables) if tables else IMAGE_SCHEMA.empty_table()
-        if tables:
-            table = table.sort_by("image_id")
-        self.write_parquet("images.parquet", table)
-        return table.num_rows
-
+            if m and (chunks is None or int(m.group(1)) in chunks):
+                files.append(info.path)
+        own = scratch is None
+        work = Path(scratch or tempfile.mkdtemp(prefix="dmx-images-"))
+        try:
+            con = duckdb.connect()
+            con.execute("SET memory_limit = '512MB'")
+            con.execute("SET threads = 2")
+            con.execute("SET temp_directory = ?", [str(work / "duckdb-spill")])
+            if self.remote or not files:
+                import pyarrow.dataset as pads
+                con.register("src", pads.dataset(files, schema=IMAGE_SCHEMA, filesystem=self.fs,
+                                                 format="parquet"))
+            else:
+                con.read_parquet(files, union_by_name=True).create_view("src")
+            target = work / "images.parquet"
+            cols = ", ".join(f'"{n}"' for n in IMAGE_SCHEMA.names)
+            quoted = str(target).replace("'", "''")
+            con.execute(f"COPY (SELECT {cols} FROM src ORDER BY image_id) TO '{quoted}' "
+                        "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 131072)")
+            con.close()
+            n = pq.read_metadata(target).num_rows
+            self.upload("images.parquet", target)
+        finally:
+            if own:
+                shutil.rmtree(work, ignore_errors=True)
+        return n

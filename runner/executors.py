@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .capabilities import node_name, skip_reasons
 from .plan import Chunk, Plan
@@ -277,7 +277,7 @@ class RayExecutor:
         scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary,
                                actors=self.actors or None)
         try:
-            scheduler.run(list(chunks))
+            scheduler.run(chunks)
         finally:
             for a in scheduler.actors:
                 ray.kill(a)
@@ -307,11 +307,15 @@ class _Scheduler:
         self.load = {i: 0 for i in range(workers)}
         self.pieces: dict[int, dict[str, ChunkResult]] = {}   # split chunk -> image id -> result
         self.parents: dict[int, Chunk] = {}
+        self.fresh: Iterator[Chunk] | None = None         # chunks not yet queued
 
-    def run(self, chunks: list[Chunk]) -> None:
+    def run(self, chunks: Iterable[Chunk]) -> None:
+        """Run every chunk of ``chunks``, taken from it only as workers have room (the plan is
+        never held whole: chunks are read from the chunk list as they are handed out)."""
         import ray
-        self.queue.extend((c, 0, False) for c in chunks)
-        while self.queue or self.pending:
+        self.fresh = iter(chunks)
+        self._refill()
+        while self.queue or self.pending or self.fresh is not None:
             self._ping_due()
             self._submit()
             waiting = list(self.pending) + list(self.pings)
@@ -385,9 +389,24 @@ class _Scheduler:
                 self.actors[i] = self.new_actor()
                 self.pings[self.actors[i].ping.remote()] = i
 
+    def _refill(self) -> None:
+        """Keep as many chunks queued as the workers can take (two per actor)."""
+        want = 2 * len(self.actors) - sum(self.load.values())
+        while self.fresh is not None and len(self.queue) < max(1, want):
+            chunk = next(self.fresh, None)
+            if chunk is None:
+                self.fresh = None
+                break
+            self.queue.append((chunk, 0, False))
+
     def _submit(self) -> None:
+        self._refill()
         for i in sorted(self.healthy, key=self.load.get):
-            while self.queue and self.load[i] < 2:
+            while self.load[i] < 2:
+                if not self.queue:
+                    self._refill()
+                if not self.queue:
+                    break
                 chunk, attempt, piece = self.queue.popleft()
                 actor = self.actors[i]
                 ref = (actor.compute if piece else actor.process).remote(chunk, self.skipped)

@@ -187,3 +187,66 @@ def detection_divergence(boxes: np.ndarray, scores: np.ndarray, classes: np.ndar
         "det_score_delta_max": float(deltas.max()) if len(m) else None,
         "det_class_flips": flips, "det_same": same,
     }
+
+
+# ----------------------------------------------------------------------------- batched forms
+# The same metrics over m pairs at once (rows of 2-D arrays), for the worker's columns: each
+# equals its one-pair function above on every row, identical outputs included.
+
+def output_divergence_rows(y: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    """``output_divergence`` of each row of ``y`` (m, k) against the same row of ``ref``."""
+    a = y.reshape(len(y), -1).astype(np.float64)
+    b = ref.reshape(len(ref), -1).astype(np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"output shapes differ: {y.shape} vs {ref.shape}")
+    d = a - b
+    noise = np.einsum("ij,ij->i", d, d)
+    signal = np.einsum("ij,ij->i", b, b)
+    na, nb = np.sqrt(np.einsum("ij,ij->i", a, a)), np.sqrt(signal)
+    ad = np.abs(d)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(nb > 0, np.sqrt(noise) / nb, np.where(noise == 0, 0.0, np.inf))
+        cos = np.where((na > 0) & (nb > 0), np.einsum("ij,ij->i", a, b) / (na * nb),
+                       np.where(na == nb, 1.0, 0.0))
+        sqnr = np.where(signal > 0, 10.0 * np.log10(signal / noise), -np.inf)
+    same = noise == 0
+    k = a.shape[1]
+    return {
+        "out_max_abs": np.where(same, 0.0, ad.max(axis=1) if k else 0.0),
+        "out_mean_abs": np.where(same, 0.0, ad.mean(axis=1) if k else 0.0),
+        "out_rel_l2": np.where(same, 0.0, rel),
+        "out_cosine": np.where(same, 1.0, cos),
+        "out_sqnr_db": np.where(same, np.inf, sqnr),
+    }
+
+
+def _softmax_rows(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def topk_rows(logits: np.ndarray, k: int = 5) -> np.ndarray:
+    """``topk`` of each row (m, k_out): best first, ties broken by lower index."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, : min(k, logits.shape[1])]
+
+
+def classification_rows(y: np.ndarray, ref: np.ndarray, k: int = 5) -> dict[str, np.ndarray]:
+    """``classification_divergence`` of each row of ``y`` against the same row of ``ref``."""
+    y = y.reshape(len(y), -1).astype(np.float64)
+    ref = ref.reshape(len(ref), -1).astype(np.float64)
+    top_y, top_r = topk_rows(y, k), topk_rows(ref, k)
+    p_ref, p_y = _softmax_rows(ref), _softmax_rows(y)
+    kl = np.sum(p_ref * (np.log(np.maximum(p_ref, 1e-300)) - np.log(np.maximum(p_y, 1e-300))), axis=1)
+    overlap = (top_y[:, :, None] == top_r[:, None, :]).any(axis=2).sum(axis=1) / float(top_r.shape[1])
+    return {"top1": top_y[:, 0].astype(np.int32), "top1_ref": top_r[:, 0].astype(np.int32),
+            "top1_agree": top_y[:, 0] == top_r[:, 0], "top5_overlap": overlap,
+            "out_kl": np.maximum(kl, 0.0)}
+
+
+def top5_rows(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``top5_of`` of each row: (m, 5) class indices and their softmax probabilities."""
+    y = y.reshape(len(y), -1).astype(np.float64)
+    idx = topk_rows(y, 5)
+    p = _softmax_rows(y)
+    return idx.astype(np.int32), np.take_along_axis(p, idx, axis=1).astype(np.float32)

@@ -14,7 +14,6 @@ Parquet shard row group by row group and a tar shard whole, keeping only the las
 """
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import functools
 import io
@@ -70,6 +69,26 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(out + r"\Z")
 
 
+def _select(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
+    """Every file under ``root``. In an object store the first level is listed once and each
+    sub-prefix is then listed in its own thread (a listing is one request per 1,000 keys, so a
+    large prefix is latency-bound); a local folder is listed by one recursive selector."""
+    if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+        return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                              allow_not_found=True))
+                if i.type == pafs.FileType.File]
+    top = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
+    files = [i for i in top if i.type == pafs.FileType.File]
+    dirs = [i.path for i in top if i.type == pafs.FileType.Directory]
+    if dirs:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(min(16, len(dirs))) as pool:
+            for infos in pool.map(lambda d: fs.get_file_info(pafs.FileSelector(d, recursive=True)),
+                                  dirs):
+                files += [i for i in infos if i.type == pafs.FileType.File]
+    return files
+
+
 def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
     """Files matching ``ds.path`` (a glob, a folder/prefix, or one file): (fs, root, infos)."""
     target = ds.path if (is_remote(ds.path) or os.path.isabs(ds.path)) else str(Path(ds.base_dir) / ds.path)
@@ -79,71 +98,46 @@ def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, l
         if first_glob >= 0:
             root = path[:first_glob].rsplit("/", 1)[0]
             rx = _glob_regex(path)
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
-                                                                   allow_not_found=True))
-                     if i.type == pafs.FileType.File and rx.match(i.path)]
+            infos = [i for i in _select(fs, root) if rx.match(i.path)]
         else:
             info = fs.get_file_info(path)
             if info.type == pafs.FileType.File:
                 root, infos = path.rsplit("/", 1)[0], [info]
             elif info.type == pafs.FileType.Directory or is_remote(target):
                 root = path
-                infos = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True,
-                                                                       allow_not_found=True))
-                         if i.type == pafs.FileType.File and PurePosixPath(i.path).suffix.lower() in suffixes]
+                infos = [i for i in _select(fs, path)
+                         if PurePosixPath(i.path).suffix.lower() in suffixes]
             else:
                 raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target})")
     except (OSError, StorageError) as e:
         raise SpecError("dataset.path", f"cannot list {ds.path}: {str(e).splitlines()[0]}") from None
-    return fs, root, sorted(infos, key=lambda i: i.path)
+    return fs, root, infos
 
 
 def _rel(path: str, root: str) -> str:
     return path[len(root):].lstrip("/") if path.startswith(root + "/") else path
 
 
-def list_images(ds: DatasetSpec) -> list[ImageRef]:
-    """The images of an object-store location or of shard files, sorted by id, cut to limit."""
+def list_into(ds: DatasetSpec, sink) -> None:
+    """Append the images of an object-store location or of shard files to ``sink`` (a
+    ``dataset.ListingSink``); sorting, the duplicate check and ``limit`` follow in DuckDB."""
     suffix = _shard_suffix(ds.path)
     if suffix is None:
         fs, root, infos = _files(ds, IMAGE_SUFFIXES)
-        refs = [ImageRef(_rel(i.path, root), uri(fs, i.path), i.size) for i in infos
-                if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES]
-    else:
-        fs, root, infos = _files(ds, {suffix})
-        refs = []
-        for info in infos:
-            shard = uri(fs, info.path)
-            lister = _parquet_members if suffix == ".parquet" else _tar_members
-            try:
-                refs += [ImageRef(f"{_rel(info.path, root)}/{key}", shard + loc, size)
-                         for key, loc, size in lister(fs, info.path)]
-            except (OSError, pa.ArrowInvalid, tarfile.TarError, ValueError) as e:
-                raise SpecError("dataset.path", f"shard {shard} is unreadable: "
-                                                f"{str(e).splitlines()[0]}") from None
-    refs.sort(key=lambda r: r.image_id)
-    if not refs:
-        raise SpecError("dataset.path", f"no images found under {ds.path}")
-    seen = set()
-    for r in refs:
-        if r.image_id in seen:
-            raise SpecError("dataset.path", f"image id {r.image_id!r} occurs twice in {ds.path} "
-                                            "(two rows of a shard with the same key)")
-        seen.add(r.image_id)
-    return refs[: ds.limit] if ds.limit else refs
-
-
-def with_sizes(refs: list[ImageRef]) -> list[ImageRef]:
-    """Local images get their size in bytes (the run records the image list with sizes)."""
-    out = []
-    for r in refs:
-        if r.size is None and "://" not in r.path:
-            try:
-                r = dataclasses.replace(r, size=os.stat(r.path).st_size)
-            except OSError:
-                pass  # an unreadable file becomes an error row when read
-        out.append(r)
-    return out
+        for i in infos:
+            if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES:
+                sink.image(_rel(i.path, root), uri(fs, i.path), i.size)
+        return
+    fs, root, infos = _files(ds, {suffix})
+    for info in sorted(infos, key=lambda i: i.path):
+        shard = uri(fs, info.path)
+        lister = _parquet_members if suffix == ".parquet" else _tar_members
+        try:
+            for key, loc, size in lister(fs, info.path):
+                sink.image(f"{_rel(info.path, root)}/{key}", shard + loc, size, shard=shard)
+        except (OSError, pa.ArrowInvalid, tarfile.TarError, ValueError) as e:
+            raise SpecError("dataset.path", f"shard {shard} is unreadable: "
+                                            f"{str(e).splitlines()[0]}") from None
 
 
 # ------------------------------------------------------------------ Parquet shards

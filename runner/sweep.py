@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import shutil
 import sys
 import time
 import uuid
@@ -18,16 +19,16 @@ from matrix.axes import DECODE, INFER, PREPROCESS
 from results import RunDir, RunDirError, cell_schema
 from results.compact import compact_run
 from results.environment import fingerprint
+from results.planning import (ChunkIndex, ChunkReader, PlanError, first_images, plan_chunks,
+                              scratch_dir)
 
 from .backends import InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
-from .dataset import ImageRef, NotRead, scan_dataset
+from .dataset import ImageRef, NotRead, collect
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
 from .executors import LocalExecutor, RayExecutor
-from .plan import Plan, default_chunk_size
-from .resume import chunk_list, plan_chunks
-from .resume import digest as resume_digest
-from .sources import read_image, with_sizes
+from .plan import Chunk, Plan, default_chunk_size
+from .sources import read_image
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
 from .worker import ChunkSummary, merge_counters
@@ -61,8 +62,9 @@ class RunSummary:
     wall_s: float
     counters: dict[str, float]
     minimum: dict[str, int]
-    not_read: tuple[NotRead, ...] = ()  # entries under the dataset that have no row, and why
+    not_read: tuple[NotRead, ...] = ()  # the first entries under the dataset that have no row
     start_s: float = 0.0   # until the workers answered the probe (Ray: process start + imports)
+    not_read_count: int = 0             # all of them (listed in RUN/not_read.parquet)
 
 
 def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
@@ -77,13 +79,16 @@ def _cuda_devices(cells: list[Cell]) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def _calibration(spec: Spec, images: list[ImageRef], ref: Cell,
+def _calibration(spec: Spec, image_list, ref: Cell,
                  model: ResolvedModel) -> tuple[np.ndarray, list[str]]:
-    """Inputs for int8 calibration: the first ``calibration.limit`` images through the
-    reference cell's decoder and preprocessing; images that fail to decode are passed over."""
+    """Inputs for int8 calibration: the first ``calibration.limit`` images (of the sorted
+    image list ``image_list``, a Parquet file) through the reference cell's decoder and
+    preprocessing; images that fail to decode are passed over (up to 4x the limit is read)."""
     tensors, ids = [], []
     decoder = get_decoder(ref.get("decoder", "pil"))
-    for img in images:
+    head = first_images(image_list, 4 * spec.calibration_limit)
+    for image_id, path in zip(head["image_id"].to_pylist(), head["path"].to_pylist()):
+        img = ImageRef(image_id, path)
         if len(ids) >= spec.calibration_limit:
             break
         try:
@@ -120,11 +125,28 @@ def _check_out_dir(run: RunDir, spec: Spec, resume: bool) -> dict[str, Any] | No
 
 def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     """Sweep every cell of ``spec`` over its dataset into ``opts.out``."""
+    scratch = scratch_dir()   # the plan's working files: the listing, the chunk list
+    try:
+        return _run_spec(spec, opts, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _chunks_to_run(index: ChunkIndex, reader: ChunkReader):
+    """The chunks not finished before, built one at a time from the chunk list as the executor
+    asks for them (the driver never holds every image of the run)."""
+    for pos in np.flatnonzero(~index.kept):
+        rows = reader.rows(index.start[pos], index.count[pos])
+        yield Chunk(int(index.ids[pos]), tuple(ImageRef(i, p, n) for i, n, p in rows), int(pos))
+
+
+def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
-    listing = scan_dataset(spec.dataset)
-    images = with_sizes(listing.images)
+    listing = collect(spec.dataset, scratch)
+    timings["list_s"] = time.perf_counter() - t0
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
@@ -136,7 +158,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     # node, or this process (local).
     settings = {InferSetting.from_factors(dict(c.factors)) for c in cells}
     t_conv = time.perf_counter()
-    artifacts = prepare_artifacts(model, settings, lambda: _calibration(spec, images, ref, model),
+    artifacts = prepare_artifacts(model, settings,
+                                  lambda: _calibration(spec, listing.images, ref, model),
                                   threads=executor.threads)
     made = [k for k, v in artifacts.conversion_notes.items()
             if isinstance(v, dict) and v.get("cached") is False]
@@ -158,23 +181,29 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
     n_dec = len({c.key(DECODE) for c in active})
     n_pre = len({c.key(PREPROCESS) for c in active})
     n_inf = len({c.key(INFER) for c in active})
+    n_images = listing.n_images
     chunk_size = (opts.chunk_size or (old or {}).get("chunk_size")  # resume keeps its chunks
-                  or default_chunk_size(len(images), n_pre, executor.workers,
+                  or default_chunk_size(n_images, n_pre, executor.workers,
                                         (model.preprocess.crop, model.preprocess.crop)))
     # Chunks are named by their image ids: a resume reuses finished chunks that still hold and
     # computes the rest, whatever was added; unreadable part files do not count as finished.
+    t_plan = time.perf_counter()
     if old and run.drop_damaged_compaction() and opts.progress:
         print("dmx: a compacted row file is damaged; its chunks are computed again", file=sys.stderr)
-    chunking = plan_chunks(images, chunk_size, run.read_chunk_list() if old else None,
-                           run.done_chunks() if old else set(), run.uri)
-    chunks = chunking.chunks
-    done = chunking.kept
-    todo = [c for c in chunks if c.index not in done]
-    if chunking.note and opts.progress:
-        print(f"dmx: {chunking.note}", file=sys.stderr)
+    previous = run.fetch_chunk_list(scratch / "previous-chunks.parquet") if old else None
+    try:
+        index = plan_chunks(listing.images, chunk_size, scratch / "chunks.parquet", previous,
+                            run.done_chunks() if old else set(), run.uri)
+    except PlanError as e:
+        raise RunDirError(str(e)) from None
+    n_done = int(index.kept.sum())
+    if index.note and opts.progress:
+        print(f"dmx: {index.note}", file=sys.stderr)
 
+    not_read = {"count": listing.not_read_count, "file": "not_read.parquet",
+                "first": [{"path": p, "reason": r} for p, r in listing.not_read_sample]}
     manifest: dict[str, Any] = {
-        "run_id": run_id, "dmx_format": 2, "status": "running",
+        "run_id": run_id, "dmx_format": 3, "status": "running",
         "started": old["started"] if old else dt.datetime.now(dt.timezone.utc).isoformat(),
         "spec_digest": spec.digest, "spec": spec.raw,
         "model": {"name": model.name, "task": model.task, "preprocess": model.preprocess.__dict__,
@@ -183,13 +212,11 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
                   "detection": dataclasses.asdict(model.detection) if model.detection else None},
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
-        "images": len(images),
-        "not_read": [{"path": n.path, "reason": n.reason} for n in listing.not_read],
-        "chunk_size": chunk_size, "chunks": len(chunks),
-        "dataset": {"images": len(images),
-        "not_read": [{"path": n.path, "reason": n.reason} for n in listing.not_read],
-        "digest": resume_digest(images),
-                    "bytes": sum(r.size or 0 for r in images), "chunk_list": "chunks.parquet"},
+        "images": n_images,
+        "not_read": not_read["first"],
+        "chunk_size": chunk_size, "chunks": len(index),
+        "dataset": {"images": n_images, "not_read": not_read, "digest": index.digest,
+                    "bytes": listing.total_bytes, "chunk_list": "chunks.parquet"},
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
                      "gpus_per_worker": executor.gpus_per_worker, "start_s": round(start_s, 2)},
         "batch": opts.batch,
@@ -198,8 +225,8 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         # preprocessed once per preprocessing variant, every model built once per worker.
         # Counters equal these when every image decodes; reused outputs cut inferences below
         # images x preprocessing variants x settings.
-        "minimum": {"decodes": len(images) * n_dec, "resizes": len(images) * n_pre,
-                    "inferences_without_reuse": len(images) * n_pre * n_inf,
+        "minimum": {"decodes": n_images * n_dec, "resizes": n_images * n_pre,
+                    "inferences_without_reuse": n_images * n_pre * n_inf,
                     "model_builds": executor.workers * n_inf},
         "environment": fingerprint(),   # the driver's; the workers' are under "nodes"
         # every machine that computed rows (the ``node`` column), kept across resumes
@@ -208,15 +235,19 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         "backends": old.get("backends", {}) if old else {},
     }
     run.write_parquet("cells.parquet", _cells_table(spec, cells, ref, skipped))
-    run.write_chunk_list(chunk_list(chunks))   # before any chunk: what a resume checks against
+    run.upload("not_read.parquet", listing.not_read)
+    run.upload("chunks.parquet", scratch / "chunks.parquet")  # before any chunk: what a resume checks
+    timings["plan_s"] = time.perf_counter() - t_plan + timings["list_s"]
+    manifest["timings"] = _rounded(timings)
     run.write_manifest(manifest)
 
-    progress = Progress(len(images), len(chunks), len(cells), enabled=opts.progress)
-    progress.skip(sum(len(c.images) for c in chunks if c.index in done), len(done))
+    progress = Progress(n_images, len(index), len(cells), enabled=opts.progress)
+    progress.skip(int(index.count[index.kept].sum()), n_done)
     counters: Counter[str] = Counter(manifest["counters"])
     totals = {"rows": 0, "errors": 0}
 
     def on_summary(res: ChunkSummary) -> None:
+        timings.setdefault("first_chunk_s", time.perf_counter() - t0)
         merge_counters(counters, res.counters)  # a maximum stays a maximum across workers
         for k, v in res.backends.items():
             manifest["backends"].setdefault(k, v)
@@ -228,27 +259,41 @@ def run_spec(spec: Spec, opts: RunOptions) -> RunSummary:
         totals["errors"] += res.errors
         progress.update(res.images, res.errors)
 
-    if todo:
-        progress.note(f"sweeping {len(cells)} cells ({len(skipped)} skipped) x {len(images)} images "
-                      f"in {len(todo)} chunks of {chunk_size} on {executor.name} "
+    n_todo = len(index) - n_done
+    if n_todo:
+        progress.note(f"sweeping {len(cells)} cells ({len(skipped)} skipped) x {n_images} images "
+                      f"in {n_todo} chunks of {chunk_size} on {executor.name} "
                       f"({executor.workers} worker{'s' if executor.workers > 1 else ''}"
                       + (f", up in {start_s:.1f} s" if executor.name == "ray" else "") + ")")
-    executor.run(plan, todo, on_summary)
-    n_images = run.merge_images(c.index for c in chunks)
+    t_sweep = time.perf_counter()
+    executor.run(plan, _chunks_to_run(index, ChunkReader(scratch / "chunks.parquet")), on_summary)
+    timings["sweep_s"] = time.perf_counter() - t_sweep
+    t_merge = time.perf_counter()
+    n_merged = run.merge_images(set(index.ids.tolist()), scratch)
+    timings["merge_images_s"] = time.perf_counter() - t_merge
     wall = time.perf_counter() - t0
     manifest.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),
-                    wall_s=round(wall, 2), counters=dict(counters), ray=getattr(executor, "where", None))
+                    wall_s=round(wall, 2), counters=dict(counters), ray=getattr(executor, "where", None),
+                    timings=_rounded(timings))
     run.write_manifest(manifest)
     if opts.compact:  # few large files sorted by cell: what DuckDB reads fastest
+        t_compact = time.perf_counter()
         c = compact_run(run.uri)
+        timings["compact_s"] = time.perf_counter() - t_compact
+        run.write_manifest({**manifest, "timings": _rounded(timings)})
         if opts.progress and c.files_before > c.files_after:
             print(f"dmx: compacted {c.files_before} part files into {c.files_after} "
                   f"({c.rows} rows, sorted by cell)", file=sys.stderr)
-    return RunSummary(out=run.uri, run_id=run_id, images=n_images, cells=len(cells),
+    return RunSummary(out=run.uri, run_id=run_id, images=n_merged, cells=len(cells),
                       skipped_cells=len(skipped), rows=totals["rows"], errors=totals["errors"],
-                      chunks_run=len(todo), chunks_resumed=len(done), wall_s=wall,
+                      chunks_run=n_todo, chunks_resumed=n_done, wall_s=wall,
                       counters=dict(counters), minimum=manifest["minimum"],
-                      not_read=tuple(listing.not_read), start_s=start_s)
+                      not_read=tuple(NotRead(p, r) for p, r in listing.not_read_sample),
+                      start_s=start_s, not_read_count=listing.not_read_count)
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in timings.items()}
 
 
 def _cells_table(spec: Spec, cells: list[Cell], ref: Cell, skipped: dict[str, str]) -> pa.Table:

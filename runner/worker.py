@@ -315,93 +315,34 @@ class Worker:
 
     def _rows(self, chunk: Chunk, cells: list[Cell], ref: Cell, decoded: dict, prepped: dict,
               outputs: dict, infos: dict, n: int) -> pa.Table:
+        """The chunk's rows, built per cell as Arrow columns. Cells share blocks of columns:
+        decode columns per decode variant, input divergence per preprocessing variant, output
+        divergence per (infer setting, preprocessing variant); each block is computed once,
+        and its metrics once per distinct pair of tensors, vectorised over the chunk."""
         plan = self.plan
-        out_rows: list[dict[str, Any]] = []
-        classify = plan.model.task == "classification"
-        det_cfg = plan.model.detection if plan.model.task == "detection" else None
-        decoded_outputs: dict[tuple, tuple[Candidates, Detections] | _Failure] = {}
-        seen_outputs: set[tuple] = set()
-        # Many cells share an input (per preprocessing variant) or an output (per setting and
-        # tensor): each metric is computed once per distinct pair, not once per row.
-        input_metrics: dict[tuple, dict[str, Any]] = {}
-        output_metrics: dict[tuple, dict[str, Any]] = {}
-        top5: dict[tuple, tuple[list[int], list[float]]] = {}
-        ref_dec, ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
-        ref_out = outputs[ref.key(INFER)]
+        schema = row_schema(plan.axes)
+        ctx = _RowContext(self, chunk, ref, decoded, prepped, outputs, n)
+        seen: set[tuple] = set()
+        tables = []
         for cell in plan.cells:
             skip = plan.skipped.get(cell.cell_id)
             setting = InferSetting.from_factors(dict(cell.key(INFER)))
-            eff = None if skip else infos.get(_setting_key(setting), {}).get("precision_effective")
-            for i, img in enumerate(chunk.images):
-                row: dict[str, Any] = {"run_id": plan.run_id, "cell_id": cell.cell_id,
-                                       "image_id": img.image_id, **dict(cell.factors),
-                                       "is_reference": cell.cell_id == plan.reference_id,
-                                       "precision_effective": eff, "node": self.node}
-                if skip:
-                    row.update(status="skipped", error=skip)
-                    out_rows.append(row)
-                    continue
-                d = decoded[cell.key(DECODE)][i]
-                p = prepped[cell.key(PREPROCESS)][i]
-                o = outputs[cell.key(INFER)].get(p.digest) if isinstance(p, _Prepped) else p
-                failure = next((x for x in (d, p, o) if isinstance(x, _Failure)), None)
-                if not isinstance(d, _Failure):
-                    row.update(decoded_h=d.shape[0], decoded_w=d.shape[1],
-                               decode_ms=d.ms, decode_note=d.note)
-                    v = self.decoder_versions.get(cell.get("decoder", "pil")) or {}
-                    row.update(decoder_version=f"{v.get('library')} {v.get('version')}" if v else None,
-                               decoder_libjpeg=v.get("libjpeg"))
-                if isinstance(p, _Prepped):
-                    row["preprocess_ms"] = p.ms
-                if failure:
-                    row.update(status="error", error_stage=failure.stage, error=failure.message)
-                    out_rows.append(row)
-                    continue
-                y, latency = o
-                out_key = (cell.key(INFER), p.digest)
-                row.update(status="ok", latency_ms=latency, reused=out_key in seen_outputs)
-                row["threads_used"] = infos.get(_setting_key(setting), {}).get("threads")
-                checked = self._batch_checks.get((_setting_key(setting), p.digest))
-                if checked is not None:
-                    row["batch_max_abs"], row["batch_rel_l2"] = checked
-                seen_outputs.add(out_key)
-                if classify:
-                    if out_key not in top5:
-                        top5[out_key] = metrics.top5_of(y)
-                    row["top5"], row["top5_prob"] = top5[out_key]
-                rd, rp = ref_dec[i], ref_pre[i]
-                ro = ref_out.get(rp.digest) if isinstance(rp, _Prepped) else None
-                if isinstance(rd, _Failure) or not isinstance(rp, _Prepped) or not isinstance(ro, tuple):
-                    row.update(error_stage="reference", error="the reference cell failed on this "
-                                                              "image: no divergence measured")
-                    out_rows.append(row)
-                    continue
-                row["shape_match"] = rd.shape == d.shape
-                ikey = (cell.key(PREPROCESS), i)
-                if ikey not in input_metrics:
-                    input_metrics[ikey] = (metrics.IDENTICAL_INPUT if p.digest == rp.digest
-                                           and np.array_equal(p.pixels, rp.pixels)
-                                           else metrics.input_divergence(p.pixels, rp.pixels))
-                row.update(input_metrics[ikey])
-                okey = (out_key, rp.digest)
-                if okey not in output_metrics:
-                    m = (metrics.output_divergence(y, ro[0]) if det_cfg is None
-                         else metrics.output_divergence(_flat(y), _flat(ro[0])))
-                    if classify:
-                        m.update(metrics.classification_divergence(y, ro[0]))
-                    output_metrics[okey] = m
-                row.update(output_metrics[okey])
-                if det_cfg is not None:
-                    mine = self._detections(decoded_outputs, out_key, y)
-                    theirs = self._detections(decoded_outputs, (ref.key(INFER), rp.digest), ro[0])
-                    failure = next((x for x in (mine, theirs) if isinstance(x, _Failure)), None)
-                    if failure:
-                        row.update(status="error", error_stage=failure.stage, error=failure.message)
-                    else:
-                        row.update(_detection_metrics(mine, theirs, p.placement, rp.placement, det_cfg))
-                out_rows.append(row)
-        self.counters["reuses"] += sum(1 for r in out_rows if r.get("reused"))
-        return pa.Table.from_pylist(out_rows, schema=row_schema(plan.axes))
+            info = {} if skip else infos.get(_setting_key(setting), {})
+            cols: dict[str, pa.Array] = {
+                "run_id": _const(plan.run_id, n), "cell_id": _const(cell.cell_id, n),
+                "image_id": ctx.ids, "is_reference": _const(cell.cell_id == plan.reference_id, n,
+                                                            pa.bool_()),
+                "precision_effective": _const(info.get("precision_effective"), n),
+                "node": _const(self.node, n)}
+            for axis in plan.axes:
+                cols[axis] = _const(dict(cell.factors).get(axis), n)
+            if skip:
+                cols.update(status=_const("skipped", n), error=_const(skip, n))
+            else:
+                cols.update(ctx.cell_columns(cell, info, seen))
+            tables.append(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)).cast(f.type)
+                                    for f in schema}, schema=schema))
+        return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def _detections(self, cache: dict, key: tuple, outputs: tuple[np.ndarray, ...]
                     ) -> tuple[Candidates, Detections] | _Failure:
@@ -415,6 +356,215 @@ class Worker:
             except DetectionDecodeError as e:
                 cache[key] = _Failure("postprocess", str(e))
         return cache[key]
+
+
+def _const(value, n: int, typ: pa.DataType | None = None) -> pa.Array:
+    """A column of ``n`` times ``value`` (a constant factor of a cell)."""
+    if value is None:
+        return pa.nulls(n, typ or pa.string())
+    return pa.array([value] * n, typ or pa.string())
+
+
+def _masked(values, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """A column of ``values`` where ``valid``, null elsewhere."""
+    if isinstance(values, np.ndarray):
+        return pa.array(values, typ, mask=~valid)
+    return pa.array([v if ok else None for v, ok in zip(values, valid)], typ)
+
+
+class _RowContext:
+    """What the cells of one chunk share while their columns are built (see ``Worker._rows``)."""
+
+    def __init__(self, worker: "Worker", chunk: Chunk, ref: Cell, decoded: dict, prepped: dict,
+                 outputs: dict, n: int) -> None:
+        self.w, self.chunk, self.n = worker, chunk, n
+        self.decoded, self.prepped, self.outputs = decoded, prepped, outputs
+        self.ids = pa.array([img.image_id for img in chunk.images], pa.string())
+        self.ref = ref
+        self.ref_dec, self.ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
+        ref_out = outputs[ref.key(INFER)]
+        self.ref_y = [ref_out.get(p.digest) if isinstance(p, _Prepped) else None
+                      for p in self.ref_pre]
+        self.ref_ok = np.array([not isinstance(d, _Failure) and isinstance(p, _Prepped)
+                                and isinstance(y, tuple)
+                                for d, p, y in zip(self.ref_dec, self.ref_pre, self.ref_y)], bool)
+        self.blocks: dict[tuple, dict[str, Any]] = {}
+        self.detections: dict[tuple, Any] = {}
+
+    def _block(self, key: tuple, make) -> dict[str, Any]:
+        if key not in self.blocks:
+            self.blocks[key] = make()
+        return self.blocks[key]
+
+    def decode_block(self, dkey: tuple) -> dict[str, Any]:
+        def make():
+            ds = self.decoded[dkey]
+            ok = np.array([not isinstance(d, _Failure) for d in ds], bool)
+            return {"ok": ok, "fail": [d if isinstance(d, _Failure) else None for d in ds],
+                    "decoded_h": np.array([d.shape[0] if o else 0 for d, o in zip(ds, ok)], np.int32),
+                    "decoded_w": np.array([d.shape[1] if o else 0 for d, o in zip(ds, ok)], np.int32),
+                    "decode_ms": np.array([d.ms if o else 0.0 for d, o in zip(ds, ok)]),
+                    "decode_note": [d.note if o else None for d, o in zip(ds, ok)],
+                    "shape": [d.shape if o else None for d, o in zip(ds, ok)]}
+        return self._block(("decode", dkey), make)
+
+    def input_block(self, pkey: tuple, dkey: tuple) -> dict[str, Any]:
+        """Preprocessing columns and input divergence vs the reference, per image."""
+        def make():
+            ps = self.prepped[pkey]
+            ok = np.array([isinstance(p, _Prepped) for p in ps], bool)
+            dec = self.decode_block(dkey)
+            ref_shape = self.decode_block(self.ref.key(DECODE))["shape"]
+            cmp_ = ok & self.ref_ok
+            m = {k: np.zeros(self.n) for k in ("px_max_abs", "px_mean_abs", "px_frac_diff", "px_psnr")}
+            m["px_equal"] = np.zeros(self.n, bool)
+            for i in np.flatnonzero(cmp_):
+                p, rp = ps[i], self.ref_pre[i]
+                v = (metrics.IDENTICAL_INPUT if p.digest == rp.digest and np.array_equal(p.pixels, rp.pixels)
+                     else metrics.input_divergence(p.pixels, rp.pixels))
+                for k in m:
+                    m[k][i] = v[k]
+            return {"ok": ok, "fail": [p if isinstance(p, _Failure) else None for p in ps],
+                    "digest": [p.digest if o else None for p, o in zip(ps, ok)],
+                    "preprocess_ms": np.array([p.ms if o else 0.0 for p, o in zip(ps, ok)]),
+                    "shape_match": np.array([dec["shape"][i] == ref_shape[i] for i in range(self.n)], bool),
+                    "cmp": cmp_, **m}
+        return self._block(("input", pkey), make)
+
+    def output_block(self, ikey: tuple, pkey: tuple, setting: InferSetting) -> dict[str, Any]:
+        """Inference columns and output divergence vs the reference, per image."""
+        def make():
+            w = self.w
+            plan = w.plan
+            ps = self.prepped[pkey]
+            inp = self.input_block(pkey, _decode_part(pkey))
+            outs = self.outputs[ikey]
+            ys = [outs.get(p.digest) if isinstance(p, _Prepped) else p for p in ps]
+            ok = np.array([isinstance(y, tuple) for y in ys], bool)
+            cmp_ = ok & inp["cmp"]
+            block: dict[str, Any] = {
+                "ok": ok, "fail": [y if isinstance(y, _Failure) else None for y in ys],
+                "latency_ms": np.array([y[1] if o else 0.0 for y, o in zip(ys, ok)]),
+                "cmp": cmp_}
+            sk = _setting_key(setting)
+            checks = [w._batch_checks.get((sk, p.digest)) if isinstance(p, _Prepped) else None
+                      for p in ps]
+            block["batch_max_abs"] = [c[0] if c else None for c in checks]
+            block["batch_rel_l2"] = [c[1] if c else None for c in checks]
+            task = plan.model.task
+            if task == "classification" and ok.any():
+                idx = np.flatnonzero(ok)
+                top, prob = metrics.top5_rows(np.stack([ys[i][0] for i in idx]))
+                block["top5"] = _scatter_lists(top, idx, self.n)
+                block["top5_prob"] = _scatter_lists(prob, idx, self.n)
+            idx = np.flatnonzero(cmp_)
+            if len(idx):
+                flat = (lambda y: _flat(y)) if task == "detection" else (lambda y: np.asarray(y))
+                mine = [flat(ys[i][0]) for i in idx]
+                theirs = [flat(self.ref_y[i][0]) for i in idx]
+                if len({a.shape for a in mine + theirs}) == 1:
+                    m = metrics.output_divergence_rows(np.stack(mine), np.stack(theirs))
+                    if task == "classification":
+                        m.update(metrics.classification_rows(np.stack(mine), np.stack(theirs)))
+                else:
+                    per = [metrics.output_divergence(a, b) for a, b in zip(mine, theirs)]
+                    m = {k: np.array([d[k] for d in per]) for k in per[0]}
+                block.update({k: _scatter(v, idx, self.n) for k, v in m.items()})
+                if task == "detection":
+                    block.update(self._detection_columns(ikey, ys, idx, pkey))
+            return block
+        return self._block(("output", ikey, pkey), make)
+
+    def _detection_columns(self, ikey: tuple, ys: list, idx: np.ndarray, pkey: tuple) -> dict:
+        w, ref = self.w, self.ref
+        cfg = w.plan.model.detection
+        ps, rps = self.prepped[pkey], self.ref_pre
+        cols: dict[str, list] = {}
+        fails: list = [None] * self.n
+        for i in idx:
+            mine = w._detections(self.detections, (ikey, ps[i].digest), ys[i][0])
+            theirs = w._detections(self.detections, (ref.key(INFER), rps[i].digest), self.ref_y[i][0])
+            failure = next((x for x in (mine, theirs) if isinstance(x, _Failure)), None)
+            if failure:
+                fails[i] = failure
+                continue
+            for k, v in _detection_metrics(mine, theirs, ps[i].placement, rps[i].placement, cfg).items():
+                cols.setdefault(k, [None] * self.n)[i] = v
+        return {**cols, "post_fail": fails}
+
+    def cell_columns(self, cell: Cell, info: dict, seen: set[tuple]) -> dict[str, pa.Array]:
+        """Every column of one computed (not skipped) cell but its constant factors."""
+        n = self.n
+        dkey, pkey, ikey = cell.key(DECODE), cell.key(PREPROCESS), cell.key(INFER)
+        setting = InferSetting.from_factors(dict(ikey))
+        dec = self.decode_block(dkey)
+        inp = self.input_block(pkey, dkey)
+        out = self.output_block(ikey, pkey, setting)
+        failure = [d or p or o for d, p, o in zip(dec["fail"], inp["fail"], out["fail"])]
+        ok = np.array([f is None for f in failure], bool)
+        full = ok & self.ref_ok
+        post = out.get("post_fail")
+        if post is not None:
+            failure = [f or q for f, q in zip(failure, post)]
+        status = ["error" if f is not None else "ok" for f in failure]
+        stage = [f.stage if f is not None else ("reference" if o else None)
+                 for f, o in zip(failure, ok & ~self.ref_ok)]
+        error = [f.message if f is not None else (_REFERENCE_FAILED if o else None)
+                 for f, o in zip(failure, ok & ~self.ref_ok)]
+        reused = np.zeros(n, bool)
+        for i in np.flatnonzero(ok):
+            key = (ikey, inp["digest"][i])
+            reused[i] = key in seen
+            seen.add(key)
+        self.w.counters["reuses"] += int(reused.sum())
+        v = self.w.decoder_versions.get(cell.get("decoder", "pil")) or {}
+        cols: dict[str, pa.Array] = {
+            "status": pa.array(status, pa.string()), "error_stage": pa.array(stage, pa.string()),
+            "error": pa.array(error, pa.string()),
+            "decoded_h": _masked(dec["decoded_h"], dec["ok"], pa.int32()),
+            "decoded_w": _masked(dec["decoded_w"], dec["ok"], pa.int32()),
+            "decode_ms": _masked(dec["decode_ms"], dec["ok"], pa.float64()),
+            "decode_note": pa.array(dec["decode_note"], pa.string()),
+            "decoder_version": _masked([f"{v.get('library')} {v.get('version')}" if v else None] * n,
+                                       dec["ok"], pa.string()),
+            "decoder_libjpeg": _masked([v.get("libjpeg")] * n, dec["ok"], pa.string()),
+            "preprocess_ms": _masked(inp["preprocess_ms"], inp["ok"], pa.float64()),
+            "latency_ms": _masked(out["latency_ms"], ok, pa.float64()),
+            "reused": _masked(reused, ok, pa.bool_()),
+            "threads_used": _masked([info.get("threads")] * n, ok, pa.int32()),
+            "batch_max_abs": _masked(out["batch_max_abs"], ok, pa.float64()),
+            "batch_rel_l2": _masked(out["batch_rel_l2"], ok, pa.float64()),
+            "shape_match": _masked(inp["shape_match"], full, pa.bool_()),
+        }
+        for k in ("px_equal", "px_max_abs", "px_mean_abs", "px_frac_diff", "px_psnr"):
+            cols[k] = _masked(inp[k], full, pa.bool_() if k == "px_equal" else pa.float64())
+        for k in ("top5", "top5_prob"):
+            if k in out:
+                cols[k] = _masked(out[k], ok, pa.list_(pa.int32() if k == "top5" else pa.float32()))
+        for k, values in out.items():
+            if k.startswith(("out_", "top1")) or k == "top5_overlap":
+                typ = (pa.int32() if k in ("top1", "top1_ref") else
+                       pa.bool_() if k == "top1_agree" else pa.float64())
+                cols[k] = _masked(values, full, typ)
+            elif k.startswith("det_"):
+                cols[k] = pa.array(values)
+        return cols
+
+
+_REFERENCE_FAILED = "the reference cell failed on this image: no divergence measured"
+
+
+def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, values.dtype)
+    out[idx] = values
+    return out
+
+
+def _scatter_lists(values: np.ndarray, idx: np.ndarray, n: int) -> list:
+    out: list = [None] * n
+    for row, i in zip(values.tolist(), idx):
+        out[i] = row
+    return out
 
 
 def error_result(plan: Plan, chunk: Chunk, stage: str, message: str,

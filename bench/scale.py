@@ -1,0 +1,257 @@
+"""A large audit end to end: planning, sweep, driver cost and analysis against the plain floor.
+
+    .venv/bin/python bench/scale.py --images 100000 [--data ~/.cache/dmx-bench] [--workers 2]
+
+1. Builds ``--images`` distinct small JPEGs (crops of the photos that ship with matplotlib,
+   scikit-image and scikit-learn, 40-128 px, Pillow encoder, quality 70-95, 4:2:0/4:4:4), 1,000
+   per folder, listed in a ``.txt`` manifest (cached under ``--data``; a set of N is a prefix
+   of a set of M > N).
+2. Runs ``dmx run`` on the 4-cell matrix (decoder pil/opencv x resize pil-bilinear/cv2-linear,
+   onnxruntime fp32, the ``tiny`` model) over that manifest in a fresh process, embedded Ray,
+   ``--workers`` workers; the driver's peak RSS (VmHWM) and CPU seconds are read from /proc
+   while it runs. Plan time and first-chunk time come from the run's manifest (``timings``).
+3. The floor, in this process: the irreducible work done plainly, one thread - read the file,
+   2 decodes, 4 resizes + normalise, inference of the distinct input tensors in batches of 64
+   - timed per image on a sample of ``--floor-sample`` images and scaled to ``--images``,
+   divided by ``--workers``.
+4. Times ``dmx explain`` and ``dmx report`` on the run.
+
+The last line is JSON: images, plan_s, first_chunk_s, images_per_s, floor_s, ratio_vs_floor,
+driver_peak_rss_mb, driver_cpu_s, explain_s, report_s (and a few more keys).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PER_FOLDER = 1000
+_BUILD_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- the dataset
+def _sources() -> list[np.ndarray]:
+    """The installed demo photos, downscaled once to a long side of 400 px (RGB uint8)."""
+    from PIL import Image, ImageOps
+
+    from dmx.demo_data import demo_sources
+    out = []
+    for _, path in sorted(demo_sources().items()):
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((400, 400), Image.Resampling.LANCZOS)
+            out.append(np.asarray(im))
+    if len(out) < 4:
+        raise SystemExit("need at least 4 demo source photos (matplotlib, scikit-image, scikit-learn)")
+    return out
+
+
+def _make_block(args: tuple[str, int, int]) -> int:
+    """Write images ``start .. stop-1`` (one folder of ``PER_FOLDER``) into ``dest``."""
+    from PIL import Image
+    dest, start, stop = args
+    sources = _sources()
+    folder = Path(dest) / f"d{start // PER_FOLDER:05d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, stop):
+        rng = random.Random(i)
+        src = sources[i % len(sources)]
+        h, w = src.shape[:2]
+        side = rng.randint(40, 128)
+        ch, cw = min(h, int(side * rng.uniform(0.6, 1.0))), min(w, side)
+        y, x = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        buf = io.BytesIO()
+        Image.fromarray(src[y: y + ch, x: x + cw]).save(
+            buf, format="JPEG", quality=rng.randint(70, 95), subsampling=rng.choice((0, 2)))
+        (folder / f"s{i:07d}.jpg").write_bytes(buf.getvalue())
+    return stop - start
+
+
+def build_small_set(dest: Path, n: int, jobs: int) -> Path:
+    """``n`` distinct small JPEGs under ``dest`` and their manifest; returns the manifest path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    build = dest / "BUILD.json"
+    manifest = dest / f"list-{n}.txt"
+    try:
+        have = json.loads(build.read_text())["n"] if build.is_file() else 0
+    except (OSError, ValueError, KeyError):
+        have = 0
+    if have < n:
+        start = (have // PER_FOLDER) * PER_FOLDER   # redo a partial last folder
+        blocks = [(str(dest), s, min(n, s + PER_FOLDER)) for s in range(start, n, PER_FOLDER)]
+        t = time.perf_counter()
+        with ProcessPoolExecutor(jobs) as pool:
+            for _ in pool.map(_make_block, blocks, chunksize=4):
+                pass
+        build.write_text(json.dumps({"v": _BUILD_VERSION, "n": n}))
+        print(f"built {n - start} images in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if not manifest.is_file():
+        tmp = manifest.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            for i in range(n):
+                f.write(f"d{i // PER_FOLDER:05d}/s{i:07d}.jpg\n")
+        os.replace(tmp, manifest)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the run
+SPEC = """name: scale-audit
+dataset: {{path: {manifest}}}
+model: tiny
+axes:
+  decoder: [pil, opencv]
+  resize: [pil-bilinear, cv2-linear]
+  backend: [onnxruntime]
+  precision: [fp32]
+reference: {{decoder: pil, resize: pil-bilinear, backend: onnxruntime, precision: fp32}}
+"""
+
+
+def _proc_stats(pid: int) -> tuple[float, float]:
+    """(peak RSS MB, CPU seconds) of a live process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        hwm = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:")) / 1024
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return hwm, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_dmx(spec: Path, out: Path, workers: int, extra: list[str]) -> dict:
+    """``dmx run`` in a fresh process; its wall time and the driver's peak RSS and CPU."""
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out), "--workers",
+           str(workers), *extra]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    peak, cpu = 0.0, 0.0
+    while proc.poll() is None:
+        try:
+            peak, cpu = _proc_stats(proc.pid)
+        except (OSError, StopIteration, IndexError):
+            pass
+        time.sleep(0.2)
+    wall = time.perf_counter() - t
+    err = proc.stderr.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"dmx run failed ({proc.returncode}):\n{err}")
+    print(err, file=sys.stderr, end="")
+    return {"wall_s": wall, "driver_peak_rss_mb": peak, "driver_cpu_s": cpu}
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode not in (0, 1):   # check-like exit 1 is an answer, not a failure
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr}")
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------- the floor
+def floor_ms_per_image(manifest: Path, sample: int, batch: int = 64) -> dict:
+    """One thread, per image: read + 2 decodes + 4 resizes/normalise + inference of the distinct
+    tensors (batches of ``batch``), on the first ``sample`` images of the manifest."""
+    import cv2
+    import torch
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    import runner.backends  # noqa: F401 - registers the backends' axes
+    from matrix import parse_spec
+    from runner.backends import BACKENDS, InferSetting
+    from runner.convert import prepare_artifacts, resolve_model
+    from runner.decoders import DecodeOptions, get_decoder
+    from runner.preprocess import model_input_pixels, normalise
+    spec = parse_spec({"name": "floor", "dataset": {"path": str(manifest)}, "model": "tiny",
+                       "axes": {"backend": ["onnxruntime"], "precision": ["fp32"]},
+                       "reference": {"backend": "onnxruntime", "precision": "fp32"}})
+    model = resolve_model(spec.model)
+    artifacts = prepare_artifacts(model, {InferSetting(backend="onnxruntime", precision="fp32")},
+                                  lambda: None, threads=1)
+    ort = BACKENDS["onnxruntime"](artifacts, InferSetting(backend="onnxruntime", precision="fp32"),
+                                  threads=1)
+    ort.activate()
+    paths = [manifest.parent / ln.strip() for ln in manifest.read_text().splitlines()[:sample]]
+    decoders = [get_decoder("pil"), get_decoder("opencv")]
+    opts = DecodeOptions()
+    t = time.perf_counter()
+    tensors = []
+    for p in paths:
+        data = p.read_bytes()
+        seen = set()
+        for dec in decoders:
+            img = dec.decode(data, opts)
+            for resize in ("pil-bilinear", "cv2-linear"):
+                x = normalise(model_input_pixels(img, resize, model.preprocess), model.preprocess)
+                key = hashlib.sha256(x.tobytes()).digest()
+                if key not in seen:
+                    seen.add(key)
+                    tensors.append(x)
+    prep_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(0, len(tensors), batch):
+        ort.infer(np.stack(tensors[i: i + batch]))
+    infer_s = time.perf_counter() - t
+    return {"ms_per_image": (prep_s + infer_s) * 1e3 / len(paths),
+            "prepare_ms_per_image": prep_s * 1e3 / len(paths),
+            "infer_ms_per_image": infer_s * 1e3 / len(paths),
+            "distinct_tensors_per_image": len(tensors) / len(paths)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=100_000)
+    ap.add_argument("--data", default=str(Path.home() / ".cache" / "dmx-bench" / "small"))
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--floor-sample", type=int, default=3000)
+    ap.add_argument("--out", default=None, help="run directory (default: under --data)")
+    ap.add_argument("--no-analysis", action="store_true", help="skip timing explain and report")
+    ap.add_argument("--dmx-arg", action="append", default=[], help="extra argument for dmx run")
+    a = ap.parse_args()
+    data = Path(a.data).expanduser()
+    manifest = build_small_set(data, a.images, a.workers)
+    spec = data / f"spec-{a.images}.yaml"
+    spec.write_text(SPEC.format(manifest=manifest))
+    out = Path(a.out) if a.out else data / f"run-{a.images}"
+
+    floor = floor_ms_per_image(manifest, min(a.floor_sample, a.images))
+    floor_s = floor["ms_per_image"] * a.images / 1e3 / a.workers
+    print(f"floor: {floor['ms_per_image']:.3f} ms/image on one thread (prepare "
+          f"{floor['prepare_ms_per_image']:.3f}, infer {floor['infer_ms_per_image']:.3f}, "
+          f"{floor['distinct_tensors_per_image']:.2f} distinct tensors/image) -> "
+          f"{floor_s:.1f} s on {a.workers} workers", file=sys.stderr)
+
+    run = run_dmx(spec, out, a.workers, a.dmx_arg)
+    m = json.loads((out / "manifest.json").read_text())
+    timings = m.get("timings", {})
+    sweep_s = timings.get("sweep_s")
+    res = {"images": a.images, "plan_s": timings.get("plan_s"),
+           "first_chunk_s": timings.get("first_chunk_s"),
+           "images_per_s": round(a.images / run["wall_s"], 1),
+           "floor_s": round(floor_s, 2), "ratio_vs_floor": round(run["wall_s"] / floor_s, 3),
+           "driver_peak_rss_mb": round(run["driver_peak_rss_mb"], 1),
+           "driver_cpu_s": round(run["driver_cpu_s"], 2), "wall_s": round(run["wall_s"], 2),
+           "sweep_s": sweep_s,
+           "sweep_vs_floor": round(sweep_s / floor_s, 3) if sweep_s else None,
+           "workers": a.workers, "timings": timings}
+    if not a.no_analysis:
+        dmx = [sys.executable, "-m", "dmx"]
+        res["explain_s"] = round(timed([*dmx, "explain", str(out)]), 2)
+        res["report_s"] = round(timed([*dmx, "report", str(out), "-o", str(out / "report.html")]), 2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
