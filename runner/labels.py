@@ -44,7 +44,7 @@ _DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
 def _first_row(path: str, delimiter: str) -> list[str]:
     """The first non-empty line's fields (the header, or the first data row)."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # Excel writes a BOM
             line = next((ln for ln in f if ln.strip()), "")
     except (OSError, UnicodeDecodeError) as e:
         raise LabelError(f"cannot read labels file {path}: {e}") from None
@@ -73,10 +73,6 @@ def _read_table(path: str, *, delimiter: str = ",", header: bool = True,
         raise LabelError(f"cannot read labels file {path}: {e}") from None
 
 
-def _as_strings(t: pa.Table) -> pa.Table:
-    return pa.table({n: pc.cast(t[n], pa.string()) for n in t.column_names})
-
-
 def _keyed(keys: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray,
            classes: ClassSpace, by: str, index_base: int, source: str) -> pa.Table:
     keys = pc.utf8_trim_whitespace(pc.cast(keys, pa.string()))
@@ -88,12 +84,12 @@ def _keyed(keys: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray,
 def read_csv_labels(path: str, classes: ClassSpace, by: str = "auto",
                     index_base: int = 0) -> pa.Table:
     """``path,label`` CSV -> ``LABEL_SCHEMA`` (key = the ``path`` column as written)."""
-    t = _as_strings(_read_table(path))
+    t = _read_table(path)
     cols = [c.strip().lower() for c in t.column_names]
     if "path" in cols and "label" in cols:
         keys, labels = t.column(cols.index("path")), t.column(cols.index("label"))
     else:  # no header: the first row is data
-        t = _as_strings(_read_table(path, header=False))
+        t = _read_table(path, header=False)
         if t.num_columns < 2:
             raise LabelError(f"{path}: a labels CSV needs two columns, path and label")
         keys, labels = t.column(0), t.column(1)
@@ -121,7 +117,7 @@ def read_pairs(path: str, classes: ClassSpace, by: str = "auto", index_base: int
 
 def read_imagenet_solution(path: str, classes: ClassSpace) -> pa.Table:
     """``LOC_val_solution.csv`` -> ``LABEL_SCHEMA`` (key = ImageId, a file stem)."""
-    t = _as_strings(_read_table(path))
+    t = _read_table(path)
     if not {"ImageId", "PredictionString"} <= set(t.column_names):
         raise LabelError(f"{path}: expected columns ImageId,PredictionString, "
                          f"got {','.join(t.column_names)}")

@@ -266,3 +266,9 @@ def test_a_name_written_exactly_as_the_model_writes_it_wins_over_a_case_insensit
     assert IMAGENET.to_index(["Cardigan", "cardigan", "polecat"]).to_pylist() == [264, 474, 358]
     with pytest.raises(LabelError, match="several classes: 264"):
         IMAGENET.to_index(["CARDIGAN"])
+
+
+def test_csv_saved_by_excel_with_a_byte_order_mark_and_quoted_names(tmp_path):
+    f = tmp_path / "labels.csv"
+    f.write_bytes(b'\xef\xbb\xbfpath,label\na.jpg,"tabby, tabby cat"\n')
+    assert rows(read_labels(str(f), IMAGENET)) == [("a.jpg", 281)]
