@@ -47,6 +47,15 @@ def make_cell(factors: Mapping[str, str | None], order: tuple[str, ...]) -> Cell
     return Cell(hashlib.sha1(text.encode()).hexdigest()[:10], items)
 
 
+def _add(seen: dict[str, Cell], cell: Cell) -> None:
+    """Keep ``cell`` under its id; the same factors twice are one cell (axes nulled where they
+    do not apply make such repeats), two different cells under one 40-bit id are an error."""
+    other = seen.setdefault(cell.cell_id, cell)
+    if other.factors != cell.factors:
+        raise SpecError("axes", f"cells {other.label()!r} and {cell.label()!r} hash to the same "
+                                f"cell id {cell.cell_id}; change one level (e.g. its spelling)")
+
+
 def _matches(cell: Cell, partial: Mapping[str, str]) -> bool:
     return all(cell[a] == v for a, v in partial.items())
 
@@ -92,14 +101,13 @@ def expand(spec: Spec) -> list[Cell]:
                                     f"({spec.max_cells:,}); sweep fewer levels or raise --max-cells")
         if any(_matches(cell, ex) for ex in spec.exclude):
             continue
-        seen.setdefault(cell.cell_id, cell)
+        _add(seen, cell)
         if len(seen) > spec.max_cells:
             raise _too_many(spec, len(seen), complete=False)
     base = {a: levels[0] for a, levels in spec.axes}
     base.update(spec.reference)
     for inc in spec.include:
-        cell = make_cell({**base, **inc}, order)
-        seen.setdefault(cell.cell_id, cell)
+        _add(seen, make_cell({**base, **inc}, order))
     if len(seen) > spec.max_cells:
         raise _too_many(spec, len(seen), complete=True)
     return list(seen.values())
