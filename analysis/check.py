@@ -58,7 +58,7 @@ from .db import load_sql, open_run
 from .numbers import g, pct
 from .queries import query_dicts
 from .tolerances import (DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, MANTISSA_BITS, RTOL, TORCH_TESTING,
-                         WHOLE_MODEL_ALLOWANCE, default_limits, precision_family)
+                         WHOLE_MODEL_ALLOWANCE, default_limits, precision_family, split_text)
 
 __all__ = ["CheckError", "CheckResult", "Failure", "check_run", "default_limits", "describe_failure",
            "precision_family", "render_check_text", "resolve_tolerances", "DEFAULTS", "KEYS",
@@ -146,6 +146,7 @@ class CheckResult:
     not_judged_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     rows_judged: int = 0
     reuse_guard: dict[str, Any] = field(default_factory=dict)
+    splits: dict[str, str] = field(default_factory=dict)   # label -> "ran bf16 on 10 and fp32 on 10 of 20 images"
 
     @property
     def passed(self) -> bool:
@@ -163,7 +164,7 @@ class CheckResult:
                 "not_judged": self.not_judged, "not_judged_rows": self.not_judged_rows,
                 "rows_judged": self.rows_judged, "images": self.images,
                 "reference_errors": self.reference_errors, "reuse_guard": self.reuse_guard,
-                "skipped_cells": self.skipped}
+                "precision_splits": self.splits, "skipped_cells": self.skipped}
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -177,25 +178,37 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
     tol = resolve_tolerances(manifest.get("spec", {}).get("check"), tolerances)
     con = open_run(run_dir, require_complete=True)  # never judge (or pass) an incomplete run
     cells = query_dicts(con, "SELECT * FROM cells")
-    effective = {d["cell_id"]: d["precision_effective"]
-                 for d in query_dicts(con, load_sql("cell_precision"))}
+    # A cell may have run at several precisions (bf16 on the nodes with AMX, fp32 elsewhere):
+    # each part is judged by its own precision's limits; ``effective`` names the main part.
+    parts: dict[str, list[tuple[str, int]]] = {}
+    for d in query_dicts(con, load_sql("cell_precision")):
+        parts.setdefault(d["cell_id"], []).append((d["precision_effective"], int(d["n"])))
+    effective = {cid: ps[0][0] for cid, ps in parts.items()}
     judged = [c for c in cells if not c["is_reference"] and c["status"] == "ok"]
 
     failures: list[Failure] = []
-    limits: dict[str, dict[str, float | None]] = {}
+    limits: dict[tuple[str, str | None], dict[str, float | None]] = {}
     used: dict[str, dict[str, float | None]] = {}
     for c in judged:
         asked = c.get("precision") or "fp32"
-        eff = effective.get(c["cell_id"])
-        family = precision_family(eff) or precision_family(asked)
-        limits[c["cell_id"]] = _cell_limits(tol, family)
-        used.setdefault(family or "unknown", limits[c["cell_id"]])
-        if (not tol["allow_lower_precision"] and precision_family(eff) and precision_family(asked)
-                and MANTISSA_BITS[precision_family(eff)] < MANTISSA_BITS[precision_family(asked)]):
-            failures.append(Failure(c["cell_id"], c["label"], "precision", asked, eff, 0, 0,
-                                    precision=asked, precision_effective=eff))
+        cell_parts = parts.get(c["cell_id"], [])
+        for eff, n in [(None, 0)] + cell_parts:   # None: rows that name no precision
+            family = precision_family(eff) or precision_family(asked)
+            limits[c["cell_id"], eff] = _cell_limits(tol, family)
+            if eff is not None or not cell_parts:
+                used.setdefault(family or "unknown", limits[c["cell_id"], eff])
+            if (eff is not None and not tol["allow_lower_precision"] and precision_family(eff)
+                    and precision_family(asked)
+                    and MANTISSA_BITS[precision_family(eff)] < MANTISSA_BITS[precision_family(asked)]):
+                failures.append(Failure(c["cell_id"], c["label"], "precision", asked, eff, n,
+                                        sum(k for _, k in cell_parts), precision=asked,
+                                        precision_effective=eff))
+    splits = {c["label"]: split_text(parts[c["cell_id"]]) for c in judged
+              if len(parts.get(c["cell_id"], [])) > 1}
 
-    stats = {s["cell_id"]: s for s in _cell_stats(con, limits, tol["scope"] == "same-input")}
+    stats: dict[str, list[dict[str, Any]]] = {}
+    for st in _cell_stats(con, limits, tol["scope"] == "same-input"):
+        stats.setdefault(st["cell_id"], []).append(st)
     errors = {e["cell_id"]: e for e in query_dicts(con, load_sql("check_new_errors"))}
     unjudged = {d["cell_id"]: d for d in query_dicts(con, load_sql("check_not_judged"))}
     images = int(con.execute("SELECT count(DISTINCT image_id) FROM rows").fetchone()[0] or 0)
@@ -225,26 +238,13 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
             if u["n"] == u["n_ok"]:  # every row this cell ran carries no metric: never a pass
                 failures.append(Failure(cid, label, "not_judged", "judged rows", f"0 of {u['n_ok']}",
                                         int(u["n"]), int(u["n_ok"]), u["image_id"], asked, eff))
-        s = stats.get(cid)
-        if not s or not s["n"]:
+        measured = [s for s in stats.get(cid, []) if s["n"]]
+        if not measured:
             not_judged.append(label)
             continue
-        rows_judged += int(s["n"])
-        lim = limits[cid]
-        for check, worst, image, bad, limit in (
-                ("max_rel_l2", s["rel_l2"], s["rel_l2_image"], s["rel_l2_bad"], lim["max_rel_l2"]),
-                ("min_cosine", s["cosine"], s["cosine_image"], s["cosine_bad"], lim["min_cosine"]),
-                ("max_abs", s["max_abs"], s["max_abs_image"], s["max_abs_bad"], lim["max_abs"])):
-            if limit is not None and bad:
-                failures.append(Failure(cid, label, check, limit, _seen(worst), int(bad), int(s["n"]),
-                                        image, asked, eff))
-        min_top1 = tol["min_top1_agreement"]
-        if min_top1 is not None and s["n_top1"]:
-            agreement = 1 - s["top1_flips"] / s["n_top1"]
-            if agreement < min_top1:
-                failures.append(Failure(cid, label, "min_top1_agreement", min_top1, agreement,
-                                        int(s["top1_flips"]), int(s["n_top1"]), s["top1_image"],
-                                        asked, eff))
+        for s in measured:
+            rows_judged += int(s["n"])
+            failures += _limit_failures(c, s, limits[cid, s["precision_effective"]], tol)
     return CheckResult(
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
         cells_judged=len(judged), failures=failures, not_judged=not_judged,
@@ -252,11 +252,33 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         limits_by_precision=used, images=images,
         reference_errors={"images": ref_failed, "limit": limit_ref, "stage": ref_err["stage"],
                           "example": ref_err["example"], "image_id": ref_err["image_id"]},
-        not_judged_rows=not_judged_rows, rows_judged=rows_judged, reuse_guard=reuse_guard)
+        not_judged_rows=not_judged_rows, rows_judged=rows_judged, reuse_guard=reuse_guard,
+        splits=splits)
+
+
+def _limit_failures(c: dict[str, Any], s: dict[str, Any], lim: dict[str, float | None],
+                    tol: dict[str, Any]) -> list[Failure]:
+    """The numeric limits one cell (or one precision part of it, ``s``) breaks."""
+    cid, label, asked, eff = c["cell_id"], c["label"], c.get("precision") or "fp32", s["precision_effective"]
+    out = []
+    for check, worst, image, bad, limit in (
+            ("max_rel_l2", s["rel_l2"], s["rel_l2_image"], s["rel_l2_bad"], lim["max_rel_l2"]),
+            ("min_cosine", s["cosine"], s["cosine_image"], s["cosine_bad"], lim["min_cosine"]),
+            ("max_abs", s["max_abs"], s["max_abs_image"], s["max_abs_bad"], lim["max_abs"])):
+        if limit is not None and bad:
+            out.append(Failure(cid, label, check, limit, _seen(worst), int(bad), int(s["n"]),
+                               image, asked, eff))
+    min_top1 = tol["min_top1_agreement"]
+    if min_top1 is not None and s["n_top1"]:
+        agreement = 1 - s["top1_flips"] / s["n_top1"]
+        if agreement < min_top1:
+            out.append(Failure(cid, label, "min_top1_agreement", min_top1, agreement,
+                               int(s["top1_flips"]), int(s["n_top1"]), s["top1_image"], asked, eff))
+    return out
 
 
 def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
-                      limits: dict[str, dict[str, float | None]], tol: dict[str, Any],
+                      limits: dict[tuple[str, str | None], dict[str, float | None]], tol: dict[str, Any],
                       effective: dict[str, str | None]) -> tuple[list[Failure], dict[str, Any]]:
     """The reuse guard reaches the gate: a cell (the reference included) whose sampled outputs
     move, when re-inferred in another batch, by more than its rel L2 limit fails, since a reused
@@ -274,8 +296,9 @@ def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]
         c = by_id.get(d["cell_id"])
         if c is None or c["status"] != "ok":
             continue
-        asked, eff = c.get("precision") or "fp32", effective.get(d["cell_id"])
-        lim = limits.get(d["cell_id"]) or _cell_limits(tol, precision_family(eff) or precision_family(asked))
+        asked, eff = c.get("precision") or "fp32", d["precision_effective"]
+        lim = (limits.get((d["cell_id"], eff))
+               or _cell_limits(tol, precision_family(eff) or precision_family(asked)))
         if lim["max_rel_l2"] is not None and d["rel_l2"] > lim["max_rel_l2"]:
             out.append(Failure(d["cell_id"], c["label"], "batch_dependence", lim["max_rel_l2"],
                                d["rel_l2"], 1, int(d["n"]), d["image_id"], asked, eff))
@@ -287,10 +310,13 @@ def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | N
     return {k: (auto[k] if tol[k] == AUTO else tol[k]) for k in ("max_abs", "max_rel_l2", "min_cosine")}
 
 
-def _cell_stats(con: duckdb.DuckDBPyConnection, limits: dict[str, dict[str, float | None]],
+def _cell_stats(con: duckdb.DuckDBPyConnection,
+                limits: dict[tuple[str, str | None], dict[str, float | None]],
                 same_input: bool) -> list[dict[str, Any]]:
-    """Worst values and rows breaking the limits, per cell (``check_cells.sql``)."""
-    table = pa.table({"cell_id": pa.array(list(limits), pa.string()),
+    """Worst values and rows breaking the limits, per cell and effective precision
+    (``check_cells.sql``)."""
+    table = pa.table({"cell_id": pa.array([k[0] for k in limits], pa.string()),
+                      "precision_effective": pa.array([k[1] for k in limits], pa.string()),
                       **{k: pa.array([lim[k] for lim in limits.values()], pa.float64())
                          for k in ("max_abs", "max_rel_l2", "min_cosine")}})
     con.register("limits", table)
@@ -315,7 +341,8 @@ CHECK_WORDS = {"precision": "precision", "errors": "errors", "reference_errors":
 def describe_failure(f: Failure) -> str:
     """One line: what broke, the limit and the number seen."""
     if f.check == "precision":
-        return f"precision: asked {f.limit}, ran {f.seen}"
+        return f"precision: asked {f.limit}, ran {f.seen}" + (
+            f" on {f.rows_bad} of {f.rows} images" if f.rows_bad < f.rows else "")
     if f.check == "errors":
         return f"errors: {f.rows_bad} row(s) failed where the reference did not (e.g. {f.image_id}: {f.seen})"
     if f.check == "reference_errors":
@@ -360,8 +387,12 @@ def render_check_text(r: CheckResult) -> str:
         by_cell.setdefault(f.cell_id, []).append(f)
     for cid, fs in by_cell.items():
         lines.append(f"  FAIL {cid} {fs[0].cell}")
+        split = fs[0].cell in r.splits
         for f in fs:
-            lines.append(f"       {describe_failure(f)}")
+            part = f"[{f.precision_effective} part] " if split and f.precision_effective else ""
+            lines.append(f"       {part}{describe_failure(f)}")
+    for label, text in r.splits.items():
+        lines.append(f"  SPLIT {label}: {text}; each part judged by the limits of the precision it ran")
     for label, u in r.not_judged_rows.items():
         why = (f", the reference failed on {u['reference_failed']} of them"
                if u["reference_failed"] else "")

@@ -23,11 +23,12 @@ from .db import open_run
 from .effects import Attribution, CellStat, attribute
 from .queries import query_dicts
 from .summary import WORST_PER_CELL, Summary
-from .tolerances import COS_EPS, default_limits, precision_family
+from .tolerances import COS_EPS, default_limits, precision_family, split_text
 
 # The ranking metric: median over images of the cosine distance of the outputs, i.e. how far a
 # factor moves a typical image. A factor that moves few images a lot (EXIF orientation on the
 # rotated files) has a median near 0 and is listed apart as "rare but large", with the images.
+# A contrast with NaN or Inf outputs ranks above every finite one (most such images first).
 RANK_METRIC = "cosine_distance_median"
 RARE_SHARE = 0.5        # "rare": fewer than half of the images diverge
 RARE_FACTOR = 10.0      # "large": the worst image moves 10x more than the typical one
@@ -65,10 +66,10 @@ class Contrast:
     level: str
     detail: str
     cell_id: str
-    n: int
-    cos_dist_mean: float | None
-    cos_dist_ci: tuple[float, float] | None
+    n: int                              # rows measured (NaN/Inf ones included)
+    cos_dist_mean: float | None         # statistics over the finite rows
     cos_dist_p50: float | None
+    cos_dist_p50_ci: tuple[float, float] | None   # order-statistic 95% interval, see median_interval
     cos_dist_p95: float | None
     cos_dist_max: float | None
     max_abs_mean: float | None
@@ -86,6 +87,11 @@ class Contrast:
     cos_dist_same_input: float | None = None
     n_diff_input: int = 0
     cos_dist_diff_input: float | None = None
+    n_nonfinite: int = 0                # rows whose output is NaN or Inf
+    nonfinite_image: str | None = None
+    out_divergent_frac: float | None = None   # share of rows whose output moved (> COS_EPS) or is NaN/Inf
+    n_finite: int = 0                   # rows behind the statistics and the median's interval
+    split: str | None = None            # "ran bf16 on 10 and fp32 on 10 of 20 images" (a part of a cell)
     worst: list[dict[str, Any]] = field(default_factory=list)
     concentrated: dict[str, Any] | None = None
     detection: DetectionContrast | None = None
@@ -108,6 +114,7 @@ class Explanation:
     task: str = "classification"
     detection_rules: dict[str, Any] = field(default_factory=dict)
     nodes_differ: dict[str, list[str]] = field(default_factory=dict)  # section -> differing nodes
+    nodes: int = 0                # nodes that computed rows (never ranked: see NODE_NOT_RANKED)
     explained: float = 0.0        # share of variance the cells explain (1 - within-cell SS / total)
     share_scale: float = 1.0      # < 1 when type-II shares were scaled down to sum <= explained
     nested: dict[str, dict[str, list[str]]] = field(default_factory=dict)
@@ -134,12 +141,13 @@ class Explanation:
         for c in sorted(self.contrasts, key=_rank_key):
             out.append({"factor": c.factor, "level": c.level, "detail": c.detail or None,
                         "metric": RANK_METRIC, "effect": c.cos_dist_p50,
+                        "effect_ci": c.cos_dist_p50_ci, "n": c.n, "nonfinite": c.n_nonfinite,
                         "cosine_distance_mean": c.cos_dist_mean, "cosine_distance_max": c.cos_dist_max,
                         "rare_but_large": is_rare_but_large(c),
                         "tolerance": tolerance_verdict(c),
                         "top1_disagreement": c.top1_disagree, "max_abs_p95": c.max_abs_p95,
                         "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
-                        "shape_mismatches": c.shape_mismatches, "n": c.n, "cell_id": c.cell_id,
+                        "shape_mismatches": c.shape_mismatches, "cell_id": c.cell_id,
                         "precision_effective": c.precision_effective})
         return out
 
@@ -154,8 +162,8 @@ class Explanation:
         for c in sorted(self.contrasts, key=_rank_key):
             best.setdefault(c.factor, c)
         return [{"factor": f, "level": c.level, "detail": c.detail or None,
-                 "metric": RANK_METRIC, "effect": c.cos_dist_p50,
-                 "cosine_distance_mean": c.cos_dist_mean,
+                 "metric": RANK_METRIC, "effect": c.cos_dist_p50, "effect_ci": c.cos_dist_p50_ci,
+                 "n": c.n, "nonfinite": c.n_nonfinite, "cosine_distance_mean": c.cos_dist_mean,
                  "top1_disagreement": c.top1_disagree, "max_abs_max": c.max_abs_max,
                  "eta_squared": self.eta_squared.get(f)} for f, c in best.items()]
 
@@ -175,39 +183,58 @@ class Explanation:
                 "eta_squared": self.eta_squared, "interactions": self.interactions,
                 "shares": {"method": "type-II sums of squares", "explained": self.explained,
                            "scale": self.share_scale, "nested": self.nested},
+                "nodes": {"count": self.nodes, "ranked": False, "why": NODE_NOT_RANKED,
+                          "differ_in": sorted(self.nodes_differ)},
                 "precision_mismatches": self.precision_mismatches, "status": self.status,
                 "skipped_cells": self.skipped, "determinism": self.determinism}
 
 
-def register_views(con: duckdb.DuckDBPyConnection, e: Explanation) -> None:
-    """The attribution results as DuckDB views: ``contrasts``, ``effects``, ``interactions``."""
+def _arrow_type(annotation: str) -> Any:
+    """The Arrow type of a scalar dataclass field (annotations are strings here), or None."""
     import pyarrow as pa
-    scalar = (int, float, str, bool, type(None))
-    contrasts = [{k: v for k, v in asdict(c).items() if isinstance(v, scalar)}
-                 | ({f"det_{k}": v for k, v in asdict(c.detection).items() if isinstance(v, scalar)}
-                    if c.detection else {})
-                 | {"concentrated_in": (f"{c.concentrated['property']}="
-                                        f"{'/'.join(c.concentrated['values'])}" if c.concentrated else None),
-                    "rank": i}
-                 for i, c in enumerate(sorted(e.contrasts, key=_rank_key), 1)]
+    base = annotation.replace(" | None", "").strip()
+    return {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}.get(base)
+
+
+def _scalar_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(column, field name, Arrow type) for the scalar fields of a dataclass."""
+    return [(prefix + f.name, f.name, t) for f in cls.__dataclass_fields__.values()
+            if (t := _arrow_type(str(f.type))) is not None]
+
+
+def register_views(con: duckdb.DuckDBPyConnection, e: Explanation) -> None:
+    """The attribution results as DuckDB views: ``contrasts``, ``effects``, ``interactions``.
+    Every column has its type, also where no contrast has a value (a classifier's det_*)."""
+    import pyarrow as pa
+    cols = _scalar_fields(Contrast) + _scalar_fields(DetectionContrast, "det_")
+    contrast_schema = pa.schema([(c, t) for c, _, t in cols]
+                                + [("concentrated_in", pa.string()), ("rank", pa.int64())])
+    contrasts = []
+    for i, c in enumerate(sorted(e.contrasts, key=_rank_key), 1):
+        row = {col: getattr(c, name) for col, name, _ in cols if not col.startswith("det_")}
+        if c.detection:
+            row |= {col: getattr(c.detection, name) for col, name, _ in cols if col.startswith("det_")}
+        k = c.concentrated
+        row["concentrated_in"] = f"{k['property']}={'/'.join(k['values'])}" if k else None
+        contrasts.append(row | {"rank": i})
     effects = [{"factor": f, "eta_squared": v} for f, v in e.eta_squared.items()]
     inter = [{"factor_a": i["factors"][0], "factor_b": i["factors"][1],
               "eta_squared": i["eta_squared"]} for i in e.interactions]
     for name, rows, schema in (
-            ("contrasts", contrasts, None),
+            ("contrasts", contrasts, contrast_schema),
             ("effects", effects, pa.schema([("factor", pa.string()), ("eta_squared", pa.float64())])),
             ("interactions", inter, pa.schema([("factor_a", pa.string()), ("factor_b", pa.string()),
                                               ("eta_squared", pa.float64())]))):
-        table = pa.Table.from_pylist(rows, schema=schema) if rows or schema else None
-        if table is not None:
-            con.register(f"_{name}_arrow", table)
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_arrow")
+        con.register(f"_{name}_arrow", pa.Table.from_pylist(rows, schema=schema))
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM _{name}_arrow")
 
 
 def _rank_key(c: Contrast) -> tuple:
+    """NaN/Inf outputs first (most such rows first), then the median cosine distance, the
+    mean, top-1 disagreement and max abs p95, largest first; missing values last."""
     neg = lambda v: -(v if v is not None and not math.isnan(v) else -1.0)  # noqa: E731
-    return (neg(c.cos_dist_p50), neg(c.cos_dist_mean), neg(c.top1_disagree), neg(c.max_abs_p95),
-            c.factor, c.level)
+    return (-c.n_nonfinite, neg(c.cos_dist_p50), neg(c.cos_dist_mean), neg(c.top1_disagree),
+            neg(c.max_abs_p95), c.factor, c.level, c.detail)
 
 
 def _tau_key(c: Contrast) -> tuple:
@@ -257,13 +284,13 @@ def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
 
 
 def is_rare_but_large(c: Contrast) -> bool:
-    """Few images diverge, but those by far more than the typical image."""
-    if not c.n or not c.cos_dist_max:
+    """Few images' outputs move (fewer than RARE_SHARE), but those by far more than the typical
+    image's. The share is of outputs, not inputs: a backend or precision change keeps every
+    input identical and may still move every output."""
+    if not c.n or not c.cos_dist_max or c.out_divergent_frac is None:
         return False
-    share = 1.0 - (c.px_equal_frac if c.px_equal_frac is not None else 0.0)
-    if c.concentrated:
-        share = c.concentrated["divergent_total"] / max(1, c.n)
-    return share < RARE_SHARE and c.cos_dist_max > RARE_FACTOR * max(c.cos_dist_p50 or 0.0, 1e-9)
+    return (c.out_divergent_frac < RARE_SHARE
+            and c.cos_dist_max > RARE_FACTOR * max(c.cos_dist_p50 or 0.0, 1e-9))
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -277,12 +304,21 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_ci(mean: float | None, sd: float | None, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """Normal-approximation 95% interval for a mean."""
-    if mean is None or sd is None or n < 2:
+def median_rank(n: int) -> int:
+    """The lower rank j (1-based) of the 95% order-statistic interval [x_(j), x_(n+1-j)] for a
+    median of n values: the binomial's normal approximation with continuity correction, the
+    same rule as ``sql/median_ci.sql`` (coverage >= 95% for n >= 6; [min, max] below)."""
+    return max(1, math.floor(n / 2 - 0.98 * math.sqrt(n) + 0.5))
+
+
+def median_interval(values: list[float]) -> tuple[float, float] | None:
+    """Distribution-free 95% interval for the median of ``values`` (any distribution: zero-
+    inflated, heavy-tailed), from two of its order statistics; None when empty."""
+    if not values:
         return None
-    half = z * sd / math.sqrt(n)
-    return (max(0.0, mean - half), mean + half)
+    s = sorted(values)
+    j = median_rank(len(s))
+    return (s[j - 1], s[len(s) - j])
 
 
 def concentration(split: dict[str, list[tuple[str, int, int]]],
@@ -318,14 +354,18 @@ def _axes(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
-              s: dict[str, Any]) -> Contrast:
+              s: dict[str, Any], split: str | None) -> Contrast:
     n_top1 = s["n_top1"] or 0
     flips = s["top1_flips"] or 0
+    n = int(s["n"] or 0)
+    detail = " ".join(f"{a}={c[a]}" for a in others)
+    if split:   # one part of a cell that ran at two precisions: its own line
+        detail = f"{detail}, ran {s['precision_effective']}" if detail else f"ran {s['precision_effective']}"
+    ci = s.get("ci")
     return Contrast(
-        factor=factor, level=level, detail=" ".join(f"{a}={c[a]}" for a in others),
-        cell_id=c["cell_id"], n=s["n"], cos_dist_mean=s["cos_dist_mean"],
-        cos_dist_ci=mean_ci(s["cos_dist_mean"], s["cos_dist_sd"], s["n"]),
-        cos_dist_p50=s["cos_dist_p50"], cos_dist_p95=s["cos_dist_p95"],
+        factor=factor, level=level, detail=detail,
+        cell_id=c["cell_id"], n=n, cos_dist_mean=s["cos_dist_mean"],
+        cos_dist_p50=s["cos_dist_p50"], cos_dist_p50_ci=(ci["lo"], ci["hi"]) if ci and ci["n"] else None, cos_dist_p95=s["cos_dist_p95"],
         cos_dist_max=s["cos_dist_max"], max_abs_mean=s["max_abs_mean"],
         max_abs_p95=s["max_abs_p95"], max_abs_max=s["max_abs_max"],
         top1_disagree=flips / n_top1 if n_top1 else None, top1_ci=wilson(flips, n_top1),
@@ -334,7 +374,10 @@ def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
         precision=c.get("precision"), precision_effective=s["precision_effective"],
         rel_l2_max=s.get("rel_l2_max"),
         n_same_input=int(s["n_same_input"] or 0), cos_dist_same_input=s["cos_dist_same_input"],
-        n_diff_input=int(s["n_diff_input"] or 0), cos_dist_diff_input=s["cos_dist_diff_input"])
+        n_diff_input=int(s["n_diff_input"] or 0), cos_dist_diff_input=s["cos_dist_diff_input"],
+        n_nonfinite=int(s["n_nonfinite"] or 0), nonfinite_image=s["nonfinite_image"],
+        out_divergent_frac=int(s["n_divergent"] or 0) / n if n else None,
+        n_finite=n - int(s["n_nonfinite"] or 0), split=split)
 
 
 def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Explanation:
@@ -345,33 +388,44 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
     axes = _axes(con)
     cells = query_dicts(con, "SELECT * FROM cells")
     ref = next(c for c in cells if c["is_reference"])
-    stats = {s["cell_id"]: s for s in stored.rows("cell_stats")}
+    parts = _parts(stored.rows("cell_stats", {"cos_eps": COS_EPS}))
 
     # A level's contrast is the cell with that level that differs from the reference in the
     # fewest other factors: exactly one where the matrix has it; otherwise (say int8, which
     # torch cannot run) the nearest cells, with the other changed factors named in ``detail``.
     nearest: dict[tuple[str, str], list[tuple[int, dict[str, Any], list[str]]]] = {}
     for c in cells:
-        if c["is_reference"] or c["status"] != "ok" or c["cell_id"] not in stats:
+        if c["is_reference"] or c["status"] != "ok" or c["cell_id"] not in parts:
             continue
         # An axis null in this cell does not apply to it (openvino_hint on a torch cell): it is
         # no level, so never a contrast of its own nor a detail ("openvino_hint=None").
         main = [a for a in axes if c[a] is not None and ref[a] is not None and c[a] != ref[a]]
         for a in main:
             nearest.setdefault((a, str(c[a])), []).append((len(main), c, main))
-    contrasts = []
+    chosen = []
     for (factor, level), found in nearest.items():
         fewest = min(k for k, _, _ in found)
-        for _, c, _ in (f for f in found if f[0] == fewest):
-            others = [a for a in axes if a != factor and c[a] is not None and c[a] != ref[a]]
-            contrasts.append(_contrast(factor, level, c, others, stats[c["cell_id"]]))
+        chosen += [(factor, level, c) for k, c, _ in found if k == fewest]
+    cis: dict[tuple, dict[str, Any]] = {
+        (d["cell_id"], d["precision_effective"]): d
+        for d in stored.rows("median_ci", {"cells": sorted({c["cell_id"] for _, _, c in chosen})})}
+    contrasts = []
+    for factor, level, c in chosen:
+        others = [a for a in axes if a != factor and c[a] is not None and c[a] != ref[a]]
+        cell_parts = parts[c["cell_id"]]
+        split = split_text([(p["precision_effective"], int(p["n"])) for p in cell_parts]) \
+            if len(cell_parts) > 1 else None
+        for p in cell_parts:
+            p["ci"] = cis.get((c["cell_id"], p["precision_effective"]))
+            contrasts.append(_contrast(factor, level, c, others, p, split))
     if contrasts:
         by_cell: dict[str, list] = {}
         for d in stored.rows("worst_images", {"cells": [c.cell_id for c in contrasts],
                                                "per_cell": worst_per_cell}):
             by_cell.setdefault(d.pop("cell_id"), []).append(d)
-        for c in contrasts:
-            c.worst = [w for w in by_cell.get(c.cell_id, []) if (w["max_abs"] or 0) > 0]
+        for c in contrasts:   # a part of a split cell shows its own rows only
+            c.worst = [w for w in by_cell.get(c.cell_id, []) if (w["max_abs"] or 0) > 0
+                       and (not c.split or w["precision_effective"] == c.precision_effective)]
 
         splits: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
         for d in stored.rows("property_split", {"cells": [c.cell_id for c in contrasts],
@@ -396,14 +450,10 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
     attribution = main_effects(stored.rows("cell_moments"), cells, axes,
                                {a: ref[a] for a in axes})
     eta, inter = attribution.main, attribution.interactions
-    node_eta = _node_eta_squared(con, stored)
-    if node_eta is not None:
-        eta["node"] = node_eta
     mismatches: dict[str, dict[str, Any]] = {}
-    for c in cells:
-        s = stats.get(c["cell_id"])
+    for c, s in ((c, s) for c in cells for s in parts.get(c["cell_id"], [])):
         asked = c.get("precision") or "fp32"
-        if s and s["precision_effective"] and not s["precision_effective"].startswith(asked):
+        if s["precision_effective"] and not s["precision_effective"].startswith(asked):
             setting = " ".join(f"{a}={c[a]}" for a in axes
                                if AXES[a].stage == "infer" and c[a] is not None)
             m = mismatches.setdefault(setting, {"label": setting, "asked": asked,
@@ -421,7 +471,7 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
                      ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
         task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}),
         explained=attribution.explained, share_scale=attribution.scale, nested=attribution.nested,
-        nodes_differ=nodes_differ(manifest))
+        nodes_differ=nodes_differ(manifest), nodes=_node_count(con, stored))
 
 
 def nodes_differ(manifest: dict[str, Any]) -> dict[str, list[str]]:
@@ -431,12 +481,26 @@ def nodes_differ(manifest: dict[str, Any]) -> dict[str, list[str]]:
             if len({json.dumps(env.get(sec), sort_keys=True) for env in nodes.values()}) > 1}
 
 
-def _node_eta_squared(con: duckdb.DuckDBPyConnection, stored: Summary) -> float | None:
-    """Share of the output variance (cosine distance) explained by the node within each cell,
-    ranked beside the factors; None when one node computed every row."""
+NODE_NOT_RANKED = ("nodes process disjoint chunks, i.e. different images, so a node 'share' "
+                   "would measure how those images differ, not the node")
+
+
+def _node_count(con: duckdb.DuckDBPyConnection, stored: Summary) -> int:
+    """How many nodes computed the rows (0 for runs whose rows do not name their node)."""
     if "node" not in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
-        return None
-    return stored.rows("node_eta")[0]["node_eta"]
+        return 0
+    return int(stored.rows("node_counts")[0]["nodes"] or 0)
+
+
+def _parts(stats: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``cell_stats`` rows by cell: one part per precision the cell's measured rows ran at, most
+    rows first (parts without a measured row, such as error rows, dropped unless alone)."""
+    by_cell: dict[str, list[dict[str, Any]]] = {}
+    for s in stats:
+        by_cell.setdefault(s["cell_id"], []).append(s)
+    return {cid: sorted([p for p in ps if p["n"]] or ps[:1],
+                        key=lambda p: (-int(p["n"] or 0), str(p["precision_effective"])))
+            for cid, ps in by_cell.items()}
 
 
 def main_effects(moments: list[dict[str, Any]], cells: list[dict[str, Any]], axes: list[str],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .explain import Contrast, DetectionContrast, Explanation, tolerance_verdict
+from .explain import NODE_NOT_RANKED, Contrast, DetectionContrast, Explanation, tolerance_verdict
 from .numbers import g, pct
 
 __all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text"]
@@ -37,6 +37,11 @@ def concentrated_text(k: dict[str, Any] | None) -> str:
 
 def _why(c: Contrast) -> str:
     notes = []
+    if c.n_nonfinite:
+        notes.append(f"NaN/Inf on {c.n_nonfinite} of {c.n} images (e.g. {c.nonfinite_image}); "
+                     f"the numbers are over the other {c.n_finite}")
+    if c.split:
+        notes.append(f"{c.split}: split by what ran, each part judged by its own tolerance")
     if c.shape_mismatches:
         notes.append(f"{c.shape_mismatches} image(s) decode to another shape")
     if c.px_equal_frac is not None and c.px_equal_frac == 1.0 and (c.cos_dist_mean or 0) > 0:
@@ -160,14 +165,17 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
                 out.append(f"     {'':<14} {note}")
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     unit = "the raw detector head" if e.task == "detection" else "logits"
-    out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}):",
-            f"  {'factor':<13} {'level':<{lw}} {'n':>4} {'median':>9} {'cos mean [95% CI]':>28} {'p95':>9} "
+    out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}; the "
+                "median's interval from order statistics, distribution-free; NaN/Inf rows left out "
+                "of the numbers and counted):",
+            f"  {'factor':<13} {'level':<{lw}} {'n':>6} {'median [95% CI]':>28} {'mean':>9} {'p95':>9} "
             f"{'max abs p95':>11} {'max':>9} {'top-1 flips [95% CI]':>22} {'px mean':>8} {'ran':>6}"]
     for c in sorted(e.contrasts, key=lambda c: (c.factor, c.level, c.detail)):
-        ci = f"[{g(c.cos_dist_ci[0], 2)}, {g(c.cos_dist_ci[1], 2)}]" if c.cos_dist_ci else ""
+        ci = f"[{g(c.cos_dist_p50_ci[0], 2)}, {g(c.cos_dist_p50_ci[1], 2)}]" if c.cos_dist_p50_ci else ""
         tci = f"[{pct(c.top1_ci[0])}, {pct(c.top1_ci[1])}]" if c.top1_ci else ""
-        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {c.n:>4} {g(c.cos_dist_p50):>9} "
-                   f"{g(c.cos_dist_mean) + ' ' + ci:>28} "
+        n = f"n={c.n}" + (f" ({c.n_nonfinite} NaN)" if c.n_nonfinite else "")
+        out.append(f"  {c.factor:<13} {_level(c):<{lw}} {n:>6} {g(c.cos_dist_p50) + ' ' + ci:>28} "
+                   f"{g(c.cos_dist_mean):>9} "
                    f"{g(c.cos_dist_p95):>9} {g(c.max_abs_p95):>11} {g(c.max_abs_max):>9} "
                    f"{pct(c.top1_disagree) + ' ' + tci:>22} {g(c.px_mean_abs):>8} "
                    f"{c.precision_effective or '-':>6}")
@@ -194,9 +202,11 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
         if strong:
             out.append("  strongest interactions: " + "  ".join(
                 f"{' x '.join(i['factors'])} {g(i['eta_squared'], 2)}" for i in strong[:3]))
-    if e.nodes_differ:
-        out.append(f"  nodes differ in {', '.join(e.nodes_differ)} (see nodes in manifest.json); "
-                   "'node' above is ranked like a factor")
+    if e.nodes > 1:
+        differ = (f"; they differ in {', '.join(e.nodes_differ)} (nodes in manifest.json)"
+                  if e.nodes_differ else "")
+        out.append(f"  node: not ranked - {e.nodes} nodes computed the rows, and {NODE_NOT_RANKED}"
+                   f"{differ}")
     ranked = sorted(e.contrasts, key=lambda c: -(c.cos_dist_mean or 0))
     shown = [c for c in ranked if c.worst][:6]
     if shown:

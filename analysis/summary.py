@@ -38,10 +38,11 @@ WORST_PER_CELL = 3       # explain's default
 
 # query name -> the parameters it is computed with
 QUERIES: dict[str, dict[str, Any]] = {
-    "cell_stats": {},
+    "cell_stats": {"cos_eps": COS_EPS},
+    "median_ci": {"cells": ALL_CELLS},
     "cell_moments": {},
     "row_status": {},
-    "node_eta": {},
+    "node_counts": {},
     "worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
     "property_split": {"cells": ALL_CELLS, "cos_eps": COS_EPS},
     "det_cell_stats": {},
@@ -73,7 +74,7 @@ def _params(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str,
 
 
 def _applies(name: str, columns: set[str], task: str) -> bool:
-    if name == "node_eta":
+    if name == "node_counts":
         return "node" in columns
     return task == "detection" or not name.startswith("det_")
 

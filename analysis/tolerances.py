@@ -30,3 +30,11 @@ def default_limits(family: str | None) -> dict[str, float | None]:
     return {"max_abs": None,
             "max_rel_l2": rtol * WHOLE_MODEL_ALLOWANCE if rtol is not None else None,
             "min_cosine": DEFAULT_MIN_COSINE if family != "int8" else None}
+
+
+def split_text(parts: list[tuple[str | None, int]]) -> str:
+    """How a cell's rows split by the precision they ran at, e.g. "ran bf16 on 10 and fp32 on 10
+    of 20 images" (``parts``: (precision, rows), most rows first)."""
+    named = [f"{p or 'unknown'} on {n}" for p, n in parts]
+    return (f"ran {', '.join(named[:-1])} and {named[-1]} of {sum(n for _, n in parts)} images"
+            if len(named) > 1 else f"ran {named[0]} images")

@@ -1,20 +1,23 @@
--- dmx check: per cell, the worst value of each judged metric and how many rows break its limit.
--- Joins the registered table `limits` (cell_id, max_abs, max_rel_l2, min_cosine; NULL = not
--- checked). $same_input = true keeps only rows whose model input equals the reference's.
+-- dmx check: per cell and effective precision (a cell whose rows ran at two precisions is
+-- judged as two parts), the worst value of each judged metric and how many rows break its limit.
+-- Joins the registered table `limits` (cell_id, precision_effective - NULL for rows that name
+-- none -, max_abs, max_rel_l2, min_cosine; NULL = not checked). $same_input = true keeps only rows whose model input equals the reference's.
 -- NaN counts as breaking every limit. Units: max abs in output units (logits), rel L2 a ratio.
 -- NaN is tested as isnan(x::VARCHAR::DOUBLE): Parquet min/max statistics leave NaN out and
 -- DuckDB trusts them, folding isnan(x) (and x > c) to false on a column whose NaNs it cannot see.
 WITH judged AS (
-    SELECT r.cell_id, r.image_id, r.out_max_abs, r.out_rel_l2, r.out_cosine, r.top1_agree,
+    SELECT r.cell_id, r.precision_effective, r.image_id, r.out_max_abs, r.out_rel_l2, r.out_cosine, r.top1_agree,
            isnan(r.out_max_abs::VARCHAR::DOUBLE) AS max_abs_nan,
            isnan(r.out_rel_l2::VARCHAR::DOUBLE)  AS rel_l2_nan,
            isnan(r.out_cosine::VARCHAR::DOUBLE)  AS cosine_nan,
            l.max_abs AS lim_max_abs, l.max_rel_l2 AS lim_rel_l2, l.min_cosine AS lim_cosine
-    FROM rows r JOIN limits l USING (cell_id)
+    FROM rows r JOIN limits l
+      ON l.cell_id = r.cell_id AND l.precision_effective IS NOT DISTINCT FROM r.precision_effective
     WHERE r.status = 'ok' AND NOT r.is_reference AND (NOT $same_input OR r.px_equal)
 )
 SELECT
     cell_id,
+    precision_effective,
     count(*)                                                                 AS n,
     max(CASE WHEN max_abs_nan THEN 'NaN'::DOUBLE ELSE out_max_abs END)      AS max_abs,
     arg_max(image_id, CASE WHEN max_abs_nan THEN 'Infinity'::DOUBLE ELSE out_max_abs END) AS max_abs_image,
@@ -29,4 +32,4 @@ SELECT
     count(*) FILTER (WHERE NOT top1_agree)                                   AS top1_flips,
     arg_min(image_id, top1_agree::INTEGER)                                   AS top1_image
 FROM judged
-GROUP BY cell_id
+GROUP BY cell_id, precision_effective
