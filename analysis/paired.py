@@ -24,7 +24,7 @@ import numpy as np
 
 __all__ = ["GATE_STATUSES", "AccuracyGate", "PairedAccuracy", "accuracy_gate", "accuracy_points",
            "bootstrap_delta_interval", "discordant_counts", "format_p", "indistinguishable_from_zero",
-           "mcnemar_exact_p", "paired_accuracy", "paired_correct", "verdict"]
+           "mcnemar_exact_p", "paired_accuracy", "paired_correct", "paired_from_counts", "verdict"]
 
 #: ``fail``: a drop beyond the limit with confidence; ``pass``: not shown to be; ``not_judged``:
 #: no image was judged on both sides (a gate never passes what it could not judge).
@@ -150,14 +150,25 @@ def paired_accuracy(cell_correct: Any, ref_correct: Any, *, resamples: int = 200
     """Accuracy of the cell and the reference, the change (points) with its paired bootstrap
     interval, the discordant counts and McNemar's exact p, over the images judged on both."""
     c, r = paired_correct(cell_correct, ref_correct)
-    n, rw, wr = len(c), int((r & ~c).sum()), int((~r & c).sum())
+    return paired_from_counts(len(c), int(r.sum()), int((r & ~c).sum()), int((~r & c).sum()),
+                              resamples=resamples, seed=seed, level=level)
+
+
+def paired_from_counts(n: int, ref_right: int, right_to_wrong: int, wrong_to_right: int, *,
+                       resamples: int = 2000, seed: int = 0, level: float = 0.95
+                       ) -> PairedAccuracy:
+    """``paired_accuracy`` from four counts over the n paired images (what one SQL aggregate
+    per cell gives: no per-image array leaves DuckDB); the same result, bit for bit."""
+    n, ref_right, rw, wr = int(n), int(ref_right), int(right_to_wrong), int(wrong_to_right)
+    if min(n, ref_right, rw, wr) < 0 or rw > ref_right or wr > n - ref_right:
+        raise ValueError(f"inconsistent counts: n={n}, ref_right={ref_right}, "
+                         f"right_to_wrong={rw}, wrong_to_right={wr}")
     lo, hi = _interval(n, rw, wr, resamples, seed, level)
-    acc = (lambda v: 100.0 * int(v.sum()) / n) if n else (lambda v: float("nan"))
-    return PairedAccuracy(n=n, acc_cell=acc(c), acc_ref=acc(r),
-                          delta=100.0 * (wr - rw) / n if n else float("nan"), ci_low=lo,
-                          ci_high=hi, right_to_wrong=rw, wrong_to_right=wr,
-                          p_value=mcnemar_exact_p(rw, wr), level=level, resamples=resamples,
-                          seed=seed)
+    pts = (lambda k: 100.0 * k / n) if n else (lambda k: float("nan"))
+    return PairedAccuracy(n=n, acc_cell=pts(ref_right - rw + wr), acc_ref=pts(ref_right),
+                          delta=pts(wr - rw), ci_low=lo, ci_high=hi, right_to_wrong=rw,
+                          wrong_to_right=wr, p_value=mcnemar_exact_p(rw, wr), level=level,
+                          resamples=resamples, seed=seed)
 
 
 def indistinguishable_from_zero(ci_low: float, ci_high: float) -> bool:

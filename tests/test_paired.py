@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from scipy.stats import binomtest
 
 from analysis.paired import (accuracy_gate, accuracy_points, bootstrap_delta_interval,
-                             discordant_counts, format_p, mcnemar_exact_p, paired_accuracy, verdict)
+                             discordant_counts, format_p, mcnemar_exact_p, paired_accuracy,
+                             paired_from_counts, verdict)
 from runner.labels import correct_at_k
 
 N_CLASSES = 10
@@ -158,3 +159,12 @@ def test_interval_contains_the_observed_change_and_is_seeded(n, data):
 
 def test_p_values_are_written_as_people_write_them():
     assert [format_p(p) for p in (1.0, 0.0321, 3.2e-7)] == ["1", "0.032", "3e-7"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), min_size=1, max_size=300))
+def test_counts_from_sql_give_the_same_result_as_per_image_arrays(pairs):
+    cell = np.array([c for c, _ in pairs])
+    ref = np.array([r for _, r in pairs])
+    rw, wr = discordant_counts(cell, ref)
+    assert paired_from_counts(len(pairs), int(ref.sum()), rw, wr) == paired_accuracy(cell, ref)
