@@ -5,11 +5,17 @@ cell's backend (``runner.backends``) which model product its setting runs and le
 make it: the conversion code lives in the backend that needs it (ONNX export in
 ``backends/onnx_export.py``, fp16/int8 for ONNX Runtime in ``onnxruntime_backend.py``, OpenVINO
 IR and NNCF in ``openvino_backend.py``...). Products are cached under dmx's cache directory,
-keyed by a hash of the weights and the conversion settings, so the second run converts nothing.
+keyed by ``conversion_digest`` - everything that goes into a conversion: the weights, the code of
+the torch model, the input shape, the opset and the converting libraries' versions (the backends
+add the exporter and their settings) - so the second run converts nothing, and an edited
+``forward`` or a new input size converts again.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import inspect
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +99,56 @@ def weights_digest(model: ResolvedModel, build: Callable[[], Any]) -> str:
     return h.hexdigest()[:20]
 
 
+# The libraries that make model products: another version may make another file.
+CONVERTERS = ("torch", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def code_digest(model: ResolvedModel, net: Any) -> str:
+    """Hash of the code that defines the torch model: the factory's module and the source file
+    of every module class in ``net`` outside torch (torch's own version is keyed apart)."""
+    import torch
+    factory = model.torch_factory or ""
+    if factory.startswith("builtin:"):
+        from .models import get_model
+        files = {inspect.getsourcefile(get_model(factory.split(":", 1)[1]).build)}
+    else:
+        found = importlib.util.find_spec(factory.split(":", 1)[0]) if factory else None
+        files = {found.origin} if found is not None and found.origin else set()
+    torch_dir = os.path.dirname(torch.__file__)
+    for m in net.modules():
+        try:
+            files.add(inspect.getsourcefile(type(m)))
+        except TypeError:   # a class without a source file (built in C)
+            pass
+    own = sorted(file_digest(f) for f in files
+                 if f and os.path.isfile(f) and not f.startswith(torch_dir))
+    return hashlib.sha256("".join(own).encode()).hexdigest()[:20]
+
+
+def conversion_digest(model: ResolvedModel, build: Callable[[], Any]) -> str:
+    """The root of every cache key of the model's products: a user ONNX file's bytes, or the
+    weights and the code of the torch model; plus the input shape, opset and the converting
+    libraries' versions."""
+    if model.onnx:
+        root = {"onnx": file_digest(model.onnx)[:20]}
+    else:
+        net = build()
+        root = {"weights": weights_digest(model, lambda: net), "code": code_digest(model, net)}
+    pre = model.preprocess
+    text = json.dumps({**root, "input": [getattr(pre, "channels", "rgb"), 3, pre.crop, pre.crop],
+                       "opset": model.opset, "libraries": {d: _version(d) for d in CONVERTERS}},
+                      sort_keys=True)
+    return ("onnx-" if model.onnx else "") + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def file_key(backend: str, precision: str, conversion: str | None) -> str:
     """Which model product a (backend, precision, conversion) runs (the backend's ``model_key``)."""
     setting = InferSetting(backend=backend, precision=precision, conversion=conversion)
@@ -161,8 +217,7 @@ def prepare_artifacts(model: ResolvedModel,
     files: dict[str, str] = {}
     notes: dict[str, Any] = {}
     from .models.loading import build_torch_model
-    digest = "onnx-" + file_digest(model.onnx)[:20] if model.onnx else \
-        weights_digest(model, lambda: build_torch_model(model.torch_factory, model.weights))
+    digest = conversion_digest(model, lambda: build_torch_model(model.torch_factory, model.weights))
     conv = _Conversion(model, digest, files, notes, calibration, threads)
     for setting in sorted(wanted, key=repr):
         backend = BACKENDS.get(setting.backend)
