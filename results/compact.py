@@ -150,8 +150,9 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
     if bad:
         raise RunDirError(f"{run.uri}: {len(bad)} part file(s) are unreadable (truncated or "
                           "corrupt); run `dmx run SPEC --out ... --resume` first to compute them again")
-    new = {c: p for c, (p, ok) in parts.items() if ok and c not in held}
-    stale = [p for c, (p, _) in parts.items() if c in held]  # merged before, not yet deleted
+    # chunks with transient errors stay part files until a resume computes them again
+    new = {c: p for c, (p, ok) in parts.items() if ok and c not in held and c not in run.retry_chunks}
+    stale = [p for c, (p, _) in parts.items() if c in held] + run.stale_retry  # merged before
     old_files = [run.path(f) for f in state["files"]]
     if not new:
         run.delete(stale)

@@ -28,7 +28,10 @@ def is_remote(location: str | os.PathLike) -> bool:
 
 
 _S3_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS")
+S3_MAX_ATTEMPTS = 8            # AWS SDK attempts per request (AWS_MAX_ATTEMPTS overrides)
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0
 _GCS_VARS = ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
 
 
@@ -53,7 +56,13 @@ def _build(scheme: str, variables: tuple[tuple[str, str | None], ...]) -> pafs.F
             kwargs.update(access_key=env["AWS_ACCESS_KEY_ID"],
                           secret_key=env.get("AWS_SECRET_ACCESS_KEY") or "",
                           session_token=env.get("AWS_SESSION_TOKEN"))
-        return pafs.S3FileSystem(**kwargs)
+        # The AWS SDK's standard retry mode (throttling such as SlowDown/503, 5xx, dropped
+        # connections), with the attempt count users set for every AWS SDK, and timeouts so a
+        # stalled request fails and is retried instead of hanging a worker.
+        attempts = int(env.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS)
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                                 connect_timeout=S3_CONNECT_TIMEOUT_S,
+                                 request_timeout=S3_REQUEST_TIMEOUT_S, **kwargs)
     emulator = env.get("STORAGE_EMULATOR_HOST")
     if emulator:
         u = urlparse(emulator if "://" in emulator else f"http://{emulator}")

@@ -42,6 +42,7 @@ from .schema import IMAGE_SCHEMA
 MANIFEST = "manifest.json"
 CHUNK_LIST = "chunks.parquet"
 COMPACTION = "compaction.json"
+RETRY_PART = "part-0.retry.parquet"
 _CHUNK_DIR = re.compile(r"^chunk=(\d+)$")
 _COMPACTED_DIR = re.compile(r"^chunk=compacted-(\d+)-(\d+)$")
 CHUNK_LIST_SCHEMA = pa.schema([("image_id", pa.string()), ("size_bytes", pa.int64()),
@@ -157,6 +158,8 @@ class RunDir:
         self.fs, self.base = filesystem(root)
         self.remote = is_remote(root)
         self._parts: dict[int, tuple[str, bool]] | None = None   # part_files(), until a write
+        self.retry_chunks: set[int] = set()     # chunks whose part file holds transient errors
+        self.stale_retry: list[str] = []        # retry files of chunks since computed again
 
     # ------------------------------------------------------------------ paths
     @property
@@ -182,8 +185,10 @@ class RunDir:
     def rows_dir(self) -> Path:
         return self.root / "rows"
 
-    def part_path(self, chunk: int) -> str:
-        return self.path(f"rows/chunk={chunk:05d}/part-0.parquet")
+    def part_path(self, chunk: int, retry: bool = False) -> str:
+        """A chunk's part file; ``retry``: its rows hold transient errors (a read that may
+        succeed later), so ``--resume`` computes the chunk again (the rows stay readable)."""
+        return self.path(f"rows/chunk={chunk:05d}/{RETRY_PART if retry else 'part-0.parquet'}")
 
     def images_part_path(self, chunk: int) -> str:
         return self.path(f"_images/chunk={chunk:05d}.parquet")
@@ -367,12 +372,18 @@ class RunDir:
         until it writes or deletes a file."""
         if self._parts is not None:
             return self._parts
-        out = {}
+        out, retry = {}, {}
         for info in self._list("rows"):
             parent, name = info.path.rsplit("/", 2)[-2:]
             m = _CHUNK_DIR.match(parent)
             if m and name == "part-0.parquet":
                 out[int(m.group(1))] = (info.path, self._intact(info.path, info.size))
+            elif m and name == RETRY_PART:
+                retry[int(m.group(1))] = (info.path, self._intact(info.path, info.size))
+        # a chunk computed again after transient errors: its new file wins, the old is stale
+        self.retry_chunks = {c for c in retry if c not in out}
+        self.stale_retry = [retry[c][0] for c in retry if c in out]
+        out.update({c: retry[c] for c in self.retry_chunks})
         self._parts = out
         return out
 
@@ -396,7 +407,7 @@ class RunDir:
     def done_chunks(self) -> set[int]:
         """Chunks whose rows are complete: an intact part file, or held by intact compacted
         files. A truncated file does not count, so ``--resume`` computes its chunks again."""
-        done = {c for c, (_, ok) in self.part_files().items() if ok}
+        done = {c for c, (_, ok) in self.part_files().items() if ok} - self.retry_chunks
         state = self.compaction()
         return done | (set(state["chunks"]) if self.compaction_intact(state) else set())
 
@@ -450,10 +461,17 @@ class RunDir:
                 files.append(p)
         return files
 
-    def write_chunk(self, chunk: int, rows: pa.Table, images: pa.Table) -> None:
-        """Image properties first, rows last: a chunk counts as done once its rows exist."""
+    def write_chunk(self, chunk: int, rows: pa.Table, images: pa.Table, retry: bool = False) -> None:
+        """Image properties first, rows last: a chunk counts as done once its rows exist (and
+        hold no transient error: ``retry``). A chunk computed again after transient errors
+        replaces its retry file: the new part file first, then the old one goes."""
         self.write_parquet(f"_images/chunk={chunk:05d}.parquet", images)
-        self.write_parquet(f"rows/chunk={chunk:05d}/part-0.parquet", rows)
+        rel = self.part_path(chunk, retry)[len(self.base) + 1:]
+        self.write_parquet(rel, rows)
+        if not retry:
+            old = self.part_path(chunk, True)
+            if self._info(old[len(self.base) + 1:]).type == pafs.FileType.File:
+                self.delete([old])
 
     def merge_images(self, chunks: set[int] | None = None, scratch: str | os.PathLike | None = None) -> int:
         """Merge per-chunk image properties (of ``chunks``, default all) into ``images.parquet``,

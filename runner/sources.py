@@ -15,11 +15,13 @@ Parquet shard row group by row group and a tar shard whole, keeping only the las
 from __future__ import annotations
 
 import fnmatch
-import functools
-import io
+import bisect
 import os
+import random
 import re
 import tarfile
+import threading
+import time
 from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
@@ -182,15 +184,17 @@ class _ParquetShard:
             n += self.file.metadata.row_group(g).num_rows
         self.starts = starts
         self.group, self.values = -1, None
+        self.lock = threading.Lock()
 
     def read(self, row: int) -> bytes:
-        g = max(i for i, s in enumerate(self.starts) if s <= row)
-        if g != self.group:
-            col = self.file.read_row_group(g, columns=[self.column])[self.column]
-            if pa.types.is_struct(col.type):
-                col = col.combine_chunks().field("bytes")
-            self.group, self.values = g, col
-        value = self.values[row - self.starts[g]].as_py()
+        g = bisect.bisect_right(self.starts, row) - 1
+        with self.lock:
+            if g != self.group:
+                col = self.file.read_row_group(g, columns=[self.column])[self.column]
+                if pa.types.is_struct(col.type):
+                    col = col.combine_chunks().field("bytes")
+                self.group, self.values = g, col
+            value = self.values[row - self.starts[g]].as_py()
         if value is None:
             raise OSError(f"row {row} of the shard holds no image bytes")
         return value
@@ -198,7 +202,7 @@ class _ParquetShard:
 
 # ------------------------------------------------------------------ WebDataset tar shards
 def _tar_members(fs: pafs.FileSystem, path: str):
-    with fs.open_input_stream(path) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+    with fs.open_input_stream(path, buffer_size=8 << 20) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for m in tar:
             p = PurePosixPath(m.name)
             if m.isfile() and p.suffix.lower() in IMAGE_SUFFIXES:
@@ -208,27 +212,84 @@ def _tar_members(fs: pafs.FileSystem, path: str):
 
 
 class _TarShard:
-    """One tar shard read whole (one GET), members by name."""
+    """One tar shard, fetched once (streamed to a local file for a remote shard) and indexed:
+    members are read by offset, so a worker holds none of it in memory."""
 
     def __init__(self, location: str) -> None:
         fs, path = filesystem(location)
-        with fs.open_input_stream(path) as f:
-            data = f.read()
-        self.members: dict[str, bytes] = {}
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        self.tmp: str | None = None
+        if is_remote(location):
+            import tempfile
+            fd, self.tmp = tempfile.mkstemp(prefix="dmx-shard-", suffix=".tar")
+            try:
+                with os.fdopen(fd, "wb") as dst, fs.open_input_stream(path) as src:
+                    while block := src.read(8 << 20):
+                        dst.write(block)
+            except BaseException:
+                self.close()
+                raise
+            path = self.tmp
+        self.path = path
+        self.members: dict[str, tuple[int, int]] = {}
+        with tarfile.open(path, mode="r:") as tar:
             for m in tar:
                 if m.isfile():
-                    self.members[m.name] = tar.extractfile(m).read()
+                    self.members[m.name] = (m.offset_data, m.size)
 
     def read(self, name: str) -> bytes:
         if name not in self.members:
             raise FileNotFoundError(2, "no such member in the shard", name)
-        return self.members[name]
+        offset, size = self.members[name]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def close(self) -> None:
+        if self.tmp:
+            Path(self.tmp).unlink(missing_ok=True)
 
 
-@functools.lru_cache(maxsize=1)  # one shard open per process: chunks are cut along shards
+SHARDS_KEPT = 4   # shards a process keeps open (chunks never cross a shard: usually 1 in use)
+_open_shards: "dict[str, _ParquetShard | _TarShard]" = {}
+
+
+_shards_lock = threading.Lock()   # read-ahead threads share a process's open shards
+
+
 def _shard(location: str):
-    return _ParquetShard(location) if location.endswith(".parquet") else _TarShard(location)
+    """The shard at ``location``, opened (fetched) once per process while it is among the
+    ``SHARDS_KEPT`` used last."""
+    with _shards_lock:
+        shard = _open_shards.pop(location, None)
+        if shard is None:
+            shard = _ParquetShard(location) if location.endswith(".parquet") else _TarShard(location)
+            while len(_open_shards) >= SHARDS_KEPT:
+                _forget(next(iter(_open_shards)))
+        _open_shards[location] = shard   # most recently used last
+        return shard
+
+
+def _forget(location: str) -> None:
+    old = _open_shards.pop(location, None)
+    if isinstance(old, _TarShard):
+        old.close()
+
+
+class TransientReadError(OSError):
+    """A read from an object store that still failed after retries, for a reason that may go
+    away (throttling, timeouts, dropped connections): its rows say so and ``--resume`` retries."""
+
+
+READ_ATTEMPTS = 3           # dmx's own attempts around the SDK's (which retries each request)
+_PERMANENT = ("NoSuchKey", "NoSuchBucket", "AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId",
+              "SignatureDoesNotMatch", "404", "403")
+
+
+def _is_transient(e: BaseException) -> bool:
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    text = str(e)
+    return not any(p in text for p in _PERMANENT)
 
 
 def read_image(ref: ImageRef) -> bytes:
@@ -238,7 +299,27 @@ def read_image(ref: ImageRef) -> bytes:
 
 def read_location(path: str) -> bytes:
     """The bytes at an ``ImageRef.path`` (as recorded in ``images.parquet``): a local file, an
-    object, a row of a Parquet shard or a member of a tar shard. Failures are ``OSError``s."""
+    object, a row of a Parquet shard or a member of a tar shard. Failures are ``OSError``s; a
+    remote read is retried with backoff and what still fails for a passing reason raises
+    ``TransientReadError``."""
+    if "://" not in path:
+        return _read_once(path)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return _read_once(path)
+        except OSError as e:
+            if not _is_transient(e):
+                raise
+            if attempt == READ_ATTEMPTS - 1:
+                raise TransientReadError(f"{e} (after {READ_ATTEMPTS} attempts; "
+                                         "dmx run --resume tries again)") from None
+            with _shards_lock:   # a shard that failed to open or read is fetched again
+                _forget(path.split(_ROW)[0].split(_MEMBER)[0])
+            time.sleep(0.2 * 2 ** attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def _read_once(path: str) -> bytes:
     try:
         if _ROW in path:
             shard, row = path.rsplit(_ROW, 1)

@@ -12,9 +12,10 @@ import hashlib
 import platform
 import resource
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,7 @@ from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detec
 from .imageinfo import image_info_from_bytes
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
-from .sources import read_image
+from .sources import TransientReadError, read_image
 from .preprocess import Placement, PreprocessError, model_input, normalise
 
 
@@ -92,6 +93,9 @@ class ChunkSummary:
     peak_rss_mb: float = 0.0                     # the worker process's peak resident memory so far
 
 
+READ_AHEAD = 16                    # remote reads in flight per worker
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # and at most this many bytes of them (listed sizes)
+
 # Counters that are a maximum, not a count: merged across chunks and workers with max().
 MAX_COUNTERS = frozenset({"determinism_max_abs"})
 
@@ -119,6 +123,7 @@ class Worker:
         self.counters: Counter[str] = Counter()
         # (setting, input digest) -> (max abs, rel L2) of its output across batch compositions
         self._batch_checks: dict[tuple[str, bytes], tuple[float, float]] = {}
+        self._pool: ThreadPoolExecutor | None = None    # read-ahead of remote images
 
     def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
         if setting not in self.runners:
@@ -136,13 +141,14 @@ class Worker:
         """Compute ``chunk`` and write its part files (atomically) into the run directory."""
         res = self.process_chunk(chunk)
         run = RunDir(self.plan.out)
-        run.write_chunk(res.chunk, res.rows, res.images)
+        retry = res.counters.get("transient_read_errors", 0) > 0
+        run.write_chunk(res.chunk, res.rows, res.images, retry=retry)
         env = None
         if not self._environment_sent:
             env, self._environment_sent = fingerprint(), True
         errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
         return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
-                            (str(run.part_path(res.chunk)),), res.counters, res.backends,
+                            (str(run.part_path(res.chunk, retry)),), res.counters, res.backends,
                             self.node, env,
                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
@@ -162,8 +168,7 @@ class Worker:
         decoded: dict[tuple, list[_Decoded | _Failure]] = {k: [] for k in dkeys}
         prepped: dict[tuple, list[_Prepped | _Failure]] = {k: [] for k in pkeys}
         image_rows = []
-        for img in chunk.images:
-            data = self._read(img)
+        for img, data in zip(chunk.images, self._reads(chunk.images)):
             # from the bytes already read: the file is read once per chunk, not twice
             info = image_info_from_bytes(data) if not isinstance(data, _Failure) else {}
             image_rows.append({"image_id": img.image_id, "path": img.path,
@@ -202,12 +207,40 @@ class Worker:
         return ChunkResult(chunk.index, rows,
                            pa.Table.from_pylist(image_rows, schema=IMAGE_SCHEMA), counters, infos)
 
-    @staticmethod
-    def _read(img) -> bytes | _Failure:
+    def _read(self, img) -> bytes | _Failure:
         try:
             return read_image(img)  # local file, object or shard member
+        except TransientReadError as e:
+            self.counters["transient_read_errors"] += 1
+            return _Failure("read", f"{type(e).__name__}: {e}")
         except OSError as e:
             return _Failure("read", f"{type(e).__name__}: {e.strerror or e}")
+
+    def _reads(self, images) -> Iterator[bytes | _Failure]:
+        """The bytes of each image in order. Remote images are read ahead by a small pool of
+        threads, at most ``READ_AHEAD`` images and ``READ_AHEAD_BYTES`` (by listed size) in
+        flight, so decoding does not wait on each GET; local files are read as they come."""
+        if not any("://" in img.path for img in images):
+            for img in images:
+                yield self._read(img)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="dmx-read")
+        pending: deque = deque()
+        nbytes, nxt = 0, 0
+        try:
+            for _ in images:
+                while nxt < len(images) and (not pending or (
+                        len(pending) < READ_AHEAD and nbytes + (images[nxt].size or 0) <= READ_AHEAD_BYTES)):
+                    pending.append((self._pool.submit(self._read, images[nxt]), images[nxt].size or 0))
+                    nbytes += pending[-1][1]
+                    nxt += 1
+                future, size = pending.popleft()
+                nbytes -= size
+                yield future.result()
+        finally:
+            for future, _ in pending:
+                future.cancel()
 
     def _decode(self, data: bytes | _Failure,
                 factors: dict) -> _Decoded | _Failure:
