@@ -10,7 +10,11 @@ environment differences (packages, CPU ISA flags, libjpeg builds, backend precis
 
 A cell has *moved* when any row is in one run only, changed status or top-1 class, or a delta
 exceeds its tolerance: ``max_abs`` 1e-5 logits (torch.testing's fp32 atol), ``cos_dist`` 1e-6,
-``top1_prob`` 1e-5.
+``top1_prob`` 1e-5 - or, where both runs' rows carry ``out_digest`` (sha256 of the output
+tensor's bytes), when an image's output itself differs bit for bit. Only the digest sees a change
+that moves every cell and the reference alike (a torch or Pillow upgrade) for every task: each
+cell's divergence from its own reference stays the same, and detectors and tensor models have no
+top-1 probability. Runs without the column are diffed as before, and the text says so.
 
 Threads: the local executor gives a backend every core, a Ray worker one thread; another thread
 count changes the order of floating-point reductions, so outputs move by rounding alone. A cell
@@ -68,6 +72,9 @@ class CellDiff:
     threads_a: int | None = None
     threads_b: int | None = None
     threads_only: bool = False      # numeric deltas only, and the thread counts differ
+    outputs_compared: int = 0       # images whose out_digest both runs have
+    outputs_changed: int = 0        # ... and differ bit for bit
+    output_image: str | None = None
 
     @property
     def moved(self) -> bool:
@@ -93,6 +100,13 @@ class DiffResult:
     cells: list[CellDiff]
     environment: list[EnvDiff]
     cell_status: list[dict[str, Any]] = field(default_factory=list)
+    outputs_compared: bool = False  # both runs' rows carry out_digest
+    digest_missing: tuple[str, ...] = ()   # the runs ("A", "B") whose rows carry no out_digest
+
+    @property
+    def outputs_changed(self) -> list[CellDiff]:
+        """Cells whose outputs differ bit for bit between the runs."""
+        return [c for c in self.cells if c.outputs_changed]
 
     @property
     def moved(self) -> list[CellDiff]:
@@ -106,7 +120,8 @@ class DiffResult:
     def to_json(self) -> dict[str, Any]:
         return {"run_a": self.run_a, "run_b": self.run_b, "same_spec": self.same_spec,
                 "tolerances": self.tolerances, "cells_compared": len(self.cells),
-                "cells_moved": len(self.moved),
+                "cells_moved": len(self.moved), "outputs_compared": self.outputs_compared,
+                "cells_outputs_changed": len(self.outputs_changed),
                 "moved": [_json_safe(asdict(c) | {"reasons": list(c.reasons)}) for c in self.moved],
                 "threads_only": [_json_safe(asdict(c) | {"reasons": list(c.reasons)})
                                  for c in self.threads_only],
@@ -139,19 +154,29 @@ def diff_runs(dir_a: str | Path, dir_b: str | Path,
     con = duckdb.connect()
     con.register("a_rows", con_a.sql(_diff_rows_sql(con_a)).to_arrow_table())
     con.register("b_rows", con_b.sql(_diff_rows_sql(con_b)).to_arrow_table())
+    missing = tuple(side for side, c in (("A", con_a), ("B", con_b)) if "out_digest" not in _columns(c))
     refs = {ma.get("reference_cell"), mb.get("reference_cell")}
     cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in query_dicts(con, load_sql("diff_cells"))]
     return DiffResult(
         run_a=_run_info(dir_a, ma), run_b=_run_info(dir_b, mb),
         same_spec=ma.get("spec_digest") == mb.get("spec_digest"), tolerances=tol, cells=cells,
-        environment=environment_diff(ma, mb), cell_status=_cell_status_changes(con_a, con_b))
+        environment=environment_diff(ma, mb), cell_status=_cell_status_changes(con_a, con_b),
+        outputs_compared=not missing, digest_missing=missing)
+
+
+def _columns(con: duckdb.DuckDBPyConnection) -> set[str]:
+    return {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
 
 
 def _diff_rows_sql(con: duckdb.DuckDBPyConnection) -> str:
-    """diff_rows.sql; a run written before rows recorded threads reads them as null."""
+    """diff_rows.sql; a run written before rows recorded threads (or output digests) reads them
+    as null."""
     sql = load_sql("diff_rows")
-    if "threads_used" not in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
+    columns = _columns(con)
+    if "threads_used" not in columns:
         sql = sql.replace("r.threads_used", "NULL::INTEGER AS threads_used")
+    if "out_digest" not in columns:
+        sql = sql.replace("r.out_digest", "NULL::VARCHAR AS out_digest")
     return sql
 
 
@@ -170,6 +195,9 @@ def _cell_diff(d: dict[str, Any], tol: dict[str, float], is_reference: bool) -> 
         reasons.append(f"{d['status_changed']} row(s) changed status")
     if d["top1_changed"]:
         reasons.append(f"top-1 class changed on {d['top1_changed']} image(s), e.g. {d['top1_image']}")
+    if d.get("outputs_changed"):   # numeric, not structural: another thread count changes bits too
+        reasons.append(f"output changed bit for bit on {d['outputs_changed']} of "
+                       f"{d['outputs_compared']} images (out_digest), e.g. {d['output_image']}")
     for key, value, what in (("max_abs", d["max_abs_delta_max"], "max abs"),
                              ("cos_dist", d["cos_delta_max"], "cosine distance"),
                              ("top1_prob", d["top1_prob_delta_max"], "top-1 probability")):
@@ -238,6 +266,20 @@ def render_diff_text(d: DiffResult, limit: int = 30) -> str:
     moved = d.moved
     out = [f"dmx diff - A {a['run_id']} ({a['path']}) vs B {b['run_id']} ({b['path']}): "
            f"{len(moved)} of {len(d.cells)} cells moved"]
+    changed = d.outputs_changed
+    ref = next((c for c in changed if c.is_reference), None)
+    if ref is not None:
+        every = "every cell" if len(changed) == len(d.cells) else f"{len(changed)} of {len(d.cells)} cells"
+        out.append(f"  outputs changed bit for bit in {every}, the reference included ({ref.outputs_changed} "
+                   f"of {ref.outputs_compared} images): the runs compute differently (model, library "
+                   "or platform), which each cell's divergence from its own reference does not show")
+    elif changed:
+        out.append(f"  outputs changed bit for bit in {len(changed)} of {len(d.cells)} cells "
+                   "(the reference's did not)")
+    if d.digest_missing:
+        out.append(f"  note: outputs not compared bit for bit (the rows of run {' and '.join(d.digest_missing)} "
+                   "carry no out_digest): a change that moves the reference too is seen only through "
+                   "top-1 for classifiers, not at all for detection and tensor models")
     if not d.same_spec:
         out.append(f"  note: different specs (digest {a['spec_digest']} vs {b['spec_digest']}); "
                    "only cells with the same factors are compared")
