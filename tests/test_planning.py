@@ -1,0 +1,76 @@
+"""Planning a run grows like n log n and keeps nothing per image in the driver: the listing and
+the chunk list are Parquet files built by DuckDB (``results.planning``)."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from matrix import DatasetSpec
+from results.planning import ChunkReader, plan_chunks, scratch_dir
+from results.store import chunk_id
+from runner.dataset import collect
+
+
+def _manifest(root: Path, photo: Path, n: int) -> Path:
+    """``n`` distinct names (1,000 per folder, hard links to one real JPEG per folder: a file
+    system allows ~65,000 links to a file) and their manifest."""
+    lines = []
+    for i in range(n):
+        folder = root / f"f{i // 1000:04d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, folder / "original.jpeg")
+        name = folder / f"img{i:07d}.jpg"
+        os.link(folder / "original.jpeg", name)
+        lines.append(f"{folder.name}/{name.name}")
+    lines.reverse()                        # listed out of order: the plan sorts
+    path = root / "list.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _plan(manifest: Path, chunk: int = 64) -> tuple[float, object, Path]:
+    scratch = scratch_dir()
+    t = time.perf_counter()
+    listing = collect(DatasetSpec(str(manifest), None, "."), scratch)
+    index = plan_chunks(listing.images, chunk, scratch / "chunks.parquet")
+    return time.perf_counter() - t, index, scratch
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory, photo_dir: Path) -> dict[int, Path]:
+    photo = photo_dir / "chelsea_420.jpg"
+    return {n: _manifest(tmp_path_factory.mktemp(f"planning-{n}"), photo, n) for n in (20_000, 200_000)}
+
+
+def test_planning_200k_listed_images_grows_like_n_log_n(manifests):
+    small, _, s1 = _plan(manifests[20_000])
+    large, index, s2 = _plan(manifests[200_000])
+    try:
+        assert large / small < 15, f"20k: {small:.2f} s, 200k: {large:.2f} s"
+        assert len(index) == -(-200_000 // 64) and int(index.count.sum()) == 200_000
+    finally:
+        shutil.rmtree(s1, ignore_errors=True)
+        shutil.rmtree(s2, ignore_errors=True)
+
+
+def test_the_chunk_list_covers_every_image_once_in_id_order_named_by_its_ids(manifests):
+    _, index, scratch = _plan(manifests[20_000], chunk=100)
+    try:
+        table = pq.read_table(scratch / "chunks.parquet")
+        ids = table["image_id"]
+        assert table.num_rows == 20_000 == pc.count_distinct(ids).as_py()
+        assert ids.to_pylist() == sorted(ids.to_pylist())      # plan order is id order here
+        reader = ChunkReader(scratch / "chunks.parquet")
+        for pos in (0, 1, len(index) // 2, len(index) - 1):     # across row groups
+            rows = reader.rows(index.start[pos], index.count[pos])
+            assert chunk_id(r[0] for r in rows) == index.ids[pos]
+            assert all(Path(p).is_file() for _, _, p in rows)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
