@@ -252,3 +252,22 @@ def test_memory_stays_flat_with_depth(photo_dir, tmp_path):
     shallow, deep, unbounded = peak_mb(20, 4 << 20), peak_mb(400, 4 << 20), peak_mb(400, 1 << 30)
     assert deep - shallow < 30, (shallow, deep)            # 400 x 256 KB = 100 MB per side otherwise
     assert unbounded - deep > 80, (deep, unbounded)        # the measurement sees the tensors
+
+
+def test_run_contrast_localizes_on_the_images_where_the_cell_diverges_most(tiny_run, tmp_path, capsys):
+    """A rare but large contrast: the cell moves one image only, the last by id. Localize must
+    look at that image (it took the first N by id and found nothing)."""
+    import shutil
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
+    cid = _cell(run, backend="openvino", precision="fp32")
+    for part in (run / "rows").rglob("*.parquet"):
+        t = pq.read_table(part)
+        far = pc.and_(pc.equal(t["cell_id"], cid), pc.equal(t["image_id"], "coffee_exif6.jpg"))
+        i = t.schema.get_field_index("out_cosine")
+        t = t.set_column(i, t.schema.field(i), pc.if_else(far, pa.scalar(0.5), t["out_cosine"]))
+        pq.write_table(t, part)
+    j = _dmx_json(capsys, "localize", str(run), "--cell", cid, "--images", "1")
+    assert j["images"] == ["coffee_exif6.jpg"]
+    assert any("diverges most" in n and "coffee_exif6.jpg" in n for n in j["notes"])

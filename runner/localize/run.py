@@ -1,13 +1,16 @@
 """``dmx localize RUN``: localize one contrast of a run (reference cell -> one cell).
 
 Reads the run's manifest, cells and images with pyarrow (runner/ does not query DuckDB), runs
-the model files the sweep ran (from dmx's cache), and writes ``RUN/layers/cell=ID.parquet``.
+the model files the sweep ran (from dmx's cache) on the images where the cell diverged most in
+the run, and writes ``RUN/layers/cell=ID.parquet``.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from matrix.axes import AXES, INFER
@@ -80,6 +83,32 @@ def _images(run: RunDir) -> list[tuple[str, str]]:
     return sorted((r["image_id"], r["path"]) for r in rows if not r["error"] and r["path"])
 
 
+def worst_first(run: RunDir, cell_id: str) -> list[tuple[str, float]]:
+    """(image_id, cosine distance) of the cell's ok rows, the most divergent first (NaN/Inf
+    outputs first of all, then by cosine distance, max abs, image id)."""
+    files = run.row_files()
+    if not files:
+        return []
+    t = pq.ParquetDataset(files, filesystem=run.fs, filters=[("cell_id", "=", cell_id),
+                                                             ("status", "=", "ok")]).read(
+        columns=["image_id", "out_cosine", "out_max_abs"])
+    t = t.filter(pc.is_valid(t["out_cosine"]))
+    d = pc.subtract(pa.scalar(1.0), t["out_cosine"])
+    bad = pc.or_(pc.is_nan(d), pc.invert(pc.is_finite(pc.fill_null(t["out_max_abs"], 0.0))))
+    d = pc.if_else(bad, pa.scalar(float("inf")), d)
+    t = t.append_column("d", d)
+    t = t.sort_by([("d", "descending"), ("out_max_abs", "descending"), ("image_id", "ascending")])
+    return list(zip(t["image_id"].to_pylist(), t["d"].to_pylist()))
+
+
+def _ordered(images: list[tuple[str, str]], worst: list[tuple[str, float]]) -> list[tuple[str, str]]:
+    """The run's images, those where the cell diverged most first (the rest by id)."""
+    path = dict(images)
+    ranked = [(i, path[i]) for i, _ in worst if i in path]
+    seen = {i for i, _ in ranked}
+    return ranked + [x for x in images if x[0] not in seen]
+
+
 def _artifacts(manifest: dict[str, Any]) -> tuple[ModelArtifacts, Any]:
     from runner.models.base import Preprocess
     m = manifest.get("model") or {}
@@ -116,12 +145,28 @@ def side_path(art: ModelArtifacts, setting: InferSetting, other: InferSetting) -
     return path
 
 
+def _which_images(inputs: list[tuple[str, Any]], dist: dict[str, float]) -> str:
+    used = [i for i, _ in inputs]
+    if not dist:
+        return (f"images: the first {len(used)} by id (the run's rows carry no output divergence "
+                f"for this cell): {', '.join(used)}")
+    seen = [dist[i] for i in used if i in dist]
+    span = f" (cosine distance {_g(max(seen))} to {_g(min(seen))})" if seen else ""
+    return (f"images: the {len(used)} where this cell diverges most in the run{span}: "
+            f"{', '.join(used)}")
+
+
+def _g(v: float) -> str:
+    return "NaN/Inf" if v == float("inf") else f"{v:.3g}"
+
+
 def localize_run(run_dir: str, *, contrast: str | None = None, cell_id: str | None = None,
                  n_images: int = 8, threads: int = 1, tolerance: float | None = None,
                  budget_bytes: int = DEFAULT_BUDGET,
                  progress: Callable[[str], None] | None = None) -> tuple[LocalizeResult, dict[str, Any], Path]:
-    """Localize reference -> the chosen cell on the run's first ``n_images`` images; writes the
-    layer rows into the run and returns (result, cell, parquet path)."""
+    """Localize reference -> the chosen cell on the ``n_images`` images where that cell diverged
+    most in the run (said in the result's notes); writes the layer rows into the run and returns
+    (result, cell, parquet path)."""
     run = RunDir(run_dir)
     manifest = run.read_manifest()
     cells, axes = _cells(run)
@@ -145,6 +190,8 @@ def localize_run(run_dir: str, *, contrast: str | None = None, cell_id: str | No
     images = _images(run)
     if not images:
         raise LocalizeError(f"{run_dir}: no image of the run decoded")
+    worst = worst_first(run, cell["cell_id"])
+    images = _ordered(images, worst)
     inputs = []
     for item in image_inputs(images, pre, decoder=ref.get("decoder") or "pil", factors=ref_factors,
                              resize=ref.get("resize") or "pil-bilinear", fit=ref.get("fit")):
@@ -155,6 +202,7 @@ def localize_run(run_dir: str, *, contrast: str | None = None, cell_id: str | No
         raise LocalizeError(f"{run_dir}: none of the run's images decodes now")
     res = localize(ref_side, var_side, inputs, cell_id=cell["cell_id"], tolerance=tolerance,
                    budget_bytes=budget_bytes, progress=progress)
+    res.notes.append(_which_images(inputs, dict(worst)))
     differs = [a for a in axes if a in AXES and AXES[a].stage != INFER and cell.get(a) != ref.get(a)]
     if differs:
         res.notes.append(f"the cell also differs in {', '.join(differs)}: both sides were fed the "
