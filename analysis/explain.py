@@ -280,7 +280,7 @@ def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
     if limit is None or c.rel_l2_max is None:
         return None
     return {"precision": family, "max_rel_l2": limit, "rel_l2_max": c.rel_l2_max,
-            "within": c.rel_l2_max <= limit}
+            "within": c.rel_l2_max <= limit and not c.n_nonfinite}   # NaN breaks every limit
 
 
 def is_rare_but_large(c: Contrast) -> bool:

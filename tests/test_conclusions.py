@@ -73,6 +73,14 @@ def test_explain_says_nan_inf_on_k_of_n_images(nan_run: Path):
     assert "NaN/Inf on 2 of 20 images" in ranked
 
 
+def test_a_contrast_with_nan_outputs_is_never_within_tolerance(tmp_path: Path):
+    # finite rows 1e-7 from the reference (rel L2 1e-6, within fp16's 1e-2), one NaN row
+    run = write_run(tmp_path / "run", ("precision",), [{"precision": "fp32"}, {"precision": "fp16"}],
+                    lambda f, i: (NAN if i == 0 else _moved(1e-7, rel_l2=1e-6)) | {"precision_effective": "fp16"}, N)
+    c = explain_run(run).contrasts[0]
+    assert c.n_nonfinite == 1 and tolerance_verdict(c)["within"] is False
+
+
 def test_finite_statistics_leave_the_nan_rows_out(nan_run: Path):
     c = next(c for c in explain_run(nan_run).contrasts if c.level == "fp16")
     assert c.cos_dist_max == pytest.approx(1e-7, rel=1e-3) and c.n == N
