@@ -1,0 +1,238 @@
+"""Real clusters on this machine for the tests: a Ray head started by `ray start`, worker nodes
+that share nothing with the driver (each a `ray start --block` in its own mount and PID
+namespace), and moto's S3 server on localhost as the only storage every node can reach.
+
+An isolated node sees the Python interpreter and the virtual environment's libraries (what an
+image of a cluster node would hold), and nothing else of this machine's that a dmx driver
+wrote or owns: private tmpfs over /tmp, ~/.cache and ~/.ray, and over the checkout of dmx
+(the virtual environment inside it is bound back). Its launcher checks that the paths named in
+``hidden`` are gone before Ray starts, and prints ``dmx-node: isolated`` (the tests read it).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+BUCKET = "audits"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without what would leak the driver's state into a node or
+    a driver under test: Ray auth settings an embedded session left, dmx's cache, the address."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RAY_AUTH", "DMX_")) and k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra)
+    return env
+
+
+def namespaces_permitted() -> str | None:
+    """None when this process may make mount+PID namespaces and mount tmpfs (root, or a
+    container allowing it), else why not."""
+    if not shutil.which("unshare"):
+        return "unshare (util-linux) is not installed"
+    r = subprocess.run(["unshare", "--mount", "--pid", "--fork", "--mount-proc", "/bin/sh", "-c",
+                        "mount --make-rprivate / && mount -t tmpfs tmpfs /mnt"],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        return f"mount namespaces are not permitted here ({r.stderr.strip().splitlines()[-1:]})"
+    return None
+
+
+def _node_ports() -> list[str]:
+    """Every port a Ray node opens, chosen free, so nodes on one machine (and other engineers'
+    Rays) never collide on Ray's fixed defaults (the agent's 52365, the metrics port)."""
+    lo = free_port()
+    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(free_port()),
+            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+            "--min-worker-port", str(lo + 1 if lo < 60000 else 20000),
+            "--max-worker-port", str((lo + 1 if lo < 60000 else 20000) + 200)]
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Head:
+    """`ray start --head --block` with no CPUs (no worker runs on it), in its own process group
+    and temp dir; ``dashboard=True`` also starts the dashboard and its job server, which
+    `ray job submit` talks to (``job_address``)."""
+
+    def __init__(self, env: dict[str, str], dashboard: bool = False, num_cpus: int = 0) -> None:
+        self.port = free_port()
+        self.dashboard_port = free_port()
+        self.tmp = Path(tempfile.mkdtemp(prefix="dmxh", dir="/tmp"))
+        cmd = [RAY, "start", "--head", "--block", "--port", str(self.port),
+               "--num-cpus", str(num_cpus), "--disable-usage-stats", "--temp-dir", str(self.tmp),
+               *_node_ports()]
+        cmd += (["--include-dashboard=true", "--dashboard-host", "127.0.0.1",
+                 "--dashboard-port", str(self.dashboard_port)] if dashboard
+                else ["--include-dashboard=false"])
+        self.log = open(self.tmp / "head.log", "w")
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        self.address = f"127.0.0.1:{self.port}"
+        self.job_address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
+        """Block until ``n`` nodes (this head included) are alive; returns them."""
+        deadline = time.time() + timeout
+        script = ("import ray, json; ray.init(address='%s', logging_level='ERROR');"
+                  "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address)
+        last = ""
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the Ray head exited: {(self.tmp / 'head.log').read_text()[-1500:]}")
+            try:
+                r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                   env=clean_env(), timeout=60)
+            except subprocess.TimeoutExpired:
+                continue
+            if r.returncode == 0:
+                import json
+                nodes = json.loads(r.stdout.strip().splitlines()[-1])
+                if len(nodes) >= n:
+                    return nodes
+            last = r.stderr[-500:]
+            time.sleep(1)
+        raise RuntimeError(f"{n} Ray nodes did not come up in {timeout} s: {last}")
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+_LAUNCHER = r"""
+set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs /tmp
+keep_venv="$1"; repo="$2"; shift 2
+if [ -n "$keep_venv" ]; then
+  mkdir /tmp/.venv && mount --bind "$keep_venv" /tmp/.venv
+fi
+mount -t tmpfs tmpfs "$repo"
+if [ -n "$keep_venv" ]; then
+  mkdir -p "$keep_venv" && mount --move /tmp/.venv "$keep_venv"
+fi
+mkdir -p "$HOME/.cache" "$HOME/.ray"
+mount -t tmpfs tmpfs "$HOME/.cache"
+mount -t tmpfs tmpfs "$HOME/.ray"
+while [ "$1" != "--" ]; do
+  if [ -e "$1" ]; then echo "dmx-node: $1 is visible"; exit 3; fi
+  shift
+done
+shift
+echo "dmx-node: isolated"
+exec "$@"
+"""
+
+
+class IsolatedNode:
+    """A Ray worker node in its own mount and PID namespaces (see the module docstring). Killing
+    the ``unshare`` process kills every process of the node at once, as a preempted machine
+    goes: ``kill()``."""
+
+    def __init__(self, head_address: str, env: dict[str, str], hidden: list[str],
+                 num_cpus: int = 1, log: Path | None = None) -> None:
+        venv = Path(sys.prefix).resolve()
+        keep = str(venv) if REPO in venv.parents else ""
+        self.log_path = log or Path(tempfile.mkstemp(prefix="dmx-node-", suffix=".log")[1])
+        self.log = open(self.log_path, "w")
+        cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc",
+               "/bin/sh", "-c", _LAUNCHER, "dmx-node", keep, str(REPO), *hidden, "--",
+               RAY, "start", "--block", "--address", head_address, "--num-cpus", str(num_cpus),
+               "--disable-usage-stats", *_node_ports()]
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the node: its raylet, agents and workers die together (PID namespace)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[tuple[pafs.S3FileSystem, dict[str, str]]]:
+    """moto_server on a free port with one bucket: (its filesystem, the AWS variables that point
+    an S3 client at it). Raises RuntimeError if moto[server] is missing (callers skip)."""
+    server = Path(sys.executable).with_name("moto_server")
+    if not server.exists():
+        raise FileNotFoundError("moto[server] is not installed (pip install -e '.[test]')")
+    port = free_port()
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.2)
+        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
+                               access_key="testing", secret_key="testing", region="us-east-1",
+                               allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        yield fs, env
+    finally:
+        stop_group(proc)
+
+
+def s3_keys(fs: pafs.S3FileSystem, prefix: str) -> list[str]:
+    """Every object under ``BUCKET/prefix`` (paths relative to it)."""
+    sel = pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+    return sorted(i.path.split(f"{BUCKET}/{prefix}/", 1)[1] for i in fs.get_file_info(sel)
+                  if i.type == pafs.FileType.File)
+
+
+def upload_dir(fs: pafs.S3FileSystem, local: Path, prefix: str) -> None:
+    pafs.copy_files(str(local), f"{BUCKET}/{prefix}", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
