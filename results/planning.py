@@ -151,16 +151,24 @@ class ChunkIndex:
 
 
 def plan_chunks(images: Path, size: int, out: Path, previous: Path | None = None,
-                done: set[int] | frozenset = frozenset(), where: str = "") -> ChunkIndex:
+                done: set[int] | frozenset = frozenset(), where: str = "",
+                labels: Path | None = None) -> ChunkIndex:
     """Write the chunk list ``out`` (image_id, size_bytes, chunk, path; rows in plan order) for
     the sorted image list ``images``: the finished chunks of ``previous`` (an earlier chunk
     list of this run) whose images are all still there unchanged, plus new chunks of ``size``
     images for every image they do not cover. Raises PlanError when an image whose rows are
-    written is gone or changed size."""
+    written is gone or changed size. ``labels`` (image_id, label_index): each image's
+    ground-truth class, carried in the chunk list's ``label`` column to the workers."""
     out = Path(out)
     con = _connect(out.parent)
     try:
-        con.execute(f"CREATE TEMP VIEW cur AS SELECT * FROM read_parquet({_q(images)})")
+        if labels is not None:
+            con.execute(f"CREATE TEMP VIEW cur AS SELECT i.*, l.label_index AS label FROM "
+                        f"read_parquet({_q(images)}) i LEFT JOIN read_parquet({_q(labels)}) l "
+                        "USING (image_id)")
+        else:
+            con.execute(f"CREATE TEMP VIEW cur AS SELECT *, NULL::INTEGER AS label "
+                        f"FROM read_parquet({_q(images)})")
         note = None
         if previous is not None and done:
             con.execute(f"CREATE TEMP TABLE prev AS SELECT image_id, size_bytes, chunk "
@@ -199,7 +207,7 @@ def plan_chunks(images: Path, size: int, out: Path, previous: Path | None = None
         # New chunks: consecutive slices of the images no kept chunk covers, within a shard.
         con.execute(f"""
             CREATE TEMP TABLE fresh AS
-            SELECT c.image_id, c.size, c.path, c.shard,
+            SELECT c.image_id, c.size, c.path, c.shard, c.label,
                    (row_number() OVER (PARTITION BY c.shard ORDER BY c.image_id) - 1) // {int(size)} AS seq
             FROM cur c ANTI JOIN kept k ON c.image_id = k.image_id""")
         con.execute("""
@@ -217,10 +225,11 @@ def plan_chunks(images: Path, size: int, out: Path, previous: Path | None = None
                             "change --chunk-size")
         con.execute("""
             CREATE TEMP TABLE assigned AS
-            SELECT f.image_id, f.size AS size_bytes, i.chunk, f.path, false AS kept
+            SELECT f.image_id, f.size AS size_bytes, i.chunk, f.path, f.label, false AS kept
             FROM fresh f JOIN fresh_ids i ON f.shard IS NOT DISTINCT FROM i.shard AND f.seq = i.seq
             UNION ALL
-            SELECT k.image_id, c.size, k.chunk, c.path, true FROM kept k JOIN cur c USING (image_id)""")
+            SELECT k.image_id, c.size, k.chunk, c.path, c.label, true
+            FROM kept k JOIN cur c USING (image_id)""")
         index = con.execute("""
             SELECT chunk, count(*) AS n, bool_or(kept) AS kept,
                    sha256(string_agg(image_id || chr(0) || coalesce(size_bytes, -1)::VARCHAR, chr(10)
@@ -231,7 +240,7 @@ def plan_chunks(images: Path, size: int, out: Path, previous: Path | None = None
             SELECT chunk, row_number() OVER (ORDER BY min(image_id)) AS position
             FROM assigned GROUP BY chunk""")
         con.execute(f"""
-            COPY (SELECT a.image_id, a.size_bytes, a.chunk, a.path FROM assigned a
+            COPY (SELECT a.image_id, a.size_bytes, a.chunk, a.path, a.label FROM assigned a
                   JOIN positions p USING (chunk) ORDER BY p.position, a.image_id)
             TO {_q(out)} (FORMAT parquet, ROW_GROUP_SIZE {CHUNK_ROW_GROUP})""")
     finally:
@@ -258,12 +267,13 @@ class ChunkReader:
         if g not in self._cache:
             if len(self._cache) > 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[g] = self.file.read_row_group(g, columns=["image_id", "size_bytes", "path"])
+            self._cache[g] = self.file.read_row_group(g, columns=["image_id", "size_bytes", "path",
+                                                                  "label"])
         return self._cache[g]
 
-    def rows(self, start: int, count: int) -> list[tuple[str, int | None, str]]:
-        """(image_id, size_bytes, path) of rows ``start .. start+count-1``."""
-        out: list[tuple[str, int | None, str]] = []
+    def rows(self, start: int, count: int) -> list[tuple[str, int | None, str, int | None]]:
+        """(image_id, size_bytes, path, label) of rows ``start .. start+count-1``."""
+        out: list[tuple[str, int | None, str, int | None]] = []
         pos, end = int(start), int(start) + int(count)
         while pos < end:
             g = int(np.searchsorted(self.group_start, pos, side="right") - 1)
@@ -272,7 +282,7 @@ class ChunkReader:
             hi = min(t.num_rows, end - int(self.group_start[g]))
             part = t.slice(lo, hi - lo)
             out += zip(part["image_id"].to_pylist(), part["size_bytes"].to_pylist(),
-                       part["path"].to_pylist())
+                       part["path"].to_pylist(), part["label"].to_pylist())
             pos += hi - lo
         return out
 

@@ -41,6 +41,11 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("top5_overlap", pa.float64(), "0-1", "|top-5 ∩ reference top-5| / 5"),
     ("top5", pa.list_(pa.int32()), "class", "top-5 classes of this cell, best first"),
     ("top5_prob", pa.list_(pa.float32()), "0-1", "softmax probabilities of top5"),
+    ("label", pa.int32(), "class", "ground-truth class of the image (dataset.labels, in the model's "
+                                   "class order); null when the image has no label"),
+    ("correct_top1", pa.bool_(), "", "top1 == label (classification; null without a label or output)"),
+    ("correct_top5", pa.bool_(), "", "label is among top5 (classification; null without a label or "
+                                     "output)"),
     ("det_rank_tau", pa.float64(), "-1..1", "detection: Kendall tau-b of pre-NMS candidate scores, cell vs "
                                             "reference, over the union of both top-k candidates (k = "
                                             "detection.rank_k, default 100); 1 = same order"),

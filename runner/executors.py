@@ -23,6 +23,9 @@ from .worker import ChunkResult, ChunkSummary, Worker, error_result
 
 OnSummary = Callable[[ChunkSummary], None]
 MAX_ATTEMPTS = 3   # a chunk (or, once split, one image) that kills its worker this often is an error
+# Ray's memory reservation per worker actor: peak RSS measured for an actor that has imported
+# torch, ONNX Runtime and OpenVINO and built MobileNetV2 for all three (see docs/benchmarks.md).
+WORKER_MEMORY_MB = 1536
 
 
 class WorkersLost(RuntimeError):
@@ -212,10 +215,12 @@ class RayExecutor:
     # Ray restarts a dead actor for as long as it takes (a node may come back); the attempt
     # count per chunk, not the restart count, bounds how often one input may kill a worker.
     def __init__(self, workers: int | None = None, address: str | None = None,
-                 gpus_per_worker: float | None = None) -> None:
+                 gpus_per_worker: float | None = None, threads_per_worker: int = 1,
+                 worker_memory_mb: int = WORKER_MEMORY_MB) -> None:
         self.cap = workers
         self.workers = max(1, workers or os.cpu_count() or 1)
-        self.threads = 1
+        self.threads = max(1, threads_per_worker)
+        self.memory = int(worker_memory_mb) * 2 ** 20   # bytes Ray reserves per actor
         self.address = address
         self.gpus_option = gpus_per_worker
         self.gpus_per_worker = 0.0
@@ -225,11 +230,19 @@ class RayExecutor:
     def start(self, cuda_devices: int = 0) -> None:
         """Attach or start Ray and size the pool from the cluster's resources. ``cuda_devices``:
         how many distinct CUDA devices one worker's cells use (cuda:0 and cuda:1 -> 2)."""
-        self.where = ray_init(self.address, self.cap)
+        self.where = ray_init(self.address, self.cap and self.cap * self.threads)
         import ray
         res = ray.cluster_resources()
-        by_cpu = max(1, int(res.get("CPU", 1)))
-        n = min(self.cap, by_cpu) if self.cap else by_cpu
+        nodes = [nd["Resources"] for nd in ray.nodes() if nd.get("Alive")]
+        by_cpu = sum(int(r.get("CPU", 0) // self.threads) for r in nodes)
+        # Each actor holds torch, ONNX Runtime and OpenVINO and its models: a node hosts as
+        # many as its CPUs allow *and* its memory (Ray's ``memory`` resource) holds.
+        fit = sum(min(int(r.get("CPU", 0) // self.threads), int(r.get("memory", 0) // self.memory))
+                  for r in nodes)
+        if fit == 0:       # no node declares enough memory for one: size by CPUs alone
+            self.memory = 0
+            fit = by_cpu
+        n = max(1, min(self.cap, fit) if self.cap else fit)
         if cuda_devices and res.get("GPU", 0):
             # Ray sets CUDA_VISIBLE_DEVICES to the GPUs it gives an actor, so cuda:N is the
             # actor's N-th GPU: it must get at least N+1 whole ones (a fraction only for cuda:0).
@@ -242,8 +255,9 @@ class RayExecutor:
 
     def _actor_class(self):
         import ray
-        return ray.remote(num_cpus=1, num_gpus=self.gpus_per_worker, max_restarts=-1,
-                          max_task_retries=0, scheduling_strategy="SPREAD")(_WorkerActor)
+        return ray.remote(num_cpus=self.threads, num_gpus=self.gpus_per_worker,
+                          memory=self.memory, max_restarts=-1, max_task_retries=0,
+                          scheduling_strategy="SPREAD")(_WorkerActor)
 
     def probe(self, plan: Plan) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """Start the workers and ask each which cells it cannot run, on its node with the GPUs

@@ -16,3 +16,4 @@ class ImageRef:
     image_id: str
     path: str
     size: int | None = None     # bytes, when known from the listing (the run records it)
+    label: int | None = None    # ground-truth class index (dataset.labels), when known

@@ -317,3 +317,13 @@ def correct_at_k(topk: np.ndarray, label_index: pa.Array | np.ndarray | Sequence
     hit = topk == values[:, None]
     top1 = pa.array(hit[:, 0] if topk.shape[1] else np.zeros(len(values), bool), mask=missing)
     return top1, pa.array(hit.any(axis=1), mask=missing)
+
+
+def labels_for_run(spec, images: Path, scratch: Path) -> tuple[Path | None, dict | None]:
+    """The ground truth of a run's images: a Parquet file (image_id, label_index) in
+    ``scratch`` that the chunk list joins, and the coverage the manifest records; (None, None)
+    when the spec names no labels (``dataset.labels``)."""
+    source = getattr(spec.dataset, "labels", None)
+    if not source:
+        return None, None
+    raise LabelError("dataset.labels is not wired to the run yet")

@@ -25,6 +25,7 @@ from results.planning import (ChunkIndex, ChunkReader, PlanError, first_images, 
 from .backends import InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, NotRead, collect
+from .labels import labels_for_run
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
 from .executors import LocalExecutor, RayExecutor
 from .plan import Chunk, Plan, default_chunk_size
@@ -45,6 +46,7 @@ class RunOptions:
     resume: bool = False
     progress: bool = True
     gpus_per_worker: float | None = None
+    threads_per_worker: int = 1  # intra-op threads per Ray worker (fewer actors, more threads)
     compact: bool = True        # merge part files into few sorted files when the run ends
 
 
@@ -137,7 +139,8 @@ def _chunks_to_run(index: ChunkIndex, reader: ChunkReader):
     asks for them (the driver never holds every image of the run)."""
     for pos in np.flatnonzero(~index.kept):
         rows = reader.rows(index.start[pos], index.count[pos])
-        yield Chunk(int(index.ids[pos]), tuple(ImageRef(i, p, n) for i, n, p in rows), int(pos))
+        yield Chunk(int(index.ids[pos]), tuple(ImageRef(i, p, n, lab) for i, n, p, lab in rows),
+                    int(pos))
 
 
 def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
@@ -150,7 +153,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
-    executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker)
+    executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker)
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
     executor.start(_cuda_devices(cells))
     # Every setting is converted here (conversions are device-independent and cached); which
@@ -191,9 +194,10 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     if old and run.drop_damaged_compaction() and opts.progress:
         print("dmx: a compacted row file is damaged; its chunks are computed again", file=sys.stderr)
     previous = run.fetch_chunk_list(scratch / "previous-chunks.parquet") if old else None
+    labels, label_coverage = labels_for_run(spec, listing.images, scratch)
     try:
         index = plan_chunks(listing.images, chunk_size, scratch / "chunks.parquet", previous,
-                            run.done_chunks() if old else set(), run.uri)
+                            run.done_chunks() if old else set(), run.uri, labels=labels)
     except PlanError as e:
         raise RunDirError(str(e)) from None
     n_done = int(index.kept.sum())
@@ -216,9 +220,11 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         "not_read": not_read["first"],
         "chunk_size": chunk_size, "chunks": len(index),
         "dataset": {"images": n_images, "not_read": not_read, "digest": index.digest,
-                    "bytes": listing.total_bytes, "chunk_list": "chunks.parquet"},
+                    "bytes": listing.total_bytes, "chunk_list": "chunks.parquet",
+                    "labels": label_coverage},
         "executor": {"name": executor.name, "workers": executor.workers, "threads": executor.threads,
-                     "gpus_per_worker": executor.gpus_per_worker, "start_s": round(start_s, 2)},
+                     "gpus_per_worker": executor.gpus_per_worker, "start_s": round(start_s, 2),
+                     "worker_memory_mb": round(getattr(executor, "memory", 0) / 2 ** 20)},
         "batch": opts.batch,
         "plan": {"decode_variants": n_dec, "preprocess_variants": n_pre, "infer_settings": n_inf},
         # The least work the spec needs: every image decoded once per decode variant and

@@ -366,7 +366,7 @@ class Worker:
                 "image_id": ctx.ids, "is_reference": _const(cell.cell_id == plan.reference_id, n,
                                                             pa.bool_()),
                 "precision_effective": _const(info.get("precision_effective"), n),
-                "node": _const(self.node, n)}
+                "node": _const(self.node, n), "label": ctx.label_column}
             for axis in plan.axes:
                 cols[axis] = _const(dict(cell.factors).get(axis), n)
             if skip:
@@ -413,6 +413,10 @@ class _RowContext:
         self.w, self.chunk, self.n = worker, chunk, n
         self.decoded, self.prepped, self.outputs = decoded, prepped, outputs
         self.ids = pa.array([img.image_id for img in chunk.images], pa.string())
+        self.labelled = np.array([img.label is not None for img in chunk.images], bool)
+        self.labels = np.array([-1 if img.label is None else img.label for img in chunk.images],
+                               np.int64)
+        self.label_column = pa.array(self.labels.astype(np.int32), pa.int32(), mask=~self.labelled)
         self.ref = ref
         self.ref_dec, self.ref_pre = decoded[ref.key(DECODE)], prepped[ref.key(PREPROCESS)]
         ref_out = outputs[ref.key(INFER)]
@@ -490,6 +494,10 @@ class _RowContext:
                 top, prob = metrics.top5_rows(np.stack([ys[i][0] for i in idx]))
                 block["top5"] = _scatter_lists(top, idx, self.n)
                 block["top5_prob"] = _scatter_lists(prob, idx, self.n)
+                if self.labelled.any():
+                    label = self.labels[idx][:, None]
+                    block["correct_top1"] = _scatter(top[:, 0] == label[:, 0], idx, self.n)
+                    block["correct_top5"] = _scatter((top == label).any(axis=1), idx, self.n)
             idx = np.flatnonzero(cmp_)
             if len(idx):
                 flat = (lambda y: _flat(y)) if task == "detection" else (lambda y: np.asarray(y))
@@ -574,6 +582,9 @@ class _RowContext:
         for k in ("top5", "top5_prob"):
             if k in out:
                 cols[k] = _masked(out[k], ok, pa.list_(pa.int32() if k == "top5" else pa.float32()))
+        for k in ("correct_top1", "correct_top5"):
+            if k in out:
+                cols[k] = _masked(out[k], ok & self.labelled, pa.bool_())
         for k, values in out.items():
             if k.startswith(("out_", "top1")) or k == "top5_overlap":
                 typ = (pa.int32() if k in ("top1", "top1_ref") else

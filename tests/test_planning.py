@@ -71,6 +71,6 @@ def test_the_chunk_list_covers_every_image_once_in_id_order_named_by_its_ids(man
         for pos in (0, 1, len(index) // 2, len(index) - 1):     # across row groups
             rows = reader.rows(index.start[pos], index.count[pos])
             assert chunk_id(r[0] for r in rows) == index.ids[pos]
-            assert all(Path(p).is_file() for _, _, p in rows)
+            assert all(Path(p).is_file() for _, _, p, _ in rows)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
