@@ -11,6 +11,43 @@ from PIL import Image
 import runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
 
 
+# The slow tests, marked here so that `pytest -m "not slow"` is a loop of a couple of minutes; the
+# README's test command and CI (.ci/run) run everything. Seconds are one run's on 2 cores
+# (2026-12-02); the whole suite took ~600 s of test time.
+SLOW_FILES = {
+    "test_cluster.py": "Ray clusters started per test (117 s)",
+    "test_faults.py": "killed Ray workers, raylets and drivers, an attached cluster (169 s)",
+    "test_torch_compile.py": "torch.compile with Inductor (21 s)",
+    "test_envs.py": "uv environments: a build is seconds with uv's cache warm, a download cold",
+    "test_console.py": "a Ray sweep in a subprocess (12 s)",
+}
+SLOW_TESTS = {
+    "test_report_renders_in_headless_chromium": "Chromium",
+    "test_ray_processes_killed_mid_run_are_one_line_with_the_resume_command": "Ray run (65 s)",
+    "test_ray_workers_read_images_from_s3_themselves": "Ray run (18 s)",
+    "test_ray_run_gives_the_same_rows_as_the_local_run": "Ray run",
+    "test_memory_stays_flat_with_depth": "fresh processes localizing 400-tensor chains (19 s)",
+    "test_demo_keeps_a_users_files_in_out_run_and_runs_beside_them": "two demo runs (16 s)",
+}
+SLOW_FIXTURES = {"ray_session": "an embedded Ray (ray.init 6-12 s)",
+                 "s3": "a moto S3 server and runs through it (test_object_storage: 25 s)"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: clusters, Ray runs, uv environments, Chromium, "
+                                       "torch.compile, an S3 server; deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        why = (SLOW_FILES.get(item.path.name)
+               or SLOW_TESTS.get(getattr(item, "originalname", item.name))
+               or next((SLOW_FIXTURES[f] for f in getattr(item, "fixturenames", ())
+                        if f in SLOW_FIXTURES), None))
+        if why:
+            item.add_marker(pytest.mark.slow(reason=why))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Conversions cached under a session temp dir, so tests never touch ~/.cache/dmx."""
