@@ -245,7 +245,8 @@ def main() -> None:
            "driver_cpu_s": round(run["driver_cpu_s"], 2), "wall_s": round(run["wall_s"], 2),
            "sweep_s": sweep_s,
            "sweep_vs_floor": round(sweep_s / floor_s, 3) if sweep_s else None,
-           "workers": a.workers, "timings": timings}
+           "workers": a.workers, "timings": timings,
+           "driver_rss_by_phase": m.get("driver_peak_rss_mb")}
     if not a.no_analysis:
         dmx = [sys.executable, "-m", "dmx"]
         res["explain_s"] = round(timed([*dmx, "explain", str(out)]), 2)

@@ -86,6 +86,18 @@ def read_image_info(path: str) -> dict[str, Any]:
 
 def image_info_from_bytes(data: bytes) -> dict[str, Any]:
     """Same as :func:`read_image_info` for an in-memory file; never raises."""
+    return image_info_with_header(data)[0]
+
+
+def image_info_with_header(data: bytes) -> tuple[dict[str, Any], tuple[Any, Any] | None]:
+    """``image_info_from_bytes`` and, from the same Pillow open, what the decoders ask Pillow
+    first (``decoders.base.source_header``): (mode, EXIF orientation), ("bomb", message), or
+    None when not known here."""
+    info = _info(data)
+    return info, info.pop("_source_header", None)
+
+
+def _info(data: bytes) -> dict[str, Any]:
     info = _empty_info(data)
     if not data:
         info["error"] = "empty file"
@@ -229,12 +241,15 @@ def _tiff_orientation(tiff: bytes) -> int | None:
 
 def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
     """Header-only Pillow open (any format; JPEG facts from its JPEG parser); fill ``info``,
-    return an error or None."""
+    return an error or None. The same open answers what the decoders ask Pillow first
+    (``decoders.base.source_header``: colour mode, EXIF orientation, the bomb guard): it is kept
+    under ``info["_source_header"]`` - (mode, orientation), or ("bomb", message) - so an image's
+    header is parsed once per worker."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning etc.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # DecompressionBombWarning etc., kept, not shown
             with Image.open(io.BytesIO(data)) as im:  # lazy: no pixel decode
                 info["format"] = im.format
                 info["width"], info["height"] = im.size
@@ -244,16 +259,39 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
                 info["exif_orientation"] = _pillow_orientation(im)
                 if im.format == "JPEG":
                     _jpeg_facts(im, info)
+                info["_source_header"] = _source_header(im, caught)
     except UnidentifiedImageError:
+        info["_source_header"] = (None, None)
         return "not an image"
     except Image.DecompressionBombError as exc:
+        info["_source_header"] = ("bomb", str(exc))
         return f"decompression bomb: {exc}"
     except Exception as exc:  # noqa: BLE001 - Pillow plugins raise many types on garbage
+        if isinstance(exc, _SOURCE_HEADER_ERRORS):
+            info["_source_header"] = (None, None)
         return f"unreadable header: {type(exc).__name__}: {exc}"
 
     if info["format"] == "PNG" and b"IEND" not in data[-16:]:
         return "truncated: no IEND chunk"
     return None
+
+
+# what ``decoders.base.parse_source_header`` turns into "Pillow cannot read the header"
+_SOURCE_HEADER_ERRORS = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError,
+                         EOFError, struct.error)
+
+
+def _source_header(im: Any, caught: list) -> tuple[Any, Any]:
+    """(mode, EXIF orientation) as ``parse_source_header`` reads them, or ("bomb", message)."""
+    from PIL import Image
+    bomb = next((w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)), None)
+    if bomb is not None:
+        return "bomb", str(bomb.message)
+    try:
+        orientation = im.getexif().get(_ORIENTATION_TAG)
+    except _SOURCE_HEADER_ERRORS:
+        return None, None
+    return im.mode, orientation if isinstance(orientation, int) else None
 
 
 def _jpeg_facts(im: Any, info: dict[str, Any]) -> None:

@@ -244,6 +244,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     run.upload("not_read.parquet", listing.not_read)
     run.upload("chunks.parquet", scratch / "chunks.parquet")  # before any chunk: what a resume checks
     timings["plan_s"] = time.perf_counter() - t_plan + timings["list_s"]
+    driver_rss = {"planned": _peak_rss_mb()}   # the driver's peak RSS by the end of each phase
     manifest["timings"] = _rounded(timings)
     run.write_manifest(manifest)
 
@@ -274,9 +275,12 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     t_sweep = time.perf_counter()
     executor.run(plan, _chunks_to_run(index, ChunkReader(scratch / "chunks.parquet")), on_summary)
     timings["sweep_s"] = time.perf_counter() - t_sweep
+    driver_rss["swept"] = _peak_rss_mb()
     t_merge = time.perf_counter()
     n_merged = run.merge_images(set(index.ids.tolist()), scratch)
     timings["merge_images_s"] = time.perf_counter() - t_merge
+    driver_rss["merged"] = _peak_rss_mb()
+    manifest["driver_peak_rss_mb"] = driver_rss
     wall = time.perf_counter() - t0
     manifest.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),
                     wall_s=round(wall, 2), counters=dict(counters), ray=getattr(executor, "where", None),
@@ -286,6 +290,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         t_compact = time.perf_counter()
         c = compact_run(run.uri)
         timings["compact_s"] = time.perf_counter() - t_compact
+        driver_rss["compacted"] = _peak_rss_mb()
         run.write_manifest({**manifest, "timings": _rounded(timings)})
         if opts.progress and c.files_before > c.files_after:
             print(f"dmx: compacted {c.files_before} part files into {c.files_after} "
@@ -300,6 +305,12 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 2) for k, v in timings.items()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB)."""
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _cells_table(spec: Spec, cells: list[Cell], ref: Cell, skipped: dict[str, str]) -> pa.Table:

@@ -30,9 +30,10 @@ from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 from . import metrics
 from .backends import BACKENDS, BackendRunner, InferSetting
 from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
+from .decoders.base import remember_header
 from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detections, detect,
                         to_image)
-from .imageinfo import image_info_from_bytes
+from .imageinfo import image_info_with_header
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
 from .sources import TransientReadError, read_image
@@ -124,6 +125,7 @@ class Worker:
         # (setting, input digest) -> (max abs, rel L2) of its output across batch compositions
         self._batch_checks: dict[tuple[str, bytes], tuple[float, float]] = {}
         self._pool: ThreadPoolExecutor | None = None    # read-ahead of remote images
+        self._infos: dict[InferSetting, dict[str, Any]] = {}  # what each built backend reports
 
     def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
         if setting not in self.runners:
@@ -169,8 +171,12 @@ class Worker:
         prepped: dict[tuple, list[_Prepped | _Failure]] = {k: [] for k in pkeys}
         image_rows = []
         for img, data in zip(chunk.images, self._reads(chunk.images)):
-            # from the bytes already read: the file is read once per chunk, not twice
-            info = image_info_from_bytes(data) if not isinstance(data, _Failure) else {}
+            # from the bytes already read: the file is read once per chunk, its header parsed once
+            info, header = (image_info_with_header(data) if not isinstance(data, _Failure)
+                            else ({}, None))
+            if header is not None:
+                remember_header(data, DecodeError(f"decompression bomb: {header[1]}")
+                                if header[0] == "bomb" else header)
             image_rows.append({"image_id": img.image_id, "path": img.path,
                                **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
             if isinstance(data, _Failure):
@@ -197,7 +203,9 @@ class Worker:
             outputs[ikey] = self._infer(setting, inputs, chunk.position)  # every 8th in plan order
             r = self.runners.get(setting)
             if isinstance(r, BackendRunner):
-                infos[_setting_key(setting)] = r.info() | {"build_s": round(r.build_s, 3)}
+                if setting not in self._infos:   # read back once per built model, not per chunk
+                    self._infos[setting] = r.info() | {"build_s": round(r.build_s, 3)}
+                infos[_setting_key(setting)] = self._infos[setting]
 
         rows = self._rows(chunk, cells, ref, decoded, prepped, outputs, infos, n)
         self._batch_checks.clear()

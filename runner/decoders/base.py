@@ -129,11 +129,36 @@ class Decoder:
         raise NotImplementedError
 
 
+_memo: list = [None, None]   # [the bytes last parsed, their source_header result or error]
+
+
+def remember_header(data: bytes, header: tuple[str | None, int | None] | DecodeError) -> None:
+    """What ``source_header(data)`` returns (or raises), already known from a parse of the same
+    bytes (the worker reads every image's header once, for images.parquet)."""
+    _memo[0], _memo[1] = data, header
+
+
 def source_header(data: bytes) -> tuple[str | None, int | None]:
     """(colour mode as Pillow names it: L, RGB, CMYK, RGBA, P, ...; EXIF orientation 1-8 or
     None) from a header-only parse (Pillow's lazy ``open``, no pixels decoded, ~0.03 ms).
     (None, None) when Pillow cannot read the header: the decoding library reports its own error.
-    Raises DecodeError for a decompression bomb: Pillow's guard is kept on for every decoder."""
+    Raises DecodeError for a decompression bomb: Pillow's guard is kept on for every decoder.
+    The last bytes parsed are remembered (by identity), so the decoders of one image share it."""
+    if _memo[0] is data:
+        if isinstance(_memo[1], DecodeError):
+            raise _memo[1]
+        return _memo[1]
+    try:
+        header = parse_source_header(data)
+    except DecodeError as e:
+        remember_header(data, e)
+        raise
+    remember_header(data, header)
+    return header
+
+
+def parse_source_header(data: bytes) -> tuple[str | None, int | None]:
+    """``source_header`` without the memo."""
     from PIL import Image
     try:
         with warnings.catch_warnings():
