@@ -26,6 +26,11 @@ INPUT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
 TASKS = ("classification", "detection", "tensor")
 DETECTION_LAYOUTS = ("yolox", "yolov5", "yolo", "yolo-transposed", "boxes-scores")
 SCOPES = ("all", "same-input")
+# Ground truth (dataset.labels); runner/labels.py and runner/label_classes.py read them and hold
+# the same tuples (tests/test_accuracy_spec.py keeps them equal: matrix/ imports nothing above it).
+LABEL_FORMATS = ("auto", "csv", "pairs", "imagenet-solution", "imagenet-index", "imagefolder")
+LABEL_BY = ("auto", "index", "name", "synset")
+LABEL_MATCHES = ("auto", "id", "name", "stem")
 
 # Bounds with the reason a user sees when they pass one.
 MAX_INPUT_SIZE = 8192   # px per side: 8192^2 x 3 float32 is 0.8 GB per image before batching
@@ -39,7 +44,9 @@ _MODEL_HINT = ("a built-in name (mobilenet_v2, efficientnet_lite0) or {torch: pk
 
 
 def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
-    return PydanticCustomError(kind, message.replace("{", "{{").replace("}", "}}"), ctx or None)
+    # pydantic formats the message with the context only when there is one: escape braces then
+    return PydanticCustomError(kind, message.replace("{", "{{").replace("}", "}}") if ctx
+                               else message, ctx or None)
 
 
 class _Strict(BaseModel):
@@ -122,11 +129,51 @@ def _from_name(key: str) -> Callable[[Any], Any]:
     return lambda v: {key: v} if isinstance(v, str) else v
 
 
+class Labels(_Strict):
+    """Ground truth for a classifier: a labels file and how to read it (docs/accuracy.md)."""
+
+    path: Optional[Annotated[str, Field(min_length=1)]] = Field(
+        None, description="the labels file, relative to the spec (none for format imagefolder)")
+    format: Optional[Literal[LABEL_FORMATS]] = Field(  # type: ignore[valid-type]
+        None, description="auto (default: from the file's name and first line), csv (path,label), "
+                          "pairs (name label per line: ImageNet's synset lists, Caffe's val.txt), "
+                          "imagenet-solution (LOC_val_solution.csv), imagenet-index (the devkit's "
+                          "ILSVRC2012_validation_ground_truth.txt), imagefolder (the parent folder)")
+    by: Optional[Literal[LABEL_BY]] = Field(  # type: ignore[valid-type]
+        None, description="how a label names a class: auto (default: integers are indices, else "
+                          "a name or a WordNet synset), index, name, synset")
+    index_base: Optional[Literal[0, 1]] = Field(
+        None, description="the class index the file uses for the model's first class (0 default)")
+    meta_mat: Optional[Annotated[str, Field(min_length=1)]] = Field(
+        None, description="the ImageNet devkit's data/meta.mat, for format imagenet-index")
+    match: Optional[Literal[LABEL_MATCHES]] = Field(  # type: ignore[valid-type]
+        None, description="how a label's image name meets an image id: auto (default), id (the "
+                          "path relative to the dataset root), name (file name), stem (no suffix)")
+
+    @model_validator(mode="after")
+    def _file_unless_imagefolder(self) -> "Labels":
+        if self.format == "imagefolder":
+            if self.path is not None:
+                raise _fail("labels", "format imagefolder reads each image's folder name: give no "
+                                  "path", field="path")
+        elif self.path is None:
+            raise _fail("labels", "missing; give the labels file (or format: imagefolder for "
+                                  "class folders)", field="path")
+        if self.meta_mat is not None and self.format not in (None, "auto", "imagenet-index"):
+            raise _fail("labels", f"is for format imagenet-index, not {self.format}",
+                        field="meta_mat")
+        return self
+
+
 class Dataset(_Strict):
     path: Annotated[str, Field(min_length=1, description="a folder (recursive), a glob (** "
                                                          "recursive) or a .txt/.csv manifest")]
     limit: Optional[Annotated[int, Field(ge=1, le=MAX_LIMIT)]] = Field(
         None, description="use only the first N images (sorted by id)")
+    labels: Optional[Annotated[Labels, BeforeValidator(_labels_source,
+                                                      json_schema_input_type=str | Labels)]] = Field(
+        None, description="ground truth: a labels file, or {path, format, by, index_base, "
+                          "meta_mat, match} (docs/accuracy.md)")
 
 
 class Input(_Strict):
@@ -179,6 +226,43 @@ class Model(_Strict):
     detection: Optional[Detection] = None
 
 
+_POINTS_SCHEMA = {"type": "number", "minimum": 0, "maximum": 100}
+
+
+def _accuracy_drop(v: Any) -> Any:
+    """Points (0-100) for every cell, or a mapping selector -> points (``*``, a cell id, or
+    ``axis=level`` pairs separated by spaces)."""
+    def points(x: Any, where: str) -> None:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x <= 100:
+            raise _fail("points", f"{where}must be a drop in top-1 points from 0 to 100, got {x!r}")
+    if isinstance(v, dict):
+        if not v:
+            raise _fail("points", "needs at least one selector: {'*': 0.5, 'backend=openvino': 1}")
+        for k, x in v.items():
+            if not isinstance(k, str) or not k.strip():
+                raise _fail("points", f"selector {k!r} must be '*', a cell id or axis=level pairs")
+            points(x, f"{k!r}: ")
+        return v
+    points(v, "")
+    return v
+
+
+AccuracyDrop = Annotated[Any, BeforeValidator(_accuracy_drop), WithJsonSchema({
+    "anyOf": [_POINTS_SCHEMA, {"type": "object", "additionalProperties": _POINTS_SCHEMA}],
+    "description": "top-1 points; or selector ('*', a cell id, 'axis=level ...') -> points"})]
+
+
+def _labels_source(v: Any) -> Any:
+    """``labels: val.txt`` is ``labels: {path: val.txt}``; anything but text or a mapping is
+    refused with both forms named."""
+    if isinstance(v, str):
+        return {"path": v}
+    if not isinstance(v, dict):
+        raise _fail("labels", "must be a labels file path or a mapping {path, format, by, "
+                              f"index_base, meta_mat, match}}, got {v!r}")
+    return v
+
+
 Tolerance = Optional[Annotated[float, Field(ge=0)] | Literal["auto"]]
 
 
@@ -192,6 +276,10 @@ class Check(_Strict):
     allow_errors: Optional[bool] = None
     max_reference_errors: Optional[Annotated[int, Field(ge=0)]] = Field(
         None, description="images the reference cell may fail on before the gate fails (default 0)")
+    max_accuracy_drop: Optional[AccuracyDrop] = Field(
+        None, description="top-1 points a cell may lose against the reference (needs "
+                          "dataset.labels): a number for every cell, or {'*': 0.5, "
+                          "'backend=openvino': 1.0} per cell, the most specific selector winning")
 
 
 class Calibration(_Strict):
@@ -315,6 +403,8 @@ def validate_spec_data(raw: Any) -> None:
         ctx = err.get("ctx") or {}
         if err["type"] == "unknown_key":
             loc = loc + (ctx["key"],)
+        elif ctx.get("field"):       # a check across fields, reported at the field it blames
+            loc = loc + (ctx["field"],)
         # a cap's reason, where there is one
         message = _message(err)
         key = _key(loc)

@@ -23,7 +23,8 @@ DEFAULT_MAX_CELLS = 100_000
 
 TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference",
             "calibration", "check")
-DATASET_KEYS = ("path", "limit")
+DATASET_KEYS = ("path", "limit", "labels")
+LABELS_KEYS = ("path", "format", "by", "index_base", "meta_mat", "match")
 MODEL_KEYS = ("name", "torch", "weights", "onnx", "input", "task", "opset", "labels", "detection")
 INPUT_KEYS = ("mode", "resize", "size", "mean", "std", "pad", "scale", "channels")
 INPUT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
@@ -35,12 +36,28 @@ _FRACTIONS = ("score_threshold", "nms_iou", "match_iou", "same_iou", "same_score
 
 
 @dataclass(frozen=True)
+class LabelsSpec:
+    """Ground truth of a classifier (``dataset.labels``). ``path`` and ``meta_mat`` are
+    resolved against the spec's folder (``path`` is None for ``imagefolder``); the other
+    fields say how to read the file (``runner.labels.read_labels``, ``attach``)."""
+
+    path: str | None
+    format: str = "auto"
+    by: str = "auto"
+    index_base: int = 0
+    meta_mat: str | None = None
+    match: str = "auto"
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
-    """Where the images are: a folder (recursive), a glob, or a text/CSV manifest of paths."""
+    """Where the images are: a folder (recursive), a glob, or a text/CSV manifest of paths;
+    ``labels``, their ground truth where the spec gives one."""
 
     path: str
     limit: int | None
     base_dir: str
+    labels: LabelsSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,9 @@ def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = (),
         raise SpecError("check", "must be a mapping of metric tolerances")
     normalised = {
         "name": name,
-        "dataset": {"path": dataset.path, "limit": dataset.limit},
+        # labels only when given: the digest of a spec without them stays what it was
+        "dataset": {"path": dataset.path, "limit": dataset.limit,
+                    **({"labels": _labels_raw(raw["dataset"])} if dataset.labels else {})},
         "model": {k: v for k, v in model.__dict__.items() if v is not None},
         "axes": {a: list(v) for a, v in axes},
         "include": [dict(c) for c in include],
@@ -212,7 +231,42 @@ def _parse_dataset(d: Any, base_dir: str) -> DatasetSpec:
     limit = d.get("limit")
     if limit is not None:
         limit = _positive_int("dataset.limit", limit)
-    return DatasetSpec(path=path, limit=limit, base_dir=base_dir)
+    return DatasetSpec(path=path, limit=limit, base_dir=base_dir,
+                       labels=_parse_labels(d.get("labels"), base_dir))
+
+
+def _labels_raw(d: Any) -> dict[str, Any]:
+    """``dataset.labels`` as written, in its mapping form (the digest hashes it)."""
+    v = d.get("labels") if isinstance(d, dict) else None
+    return {"path": v} if isinstance(v, str) else dict(v)
+
+
+def _parse_labels(v: Any, base_dir: str) -> LabelsSpec | None:
+    """``dataset.labels``: a path, or {path, format, by, index_base, meta_mat, match}; the
+    files must exist (relative paths are the spec's folder's)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = {"path": v}
+    if not isinstance(v, dict):
+        raise SpecError("dataset.labels", "must be a labels file path or a mapping "
+                                          "{" + ", ".join(LABELS_KEYS) + "}")
+    _reject_unknown("dataset.labels", v, LABELS_KEYS)
+
+    def existing(key: str) -> str | None:
+        if v.get(key) is None:
+            return None
+        p = (Path(base_dir) / str(v[key])).resolve()
+        if not p.is_file():
+            raise SpecError(f"dataset.labels.{key}", f"file not found: {v[key]} (looked in {p})")
+        return str(p)
+    fmt = v.get("format") or "auto"
+    if fmt != "imagefolder" and not v.get("path"):
+        raise SpecError("dataset.labels.path", "missing; give the labels file (or format: "
+                                               "imagefolder for class folders)")
+    return LabelsSpec(path=existing("path"), format=fmt, by=v.get("by") or "auto",
+                      index_base=int(v.get("index_base") or 0), meta_mat=existing("meta_mat"),
+                      match=v.get("match") or "auto")
 
 
 def _parse_model(m: Any, base_dir: str) -> ModelSpec:

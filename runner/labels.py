@@ -29,11 +29,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from .label_classes import ClassSpace, LabelError
+from .label_classes import ClassSpace, LabelError, imagenet1k_space
 
 __all__ = ["FORMATS", "LABEL_SCHEMA", "LabelCoverage", "attach", "correct_at_k", "detect_format",
            "read_csv_labels", "read_devkit_meta", "read_image_folder", "read_imagenet_index",
-           "read_imagenet_solution", "read_labels", "read_pairs", "MATCHES"]
+           "read_imagenet_solution", "read_labels", "read_pairs", "MATCHES", "check_spec_labels",
+           "labels_for_run", "model_classes", "read_spec_labels"]
 
 FORMATS = ("csv", "pairs", "imagenet-solution", "imagenet-index", "imagefolder")
 #: ``key``: the image as the labels file names it; ``label_index``: the model's class index.
@@ -319,11 +320,101 @@ def correct_at_k(topk: np.ndarray, label_index: pa.Array | np.ndarray | Sequence
     return top1, pa.array(hit.any(axis=1), mask=missing)
 
 
+def model_classes(model_spec) -> ClassSpace:
+    """The class space labels are mapped into: ImageNet-1k (with synsets and WordNet lemmas)
+    for a model whose 1,000 class names are ImageNet's, else the model's own names (a built-in
+    model's ``ModelDef.labels``, or ``model.labels``: a text file, one name per line, in index
+    order). Raises ``LabelError`` for a model that is no classifier or names no classes."""
+    builtin = None
+    if model_spec.name:
+        from .models import get_model
+        builtin = get_model(model_spec.name)
+    task = builtin.task if builtin else (model_spec.task or "classification")
+    if task != "classification":
+        raise LabelError(f"dataset.labels holds class labels, but the model's task is {task}: "
+                         "detection ground truth (COCO JSON, YOLO txt) is not joined to rows yet "
+                         "(docs/accuracy.md)")
+    if builtin:
+        names = builtin.labels
+        where = f"the built-in model {model_spec.name}"
+    elif model_spec.labels:
+        try:
+            text = Path(model_spec.labels).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise LabelError(f"cannot read model.labels {model_spec.labels}: {e}") from None
+        names = tuple(ln.strip() for ln in text.splitlines() if ln.strip())
+        where = f"model.labels ({model_spec.labels})"
+    else:
+        names = None
+        where = "the model"
+    if not names:
+        raise LabelError(f"dataset.labels needs the model's classes, and {where} names none: give "
+                         "model.labels, a text file with one class name per line in index order")
+    if len(names) == 1000 and _is_imagenet(names):
+        return imagenet1k_space(names)
+    return ClassSpace(tuple(names))
+
+
+def _is_imagenet(names: Sequence[str]) -> bool:
+    """1,000 names that are ImageNet-1k's in its index order (nine in ten equal to
+    torchvision's list, case and ``_`` aside): a 1,000-class model of another dataset is not
+    given ImageNet's synsets."""
+    from .models import imagenet_labels
+
+    norm = lambda t: " ".join(t.replace("_", " ").split()).casefold()  # noqa: E731
+    same = sum(norm(a) == norm(b) for a, b in zip(names, imagenet_labels()))
+    return same >= 900
+
+
+def _source(spec):
+    return getattr(spec.dataset, "labels", None)
+
+
+def read_spec_labels(spec, image_ids: Sequence[str] | pa.Array | None = None,
+                     classes: ClassSpace | None = None) -> pa.Table:
+    """The spec's ``dataset.labels`` read into ``LABEL_SCHEMA`` in the model's class indices;
+    raises ``LabelError`` / ``UnmappedLabel`` (one line, naming the file and the label). For
+    ``imagefolder`` the keys are ``image_ids`` (None: nothing to read yet, an empty table)."""
+    src = _source(spec)
+    classes = classes or model_classes(spec.model)
+    if src.format == "imagefolder" and image_ids is None:
+        return LABEL_SCHEMA.empty_table()
+    return read_labels(src.path, classes, src.format, by=src.by, index_base=src.index_base,
+                       meta_mat=src.meta_mat, image_ids=image_ids)
+
+
+def check_spec_labels(spec) -> None:
+    """Read and map the spec's labels before anything heavy runs, so an unmapped label is one
+    error line at once, not after the model's conversion; a no-op without ``dataset.labels``."""
+    if _source(spec) is not None:
+        read_spec_labels(spec)
+
+
 def labels_for_run(spec, images: Path, scratch: Path) -> tuple[Path | None, dict | None]:
     """The ground truth of a run's images: a Parquet file (image_id, label_index) in
     ``scratch`` that the chunk list joins, and the coverage the manifest records; (None, None)
-    when the spec names no labels (``dataset.labels``)."""
-    source = getattr(spec.dataset, "labels", None)
-    if not source:
+    when the spec names no labels (``dataset.labels``).
+
+    ``images`` is the run's sorted image list (a Parquet file with an ``image_id`` column).
+    Raises ``LabelError`` when the labels cannot be read or mapped, or name none of the images.
+    """
+    import pyarrow.parquet as pq
+
+    src = _source(spec)
+    if not src:
         return None, None
-    raise LabelError("dataset.labels is not wired to the run yet")
+    ids = pq.read_table(images, columns=["image_id"])["image_id"].combine_chunks()
+    classes = model_classes(spec.model)
+    labels = read_spec_labels(spec, ids, classes)
+    table, cov = attach(labels, ids, src.match)
+    if cov["labelled"] == 0 and len(ids):
+        example = labels["key"][0].as_py() if labels.num_rows else None
+        raise LabelError(f"no image of the dataset is named in {src.path or 'the folder names'} "
+                         f"(matched by {cov['match']}; e.g. label {example!r}, image "
+                         f"{ids[0].as_py()!r}): give labels by path relative to the dataset root, "
+                         "file name or stem")
+    out = Path(scratch) / "labels.parquet"
+    pq.write_table(table.filter(pc.is_valid(table["label_index"])), out)
+    return out, dict(cov, source=src.path, format=src.format if src.format != "auto"
+                     else ("imagefolder" if src.path is None else detect_format(src.path)),
+                     classes=len(classes))
