@@ -89,20 +89,16 @@ def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_f
 
 
 class _Writer:
-    """One output file: a temp file renamed into place (local), or one upload (object store)."""
+    """One output file, written to a temp file and renamed into place (local), or written to a
+    local temp file and then streamed up in one upload (object store): never held in memory."""
 
-    def __init__(self, run: RunDir, rel: str, schema: pa.Schema) -> None:
+    def __init__(self, run: RunDir, rel: str, schema: pa.Schema, spill: str) -> None:
         self.run, self.rel = run, rel
-        if run.remote:
-            self.sink = pa.BufferOutputStream()
-            target = self.sink
-        else:
-            final = Path(run.path(rel))
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, self.tmp = tempfile.mkstemp(prefix=".part-0.", suffix=".tmp", dir=final.parent)
-            os.close(fd)
-            target = self.tmp
-        self.writer = pq.ParquetWriter(target, schema, compression="zstd",
+        folder = Path(spill) if run.remote else Path(run.path(rel)).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".part-0.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd",
                                        write_statistics=_stats_columns(schema))
         self.rows = 0
 
@@ -113,7 +109,10 @@ class _Writer:
     def close(self) -> None:
         self.writer.close()
         if self.run.remote:
-            self.run.write_bytes(self.rel, self.sink.getvalue().to_pybytes())
+            try:
+                self.run.upload(self.rel, self.tmp)
+            finally:
+                Path(self.tmp).unlink(missing_ok=True)
         else:
             os.replace(self.tmp, self.run.path(self.rel))
 
@@ -121,8 +120,7 @@ class _Writer:
         try:
             self.writer.close()
         finally:
-            if not self.run.remote:
-                Path(self.tmp).unlink(missing_ok=True)
+            Path(self.tmp).unlink(missing_ok=True)
 
 
 def _leftovers(run: RunDir, state: dict) -> list[str]:
@@ -169,7 +167,7 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
         for group in _sorted_groups(run, inputs, schema, rows_per_file, row_group_rows,
                                     memory_limit, spill):
             rel = f"rows/chunk=compacted-{gen:03d}-{len(written):03d}/part-0.parquet"
-            writer = _Writer(run, rel, schema)
+            writer = _Writer(run, rel, schema, spill)
             written.append(rel)
             for table in group:
                 writer.write(table)
