@@ -52,6 +52,7 @@ from typing import Any, Mapping
 import duckdb
 import pyarrow as pa
 
+from matrix.axes import AXES
 from results.store import RunDir
 
 from .db import load_sql, open_run
@@ -75,11 +76,12 @@ AUTO = "auto"
 NUMBER_KEYS = ("max_abs", "max_rel_l2", "min_cosine", "min_top1_agreement")
 FLAG_KEYS = ("allow_lower_precision", "allow_errors")
 COUNT_KEYS = ("max_reference_errors",)
-KEYS = NUMBER_KEYS + FLAG_KEYS + COUNT_KEYS + ("scope",)
+ACCURACY_KEY = "max_accuracy_drop"
+KEYS = NUMBER_KEYS + FLAG_KEYS + COUNT_KEYS + ("scope", ACCURACY_KEY)
 DEFAULTS: dict[str, Any] = {"max_abs": None, "max_rel_l2": AUTO, "min_cosine": AUTO,
                             "min_top1_agreement": DEFAULT_MIN_TOP1, "scope": "all",
                             "allow_lower_precision": False, "allow_errors": False,
-                            "max_reference_errors": 0}
+                            "max_reference_errors": 0, ACCURACY_KEY: None}
 
 
 def resolve_tolerances(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -93,7 +95,22 @@ def resolve_tolerances(*layers: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _points(key: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)
+            or not 0 <= value <= 100):
+        raise CheckError(f"check.{key}: must be a drop in top-1 points from 0 to 100, not {value!r}")
+    return float(value)
+
+
 def _validate(key: str, value: Any) -> Any:
+    if key == ACCURACY_KEY:
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            if not value:
+                raise CheckError(f"check.{key}: give at least one selector, e.g. {{'*': 0.5}}")
+            return {str(k): _points(f"{key}.{k}", v) for k, v in value.items()}
+        return _points(key, value)
     if key == "scope":
         if value not in SCOPES:
             raise CheckError(f"check.scope: {value!r} is not one of {', '.join(SCOPES)}")
@@ -129,6 +146,7 @@ class Failure:
     image_id: str | None = None
     precision: str | None = None
     precision_effective: str | None = None
+    note: str | None = None      # the whole verdict where numbers alone do not say it (accuracy)
 
 
 @dataclass
@@ -147,6 +165,7 @@ class CheckResult:
     rows_judged: int = 0
     reuse_guard: dict[str, Any] = field(default_factory=dict)
     splits: dict[str, str] = field(default_factory=dict)   # label -> "ran bf16 on 10 and fp32 on 10 of 20 images"
+    accuracy: list[dict[str, Any]] = field(default_factory=list)  # the accuracy gate per cell
 
     @property
     def passed(self) -> bool:
@@ -164,7 +183,8 @@ class CheckResult:
                 "not_judged": self.not_judged, "not_judged_rows": self.not_judged_rows,
                 "rows_judged": self.rows_judged, "images": self.images,
                 "reference_errors": self.reference_errors, "reuse_guard": self.reuse_guard,
-                "precision_splits": self.splits, "skipped_cells": self.skipped}
+                "precision_splits": self.splits, "skipped_cells": self.skipped,
+                "accuracy": [_json_safe(a) for a in self.accuracy]}
 
 
 def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
@@ -245,15 +265,96 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
         for s in measured:
             rows_judged += int(s["n"])
             failures += _limit_failures(c, s, limits[cid, s["precision_effective"]], tol)
+    accuracy: list[dict[str, Any]] = []
+    if tol[ACCURACY_KEY] is not None:
+        acc_failures, accuracy = _accuracy_gate(con, cells, judged, tol[ACCURACY_KEY])
+        failures += acc_failures
     return CheckResult(
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
-        cells_judged=len(judged), failures=failures, not_judged=not_judged,
+        cells_judged=len(judged), failures=failures, not_judged=not_judged, accuracy=accuracy,
         skipped={c["label"]: c["skip_reason"] for c in cells if c["status"] == "skipped"},
         limits_by_precision=used, images=images,
         reference_errors={"images": ref_failed, "limit": limit_ref, "stage": ref_err["stage"],
                           "example": ref_err["example"], "image_id": ref_err["image_id"]},
         not_judged_rows=not_judged_rows, rows_judged=rows_judged, reuse_guard=reuse_guard,
         splits=splits)
+
+
+def drop_limit(limits: float | Mapping[str, float], cell: Mapping[str, Any],
+               axes: list[str]) -> float | None:
+    """The accuracy drop (points) a cell may show: a number is every cell's; in a mapping the
+    most specific selector that matches the cell wins - its cell id, then ``axis=level`` pairs
+    (more pairs first; the smaller limit on a tie), then ``*``. None: no selector applies."""
+    if not isinstance(limits, Mapping):
+        return float(limits)
+    best: tuple[int, float] | None = None
+    for selector, points in limits.items():
+        rank = _selector_rank(selector, cell, axes)
+        if rank is not None and (best is None or (rank, -points) > (best[0], -best[1])):
+            best = (rank, points)
+    return None if best is None else best[1]
+
+
+def _selector_rank(selector: str, cell: Mapping[str, Any], axes: list[str]) -> int | None:
+    """How specifically ``selector`` names ``cell`` (higher = more), None if it does not."""
+    sel = selector.strip()
+    if sel == "*":
+        return 0
+    if sel == cell["cell_id"]:
+        return 10 ** 6
+    pairs = [p.partition("=") for p in sel.split()]
+    if not pairs or any(not eq for _, eq, _ in pairs):
+        return None
+    if all(a in axes and str(cell.get(a)) == v for a, _, v in pairs):
+        return len(pairs)
+    return None
+
+
+def _check_selectors(limits: float | Mapping[str, float], cells: list[dict[str, Any]],
+                     axes: list[str]) -> None:
+    """A selector that names no cell is a typo, not a silent no-op."""
+    if not isinstance(limits, Mapping):
+        return
+    for selector in limits:
+        if not any(_selector_rank(selector, c, axes) is not None for c in cells):
+            raise CheckError(f"check.{ACCURACY_KEY}: selector {selector!r} names no cell of this "
+                             "run; use '*', a cell id or axis=level pairs such as "
+                             "'backend=openvino precision=fp16'")
+
+
+def _accuracy_gate(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
+                   judged: list[dict[str, Any]], limits: float | Mapping[str, float]
+                   ) -> tuple[list[Failure], list[dict[str, Any]]]:
+    """Each judged cell's top-1 change against the reference, paired over the images both
+    judged (``analysis.accuracy``), through ``analysis.paired.accuracy_gate``: a cell fails only
+    when its drop is beyond its limit with 95% confidence; one that cannot be judged (no labels,
+    no labelled image judged on both sides) fails as not judged."""
+    from .accuracy import accuracy_by_cell, has_labels
+    from .paired import accuracy_gate, paired_from_counts
+
+    axes = [k for k in (cells[0] if cells else {}) if k in AXES]
+    _check_selectors(limits, cells, axes)
+    acc = (accuracy_by_cell(lambda name: query_dicts(con, load_sql(name)))
+           if has_labels(con) else {})
+    failures, report = [], []
+    for c in judged:
+        limit = drop_limit(limits, c, axes)
+        if limit is None:
+            continue
+        a = acc.get(c["cell_id"])
+        r = a.top1 if a is not None and a.top1 is not None else paired_from_counts(0, 0, 0, 0)
+        gate = accuracy_gate(r, limit)
+        message = gate.message if acc else ("accuracy not judged: the run has no ground truth "
+                                            "(dataset.labels) on its rows")
+        report.append({"cell_id": c["cell_id"], "cell": c["label"], "status": gate.status,
+                       "limit": limit, "drop": gate.drop, "bound": gate.bound,
+                       "conclusive": gate.conclusive, "n": r.n, "message": message})
+        if gate.status != "pass":
+            check = ACCURACY_KEY if gate.status == "fail" else "accuracy_not_judged"
+            failures.append(Failure(c["cell_id"], c["label"], check, limit,
+                                    None if gate.status != "fail" else gate.bound,
+                                    r.right_to_wrong, r.n, note=message))
+    return failures, report
 
 
 def _limit_failures(c: dict[str, Any], s: dict[str, Any], lim: dict[str, float | None],
@@ -334,7 +435,8 @@ def _seen(v: float | None) -> float | str | None:
 
 CHECK_WORDS = {"precision": "precision", "errors": "errors", "reference_errors": "reference errors",
                "not_judged": "not judged", "batch_dependence": "batch dependence",
-               "max_rel_l2": "rel L2",
+               "max_rel_l2": "rel L2", ACCURACY_KEY: "accuracy drop",
+               "accuracy_not_judged": "accuracy not judged",
                "min_cosine": "cosine", "max_abs": "max abs", "min_top1_agreement": "top-1 agree"}
 
 
@@ -355,6 +457,8 @@ def describe_failure(f: Failure) -> str:
     if f.check == "not_judged":
         return (f"not judged: none of its {f.rows} rows carries a metric (the reference failed on "
                 f"those images, e.g. {f.image_id})")
+    if f.check in (ACCURACY_KEY, "accuracy_not_judged"):
+        return f.note or f.check
     if f.check == "min_top1_agreement":
         return (f"top-1 agreement {pct(_num(f.seen))} < {pct(_num(f.limit))} "
                 f"({f.rows_bad}/{f.rows} flipped, e.g. {f.image_id})")
@@ -382,6 +486,12 @@ def render_check_text(r: CheckResult) -> str:
     if limits:
         lines.append(f"limits per effective precision - {limits}; top-1 agreement >= "
                      f"{g(tol['min_top1_agreement'])}")
+    drop = tol.get(ACCURACY_KEY)
+    if drop is not None:
+        per = (f"{g(drop)} top-1 points" if not isinstance(drop, Mapping) else
+               ", ".join(f"{k}: {g(v)}" for k, v in drop.items()) + " (top-1 points)")
+        lines.append(f"accuracy: a cell fails when it loses more than {per} against the reference "
+                     "with 95% confidence (the paired interval's bound); not judged is not passed")
     by_cell: dict[str, list[Failure]] = {}
     for f in r.failures:
         by_cell.setdefault(f.cell_id, []).append(f)
@@ -402,6 +512,9 @@ def render_check_text(r: CheckResult) -> str:
                      "precision and errors were judged")
     if r.skipped:
         lines.append(f"  skipped cells (not judged): {len(r.skipped)}")
+    for a in r.accuracy:
+        if a["status"] == "pass":
+            lines.append(f"  ACCURACY {a['cell']}: {a['message']}")
     guard = r.reuse_guard
     if guard.get("rows_sampled"):
         lines.append(f"  reuse guard: {guard['rows_sampled']} sampled outputs re-inferred in another "

@@ -1,5 +1,6 @@
-"""DuckDB over a run directory: views ``rows``, ``cells``, ``images`` (and ``layers``
-once ``dmx localize`` ran) on the Parquet files.
+"""DuckDB over a run directory: views ``rows``, ``cells``, ``images``, ``accuracy`` and
+``accuracy_contrasts`` (where rows carry ground truth: ``analysis.accuracy``), and ``layers``
+once ``dmx localize`` ran, on the Parquet files.
 
 The run is verified on read (``RunDir.verify``): the rows come from the files the run's own
 bookkeeping names (compacted files, then intact part files of planned chunks), never a stray or
@@ -19,6 +20,11 @@ import pyarrow.parquet as pq
 from results.store import Health, RunDir, RunDirError
 
 SQL_DIR = Path(__file__).with_name("sql")
+
+
+def register_accuracy_views(con: duckdb.DuckDBPyConnection) -> None:
+    from .accuracy import register_accuracy_views as define   # it loads SQL from here
+    define(con)
 _warned: set[str] = set()
 
 
@@ -63,6 +69,7 @@ def open_run(path: str | Path | RunDir, con: duckdb.DuckDBPyConnection | None = 
         con.register("_dmx_images", pq.read_table(images, filesystem=run.fs))
         for view in ("rows", "cells", "images"):
             con.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM _dmx_{view}")
+        register_accuracy_views(con)
         return con
     root = str(run.root.resolve()).replace("'", "''")
     con.execute(f"CREATE OR REPLACE VIEW rows AS SELECT * FROM read_parquet({_sql_list(files)}, "
@@ -73,6 +80,7 @@ def open_run(path: str | Path | RunDir, con: duckdb.DuckDBPyConnection | None = 
         con.execute(f"CREATE OR REPLACE VIEW images AS SELECT * FROM read_parquet('{root}/images.parquet')")
     else:
         con.execute(f"CREATE OR REPLACE VIEW images AS SELECT * FROM read_parquet('{root}/_images/*.parquet')")
+    register_accuracy_views(con)
     if any((run.root / "layers").glob("cell=*.parquet")):  # written by dmx localize
         con.execute(f"CREATE OR REPLACE VIEW layers AS SELECT * FROM read_parquet("
                     f"'{root}/layers/cell=*.parquet', hive_partitioning = false, union_by_name = true)")

@@ -19,8 +19,10 @@ import duckdb
 from matrix.axes import AXES
 from results.store import RunDir
 
+from .accuracy import CellAccuracy, accuracy_by_cell, correctness_shares
 from .db import open_run
 from .effects import Attribution, CellStat, attribute
+from .paired import PairedAccuracy, verdict
 from .queries import query_dicts
 from .summary import WORST_PER_CELL, Summary
 from .tolerances import COS_EPS, default_limits, precision_family, split_text
@@ -95,6 +97,29 @@ class Contrast:
     worst: list[dict[str, Any]] = field(default_factory=list)
     concentrated: dict[str, Any] | None = None
     detection: DetectionContrast | None = None
+    # Accuracy against ground truth (dataset.labels), points, paired with the reference over
+    # the images both judged (analysis/accuracy.py); acc_n = 0 where the run has no labels.
+    acc_n: int = 0
+    acc_ref: float | None = None               # the reference's top-1 on those images
+    acc: float | None = None                   # this cell's top-1 on them
+    acc_delta: float | None = None             # acc - acc_ref
+    acc_ci_low: float | None = None            # paired bootstrap 95% interval of acc_delta
+    acc_ci_high: float | None = None
+    acc_right_to_wrong: int = 0
+    acc_wrong_to_right: int = 0
+    acc_p: float | None = None                 # McNemar's exact test on the two counts
+    acc_unpaired: int = 0                      # labelled images this cell did not judge (errors)
+    acc_top5_delta: float | None = None
+    acc_top5_ci_low: float | None = None
+    acc_top5_ci_high: float | None = None
+
+    def accuracy_change(self) -> PairedAccuracy | None:
+        """The top-1 change as a ``PairedAccuracy`` (its ``text()`` and ``verdict``), or None."""
+        if not self.acc_n:
+            return None
+        return PairedAccuracy(self.acc_n, self.acc, self.acc_ref, self.acc_delta, self.acc_ci_low,
+                              self.acc_ci_high, self.acc_right_to_wrong, self.acc_wrong_to_right,
+                              self.acc_p)
 
 
 @dataclass
@@ -118,6 +143,16 @@ class Explanation:
     explained: float = 0.0        # share of variance the cells explain (1 - within-cell SS / total)
     share_scale: float = 1.0      # < 1 when type-II shares were scaled down to sum <= explained
     nested: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # Ground truth, where the rows carry labels: the reference's accuracy, how many images are
+    # labelled, the type-II shares of top-1 correctness per factor (None: no labels).
+    accuracy: dict[str, Any] | None = None
+
+    def accuracy_ranking(self) -> list[Contrast]:
+        """Contrasts with a paired accuracy change, the largest change (either sign) first,
+        then the smallest McNemar p: how many points each factor costs or gains."""
+        judged = [c for c in self.contrasts if c.acc_n]
+        return sorted(judged, key=lambda c: (-abs(c.acc_delta or 0.0), c.acc_p if c.acc_p is not
+                                             None else 1.0, c.factor, c.level, c.detail))
 
     def candidate_ranking(self) -> list[Contrast]:
         """Detector contrasts, the one that reorders the pre-NMS candidates most first (lowest
@@ -148,7 +183,8 @@ class Explanation:
                         "top1_disagreement": c.top1_disagree, "max_abs_p95": c.max_abs_p95,
                         "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
                         "shape_mismatches": c.shape_mismatches, "cell_id": c.cell_id,
-                        "precision_effective": c.precision_effective})
+                        "precision_effective": c.precision_effective,
+                        **_accuracy_fields(c)})
         return out
 
     def rare_but_large(self) -> list[Contrast]:
@@ -165,7 +201,8 @@ class Explanation:
                  "metric": RANK_METRIC, "effect": c.cos_dist_p50, "effect_ci": c.cos_dist_p50_ci,
                  "n": c.n, "nonfinite": c.n_nonfinite, "cosine_distance_mean": c.cos_dist_mean,
                  "top1_disagreement": c.top1_disagree, "max_abs_max": c.max_abs_max,
-                 "eta_squared": self.eta_squared.get(f)} for f, c in best.items()]
+                 "eta_squared": self.eta_squared.get(f), **_accuracy_fields(c)}
+                for f, c in best.items()]
 
     def to_json(self) -> dict[str, Any]:
         det = None
@@ -185,8 +222,24 @@ class Explanation:
                            "scale": self.share_scale, "nested": self.nested},
                 "nodes": {"count": self.nodes, "ranked": False, "why": NODE_NOT_RANKED,
                           "differ_in": sorted(self.nodes_differ)},
+                "accuracy": None if self.accuracy is None else {
+                    **self.accuracy, "ranking": [{"factor": c.factor, "level": c.level,
+                                                  "detail": c.detail or None, "cell_id": c.cell_id,
+                                                  **_accuracy_fields(c)}
+                                                 for c in self.accuracy_ranking()]},
                 "precision_mismatches": self.precision_mismatches, "status": self.status,
                 "skipped_cells": self.skipped, "determinism": self.determinism}
+
+
+def _accuracy_fields(c: Contrast) -> dict[str, Any]:
+    """A contrast's accuracy change (points) for the JSON ranking and the report."""
+    r = c.accuracy_change()
+    if r is None:
+        return {"accuracy_n": 0}
+    return {"accuracy_n": r.n, "accuracy_ref": r.acc_ref, "accuracy": r.acc_cell,
+            "accuracy_delta": r.delta, "accuracy_ci": (r.ci_low, r.ci_high),
+            "right_to_wrong": r.right_to_wrong, "wrong_to_right": r.wrong_to_right,
+            "accuracy_p": r.p_value, "accuracy_text": r.text(), "accuracy_verdict": verdict(r)}
 
 
 def _arrow_type(annotation: str) -> Any:
@@ -447,6 +500,7 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
                 c.detection = _detection_contrast(det_stats[c.cell_id])
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
+    accuracy = _accuracy(con, stored, manifest, cells, axes, ref, contrasts)
     attribution = main_effects(stored.rows("cell_moments"), cells, axes,
                                {a: ref[a] for a in axes})
     eta, inter = attribution.main, attribution.interactions
@@ -471,7 +525,47 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
                      ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
         task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}),
         explained=attribution.explained, share_scale=attribution.scale, nested=attribution.nested,
-        nodes_differ=nodes_differ(manifest), nodes=_node_count(con, stored))
+        nodes_differ=nodes_differ(manifest), nodes=_node_count(con, stored), accuracy=accuracy)
+
+
+def _accuracy(con: duckdb.DuckDBPyConnection, stored: Summary, manifest: dict[str, Any],
+              cells: list[dict[str, Any]], axes: list[str], ref: dict[str, Any],
+              contrasts: list[Contrast]) -> dict[str, Any] | None:
+    """Accuracy against the labels, where the rows carry them: each contrast gets its paired
+    change (points); returned: the reference's accuracy, the labelled images and the type-II
+    shares of correctness per factor. None when no image is labelled."""
+    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
+    if not {"label", "correct_top1", "correct_top5"} <= columns:
+        return None
+    acc = accuracy_by_cell(stored.rows)
+    if not any(a.n_labelled for a in acc.values()):
+        return None
+    for c in contrasts:
+        a = acc.get(c.cell_id)
+        if a is None or a.top1 is None or not a.top1.n:
+            continue
+        t1, t5 = a.top1, a.top5
+        c.acc_n, c.acc_ref, c.acc, c.acc_delta = t1.n, t1.acc_ref, t1.acc_cell, t1.delta
+        c.acc_ci_low, c.acc_ci_high, c.acc_p = t1.ci_low, t1.ci_high, t1.p_value
+        c.acc_right_to_wrong, c.acc_wrong_to_right = t1.right_to_wrong, t1.wrong_to_right
+        c.acc_unpaired = a.n_unpaired
+        if t5.n:
+            c.acc_top5_delta, c.acc_top5_ci_low, c.acc_top5_ci_high = t5.delta, t5.ci_low, t5.ci_high
+    r: CellAccuracy | None = acc.get(ref["cell_id"])
+    shares = correctness_shares(acc, cells, axes, {a: ref[a] for a in axes})
+    coverage = ((manifest.get("dataset") or {}).get("labels")) or {}
+    return {"reference_top1": r.top1_points if r else None,
+            "reference_top5": r.top5_points if r else None,
+            "reference_n": r.n if r else 0,
+            "reference_top1_right": r.top1_right if r else 0,
+            "reference_top5_right": r.top5_right if r else 0,
+            "labelled_images": coverage.get("labelled", r.n_labelled if r else 0),
+            "images": coverage.get("images", manifest.get("images", 0)),
+            "source": coverage.get("source"), "format": coverage.get("format"),
+            "shares": shares.main, "shares_explained": shares.explained,
+            "shares_scale": shares.scale, "shares_nested": shares.nested,
+            "cells": {cid: {"n": a.n, "top1": a.top1_points, "top5": a.top5_points}
+                      for cid, a in acc.items()}}
 
 
 def nodes_differ(manifest: dict[str, Any]) -> dict[str, list[str]]:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["GATE_STATUSES", "AccuracyGate", "PairedAccuracy", "accuracy_gate", "accuracy_points",
-           "bootstrap_delta_interval", "discordant_counts", "format_p", "indistinguishable_from_zero",
+           "bootstrap_delta_interval", "discordant_counts", "format_p", "indistinguishable_from_zero", "interval_from_counts",
            "mcnemar_exact_p", "paired_accuracy", "paired_correct", "paired_from_counts", "verdict"]
 
 #: ``fail``: a drop beyond the limit with confidence; ``pass``: not shown to be; ``not_judged``:
@@ -97,6 +97,17 @@ def bootstrap_delta_interval(cell_correct: Any, ref_correct: Any, resamples: int
     """
     c, r = paired_correct(cell_correct, ref_correct)
     return _interval(len(c), int((r & ~c).sum()), int((~r & c).sum()), resamples, seed, level)
+
+
+def interval_from_counts(n: int, right_to_wrong: int, wrong_to_right: int, resamples: int = 2000,
+                         seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """The paired bootstrap interval (points) from the counts alone: n paired images, of which
+    ``right_to_wrong`` and ``wrong_to_right`` are discordant (the interval depends on nothing
+    else); the same numbers as ``bootstrap_delta_interval`` on the images."""
+    if min(n, right_to_wrong, wrong_to_right) < 0 or right_to_wrong + wrong_to_right > n:
+        raise ValueError(f"inconsistent counts: n={n}, right_to_wrong={right_to_wrong}, "
+                         f"wrong_to_right={wrong_to_right}")
+    return _interval(int(n), int(right_to_wrong), int(wrong_to_right), resamples, seed, level)
 
 
 def _interval(n: int, rw: int, wr: int, resamples: int, seed: int, level: float

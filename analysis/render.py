@@ -1,12 +1,15 @@
 """Turning an Explanation into text a person reads in 30 seconds, or Markdown for an issue."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .explain import NODE_NOT_RANKED, Contrast, DetectionContrast, Explanation, tolerance_verdict
 from .numbers import g, pct
+from .paired import format_p, verdict
 
-__all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text"]
+__all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text",
+           "render_accuracy", "accuracy_line"]
 
 
 def _props(w: dict[str, Any]) -> str:
@@ -163,6 +166,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
                        f" | top-1 flips {pct(c.top1_disagree):>6} | max abs {g(c.max_abs_max):>8}{eta}")
             for note in _why(c).split("; ") if _why(c) else []:
                 out.append(f"     {'':<14} {note}")
+    out += render_accuracy(e)
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     unit = "the raw detector head" if e.task == "detection" else "logits"
     out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}; the "
@@ -238,6 +242,54 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
     return "\n".join(out)
 
 
+def accuracy_line(c: Contrast) -> str:
+    """``-0.41 pts [-0.66, -0.17], 52 right->wrong, 11 wrong->right, p = 3e-7`` and, when the
+    interval holds 0, that the change is indistinguishable from zero at this n."""
+    r = c.accuracy_change()
+    if r is None:
+        return "not judged (no labelled image judged in both cells)"
+    tail = f" - {verdict(r)}" if r.indistinguishable else ""
+    unpaired = f" ({c.acc_unpaired} labelled images not judged: error rows)" if c.acc_unpaired else ""
+    return r.text() + tail + unpaired
+
+
+def render_accuracy(e: Explanation) -> list[str]:
+    """Explain's accuracy section: the reference's accuracy, then every one-factor contrast
+    ranked by its top-1 change in points, and the type-II shares of correctness."""
+    a = e.accuracy
+    if a is None:
+        return []
+    ranked = e.accuracy_ranking()
+    n_ref = a["reference_n"]
+    src = f", {Path(a['source']).name}" if a.get("source") else ""
+    out = ["", f"Accuracy against ground truth ({a['labelled_images']} of {a['images']} images "
+               f"labelled{src}): reference top-1 {_pts(a['reference_top1'])} "
+               f"({a['reference_top1_right']} of {n_ref}), top-5 {_pts(a['reference_top5'])} "
+               f"({a['reference_top5_right']} of {n_ref})."]
+    if not ranked:
+        return out + ["  No one-factor contrast was judged on a labelled image."]
+    out.append("Factors ranked by top-1 change in points (each changed alone; paired over the "
+               "images both cells judged: 95% paired bootstrap interval, images right->wrong and "
+               "wrong->right, McNemar's exact p):")
+    w = max(len(f"{c.factor} {_level(c)}") for c in ranked)
+    for i, c in enumerate(ranked, 1):
+        out.append(f"  {i}. {f'{c.factor} {_level(c)}:':<{w + 1}} {accuracy_line(c)}")
+    if n_ref and n_ref < 1000:
+        one = 100.0 / n_ref
+        out.append(f"  (at n = {n_ref} one image is {one:.2g} points: a change smaller than the "
+                   "interval's width cannot be told from noise)")
+    shares = a.get("shares") or {}
+    if shares:
+        out.append("Share of top-1 correctness's variance per factor (type-II sums of squares; the "
+                   f"cells explain {g(a['shares_explained'], 2)}, the rest is which images are "
+                   "hard): " + "  ".join(f"{k} {g(v, 2)}" for k, v in shares.items()))
+    return out
+
+
+def _pts(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def render_markdown(e: Explanation) -> str:
     lines = [f"## dmx explain: `{e.spec_name}` (run `{e.run_id}`)", "",
              f"{e.images} images x {e.cells} cells; reference: `{e.reference}`", "",
@@ -248,6 +300,17 @@ def render_markdown(e: Explanation) -> str:
         c = by_key[(f["factor"], f["level"], f["detail"])]
         lines.append(f"| {i} | {f['factor']} | {_level(c)} | {g(c.cos_dist_mean)} | "
                      f"{pct(c.top1_disagree)} | {g(c.max_abs_max)} | {g(f.get('eta_squared'), 2)} | {_why(c)} |")
+    if e.accuracy is not None and e.accuracy_ranking():
+        a = e.accuracy
+        lines += ["", f"**Accuracy** ({a['labelled_images']} labelled images; reference top-1 "
+                      f"{_pts(a['reference_top1'])}): change in top-1 points, paired 95% interval",
+                  "", "| # | factor | level | n | top-1 change [95% CI] | right->wrong | wrong->right | "
+                      "McNemar p | verdict |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for i, c in enumerate(e.accuracy_ranking(), 1):
+            r = c.accuracy_change()
+            lines.append(f"| {i} | {c.factor} | {_level(c)} | {r.n} | {r.delta:+.2f} "
+                         f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}] | {r.right_to_wrong} | "
+                         f"{r.wrong_to_right} | {format_p(r.p_value)} | {verdict(r)} |")
     if e.task == "detection" and e.candidate_ranking():
         lines += ["", "| factor | level | candidate tau mean (min) | top-k overlap | boxes changed on | "
                       "missed / extra of ref boxes | mean IoU | max score delta |",

@@ -35,6 +35,7 @@ from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_fai
 from .db import load_sql, open_run
 from .explain import Explanation, explain_run
 from .numbers import g, pct
+from .paired import format_p
 from .queries import query_dicts
 from .layer_curve import layer_curve_section
 
@@ -263,11 +264,24 @@ def _ranking(e: Explanation) -> str:
              "flips_text": pct(r["top1_flips"]), "max_abs_text": g(r["max_abs_max"]),
              "max_abs_p95_text": g(by_cell[r["cell_id"]]["max_abs_p95"]),
              "px_text": g(by_cell[r["cell_id"]]["px_mean_abs"]),
-             "ran": by_cell[r["cell_id"]].get("precision_effective") or "-"} for r in chart_rows]
+             "ran": by_cell[r["cell_id"]].get("precision_effective") or "-",
+             "accuracy_text": _accuracy_cell(by_cell[r["cell_id"]])} for r in chart_rows]
     data = json.dumps(chart_rows, default=str).replace("</", "<\\/")
     chart = _img(fig, "factor ranking: bar = median cosine distance over images, diamond = "
                       "max (worst image)", "chart-ranking")
-    return _template("ranking.html.j2").render(rows=rows, chart=chart, data=data)
+    return _template("ranking.html.j2").render(rows=rows, chart=chart, data=data,
+                                               accuracy=e.accuracy is not None)
+
+
+def _accuracy_cell(r: dict[str, Any]) -> str:
+    """A ranking row's top-1 change against the reference: ``-0.41 [-0.66, -0.17] pts, 52 ->
+    11, p = 3e-7`` (explain's numbers, the same digits), or '-' without labels."""
+    if not r.get("accuracy_n"):
+        return "-"
+    lo, hi = r["accuracy_ci"]
+    return (f"{r['accuracy_delta']:+.2f} [{lo:+.2f}, {hi:+.2f}] pts (n = {r['accuracy_n']}, "
+            f"{r['right_to_wrong']} right->wrong, {r['wrong_to_right']} wrong->right, "
+            f"p = {format_p(r['accuracy_p'])})")
 
 
 def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]],
