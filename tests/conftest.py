@@ -20,6 +20,11 @@ SLOW_FILES = {
     "test_torch_compile.py": "torch.compile with Inductor (21 s)",
     "test_envs.py": "uv environments: a build is seconds with uv's cache warm, a download cold",
     "test_console.py": "a Ray sweep in a subprocess (12 s)",
+    "test_isolated_cluster.py": "Ray nodes in their own mount and pid namespaces",
+    "test_jobs.py": "a Ray head with its job server",
+    "test_slurm.py": "a Slurm cluster started by the test",
+    "test_io_faults.py": "moto S3 behind a fault-injecting proxy (75 s)",
+    "test_planning.py": "listings of 20,000 and 200,000 images (27 s)",
 }
 SLOW_TESTS = {
     "test_report_renders_in_headless_chromium": "Chromium",
