@@ -6,7 +6,7 @@ from typing import Any
 
 from .explain import NODE_NOT_RANKED, Contrast, DetectionContrast, Explanation, tolerance_verdict
 from .numbers import g, pct
-from .paired import format_p, verdict
+from .paired import format_p, unchanged_bound, verdict
 
 __all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text",
            "render_accuracy", "accuracy_line"]
@@ -249,6 +249,9 @@ def accuracy_line(c: Contrast) -> str:
     if r is None:
         return "not judged (no labelled image judged in both cells)"
     tail = f" - {verdict(r)}" if r.indistinguishable else ""
+    if r.n and r.right_to_wrong + r.wrong_to_right == 0:   # the bootstrap's [0, 0] says nothing more
+        tail = (f" - no labelled image changed: at n = {r.n} a change up to "
+                f"{unchanged_bound(r.n):.2g} pts either way is not ruled out (exact 95% bound)")
     unpaired = f" ({c.acc_unpaired} labelled images not judged: error rows)" if c.acc_unpaired else ""
     return r.text() + tail + unpaired
 
@@ -274,10 +277,9 @@ def render_accuracy(e: Explanation) -> list[str]:
     w = max(len(f"{c.factor} {_level(c)}") for c in ranked)
     for i, c in enumerate(ranked, 1):
         out.append(f"  {i}. {f'{c.factor} {_level(c)}:':<{w + 1}} {accuracy_line(c)}")
-    if n_ref and n_ref < 1000:
-        one = 100.0 / n_ref
-        out.append(f"  (at n = {n_ref} one image is {one:.2g} points: a change smaller than the "
-                   "interval's width cannot be told from noise)")
+    if n_ref:
+        out.append(f"  (at n = {n_ref} one image is {100.0 / n_ref:.3g} points; a change inside "
+                   "the interval cannot be told from noise)")
     shares = a.get("shares") or {}
     if shares:
         out.append("Share of top-1 correctness's variance per factor (type-II sums of squares; the "
