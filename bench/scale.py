@@ -210,6 +210,83 @@ def floor_ms_per_image(manifest: Path, sample: int, batch: int = 64) -> dict:
             "distinct_tensors_per_image": len(tensors) / len(paths)}
 
 
+# ----------------------------------------------------------------------------- planning only
+def plan_seconds(path: str) -> tuple[float, int, int]:
+    """(seconds, images, chunks) to list and chunk the dataset at ``path`` as ``dmx run`` does."""
+    import shutil as _sh
+
+    from matrix import DatasetSpec
+    from results.planning import plan_chunks, scratch_dir
+    from runner.dataset import collect
+    scratch = scratch_dir()
+    try:
+        t = time.perf_counter()
+        listing = collect(DatasetSpec(path, None, "."), scratch)
+        index = plan_chunks(listing.images, 64, scratch / "chunks.parquet")
+        return time.perf_counter() - t, listing.n_images, len(index)
+    finally:
+        _sh.rmtree(scratch, ignore_errors=True)
+
+
+def s3_prefix(n: int) -> tuple[str, object]:
+    """moto's S3 server holding ``n`` small objects under ``s3://scale/p/dNNNNN/``, the AWS
+    variables pointing at it; returns (URI, the server process)."""
+    import socket
+    import pyarrow.fs as pafs
+    from concurrent.futures import ThreadPoolExecutor
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
+                      AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1")
+    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="x",
+                           secret_key="x", region="us-east-1", allow_bucket_creation=True)
+    fs.create_dir("scale")
+
+    def put(i: int) -> None:
+        with fs.open_output_stream(f"scale/p/d{i // PER_FOLDER:05d}/s{i:07d}.jpg") as f:
+            f.write(b"\xff\xd8")
+    t = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(pool.map(put, range(n), chunksize=256))
+    print(f"put {n} objects into moto in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    return "s3://scale/p", proc
+
+
+def plan_only(a: argparse.Namespace, data: Path, manifest: Path) -> None:
+    """``--plan-only``: planning time of a manifest, a folder tree and (``--s3``) an S3 prefix."""
+    res: dict = {"images": a.images}
+    for kind, path in (("manifest", str(manifest)), ("folder", str(data))):
+        if kind == "folder" and a.images != _built(data):
+            continue        # the folder holds the whole built set, not --images of it
+        s, n, chunks = plan_seconds(path)
+        res[f"{kind}_plan_s"], res[f"{kind}_images"] = round(s, 2), n
+    if a.s3:
+        uri, proc = s3_prefix(a.s3)
+        try:
+            s, n, _ = plan_seconds(uri)
+            res["s3_plan_s"], res["s3_images"] = round(s, 2), n
+        finally:
+            proc.terminate()
+    print(json.dumps(res))
+
+
+def _built(data: Path) -> int:
+    try:
+        return json.loads((data / "BUILD.json").read_text())["n"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=100_000)
@@ -219,9 +296,15 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="run directory (default: under --data)")
     ap.add_argument("--no-analysis", action="store_true", help="skip timing explain and report")
     ap.add_argument("--dmx-arg", action="append", default=[], help="extra argument for dmx run")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only time planning: the manifest, the folder tree (when it holds exactly "
+                         "--images) and, with --s3 N, a moto S3 prefix of N objects")
+    ap.add_argument("--s3", type=int, default=0, metavar="N")
     a = ap.parse_args()
     data = Path(a.data).expanduser()
     manifest = build_small_set(data, a.images, a.workers)
+    if a.plan_only:
+        return plan_only(a, data, manifest)
     spec = data / f"spec-{a.images}.yaml"
     spec.write_text(SPEC.format(manifest=manifest))
     out = Path(a.out) if a.out else data / f"run-{a.images}"
