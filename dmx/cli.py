@@ -17,7 +17,8 @@ _USER_ERRORS = (("matrix.errors", "SpecError"), ("results.store", "RunDirError")
                 ("runner.models.base", "ModelUnavailable"), ("runner.models.base", "UnknownModel"),
                 ("runner.models.loading", "ModelLoadError"), ("analysis.check", "CheckError"),
                 ("analysis.diff", "DiffError"), ("runner.envs", "EnvBuildError"),
-                ("results.fs", "StorageError"), ("runner.localize.graph", "LocalizeError"))
+                ("results.fs", "StorageError"), ("runner.localize.graph", "LocalizeError"),
+                ("runner.label_classes", "LabelError"), ("runner.runtime_env", "RuntimeEnvError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
