@@ -22,7 +22,7 @@ from results.store import RunDir
 from .accuracy import CellAccuracy, accuracy_by_cell, correctness_shares
 from .db import open_run
 from .effects import Attribution, CellStat, attribute
-from .paired import PairedAccuracy, verdict
+from .paired import PairedAccuracy, unchanged_bound, verdict
 from .queries import query_dicts
 from .summary import WORST_PER_CELL, Summary
 from .tolerances import COS_EPS, default_limits, precision_family, split_text
@@ -239,7 +239,10 @@ def _accuracy_fields(c: Contrast) -> dict[str, Any]:
     return {"accuracy_n": r.n, "accuracy_ref": r.acc_ref, "accuracy": r.acc_cell,
             "accuracy_delta": r.delta, "accuracy_ci": (r.ci_low, r.ci_high),
             "right_to_wrong": r.right_to_wrong, "wrong_to_right": r.wrong_to_right,
-            "accuracy_p": r.p_value, "accuracy_text": r.text(), "accuracy_verdict": verdict(r)}
+            "accuracy_p": r.p_value, "accuracy_text": r.text(), "accuracy_verdict": verdict(r),
+            # no image changed: the interval is [0, 0], the change only known below this (points)
+            "accuracy_unchanged_bound": (unchanged_bound(r.n) if r.right_to_wrong + r.wrong_to_right
+                                         == 0 else None)}
 
 
 def _arrow_type(annotation: str) -> Any:
