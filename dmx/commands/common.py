@@ -53,6 +53,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "or local (in-process)")
     p.add_argument("--workers", type=bounded_int(1, MAX_WORKERS), default=None,
                    help="at most this many workers (default: one per CPU the Ray cluster offers)")
+    p.add_argument("--threads-per-worker", type=bounded_int(1, 256), default=1, metavar="T",
+                   help="intra-op threads (and Ray CPUs) per worker: fewer workers, each with more "
+                        "threads (default 1: one worker per CPU, as far as memory allows)")
     p.add_argument("--gpus-per-worker", type=float, default=None, metavar="G",
                    help="GPUs each worker asks Ray for when cells run on CUDA (default 1; "
                         "a fraction such as 0.25 packs four workers on a GPU)")

@@ -8,8 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import (EXIT_FAILED, EXIT_INTERRUPTED, add_run_options, check_out, load_planned,
-                     summarise)
+from .common import EXIT_FAILED, EXIT_INTERRUPTED, add_run_options, check_out, load_planned
 
 NAME = "run"
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -87,9 +86,13 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
     elif a.executor == "ray":
         from runner.quiet_stderr import drop_ray_core_lines
         drop_ray_core_lines()             # Ray's C++ log lines stay off the console
+    # Compaction and explain's summary run in a child process (``dmx compact``) once the rows
+    # are written: their DuckDB memory is not the driver's, whose RSS stays flat with the run.
+    compact = not getattr(a, "no_compact", False)
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
-                      gpus_per_worker=a.gpus_per_worker, compact=not getattr(a, "no_compact", False))
+                      gpus_per_worker=a.gpus_per_worker,
+                      threads_per_worker=getattr(a, "threads_per_worker", 1), compact=False)
     resume_cmd = resume_command(spec_path, out, a)
     if spec.model.weights:
         # Refused here, once, as one line - not as an error row per image in every worker.
@@ -115,11 +118,11 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
               f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
               f"{resume_cmd}", file=sys.stderr)
         return EXIT_FAILED
-    if opts.compact:
-        summarise(s.out)
+    if compact:
+        _compact_in_child(s.out, quiet=a.quiet)
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
-    _print_not_read(s.not_read, s.out)
+    _print_not_read(s.not_read, s.not_read_count, s.out)
     c, m = s.counters, s.minimum
     print(f"dmx: work done (each at most once per image and variant): "
           f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
@@ -139,14 +142,28 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
     return 0
 
 
-def _print_not_read(not_read, out: str) -> None:
-    """One line per dataset entry that has no row (the first 50; all are in the manifest)."""
-    if not not_read:
+def _compact_in_child(out: str, quiet: bool) -> None:
+    """``dmx compact OUT`` in a fresh process; a failure is one warning (the rows stand)."""
+    import subprocess
+    done = subprocess.run([sys.executable, "-m", "dmx", "compact", out], capture_output=True,
+                          text=True)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    if done.returncode != 0:
+        print(f"dmx: warning: compaction did not finish ({lines[-1] if lines else done.returncode}); "
+              f"the rows stand as part files: run `dmx compact {out}` to retry", file=sys.stderr)
+    elif not quiet:
+        for ln in lines:
+            print(ln, file=sys.stderr)
+
+
+def _print_not_read(not_read, count: int, out: str) -> None:
+    """One line per dataset entry that has no row (the first ones; all are in not_read.parquet)."""
+    if not count:
         return
-    print(f"dmx: {len(not_read)} entries under the dataset not read (manifest.json not_read):",
+    print(f"dmx: {count} entries under the dataset not read ({out}/not_read.parquet):",
           file=sys.stderr)
     for n in not_read[:NOT_READ_SHOWN]:
         print(f"dmx:   not read: {n.path}: {n.reason}", file=sys.stderr)
-    if len(not_read) > NOT_READ_SHOWN:
-        print(f"dmx:   ... and {len(not_read) - NOT_READ_SHOWN} more in {out}/manifest.json",
-              file=sys.stderr)
+    if count > len(not_read[:NOT_READ_SHOWN]):
+        print(f"dmx:   ... and {count - len(not_read[:NOT_READ_SHOWN])} more in "
+              f"{out}/not_read.parquet", file=sys.stderr)
