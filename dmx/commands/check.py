@@ -30,6 +30,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-reference-errors", type=bounded_int(0, 10**9), default=None, metavar="IMAGES",
                    help="images the reference cell may fail on (default 0); the other cells' rows "
                         "on them are not judged")
+    p.add_argument("--max-accuracy-drop", type=float, default=None, metavar="POINTS",
+                   help="fail a cell whose top-1 accuracy is lower than the reference's by more "
+                        "than POINTS with 95%% confidence (needs dataset.labels; per cell: "
+                        "check.max_accuracy_drop in the spec; docs/accuracy.md)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -38,7 +42,8 @@ def run(a: argparse.Namespace) -> int:
     given = {"max_abs": a.max_abs, "max_rel_l2": a.max_rel_l2, "min_cosine": a.min_cosine,
              "min_top1_agreement": a.min_top1, "scope": a.scope,
              "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors,
-             "max_reference_errors": a.max_reference_errors}
+             "max_reference_errors": a.max_reference_errors,
+             "max_accuracy_drop": a.max_accuracy_drop}
     result = check_run(a.run_dir, {k: v for k, v in given.items() if v is not None})
     if a.json:
         print(json.dumps(result.to_json(), indent=2))

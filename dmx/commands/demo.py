@@ -29,6 +29,7 @@ def run(a: argparse.Namespace) -> int:
     root = Path(a.out)
     images = root / "images"
     raw = load_yaml_bounded(files("dmx").joinpath("demo.yaml").read_bytes(), "demo.yaml")
+    _write_demo_labels(root, files("dmx").joinpath("demo_labels.txt").read_bytes())
     overrides = [f"dataset.limit={a.limit}"] if a.limit else []
     spec = parse_spec(raw, base_dir=str(root.resolve()), overrides=overrides,
                       max_cells=a.max_cells)
@@ -44,6 +45,21 @@ def run(a: argparse.Namespace) -> int:
         print(f"dmx demo: {run_dir} holds this demo's run; finishing it (nothing is deleted)",
               file=sys.stderr)
     return run_and_report(spec, a, str(run_dir), resume=resume, explain=True, spec_path="(demo)")
+
+
+def _write_demo_labels(root: Path, text: bytes) -> None:
+    """The demo's ground truth beside its images (the spec reads it from there); a different
+    file of that name is the user's and is never replaced."""
+    target = root / "demo_labels.txt"
+    if target.exists():
+        if target.is_file() and target.read_bytes() == text:
+            return
+        raise CliError(f"{target} exists and is not the demo's labels file; dmx never replaces "
+                       "it: choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_bytes(text)
+    tmp.replace(target)
 
 
 def _demo_run_dir(root: Path, digest: str) -> Path:

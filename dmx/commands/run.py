@@ -98,6 +98,10 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         # Refused here, once, as one line - not as an error row per image in every worker.
         from runner.models.loading import load_weights
         load_weights(spec.model.weights)
+    if spec.dataset.labels is not None:
+        # Read and mapped here, once: an unmapped label is one line before the model converts.
+        from runner.labels import check_spec_labels
+        check_spec_labels(spec)
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:

@@ -14,7 +14,8 @@ NAME = "sql"
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images, contrasts, "
-                                   "effects, interactions; layers once dmx localize ran)")
+                                   "effects, interactions, accuracy, accuracy_contrasts; layers "
+                                   "once dmx localize ran)")
     p.add_argument("run_dir")
     p.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -58,7 +59,8 @@ def write_csv(columns, rows, out) -> None:
 def _prompt(con, run_dir: str) -> int:
     import duckdb
     root = Path(run_dir).resolve()
-    print(f"dmx sql: views rows, cells, images, contrasts, effects, interactions over {root}. End a statement with ';', quit with "
+    print(f"dmx sql: views rows, cells, images, contrasts, effects, interactions, accuracy, "
+          f"accuracy_contrasts over {root}. End a statement with ';', quit with "
           f"Ctrl-D.\nIn the duckdb CLI: CREATE VIEW rows AS SELECT * FROM "
           f"read_parquet('{root}/rows/*/part-0.parquet', hive_partitioning=true);")
     if not sys.stdin.isatty():
