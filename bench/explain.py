@@ -480,6 +480,20 @@ def time_explain(dest: Path, repeat: int) -> tuple[float, float, str, str]:
     return best, sub_s, text, proc.stdout
 
 
+def time_command(args: list[str]) -> tuple[float, float, int]:
+    """(wall s, peak RSS MB, exit code) of ``dmx ARGS`` in a fresh process (its own rusage)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dmx", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    if proc.returncode not in (0, 1):     # check and diff answer 1 for "broken" / "moved"
+        raise SystemExit(f"dmx {' '.join(args)} failed ({proc.returncode}):\n{err}")
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,6 +505,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="in-process timings (best is reported)")
     ap.add_argument("--profile", action="store_true", help="time each SQL statement, EXPLAIN ANALYZE the slowest")
     ap.add_argument("--top", type=int, default=2, help="statements to EXPLAIN ANALYZE with --profile")
+    ap.add_argument("--commands", action="store_true",
+                    help="also time dmx check, dmx diff (the run against itself) and dmx report on "
+                         "the compacted run, with each one's peak RSS")
     ap.add_argument("--wait-quiet", type=float, default=300, metavar="S",
                     help="before timing, wait up to S seconds for other processes to leave the CPUs idle")
     a = ap.parse_args()
@@ -534,7 +551,16 @@ def main() -> None:
           f"peak RSS {r1.ru_maxrss / 1024:.0f} MB (largest child)")
     if a.profile:
         profile(dest, a.top)
-    print(json.dumps({"rows": manifest["rows"], "explain_s": round(sub_s, 3),
+    commands: dict[str, float] = {}
+    if a.commands:
+        report = compact.with_name(compact.name + "-report.html")
+        for name, args in (("check", ["check", str(compact)]),
+                           ("diff", ["diff", str(compact), str(compact)]),
+                           ("report", ["report", str(compact), "-o", str(report)])):
+            wall, rss, code = time_command(args)
+            commands[f"{name}_s"], commands[f"{name}_rss_mb"] = round(wall, 2), round(rss)
+            print(f"dmx {name} on the compacted run: {wall:.2f} s, peak RSS {rss:.0f} MB, exit {code}")
+    print(json.dumps({"rows": manifest["rows"], **commands, "explain_s": round(sub_s, 3),
                       "explain_inprocess_s": round(best, 3),
                       "explain_compacted_s": round(sub_c, 3),
                       "explain_compacted_inprocess_s": round(best_c, 3),
