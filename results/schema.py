@@ -73,6 +73,8 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("batch_rel_l2", pa.float64(), "ratio", "reuse guard: the same difference as a relative L2 norm "
                                             "(norm of a - b over norm of a)"),
     ("reused", pa.bool_(), "", "output reused from another cell with a bit-identical input tensor"),
+    ("out_digest", pa.string(), "", "first 16 bytes (hex) of SHA-256 over this cell's output tensor(s) "
+                                    "for the image: dmx diff tells bit for bit which outputs moved"),
     ("decoder_version", pa.string(), "", "the decoding library and its version that ran (e.g. 'pillow 13.0.0')"),
     ("decoder_libjpeg", pa.string(), "", "the libjpeg(-turbo) build behind that decoder, as it reports it"),
     ("decode_ms", pa.float64(), "ms", "decode time of this image for this cell's decoder"),

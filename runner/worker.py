@@ -490,6 +490,7 @@ class _RowContext:
             block: dict[str, Any] = {
                 "ok": ok, "fail": [y if isinstance(y, _Failure) else None for y in ys],
                 "latency_ms": np.array([y[1] if o else 0.0 for y, o in zip(ys, ok)]),
+                "out_digest": [_output_digest(y[0]) if o else None for y, o in zip(ys, ok)],
                 "cmp": cmp_}
             sk = _setting_key(setting)
             checks = [w._batch_checks.get((sk, p.digest)) if isinstance(p, _Prepped) else None
@@ -580,6 +581,7 @@ class _RowContext:
             "preprocess_ms": _masked(inp["preprocess_ms"], inp["ok"], pa.float64()),
             "latency_ms": _masked(out["latency_ms"], ok, pa.float64()),
             "reused": _masked(reused, ok, pa.bool_()),
+            "out_digest": _masked(out["out_digest"], ok, pa.string()),
             "threads_used": _masked([info.get("threads")] * n, ok, pa.int32()),
             "batch_max_abs": _masked(out["batch_max_abs"], ok, pa.float64()),
             "batch_rel_l2": _masked(out["batch_rel_l2"], ok, pa.float64()),
@@ -594,6 +596,8 @@ class _RowContext:
             if k in out:
                 cols[k] = _masked(out[k], ok & self.labelled, pa.bool_())
         for k, values in out.items():
+            if k == "out_digest":
+                continue
             if k.startswith(("out_", "top1")) or k == "top5_overlap":
                 typ = (pa.int32() if k in ("top1", "top1_ref") else
                        pa.bool_() if k == "top1_agree" else pa.float64())
@@ -604,6 +608,15 @@ class _RowContext:
 
 
 _REFERENCE_FAILED = "the reference cell failed on this image: no divergence measured"
+
+
+def _output_digest(y) -> str:
+    """Hex of the first 16 bytes of SHA-256 over an output's bytes (a detector's: all of them),
+    so two runs can tell bit for bit whether the same cell gave the same output."""
+    h = hashlib.sha256()
+    for a in (y if isinstance(y, tuple) else (y,)):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:32]
 
 
 def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
