@@ -240,7 +240,8 @@ def prepare_artifacts(model: ResolvedModel,
     return ModelArtifacts(name=model.name, task=model.task, torch_factory=model.torch_factory,
                           weights=model.weights, files=files, conversion_notes=notes,
                           input_shape=(3, model.preprocess.crop, model.preprocess.crop),
-                          max_batch=onnx_batch_limit(model.onnx) if model.onnx else None)
+                          max_batch=onnx_batch_limit(model.onnx) if model.onnx else None,
+                          digest=digest)
 
 
 def _level_unsupported(backend: type, setting: InferSetting) -> str | None:

@@ -177,6 +177,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     skipped, nodes = executor.probe(plan)  # on Ray: the workers' process start and imports
     start_s = time.perf_counter() - t_start
     plan = dataclasses.replace(plan, skipped=skipped)
+    if old:
+        _check_same_model_and_environment(run, old, artifacts, nodes)
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
 
@@ -210,7 +212,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         "run_id": run_id, "dmx_format": 3, "status": "running",
         "started": old["started"] if old else dt.datetime.now(dt.timezone.utc).isoformat(),
         "spec_digest": spec.digest, "spec": spec.raw,
-        "model": {"name": model.name, "task": model.task, "preprocess": model.preprocess.__dict__,
+        "model": {"name": model.name, "task": model.task, "digest": artifacts.digest,
+                  "preprocess": model.preprocess.__dict__,
                   "torch_factory": model.torch_factory, "weights": model.weights,
                   "files": dict(artifacts.files), "conversion": artifacts.conversion_notes,
                   "detection": dataclasses.asdict(model.detection) if model.detection else None},
@@ -301,6 +304,31 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
                       counters=dict(counters), minimum=manifest["minimum"],
                       not_read=tuple(NotRead(p, r) for p, r in listing.not_read_sample),
                       start_s=start_s, not_read_count=listing.not_read_count)
+
+
+def _check_same_model_and_environment(run: RunDir, old: dict[str, Any], artifacts,
+                                      nodes: dict[str, dict[str, Any]]) -> None:
+    """A resume appends rows to rows already written: refuse when they would come from another
+    model (its weights, code, input shape or conversion libraries: the conversion digest) or
+    another environment (a package version any worker runs differs from the run's)."""
+    changes = []
+    before = (old.get("model") or {}).get("digest")
+    if before and artifacts.digest and before != artifacts.digest:
+        changes.append(f"the model (weights, code, input size or converters: digest "
+                       f"{before[:12]} -> {artifacts.digest[:12]})")
+    seen: dict[str, set] = {}
+    for env in (old.get("nodes") or {}).values():
+        for name, version in ((env or {}).get("packages") or {}).items():
+            seen.setdefault(name, set()).add(version)
+    for node, env in sorted(nodes.items()):
+        for name, version in sorted(((env or {}).get("packages") or {}).items()):
+            if name in seen and version not in seen[name]:
+                was = ", ".join(sorted(str(v) for v in seen[name]))
+                changes.append(f"{name} {was} -> {version} (node {node})")
+    if changes:
+        raise RunDirError(f"{run.uri} was computed with another model or environment: "
+                          f"{'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}; "
+                          "resuming would mix rows of both: choose another --out")
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -128,6 +128,7 @@ class ModelArtifacts:
     conversion_notes: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, int, int] = (3, 224, 224)
     max_batch: int | None = None        # an ONNX file exported with a fixed batch (often 1)
+    digest: str | None = None           # convert.conversion_digest: weights, code, shape, versions
 
     def file_for(self, setting: InferSetting) -> str | None:
         """The model product ``setting`` runs, or None (none needed, or its making failed)."""
