@@ -119,14 +119,55 @@ def varying_axes(con: duckdb.DuckDBPyConnection) -> list[str]:
             if con.execute(f"SELECT count(DISTINCT {_ident(a)}) FROM cells").fetchone()[0] > 1]
 
 
-def level_values(con: duckdb.DuckDBPyConnection, axis: str) -> list[dict[str, Any]]:
-    """Per-row cosine distance (1 - cos), max abs (logits) and ``px_equal`` of every ok,
-    non-reference row, with the row's level of ``axis`` (rows where it does not apply left out)."""
+SAMPLE_POINTS = 400   # points drawn per level in a distribution panel
+BOX_ROWS = 200_000    # rows per level the boxes are computed from (a uniform sample above)
+
+
+def _level_view(con: duckdb.DuckDBPyConnection, axis: str, key: str) -> None:
+    """``level_values``: (level, x, px_equal, h) of every ok non-reference row where ``axis``
+    applies and x is finite; x is the cosine distance (1 - cos) or the max abs difference
+    (logits), h a hash of the row (a uniform, reproducible sample)."""
     a = _ident(axis)
-    return query_dicts(con, f"SELECT {a} AS level, 1 - out_cosine AS cos_dist, "
-                            "out_max_abs AS max_abs, coalesce(px_equal, false) AS px_equal "
-                            "FROM rows WHERE status = 'ok' AND NOT is_reference "
-                            f"AND out_cosine IS NOT NULL AND {a} IS NOT NULL")
+    x = {"cos_dist": "1 - out_cosine", "max_abs": "out_max_abs"}[key]
+    con.execute(f"CREATE OR REPLACE TEMP VIEW level_values AS SELECT * FROM ("
+                f"SELECT {a} AS level, {x} AS x, coalesce(px_equal, false) AS px_equal, "
+                "hash(image_id, cell_id) AS h FROM rows "
+                "WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT NULL "
+                f"AND {a} IS NOT NULL) WHERE x IS NOT NULL AND isfinite(x)")
+
+
+def level_stats(con: duckdb.DuckDBPyConnection, axis: str, key: str, zero: float
+                ) -> tuple[float, dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """What one distribution panel draws, from DuckDB in bounded memory whatever the row count:
+    (floor, statistics per level, sampled points per level). Values <= ``zero`` are drawn at
+    ``floor`` (a power of ten below the smallest positive value). The counts ("N rows, Z at
+    0"), the floor and the axis range come from every row; the boxes from every row up to
+    ``BOX_ROWS`` per level, above that from a uniform sample of about ``BOX_ROWS`` (by row
+    hash); the scattered points are at most ``SAMPLE_POINTS`` per level (px_equal second)."""
+    _level_view(con, axis, key)
+    counts = query_dicts(con, "SELECT level, count(*) AS n, count(*) FILTER (x <= $zero) AS zeros, "
+                              "max(x) AS hi, min(x) FILTER (x > $zero) AS low "
+                              "FROM level_values GROUP BY level", {"zero": zero})
+    low = min((d["low"] for d in counts if d["low"] is not None), default=None)
+    floor = 10.0 ** (math.floor(math.log10(low)) - 1) if low else 1e-12
+    most = max((d["n"] for d in counts), default=0)
+    keep = 1.0 if most <= BOX_ROWS else BOX_ROWS / most      # share of rows the boxes use
+    con.execute("CREATE OR REPLACE TEMP VIEW level_box AS SELECT * FROM level_values "
+                f"WHERE h % 1000000 < {int(keep * 1_000_000)}" if keep < 1 else
+                "CREATE OR REPLACE TEMP VIEW level_box AS SELECT * FROM level_values")
+    boxes = {d["level"]: d for d in query_dicts(con, load_sql("report_level_stats"),
+                                                  {"zero": zero, "floor": floor})}
+    stats = {d["level"]: {**d, **boxes.get(d["level"], {})} for d in counts}
+    per = SAMPLE_POINTS / max(1, most)
+    sample = con.execute(
+        "SELECT level, CASE WHEN x > $zero THEN x ELSE $floor END, px_equal FROM ("
+        " SELECT *, row_number() OVER (PARTITION BY level ORDER BY h) AS k FROM level_values"
+        f" WHERE h % 1000000 < {max(1, int(min(1.0, 4 * per) * 1_000_000))}) WHERE k <= $n",
+        {"zero": zero, "floor": floor, "n": SAMPLE_POINTS}).fetchall()
+    points: dict[str, list] = {}
+    for level, x, same in sample:
+        points.setdefault(level, []).append((x, same))
+    return floor, stats, {lv: np.array(p, dtype=float) for lv, p in points.items()}
 
 
 def level_pair_means(con: duckdb.DuckDBPyConnection, axes: Sequence[str]) -> list[dict[str, Any]]:
@@ -339,56 +380,64 @@ def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[s
 
 
 def _distributions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]]) -> str:
+    """Per level of each varying axis: boxes over every row, a sample of the points, counts -
+    all from DuckDB aggregates (a run of 64 M rows draws in the time of a few queries)."""
     section = _template("distributions.html.j2")
-    panels = [(a, level_values(con, a)) for a in axes]
-    panels = [(a, v) for a, v in panels if v]
+    panels = []
+    for axis in axes:
+        per_key = {key: level_stats(con, axis, key, zero) for key, _, zero in _PANEL_METRICS}
+        if per_key["cos_dist"][1]:
+            panels.append((axis, per_key))
     if not panels:
-        return section.render(chart=None, rounding=g(COS_ROUNDING))
-    heights = [len({d["level"] for d in v}) for _, v in panels]
+        return section.render(chart=None, rounding=g(COS_ROUNDING), box_rows=f"{BOX_ROWS:,}",
+                              points=SAMPLE_POINTS)
+    heights = [len(k["cos_dist"][1]) for _, k in panels]
     fig = Figure(figsize=(12, 0.42 * sum(heights) + 1.0 * len(panels) + 0.4))
     grid = fig.add_gridspec(len(panels), 2, height_ratios=[h + 1.4 for h in heights], hspace=0.6,
                             wspace=0.12)
     rng = np.random.default_rng(0)
-    for row, (axis, values) in enumerate(panels):
-        levels = _sorted_levels((d["level"] for d in values), order[axis])
-        for col, (key, xlabel, zero) in enumerate((
-                ("cos_dist", "cosine distance of logits (1 - cos)", COS_ROUNDING),
-                ("max_abs", "max abs difference of logits", 0.0))):
+    for row, (axis, per_key) in enumerate(panels):
+        levels = _sorted_levels(per_key["cos_dist"][1], order[axis])
+        for col, (key, xlabel, zero) in enumerate(_PANEL_METRICS):
+            floor, stats, points = per_key[key]
             ax = fig.add_subplot(grid[row, col])
-            per = [[d for d in values if d["level"] == lv and d[key] is not None and math.isfinite(d[key])]
-                   for lv in levels]
-            vals = [np.array([d[key] for d in p], dtype=float) for p in per]
-            same = [np.array([bool(d["px_equal"]) for d in p], dtype=bool) for p in per]
-            allv = np.concatenate(vals)
-            floor = _log_floor(allv[allv > zero]) if (allv > zero).any() else 1e-12
-            shown = [np.where(v > zero, v, floor) for v in vals]
             y = np.arange(len(levels))
-            ax.boxplot([v if v.size else [np.nan] for v in shown], positions=y, orientation="horizontal",
-                       widths=0.6, showfliers=False, patch_artist=True,
-                       boxprops={"facecolor": "#f1f3f5", "edgecolor": "#666"},
-                       medianprops={"color": "#222"}, whiskerprops={"color": "#666"},
-                       capprops={"color": "#666"})
-            for yi, v, sm in zip(y, shown, same):
+            boxes = [{"med": st["med"], "q1": st["q1"], "q3": st["q3"], "whislo": st["whislo"],
+                      "whishi": st["whishi"], "fliers": []} if (st := stats.get(lv)) else
+                     {"med": np.nan, "q1": np.nan, "q3": np.nan, "whislo": np.nan,
+                      "whishi": np.nan, "fliers": []} for lv in levels]
+            ax.bxp(boxes, positions=y, orientation="horizontal", widths=0.6, showfliers=False,
+                   patch_artist=True, boxprops={"facecolor": "#f1f3f5", "edgecolor": "#666"},
+                   medianprops={"color": "#222"}, whiskerprops={"color": "#666"},
+                   capprops={"color": "#666"})
+            for yi, lv in zip(y, levels):
+                p = points.get(lv, np.zeros((0, 2)))
+                v, sm = p[:, 0], p[:, 1].astype(bool)
                 jitter = yi + rng.uniform(-0.24, 0.24, v.size)
                 ax.scatter(v[sm], jitter[sm], s=7, color="#4e79a7", alpha=0.45, linewidths=0)
                 ax.scatter(v[~sm], jitter[~sm], s=7, color="#e15759", alpha=0.45, linewidths=0)
+            top = max((st["hi"] for st in stats.values() if st["hi"] is not None), default=1.0)
             ax.set_xscale("log")
             ax.axvline(floor, color="#999", ls="--", lw=0.8)
-            ax.set_xlim(floor / 2, max(float(allv.max()) * 2 if allv.size else 1.0, floor * 10))
-            zeros = [int((v <= zero).sum()) for v in vals]
+            ax.set_xlim(floor / 2, max(float(top) * 2, floor * 10))
+            counts = [(stats[lv]["n"], stats[lv]["zeros"]) if lv in stats else (0, 0) for lv in levels]
             if col == 0:
-                ax.set_yticks(y, [f"{lv}\n{v.size} rows, {z} at 0" for lv, v, z in zip(levels, vals, zeros)],
+                ax.set_yticks(y, [f"{lv}\n{n} rows, {z} at 0" for lv, (n, z) in zip(levels, counts)],
                               fontsize=8)
                 ax.set_ylabel(axis, fontsize=10, fontweight="bold")
             else:
-                ax.set_yticks(y, [f"{z} at 0" for z in zeros], fontsize=8)
+                ax.set_yticks(y, [f"{z} at 0" for _, z in counts], fontsize=8)
                 ax.yaxis.tick_right()
             ax.set_ylim(len(levels) - 0.5, -0.5)
             ax.tick_params(axis="x", labelsize=8)
             ax.set_xlabel(xlabel, fontsize=8.5)
             ax.grid(axis="x", alpha=0.25)
     return section.render(chart=_img(fig, "metric distributions per level", "chart-distributions"),
-                          rounding=g(COS_ROUNDING))
+                          rounding=g(COS_ROUNDING), box_rows=f"{BOX_ROWS:,}", points=SAMPLE_POINTS)
+
+
+_PANEL_METRICS = (("cos_dist", "cosine distance of logits (1 - cos)", COS_ROUNDING),
+                  ("max_abs", "max abs difference of logits", 0.0))
 
 
 def _images(con: duckdb.DuckDBPyConnection, e: Explanation, manifest: dict[str, Any]) -> str:

@@ -1,0 +1,49 @@
+"""The report's distribution panels are drawn from DuckDB aggregates (boxes, counts) and a
+bounded sample of points, so a run of tens of millions of rows draws in bounded memory; the
+numbers drawn are those of every row."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import report
+from analysis.db import open_run
+from matrix import parse_spec
+from runner.sweep import RunOptions, run_spec
+
+
+@pytest.fixture(scope="module")
+def run(photo_dir: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report-scale") / "run"
+    spec = parse_spec({"name": "panels", "dataset": {"path": str(photo_dir)}, "model": "tiny",
+                       "axes": {"decoder": ["pil", "opencv"], "exif": ["apply", "ignore"],
+                                "resize": ["pil-bilinear", "cv2-linear", "cv2-area"]}})
+    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
+    return out
+
+
+@pytest.mark.parametrize("key,column,zero", [("cos_dist", "1 - out_cosine", report.COS_ROUNDING),
+                                             ("max_abs", "out_max_abs", 0.0)])
+def test_the_boxes_and_counts_are_those_of_every_row(run: Path, key: str, column: str, zero: float):
+    con = open_run(run)
+    floor, stats, points = report.level_stats(con, "resize", key, zero)
+    rows = con.execute(f"SELECT resize, {column} FROM rows WHERE status = 'ok' AND NOT is_reference "
+                       "AND out_cosine IS NOT NULL AND resize IS NOT NULL").fetchall()
+    assert set(stats) == {lv for lv, _ in rows}
+    for level, st in stats.items():
+        v = np.array([x for lv, x in rows if lv == level and x is not None and np.isfinite(x)])
+        shown = np.where(v > zero, v, floor)
+        q1, med, q3 = np.percentile(shown, [25, 50, 75])
+        assert (st["n"], st["zeros"]) == (v.size, int((v <= zero).sum()))
+        assert np.allclose([st["q1"], st["med"], st["q3"]], [q1, med, q3], rtol=1e-9, atol=0)
+        inside = shown[(shown >= q1 - 1.5 * (q3 - q1)) & (shown <= q3 + 1.5 * (q3 - q1))]
+        assert np.isclose(st["whislo"], inside.min()) and np.isclose(st["whishi"], inside.max())
+        assert len(points[level]) == min(v.size, report.SAMPLE_POINTS)
+
+
+def test_the_sample_of_points_is_bounded_per_level(run: Path, monkeypatch):
+    monkeypatch.setattr(report, "SAMPLE_POINTS", 3)
+    _, stats, points = report.level_stats(open_run(run), "exif", "cos_dist", report.COS_ROUNDING)
+    assert all(len(p) == min(3, stats[lv]["n"]) for lv, p in points.items())
