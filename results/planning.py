@@ -45,7 +45,7 @@ class DuplicateIds(PlanError):
 
 def _connect(scratch: Path) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
-    con.execute("SET memory_limit = '512MB'")
+    con.execute("SET memory_limit = '256MB'")
     con.execute("SET threads = 2")
     con.execute("SET enable_progress_bar = false")
     con.execute("SET temp_directory = ?", [str(scratch / "duckdb-spill")])

@@ -487,7 +487,7 @@ class RunDir:
         work = Path(scratch or tempfile.mkdtemp(prefix="dmx-images-"))
         try:
             con = duckdb.connect()
-            con.execute("SET memory_limit = '512MB'")
+            con.execute("SET memory_limit = '256MB'")
             con.execute("SET threads = 2")
             con.execute("SET temp_directory = ?", [str(work / "duckdb-spill")])
             if self.remote or not files:
