@@ -5,11 +5,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,52 +19,21 @@ from analysis.db import open_run
 from matrix import parse_spec
 from runner.sweep import RunOptions, run_spec
 
+from s3faults import environment, free_port, moto_server, s3_env
+
 AXES = {"decoder": ["pil", "opencv"], "backend": ["torch"]}
 BUCKET = "audits"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3() -> pafs.S3FileSystem:
     """moto_server on a free port, the AWS variables pointing at it, and one bucket."""
-    server = Path(sys.executable).with_name("moto_server")
-    if not server.exists():
-        pytest.skip("moto[server] is not installed (pip install -e '.[test]')")
-    port = _free_port()
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start")
-                time.sleep(0.2)
+    with moto_server() as port, environment(s3_env(port)):
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
                                access_key="testing", secret_key="testing", region="us-east-1",
                                allow_bucket_creation=True)
         fs.create_dir(BUCKET)
         yield fs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +154,7 @@ def test_an_s3_run_missing_a_part_object_is_named_and_repaired_by_resume(s3, s3_
 
 
 def test_an_unreachable_store_is_one_line(tmp_path: Path):
-    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{_free_port()}",
+    env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}",
                AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1",
                AWS_MAX_ATTEMPTS="1")
     r = subprocess.run([sys.executable, "-m", "dmx", "explain", "s3://nowhere/run"],
