@@ -25,6 +25,8 @@ SLOW_FILES = {
     "test_slurm.py": "a Slurm cluster started by the test",
     "test_io_faults.py": "moto S3 behind a fault-injecting proxy (75 s)",
     "test_planning.py": "listings of 20,000 and 200,000 images (27 s)",
+    "test_worker_sizing.py": "a Ray cluster in a subprocess",
+    "test_resume_identity.py": "six dmx runs in subprocesses",
 }
 SLOW_TESTS = {
     "test_report_renders_in_headless_chromium": "Chromium",
