@@ -66,3 +66,65 @@ def test_cosine_is_bounded_and_symmetric(a, b):
     assert -1.0 - 1e-9 <= d1["out_cosine"] <= 1.0 + 1e-9
     assert d1["out_cosine"] == pytest.approx(d2["out_cosine"])
     assert d1["out_max_abs"] == d2["out_max_abs"]
+
+
+# --- Kendall tau-b ------------------------------------------------------------------------------
+
+def _tau_b_by_pairs(x: np.ndarray, y: np.ndarray) -> float | None:
+    """The definition, pair by pair (dmx's own implementation before scipy's)."""
+    iu = np.triu_indices(x.size, k=1)
+    sx = np.sign(x[:, None] - x[None, :])[iu]
+    sy = np.sign(y[:, None] - y[None, :])[iu]
+    n1, n2 = float(np.count_nonzero(sx)), float(np.count_nonzero(sy))
+    if x.size < 2 or n1 == 0 or n2 == 0:
+        return None
+    return float(np.sum(sx * sy)) / math.sqrt(n1 * n2)
+
+
+_scores = st.floats(-1e6, 1e6, allow_nan=False)
+_tied_scores = st.sampled_from([0.0, 0.25, 0.5, 1.0])
+
+
+@st.composite
+def _paired(draw, elements):
+    n = draw(st.integers(0, 40))
+    return (draw(arrays(np.float64, n, elements=elements)),
+            draw(arrays(np.float64, n, elements=elements)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_paired(_scores), _paired(_tied_scores)))
+def test_kendall_tau_b_equals_the_pairwise_definition_on_random_and_tied_scores(xy):
+    from runner.metrics import kendall_tau_b
+    x, y = xy
+    want, got = _tau_b_by_pairs(x, y), kendall_tau_b(x, y)
+    if want is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(want, abs=4.5e-16)  # scipy rounds within 2 ulp of 1.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(2, 60), elements=_tied_scores | _scores))
+def test_kendall_tau_b_of_the_same_or_reversed_ranking_is_exactly_plus_or_minus_one(x):
+    from runner.metrics import kendall_tau_b
+    if np.all(x == x[0]):
+        assert kendall_tau_b(x, x) is None
+    else:
+        assert kendall_tau_b(x, x.copy()) == 1.0   # det_rank_tau < 1 counts a reordered image
+        assert kendall_tau_b(x, -x) == -1.0
+
+
+def test_kendall_tau_b_is_none_for_one_pair_or_a_constant_vector():
+    from runner.metrics import kendall_tau_b
+    assert kendall_tau_b(np.array([]), np.array([])) is None
+    assert kendall_tau_b(np.array([0.3]), np.array([0.7])) is None
+    assert kendall_tau_b(np.array([0.5, 0.5, 0.5]), np.array([0.1, 0.2, 0.3])) is None
+    assert kendall_tau_b(np.array([0.1, 0.2, 0.3]), np.array([2.0, 2.0, 2.0])) is None
+
+
+def test_kendall_tau_b_counts_equal_infinite_scores_as_a_tie():
+    from runner.metrics import kendall_tau_b
+    x = np.array([np.inf, np.inf, 1.0])   # inf - inf was NaN pair by pair
+    assert kendall_tau_b(x, np.array([3.0, 2.0, 1.0])) == pytest.approx(2 / math.sqrt(6))
+    assert math.isnan(kendall_tau_b(np.array([np.nan, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])))
