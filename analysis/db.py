@@ -49,6 +49,19 @@ def verify_run(path: str | Path | RunDir, require_complete: bool = False) -> Hea
     return health
 
 
+QUERY_MEMORY = "2GB"   # DuckDB's memory for analysis queries; beyond it they spill to disk
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB in bounded memory: joins, sorts and aggregates over tens of millions
+    of rows spill to a temporary folder instead of growing with the run."""
+    import tempfile
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = '{QUERY_MEMORY}'")
+    con.execute("SET temp_directory = ?", [str(Path(tempfile.gettempdir()) / "dmx-duckdb-spill")])
+    return con
+
+
 def open_run(path: str | Path | RunDir, con: duckdb.DuckDBPyConnection | None = None, *,
              require_complete: bool = False) -> duckdb.DuckDBPyConnection:
     """Connect DuckDB to a run; raises RunDirError if ``path`` holds no readable rows."""
@@ -58,7 +71,7 @@ def open_run(path: str | Path | RunDir, con: duckdb.DuckDBPyConnection | None = 
     files = run.row_files()
     if not files:
         raise RunDirError(f"{run.uri} has no rows yet (the run wrote no readable chunk)")
-    con = con or duckdb.connect()
+    con = con or _connect()
     if run.remote:
         import pyarrow.dataset as pads   # imports pandas (0.4 s): only for runs in object storage
         schema = pq.read_schema(files[0], filesystem=run.fs)
