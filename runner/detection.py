@@ -5,6 +5,9 @@ two cells can only differ in their detections because their raw outputs differ. 
 turns one image's outputs into one candidate per anchor (box in model-input pixels, best-class
 score, class), index-aligned across cells so the pre-NMS score order can be compared;
 ``nms`` keeps the final detections; ``to_image`` maps boxes back to decoded-image pixels.
+``nms`` is dmx's, not ``cv2.dnn.NMSBoxesBatched``: same boxes on ddddocr's outputs (16 of 16), but
+cv2 ranks float32 scores, calls two zero-area boxes IoU 1 (472 of 600 integer-pixel sets differed)
+and its class offset lets a box with negative coordinates suppress another class's.
 
 Output layouts (``DetectionConfig.layout``), per image (batch dimension removed):
 - ``yolox``: one output [N, 5+C], YOLOX's raw grid head (``decode_in_inference=False``): x, y

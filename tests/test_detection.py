@@ -162,6 +162,27 @@ def test_scores_at_or_below_the_threshold_are_dropped_before_nms():
     assert nms(c, DetectionConfig(score_threshold=0.25)).scores.tolist() == [0.26]
 
 
+# Where dmx's NMS and cv2.dnn.NMSBoxesBatched part (the reason dmx keeps its own):
+
+def test_two_zero_area_boxes_far_apart_do_not_suppress_each_other():
+    c = Candidates(np.array([[10, 10, 10, 50], [200, 200, 260, 200]], float), np.array([0.9, 0.8]),
+                   np.zeros(2, np.int64))
+    assert nms(c, DetectionConfig(score_threshold=0.1)).scores.tolist() == [0.9, 0.8]
+
+
+def test_a_box_with_negative_coordinates_is_not_suppressed_by_another_class():
+    c = Candidates(np.array([[400, 400, 460, 460], [-60, -60, 0, 0]], float), np.array([0.9, 0.8]),
+                   np.array([0, 1]))
+    assert nms(c, DetectionConfig(score_threshold=0.1)).scores.tolist() == [0.9, 0.8]
+
+
+def test_scores_that_differ_below_float32_precision_keep_their_order():
+    lo, hi = 0.6763463459355165, 0.6763463868814563  # one float32, two float64
+    c = Candidates(np.array([[0, 0, 10, 10], [50, 50, 60, 60]], float), np.array([lo, hi]),
+                   np.zeros(2, np.int64))
+    assert nms(c, DetectionConfig(score_threshold=0.1)).scores.tolist() == [hi, lo]
+
+
 def test_every_layout_decodes_the_same_boxes():
     xyxy = np.array([[12, 16, 28, 24], [35, 25, 45, 35]], np.float64)
     cxcywh = np.c_[(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]]
