@@ -2,10 +2,11 @@
 
 One parser: Pillow's own (its lazy ``Image.open`` reads the header only) gives format, size,
 colour mode, chroma subsampling (the JPEG component sampling factors, ``im.layer``),
-progressive, the EXIF orientation, the ICC profile and Adobe's colour transform, for JPEG and
-every other format. What Pillow does not say is read here from the JPEG's frame segments only:
-arithmetic coding (the SOF marker type), a height defined by a DNL marker (Pillow cannot open
-those), and whether the file is complete (an EOI marker after the first scan).
+progressive, the EXIF orientation (``getexif``), the ICC profile and Adobe's colour transform,
+for JPEG and every other format. What Pillow does not say is read here from the JPEG's frame
+segments only: arithmetic coding (the SOF marker type), a height defined by a DNL marker
+(Pillow cannot open those), and whether the file is complete (an EOI marker after the first
+scan).
 
 Every function here accepts arbitrary bytes and returns a dict; problems are reported in the
 ``error`` key instead of raised, and library warnings are not printed (the decoders record
@@ -121,12 +122,12 @@ def _parse_jpeg(data: bytes, info: dict[str, Any]) -> str | None:
     sof = frame.get("sof")
     if sof is None:
         return frame.get("problem") or "truncated: no SOF marker"
-    info["arithmetic"] = sof in _ARITHMETIC_SOF
-    info["progressive"] = sof in _PROGRESSIVE_SOF
-    if pillow_error:            # Pillow refused the header: say what the frame says
+    info["arithmetic"] = sof in _ARITHMETIC_SOF     # Pillow does not keep which SOF it read
+    if pillow_error:  # Pillow refuses e.g. 12-bit samples or a DNL height: the frame says these
         info["width"], info["components"] = frame["width"] or None, frame["components"]
         info["height"] = frame["height"] or None
         info["color_mode"] = {1: "L", 3: "RGB", 4: "CMYK"}.get(frame["components"])
+        info["progressive"] = sof in _PROGRESSIVE_SOF
     if frame.get("problem"):
         return frame["problem"]
     sos = frame.get("sos")
@@ -187,7 +188,8 @@ def _jpeg_frame(data: bytes) -> dict[str, Any]:
 
 
 def _subsampling_name(factors: list[tuple[int, int]]) -> str:
-    """Name the chroma subsampling from per-component (H, V) sampling factors."""
+    """Name the chroma subsampling from per-component (H, V) sampling factors (Pillow's
+    ``get_sampling`` names only 4:4:4, 4:2:2 and 4:2:0 of YCbCr: -1 for 4:4:0, 4:1:1, CMYK)."""
     if len(factors) == 1:
         return "grey"
     if len(factors) not in (3, 4) or any(h == 0 or v == 0 for h, v in factors):
@@ -203,39 +205,6 @@ def _subsampling_name(factors: list[tuple[int, int]]) -> str:
     return _SUBSAMPLING_NAMES.get(ratio, "other")
 
 
-def _tiff_orientation(tiff: bytes) -> int | None:
-    """Return the IFD0 Orientation (1-8) of a TIFF/Exif block, or None."""
-    if len(tiff) < 8:
-        return None
-    if tiff[:4] == b"II*\x00":
-        endian = "<"
-    elif tiff[:4] == b"MM\x00*":
-        endian = ">"
-    else:
-        return None
-    (ifd,) = struct.unpack(endian + "I", tiff[4:8])
-    if ifd + 2 > len(tiff):
-        return None
-    (count,) = struct.unpack(endian + "H", tiff[ifd : ifd + 2])
-    for i in range(count):
-        entry = ifd + 2 + 12 * i
-        if entry + 12 > len(tiff):
-            return None
-        tag, typ, cnt = struct.unpack(endian + "HHI", tiff[entry : entry + 8])
-        if tag != _ORIENTATION_TAG or cnt < 1:
-            continue
-        if typ == 3:  # SHORT, left-justified in the value field
-            (value,) = struct.unpack(endian + "H", tiff[entry + 8 : entry + 10])
-        elif typ == 4:  # LONG (non-standard but seen in the wild)
-            (value,) = struct.unpack(endian + "I", tiff[entry + 8 : entry + 12])
-        elif typ == 1:  # BYTE
-            value = tiff[entry + 8]
-        else:
-            return None
-        return value if 1 <= value <= 8 else None
-    return None
-
-
 # ------------------------------------------------------------------- Pillow
 
 
@@ -246,6 +215,7 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
     under ``info["_source_header"]`` - (mode, orientation), or ("bomb", message) - so an image's
     header is parsed once per worker."""
     from PIL import Image, UnidentifiedImageError
+    from PIL.JpegImagePlugin import JpegImageFile
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -256,10 +226,11 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
                 info["color_mode"] = im.mode
                 info["components"] = len(im.getbands())
                 info["icc"] = bool(im.info.get("icc_profile"))
-                info["exif_orientation"] = _pillow_orientation(im)
-                if im.format == "JPEG":
+                if isinstance(im, JpegImageFile):  # JPEG, and MPO (a JPEG naming 2+ pictures)
                     _jpeg_facts(im, info)
-                info["_source_header"] = _source_header(im, caught)
+                late_exif = im.format == "PNG" and "exif" not in im.info  # asked before any load
+                info["_source_header"] = header = _source_header(im, caught)
+                info["exif_orientation"] = None if late_exif else _exif_orientation(im, header)
     except UnidentifiedImageError:
         info["_source_header"] = (None, None)
         return "not an image"
@@ -303,24 +274,16 @@ def _jpeg_facts(im: Any, info: dict[str, Any]) -> None:
     info["progressive"] = bool(im.info.get("progressive"))
     if im.mode == "CMYK" and im.info.get("adobe_transform") == 2:
         info["color_mode"] = "YCCK"
-    try:
-        orientation = im.getexif().get(_ORIENTATION_TAG)   # APP1 is header: no pixel load
-    except Exception:  # noqa: BLE001 - a corrupt EXIF block leaves the orientation unknown
-        orientation = None
-    info["exif_orientation"] = orientation if isinstance(orientation, int) and 1 <= orientation <= 8 else None
 
 
-def _pillow_orientation(im: Any) -> int | None:
-    """EXIF orientation from header metadata only (never triggers ``load``: Pillow's
-    ``getexif`` would load a PNG whose eXIf chunk follows the pixels)."""
-    tag_v2 = getattr(im, "tag_v2", None)  # TIFF: orientation is a plain tag
-    if tag_v2 is not None:
-        value = tag_v2.get(_ORIENTATION_TAG)
-        return value if isinstance(value, int) and 1 <= value <= 8 else None
-    exif = im.info.get("exif")  # PNG eXIf before IDAT, WebP EXIF chunk, ...
-    if not isinstance(exif, (bytes, bytearray)):
-        return None
-    exif = bytes(exif)
-    if exif.startswith(b"Exif\x00\x00"):
-        exif = exif[6:]
-    return _tiff_orientation(exif)
+def _exif_orientation(im: Any, header: tuple[Any, Any]) -> int | None:
+    """EXIF orientation 1-8 as Pillow's ``getexif`` reads it: the decoders' header's (one read),
+    or, for a bomb's (which has none), asked here. Not for a PNG without an eXIf chunk before its
+    pixels: Pillow would decode the image to look for one after them."""
+    value = header[1]
+    if header[0] == "bomb":
+        try:
+            value = im.getexif().get(_ORIENTATION_TAG)
+        except Exception:  # noqa: BLE001 - a corrupt EXIF block leaves the orientation unknown
+            value = None
+    return value if isinstance(value, int) and 1 <= value <= 8 else None

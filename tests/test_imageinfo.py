@@ -383,3 +383,92 @@ def test_demo_rebuilds_a_damaged_file(demo: tuple[Path, list[str]], tmp_path: Pa
     victim.write_bytes(b"damaged")
     assert build_demo_images(str(dest)) == paths
     assert victim.read_bytes() == good
+
+
+# ------------------------------------------------- Pillow's reading, not a second parser
+
+
+def _png_with_exif_chunk_after_idat(orientation: int) -> bytes:
+    """A PNG whose eXIf chunk follows the pixel data (allowed by the PNG spec)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    _photo().save(buf, format="PNG", exif=exif.tobytes())
+    data = buf.getvalue()
+    start = data.index(b"eXIf") - 4
+    (length,) = struct.unpack(">I", data[start : start + 4])
+    chunk = data[start : start + 12 + length]
+    data = data[:start] + data[start + 12 + length :]
+    iend = data.index(b"IEND") - 4
+    return data[:iend] + chunk + data[iend:]
+
+
+def test_a_jpeg_pillow_opens_as_mpo_is_described_as_a_jpeg(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    _photo().save(buf, format="MPO", save_all=True, append_images=[_photo("L").convert("RGB")])
+    assert Image.open(io.BytesIO(buf.getvalue())).format == "MPO"
+    info = read_image_info(_write(tmp_path, "a.jpg", buf.getvalue()))
+    assert (info["format"], info["subsampling"], info["progressive"]) == ("JPEG", "4:2:0", False)
+    assert (info["components"], info["color_mode"], info["error"]) == (3, "RGB", None)
+
+
+def test_xmp_orientation_of_a_webp_is_the_one_the_decoders_apply() -> None:
+    from runner.decoders.base import parse_source_header
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
+           b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buf = io.BytesIO()
+    _photo().save(buf, format="WEBP", xmp=xmp)
+    assert parse_source_header(buf.getvalue()) == ("RGB", 6)
+    assert image_info_from_bytes(buf.getvalue())["exif_orientation"] == 6
+
+
+def test_png_exif_after_the_pixels_is_not_looked_for_in_the_header() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    early = io.BytesIO()
+    _photo().save(early, format="PNG", exif=exif.tobytes())
+    assert image_info_from_bytes(early.getvalue())["exif_orientation"] == 6
+    late = image_info_from_bytes(_png_with_exif_chunk_after_idat(6))
+    assert (late["exif_orientation"], late["error"]) == (None, None)
+
+
+def test_exif_orientation_is_the_one_the_decoders_read_for_every_format() -> None:
+    """images.parquet's orientation and the decoders' (Pillow's getexif) agree, corrupt EXIF
+    blocks included: one reading, not two."""
+    from runner.decoders.base import DecodeError, parse_source_header
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files = [_jpeg(exif=exif.tobytes())]
+    for fmt in ("WEBP", "TIFF"):
+        buf = io.BytesIO()
+        _photo().save(buf, format=fmt, exif=exif.tobytes())
+        files.append(buf.getvalue())
+    rng = random.Random(5)
+    cases = []
+    for good in files:
+        at = good.find(b"MM\x00*") if good.find(b"MM\x00*") > 0 else good.find(b"II*\x00")
+        for _ in range(150):
+            mutated = bytearray(good)
+            for _ in range(rng.randint(1, 3)):  # inside the EXIF block
+                mutated[rng.randrange(at, min(at + 40, len(good)))] = rng.randrange(256)
+            cases.append(bytes(mutated))
+    for data in files + cases:
+        try:
+            mode, orientation = parse_source_header(data)
+        except DecodeError:  # a flipped TIFF size made a decompression bomb
+            continue
+        want = orientation if mode is not None and orientation in range(1, 9) else None
+        assert image_info_from_bytes(data)["exif_orientation"] == want
+
+
+def test_a_bomb_sized_jpeg_keeps_its_orientation_and_the_bomb_header() -> None:
+    from runner.imageinfo import image_info_with_header
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = bytearray(_jpeg(exif=exif.tobytes()))
+    sof = _segment(bytes(data), 0xC0)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", 10_000, 10_000)  # 1e8 px: Pillow warns
+    info, header = image_info_with_header(bytes(data))
+    assert header is not None and header[0] == "bomb"
+    assert (info["width"], info["exif_orientation"]) == (10_000, 6)
