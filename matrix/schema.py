@@ -1,20 +1,24 @@
-"""The spec's schema: pydantic models built from the axis registry, and their JSON Schema.
+"""The spec's one model: pydantic models built from the axis registry, and their JSON Schema.
 
-The models check structure and types (every key known, every value of the right kind and within
-its bounds); the level of every axis is checked by ``normalise_level`` itself, so the registry in
-``axes.AXES`` stays the one list of axes and levels - an axis added there (or declared by a
-backend) is in the schema, the error messages and the JSON Schema with no edit here.
+Parsing, validation, defaults, error messages and the JSON Schema (``dmx schema``, the docs'
+spec reference) all come from here. The models check structure and types (every key known,
+every value of the right kind and within its bounds) and make levels canonical with
+``normalise_level``, so the registry in ``axes.AXES`` stays the one list of axes and levels - an
+axis added there (or declared by a backend) is in the schema, the error messages and the JSON
+Schema with no edit here. What depends on several keys (a reference level that must be one of
+the axis's, a file relative to the spec's folder) is checked once the whole spec has its types.
 ``validate_spec_data`` turns pydantic's first error into a ``SpecError`` naming the key (dotted,
-``include[0].decoder``) and what is allowed.
+``include[0].decoder``) and what is allowed. A key given as null is unset: it takes its default.
 """
 from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      WithJsonSchema, create_model, model_validator)
+                      ValidationInfo, WithJsonSchema, create_model, model_validator)
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
@@ -49,6 +53,16 @@ def _fail(kind: str, message: str, **ctx: Any) -> PydanticCustomError:
                                else message, ctx or None)
 
 
+def _no_null(message: str) -> BeforeValidator:
+    """A key that has a value whenever it is written: null is refused with ``message``, not
+    taken as unset."""
+    def check(v: Any) -> Any:
+        if v is None:
+            raise _fail("null", message)
+        return v
+    return BeforeValidator(check)
+
+
 class _Strict(BaseModel):
     """A spec mapping: strict types, and an unknown key named with the keys allowed there."""
 
@@ -66,6 +80,11 @@ class _Strict(BaseModel):
                                 f"{', '.join(allowed)}", key=str(k))
         return data
 
+    def value(self, name: str) -> Any:
+        """The field's value, or its declared default where the spec leaves it unset (or null)."""
+        v = getattr(self, name)
+        return type(self).model_fields[name].default if v is None else v
+
 
 def _level_validator(axis: Axis, many: bool) -> Callable[[Any], Any]:
     """Check one level (or a list of levels) of ``axis`` with the spec's own normalisation."""
@@ -76,12 +95,11 @@ def _level_validator(axis: Axis, many: bool) -> Callable[[Any], Any]:
             raise _fail("empty", "needs at least one level")
         if len(items) > MAX_LEVELS:
             raise _fail("too_many", f"{len(items)} levels; at most {MAX_LEVELS}")
-        for item in items:
-            try:
-                normalise_level(axis.name, item, "")
-            except SpecError as e:
-                raise _fail("level", str(e).lstrip(": ")) from None
-        return v
+        try:
+            levels = tuple(normalise_level(axis.name, item, "") for item in items)
+        except SpecError as e:
+            raise _fail("level", str(e).lstrip(": ")) from None
+        return levels if many else levels[0]
     return check
 
 
@@ -113,7 +131,8 @@ def _level_type(axis: Axis, many: bool) -> Any:
 
 
 def _axes_model(name: str, many: bool, what: str) -> type[_Strict]:
-    fields: dict[str, Any] = {a: (Optional[_level_type(AXES[a], many)], None) for a in AXIS_ORDER}
+    # not Optional: ``decoder: null`` is a level normalise_level refuses, not an axis left out
+    fields: dict[str, Any] = {a: (_level_type(AXES[a], many), None) for a in AXIS_ORDER}
     model = create_model(name, __base__=_Strict, **fields)  # type: ignore[call-overload]
     model.what = what  # type: ignore[attr-defined]
     return model
@@ -135,19 +154,19 @@ class Labels(_Strict):
     path: Optional[Annotated[str, Field(min_length=1)]] = Field(
         None, description="the labels file, relative to the spec (none for format imagefolder)")
     format: Optional[Literal[LABEL_FORMATS]] = Field(  # type: ignore[valid-type]
-        None, description="auto (default: from the file's name and first line), csv (path,label), "
+        "auto", description="auto (default: from the file's name and first line), csv (path,label), "
                           "pairs (name label per line: ImageNet's synset lists, Caffe's val.txt), "
                           "imagenet-solution (LOC_val_solution.csv), imagenet-index (the devkit's "
                           "ILSVRC2012_validation_ground_truth.txt), imagefolder (the parent folder)")
     by: Optional[Literal[LABEL_BY]] = Field(  # type: ignore[valid-type]
-        None, description="how a label names a class: auto (default: integers are indices, else "
+        "auto", description="how a label names a class: auto (default: integers are indices, else "
                           "a name or a WordNet synset), index, name, synset")
     index_base: Optional[Literal[0, 1]] = Field(
-        None, description="the class index the file uses for the model's first class (0 default)")
+        0, description="the class index the file uses for the model's first class (0 default)")
     meta_mat: Optional[Annotated[str, Field(min_length=1)]] = Field(
         None, description="the ImageNet devkit's data/meta.mat, for format imagenet-index")
     match: Optional[Literal[LABEL_MATCHES]] = Field(  # type: ignore[valid-type]
-        None, description="how a label's image name meets an image id: auto (default), id (the "
+        "auto", description="how a label's image name meets an image id: auto (default), id (the "
                           "path relative to the dataset root), name (file name), stem (no suffix)")
 
     @model_validator(mode="after")
@@ -159,7 +178,7 @@ class Labels(_Strict):
         elif self.path is None:
             raise _fail("labels", "missing; give the labels file (or format: imagefolder for "
                                   "class folders)", field="path")
-        if self.meta_mat is not None and self.format not in (None, "auto", "imagenet-index"):
+        if self.meta_mat is not None and self.value("format") not in ("auto", "imagenet-index"):
             raise _fail("labels", f"is for format imagenet-index, not {self.format}",
                         field="meta_mat")
         return self
@@ -177,18 +196,23 @@ class Dataset(_Strict):
 
 
 class Input(_Strict):
-    mode: Optional[Literal[INPUT_MODES]] = None  # type: ignore[valid-type]
+    mode: Annotated[Literal[INPUT_MODES], _no_null(  # type: ignore[valid-type]
+        "unknown mode None; allowed: " + ", ".join(INPUT_MODES))] = None
     size: Optional[Annotated[int, Field(ge=1, le=MAX_INPUT_SIZE)]] = Field(
         None, description="model input side in pixels")
     resize: Optional[Annotated[int, Field(ge=1, le=2 * MAX_INPUT_SIZE)]] = Field(
         None, description="shorter side before the center crop (resize-crop), pixels")
     mean: Optional[Annotated[list[float], Field(min_length=3, max_length=3)]] = None
     std: Optional[Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)]] = None
-    pad: Optional[Annotated[float, Field(ge=0, le=255)]] = Field(
+    pad: Annotated[float, Field(ge=0, le=255), _no_null("letterbox pad value on the 0-255 scale, "
+                                                        "got None")] = Field(
         None, description="letterbox pad value on the 0-255 scale")
-    scale: Optional[Annotated[float, Field(gt=0)]] = Field(
+    scale: Annotated[float, Field(gt=0), _no_null("pixels are divided by scale (255 for 0-1 "
+                                                  "inputs, 1 for raw 0-255 inputs), got None")] = Field(
         None, description="pixels are divided by scale (255 for 0-1 inputs, 1 for raw 0-255)")
-    channels: Optional[Literal["rgb", "bgr"]] = Field(None, description="the order the model expects")
+    channels: Annotated[Literal["rgb", "bgr"], _no_null("must be rgb or bgr (the order the model "
+                                                        "expects), got None")] = Field(
+        None, description="the order the model expects")
 
     @model_validator(mode="after")
     def _resize_holds_the_crop(self) -> "Input":
@@ -220,8 +244,10 @@ class Model(_Strict):
     weights: Optional[str] = Field(None, description="a state_dict file, loaded with weights_only=True")
     onnx: Optional[str] = Field(None, description="an ONNX file")
     input: Optional[Input] = None
-    task: Optional[Literal[TASKS]] = None  # type: ignore[valid-type]
-    opset: Optional[Annotated[int, Field(ge=7, le=23)]] = Field(None, description="ONNX opset 7-23")
+    task: Annotated[Literal[TASKS], _no_null(  # type: ignore[valid-type]
+        "unknown task None; allowed: " + ", ".join(TASKS))] = "classification"
+    opset: Annotated[int, Field(ge=7, le=23), _no_null("must be an integer ONNX opset 7-23, got None")] = Field(
+        18, description="ONNX opset 7-23")
     labels: Optional[str] = Field(None, description="a text file, one class name per line")
     detection: Optional[Detection] = None
 
@@ -283,8 +309,70 @@ class Check(_Strict):
 
 
 class Calibration(_Strict):
-    limit: Optional[Annotated[int, Field(ge=1, le=100_000)]] = Field(
-        None, description="images for int8 calibration (default 16)")
+    limit: Annotated[int, Field(ge=1, le=100_000), _no_null("must be a positive integer, got None")] = Field(
+        16, description="images for int8 calibration")
+
+
+def _wrong(key: str, message: str) -> PydanticCustomError:
+    """A problem found across keys, reported at ``key`` (dotted, as the user wrote it)."""
+    return PydanticCustomError("across_keys", message, {"key": key})
+
+
+def resolve(base_dir: str, path: Any) -> str:
+    """A path written in the spec, relative to the spec's folder."""
+    return str((Path(base_dir) / str(path)).resolve())
+
+
+def _check_across(spec: Any, raw: dict, base_dir: str) -> None:
+    """What the types alone cannot say, in the order a reader meets it in the spec."""
+    labels = spec.dataset.labels
+    for key in ("path", "meta_mat") if labels is not None else ():
+        if getattr(labels, key) is not None and not Path(resolve(base_dir, getattr(labels, key))).is_file():
+            raise _wrong(f"dataset.labels.{key}", f"file not found: {getattr(labels, key)} "
+                                                  f"(looked in {resolve(base_dir, getattr(labels, key))})")
+    m = spec.model
+    kinds = [k for k in ("name", "torch", "onnx") if getattr(m, k)]
+    if not kinds:
+        raise _wrong("model", "give one of name (built-in), torch (pkg.mod:factory) or onnx (file)")
+    if "name" in kinds and len(kinds) > 1:
+        raise _wrong("model", "a built-in name cannot be combined with torch/onnx artifacts")
+    if m.value("task") == "detection" and not m.name:
+        if m.detection is None:
+            raise _wrong("model.detection", "a detection model needs {layout: "
+                         + "|".join(DETECTION_LAYOUTS) + "} or {decoder: pkg.module:function}")
+        if not m.detection.layout and not m.detection.decoder:
+            raise _wrong("model.detection", "give layout (" + ", ".join(DETECTION_LAYOUTS)
+                         + ") or decoder (pkg.module:function)")
+    if not m.name and m.input is None:
+        raise _wrong("model.input", "a torch/onnx model needs input: {size: 224, mode: "
+                                    "resize-crop|stretch|letterbox|letterbox-center, resize: 256, "
+                                    "mean: [...], std: [...]}")
+    if m.onnx and not Path(resolve(base_dir, m.onnx)).is_file():
+        raise _wrong("model.onnx", f"file not found: {m.onnx}")
+    axes = {a: getattr(spec.axes, a) for a in AXIS_ORDER if getattr(spec.axes, a) is not None}
+    if not axes:
+        raise _wrong("axes", "missing; " + _hint("axes"))
+    for axis, levels in axes.items():
+        if len(set(levels)) != len(levels):
+            raise _wrong(f"axes.{axis}", f"a level is listed twice: {list(levels)}")
+    cells = [(f"{k}[{i}]", c, raw[k][i]) for k in ("include", "exclude")
+             for i, c in enumerate(getattr(spec, k) or ())]
+    if spec.reference is not None:
+        cells.append(("reference", spec.reference, raw["reference"]))
+    for key, cell, written in cells:
+        for axis in written:    # in the order the spec writes them
+            if axis not in axes:
+                raise _wrong(f"{key}.{axis}", f"not an axis of this spec; axes: {', '.join(axes)}")
+            if getattr(cell, axis) not in axes[axis]:
+                raise _wrong(f"{key}.{axis}", f"level {getattr(cell, axis)!r} is not in axes.{axis}; "
+                                              f"allowed: {', '.join(axes[axis])}")
+
+
+@model_validator(mode="wrap")
+def _across(cls: type, data: Any, handler: Callable[[Any], Any], info: ValidationInfo) -> Any:
+    spec = handler(data)
+    _check_across(spec, data, (info.context or {}).get("base_dir", "."))
+    return spec
 
 
 @functools.lru_cache(maxsize=8)
@@ -294,8 +382,9 @@ def _spec_model(axes_key: tuple[str, ...], _registry: tuple = ()) -> type[_Stric
     axes = _axes_model("Axes", True, "axis")
     partial = _axes_model("Cell", False, "axis")
     fields: dict[str, Any] = {
-        "name": (Optional[Annotated[str, Field(min_length=1, max_length=200)]],
-                 Field(None, description="the run's name")),
+        "name": (Annotated[str, Field(min_length=1, max_length=200),
+                           _no_null("must be a non-empty string")],
+                 Field("dmx-run", description="the run's name")),
         "dataset": (Annotated[Dataset, BeforeValidator(_from_name("path"),
                                                        json_schema_input_type=str | Dataset)],
                     Field(description=_DATASET_HINT)),
@@ -312,7 +401,8 @@ def _spec_model(axes_key: tuple[str, ...], _registry: tuple = ()) -> type[_Stric
         "calibration": (Optional[Calibration], None),
         "check": (Optional[Check], Field(None, description="tolerances for dmx check")),
     }
-    return create_model("Spec", __base__=_Strict, **fields)  # type: ignore[call-overload]
+    return create_model("Spec", __base__=_Strict, __validators__={"_across": _across},  # type: ignore[call-overload]
+                        **fields)
 
 
 def spec_model() -> type[_Strict]:
@@ -390,17 +480,20 @@ def _hint(key: str) -> str:
             "dataset.path": "a folder, a glob (** recursive) or a .txt/.csv manifest"}.get(key, "")
 
 
-def validate_spec_data(raw: Any) -> None:
-    """Check ``raw`` (parsed YAML) against the schema; raise the first problem as a SpecError."""
+def validate_spec_data(raw: Any, base_dir: str = ".") -> Any:
+    """Check ``raw`` (parsed YAML; files relative to ``base_dir``) against the schema: the
+    validated model, levels canonical; the first problem is raised as a SpecError."""
     if not isinstance(raw, dict):
         raise SpecError("", "a spec must be a YAML mapping with keys "
                             + ", ".join(spec_model().model_fields))
     try:
-        spec_model().model_validate(raw)
+        return spec_model().model_validate(raw, context={"base_dir": base_dir})
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         loc = tuple(err["loc"])
         ctx = err.get("ctx") or {}
+        if err["type"] == "across_keys":
+            raise SpecError(ctx["key"], err["msg"]) from None
         if err["type"] == "unknown_key":
             loc = loc + (ctx["key"],)
         elif ctx.get("field"):       # a check across fields, reported at the field it blames

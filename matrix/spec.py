@@ -1,4 +1,6 @@
-"""The matrix spec: YAML in, a validated frozen ``Spec`` out.
+"""The matrix spec: YAML in, a validated frozen ``Spec`` out. Parsing, validation, defaults
+and error messages are the one pydantic model's (``schema``); here the spec is read, overridden
+and held as dataclasses.
 
 Everything in a spec is data except ``model.torch`` (``"pkg.module:factory"``), which names code
 to import: a spec that uses it is trusted configuration.
@@ -13,26 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from . import schema
 from .axes import AXES, AXIS_ORDER
 from .errors import SpecError
-from .levels import _reject_unknown, normalise_level
-from .schema import validate_spec_data
+from .schema import DETECTION_LAYOUTS, resolve, validate_spec_data  # noqa: F401 (runner.detection)
 from .yamlsafe import LIMITS, load_yaml_bounded
 
 DEFAULT_MAX_CELLS = 100_000
 
+#: The spec's top-level keys (overrides may set only these, or an axis).
 TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference",
             "calibration", "check")
-DATASET_KEYS = ("path", "limit", "labels")
-LABELS_KEYS = ("path", "format", "by", "index_base", "meta_mat", "match")
-MODEL_KEYS = ("name", "torch", "weights", "onnx", "input", "task", "opset", "labels", "detection")
-INPUT_KEYS = ("mode", "resize", "size", "mean", "std", "pad", "scale", "channels")
-INPUT_MODES = ("resize-crop", "stretch", "letterbox", "letterbox-center")
-TASKS = ("classification", "detection", "tensor")
-DETECTION_LAYOUTS = ("yolox", "yolov5", "yolo", "yolo-transposed", "boxes-scores")
-DETECTION_KEYS = ("layout", "decoder", "strides", "score_threshold", "nms_iou", "class_agnostic",
-                  "nms_plus_one", "max_detections", "rank_k", "match_iou", "same_iou", "same_score")
-_FRACTIONS = ("score_threshold", "nms_iou", "match_iou", "same_iou", "same_score")
 
 
 @dataclass(frozen=True)
@@ -119,35 +112,26 @@ def load_spec(path: str | Path, overrides: Iterable[str] = (),
 
 def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = (),
                max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
-    """Validate a spec given as plain data (the parsed YAML)."""
+    """Validate a spec given as plain data (the parsed YAML) against the one model
+    (``schema``), then hold it as frozen dataclasses; paths are resolved against ``base_dir``."""
     if not isinstance(raw, dict):
         raise SpecError("", "a spec must be a YAML mapping with keys " + ", ".join(TOP_KEYS))
     raw = copy.deepcopy(raw)
     for ov in overrides:
         apply_override(raw, ov)
-    validate_spec_data(raw)  # structure and types; below: what depends on several keys
+    m = validate_spec_data(raw, base_dir)
     raw = json.loads(json.dumps(raw))  # plain JSON types only: the digest hashes this
-    name = raw.get("name", "dmx-run")
-    if not isinstance(name, str) or not name:
-        raise SpecError("name", "must be a non-empty string")
-    dataset = _parse_dataset(raw.get("dataset"), base_dir)
-    model = _parse_model(raw.get("model"), base_dir)
-    axes = _parse_axes(raw.get("axes"))
-    include = tuple(_parse_partial(f"include[{i}]", c, axes) for i, c in
-                    enumerate(_as_list("include", raw.get("include"))))
-    exclude = tuple(_parse_partial(f"exclude[{i}]", c, axes) for i, c in
-                    enumerate(_as_list("exclude", raw.get("exclude"))))
-    reference = _parse_partial("reference", raw.get("reference") or {}, axes)
-    calibration = raw.get("calibration") or {}
-    if not isinstance(calibration, dict):
-        raise SpecError("calibration", "must be a mapping like {limit: 16}")
-    _reject_unknown("calibration", calibration, ("limit",))
-    cal_limit = _positive_int("calibration.limit", calibration.get("limit", 16))
+    dataset = DatasetSpec(path=m.dataset.path, limit=m.dataset.limit, base_dir=base_dir,
+                          labels=_labels(m.dataset.labels, base_dir))
+    model = _model(m.model, raw["model"], base_dir)
+    axes = tuple((a, getattr(m.axes, a)) for a in AXIS_ORDER if getattr(m.axes, a) is not None)
+    include, exclude = (tuple(_cell(c, w) for c, w in zip(getattr(m, k) or (), raw.get(k) or ()))
+                        for k in ("include", "exclude"))
+    reference = _cell(m.reference, raw.get("reference") or {})
+    cal_limit = (m.calibration or schema.Calibration()).limit
     check = raw.get("check") or {}
-    if not isinstance(check, dict):
-        raise SpecError("check", "must be a mapping of metric tolerances")
     normalised = {
-        "name": name,
+        "name": m.name,
         # labels only when given: the digest of a spec without them stays what it was
         "dataset": {"path": dataset.path, "limit": dataset.limit,
                     **({"labels": _labels_raw(raw["dataset"])} if dataset.labels else {})},
@@ -159,8 +143,31 @@ def parse_spec(raw: Any, base_dir: str = ".", overrides: Iterable[str] = (),
         "calibration": {"limit": cal_limit},
         "check": check,
     }
-    return Spec(name, dataset, model, axes, include, exclude, reference, cal_limit, check,
-                normalised, max_cells=max_cells)
+    return Spec(m.name, dataset, model, axes, include, exclude, reference, cal_limit,
+                check, normalised, max_cells=max_cells)
+
+
+def _cell(cell: Any, written: Mapping[str, Any]) -> dict[str, str]:
+    """A partial cell's canonical levels, in the order the spec writes its axes."""
+    return {a: getattr(cell, a) for a in written} if cell is not None else {}
+
+
+def _labels(v: Any, base_dir: str) -> LabelsSpec | None:
+    if v is None:
+        return None
+    return LabelsSpec(path=v.path and resolve(base_dir, v.path), format=v.value("format"),
+                      by=v.value("by"), index_base=v.value("index_base"),
+                      meta_mat=v.meta_mat and resolve(base_dir, v.meta_mat), match=v.value("match"))
+
+
+def _model(m: Any, written: Any, base_dir: str) -> ModelSpec:
+    written = {"name": written} if isinstance(written, str) else written
+
+    def rel(p: Any) -> str | None:
+        return None if p is None else resolve(base_dir, p)
+    return ModelSpec(name=m.name, torch=m.torch, weights=rel(m.weights), onnx=rel(m.onnx),
+                     input=written.get("input"), task=m.value("task"), opset=m.value("opset"),
+                     labels=rel(m.labels), detection=written.get("detection"))
 
 
 def apply_override(raw: dict, text: str) -> None:
@@ -200,204 +207,7 @@ def _scalar(text: str) -> Any:
         return text.strip()
 
 
-
-
-
-def _as_list(key: str, v: Any) -> list:
-    if v is None:
-        return []
-    if not isinstance(v, list):
-        raise SpecError(key, "must be a list of mappings axis: level")
-    return v
-
-
-def _positive_int(key: str, v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise SpecError(key, f"must be a positive integer, got {v!r}")
-    return v
-
-
-def _parse_dataset(d: Any, base_dir: str) -> DatasetSpec:
-    if d is None:
-        raise SpecError("dataset", "missing; give {path: images/} (a folder, a glob or a manifest)")
-    if isinstance(d, str):
-        d = {"path": d}
-    if not isinstance(d, dict):
-        raise SpecError("dataset", "must be a mapping {path: ..., limit: N}")
-    _reject_unknown("dataset", d, DATASET_KEYS)
-    path = d.get("path")
-    if not isinstance(path, str) or not path:
-        raise SpecError("dataset.path", "missing; a folder, a glob (** recursive) or a .txt/.csv manifest")
-    limit = d.get("limit")
-    if limit is not None:
-        limit = _positive_int("dataset.limit", limit)
-    return DatasetSpec(path=path, limit=limit, base_dir=base_dir,
-                       labels=_parse_labels(d.get("labels"), base_dir))
-
-
 def _labels_raw(d: Any) -> dict[str, Any]:
     """``dataset.labels`` as written, in its mapping form (the digest hashes it)."""
     v = d.get("labels") if isinstance(d, dict) else None
     return {"path": v} if isinstance(v, str) else dict(v)
-
-
-def _parse_labels(v: Any, base_dir: str) -> LabelsSpec | None:
-    """``dataset.labels``: a path, or {path, format, by, index_base, meta_mat, match}; the
-    files must exist (relative paths are the spec's folder's)."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = {"path": v}
-    if not isinstance(v, dict):
-        raise SpecError("dataset.labels", "must be a labels file path or a mapping "
-                                          "{" + ", ".join(LABELS_KEYS) + "}")
-    _reject_unknown("dataset.labels", v, LABELS_KEYS)
-
-    def existing(key: str) -> str | None:
-        if v.get(key) is None:
-            return None
-        p = (Path(base_dir) / str(v[key])).resolve()
-        if not p.is_file():
-            raise SpecError(f"dataset.labels.{key}", f"file not found: {v[key]} (looked in {p})")
-        return str(p)
-    fmt = v.get("format") or "auto"
-    if fmt != "imagefolder" and not v.get("path"):
-        raise SpecError("dataset.labels.path", "missing; give the labels file (or format: "
-                                               "imagefolder for class folders)")
-    return LabelsSpec(path=existing("path"), format=fmt, by=v.get("by") or "auto",
-                      index_base=int(v.get("index_base") or 0), meta_mat=existing("meta_mat"),
-                      match=v.get("match") or "auto")
-
-
-def _parse_model(m: Any, base_dir: str) -> ModelSpec:
-    if m is None:
-        raise SpecError("model", "missing; a built-in name (mobilenet_v2, efficientnet_lite0) or "
-                                 "{torch: pkg.mod:factory, input: {...}} or {onnx: file.onnx, input: {...}}")
-    if isinstance(m, str):
-        m = {"name": m}
-    if not isinstance(m, dict):
-        raise SpecError("model", "must be a built-in name or a mapping")
-    _reject_unknown("model", m, MODEL_KEYS)
-    kinds = [k for k in ("name", "torch", "onnx") if m.get(k)]
-    if not kinds:
-        raise SpecError("model", "give one of name (built-in), torch (pkg.mod:factory) or onnx (file)")
-    if "name" in kinds and len(kinds) > 1:
-        raise SpecError("model", "a built-in name cannot be combined with torch/onnx artifacts")
-    if m.get("torch") and not re.match(r"^[\w.]+:\w+$", str(m["torch"])):
-        raise SpecError("model.torch", f"must look like package.module:factory, got {m['torch']!r}")
-    task = m.get("task", "classification")
-    if task not in TASKS:
-        raise SpecError("model.task", f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    inp = m.get("input")
-    if inp is not None:
-        if not isinstance(inp, dict):
-            raise SpecError("model.input", "must be a mapping {size, resize, mode, mean, std}")
-        _reject_unknown("model.input", inp, INPUT_KEYS)
-        _check_input(inp)
-    detection = _parse_detection(m.get("detection"), needed=task == "detection" and not m.get("name"))
-    if not m.get("name") and inp is None:
-        raise SpecError("model.input", "a torch/onnx model needs input: {size: 224, mode: "
-                                       "resize-crop|stretch|letterbox|letterbox-center, resize: 256, mean: [...], "
-                                       "std: [...]}")
-
-    def rel(p: Any) -> str | None:
-        return None if p is None else str((Path(base_dir) / str(p)).resolve())
-
-    onnx_path = rel(m.get("onnx"))
-    if onnx_path and not Path(onnx_path).is_file():
-        raise SpecError("model.onnx", f"file not found: {m['onnx']}")
-    opset = m.get("opset", 18)
-    if not isinstance(opset, int) or not 7 <= opset <= 23:
-        raise SpecError("model.opset", f"must be an integer ONNX opset 7-23, got {opset!r}")
-    return ModelSpec(name=m.get("name"), torch=m.get("torch"), weights=rel(m.get("weights")),
-                     onnx=onnx_path, input=inp, task=task, opset=opset, labels=rel(m.get("labels")),
-                     detection=detection)
-
-
-def _check_input(inp: Mapping[str, Any]) -> None:
-    if "mode" in inp and inp["mode"] not in INPUT_MODES:
-        raise SpecError("model.input.mode", f"unknown mode {inp['mode']!r}; allowed: {', '.join(INPUT_MODES)}")
-    if "channels" in inp and inp["channels"] not in ("rgb", "bgr"):
-        raise SpecError("model.input.channels", f"must be rgb or bgr (the order the model expects), "
-                                                f"got {inp['channels']!r}")
-    pad = inp.get("pad", 0)
-    if isinstance(pad, bool) or not isinstance(pad, (int, float)) or not 0 <= pad <= 255:
-        raise SpecError("model.input.pad", f"letterbox pad value on the 0-255 scale, got {pad!r}")
-    scale = inp.get("scale", 1)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise SpecError("model.input.scale", f"pixels are divided by scale (255 for 0-1 inputs, 1 for "
-                                             f"raw 0-255 inputs), got {scale!r}")
-
-
-def _parse_detection(d: Any, needed: bool) -> dict[str, Any] | None:
-    """``model.detection``: the output layout (or a user decoder) and the post-processing and
-    comparison thresholds; every key but layout/decoder has a documented default."""
-    if d is None:
-        if needed:
-            raise SpecError("model.detection", "a detection model needs {layout: "
-                            + "|".join(DETECTION_LAYOUTS) + "} or {decoder: pkg.module:function}")
-        return None
-    if not isinstance(d, dict):
-        raise SpecError("model.detection", "must be a mapping {layout: ..., score_threshold: ...}")
-    _reject_unknown("model.detection", d, DETECTION_KEYS)
-    if d.get("layout") is not None and d["layout"] not in DETECTION_LAYOUTS:
-        raise SpecError("model.detection.layout", f"unknown layout {d['layout']!r}; allowed: "
-                                                  f"{', '.join(DETECTION_LAYOUTS)}")
-    if d.get("decoder") is not None and not re.match(r"^[\w.]+:\w+$", str(d["decoder"])):
-        raise SpecError("model.detection.decoder", f"must look like package.module:function, got {d['decoder']!r}")
-    if needed and not d.get("layout") and not d.get("decoder"):
-        raise SpecError("model.detection", "give layout (" + ", ".join(DETECTION_LAYOUTS)
-                        + ") or decoder (pkg.module:function)")
-    for k in _FRACTIONS:
-        v = d.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
-            raise SpecError(f"model.detection.{k}", f"must be a number from 0 to 1, got {v!r}")
-    for k in ("max_detections", "rank_k"):
-        if d.get(k) is not None:
-            _positive_int(f"model.detection.{k}", d[k])
-    strides = d.get("strides")
-    if strides is not None and (not isinstance(strides, list) or not strides
-                                or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in strides)):
-        raise SpecError("model.detection.strides", f"must be a list of positive integers like [8, 16, 32], "
-                                                   f"got {strides!r}")
-    for k in ("class_agnostic", "nms_plus_one"):
-        if d.get(k) is not None and not isinstance(d[k], bool):
-            raise SpecError(f"model.detection.{k}", f"must be true or false, got {d[k]!r}")
-    return dict(d)
-
-
-def _parse_axes(a: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    if not isinstance(a, dict) or not a:
-        raise SpecError("axes", "missing; a mapping axis -> list of levels, axes: "
-                                + ", ".join(AXIS_ORDER))
-    out = []
-    for axis in a:
-        if axis not in AXES:
-            raise SpecError(f"axes.{axis}", f"unknown axis; allowed: {', '.join(AXIS_ORDER)}")
-    for axis in AXIS_ORDER:  # canonical order, whatever order the YAML used
-        if axis not in a:
-            continue
-        levels = a[axis] if isinstance(a[axis], list) else [a[axis]]
-        if not levels:
-            raise SpecError(f"axes.{axis}", "needs at least one level")
-        norm = tuple(normalise_level(axis, lv, f"axes.{axis}") for lv in levels)
-        if len(set(norm)) != len(norm):
-            raise SpecError(f"axes.{axis}", f"a level is listed twice: {list(norm)}")
-        out.append((axis, norm))
-    return tuple(out)
-
-
-def _parse_partial(key: str, c: Any, axes: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, str]:
-    if not isinstance(c, dict):
-        raise SpecError(key, "must be a mapping axis: level")
-    known = dict(axes)
-    out = {}
-    for axis, level in c.items():
-        if axis not in known:
-            raise SpecError(f"{key}.{axis}", f"not an axis of this spec; axes: {', '.join(known)}")
-        norm = normalise_level(axis, level, f"{key}.{axis}")
-        if norm not in known[axis]:
-            raise SpecError(f"{key}.{axis}", f"level {norm!r} is not in axes.{axis}; "
-                                              f"allowed: {', '.join(known[axis])}")
-        out[axis] = norm
-    return out
