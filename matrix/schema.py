@@ -8,7 +8,8 @@ axis added there (or declared by a backend) is in the schema, the error messages
 Schema with no edit here. What depends on several keys (a reference level that must be one of
 the axis's, a file relative to the spec's folder) is checked once the whole spec has its types.
 ``validate_spec_data`` turns pydantic's first error into a ``SpecError`` naming the key (dotted,
-``include[0].decoder``) and what is allowed. A key given as null is unset: it takes its default.
+``include[0].decoder``) and what is allowed. A key given as null is unset (its default), except
+where null is no value at all (``name``, ``model.task``, a level, ...): there it is refused.
 """
 from __future__ import annotations
 
@@ -326,17 +327,18 @@ def resolve(base_dir: str, path: Any) -> str:
 def _check_across(spec: Any, raw: dict, base_dir: str) -> None:
     """What the types alone cannot say, in the order a reader meets it in the spec."""
     labels = spec.dataset.labels
-    for key in ("path", "meta_mat") if labels is not None else ():
-        if getattr(labels, key) is not None and not Path(resolve(base_dir, getattr(labels, key))).is_file():
-            raise _wrong(f"dataset.labels.{key}", f"file not found: {getattr(labels, key)} "
-                                                  f"(looked in {resolve(base_dir, getattr(labels, key))})")
+    for key in ("path", "meta_mat"):
+        written = getattr(labels, key) if labels is not None else None
+        if written is not None and not Path(resolve(base_dir, written)).is_file():
+            raise _wrong(f"dataset.labels.{key}",
+                         f"file not found: {written} (looked in {resolve(base_dir, written)})")
     m = spec.model
     kinds = [k for k in ("name", "torch", "onnx") if getattr(m, k)]
     if not kinds:
         raise _wrong("model", "give one of name (built-in), torch (pkg.mod:factory) or onnx (file)")
     if "name" in kinds and len(kinds) > 1:
         raise _wrong("model", "a built-in name cannot be combined with torch/onnx artifacts")
-    if m.value("task") == "detection" and not m.name:
+    if m.task == "detection" and not m.name:
         if m.detection is None:
             raise _wrong("model.detection", "a detection model needs {layout: "
                          + "|".join(DETECTION_LAYOUTS) + "} or {decoder: pkg.module:function}")
