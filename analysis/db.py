@@ -58,6 +58,7 @@ def _connect() -> duckdb.DuckDBPyConnection:
     import tempfile
     con = duckdb.connect()
     con.execute(f"SET memory_limit = '{QUERY_MEMORY}'")
+    con.execute("SET enable_progress_bar = false")   # long queries must not draw on the console
     con.execute("SET temp_directory = ?", [str(Path(tempfile.gettempdir()) / "dmx-duckdb-spill")])
     return con
 
