@@ -18,7 +18,8 @@ _USER_ERRORS = (("matrix.errors", "SpecError"), ("results.store", "RunDirError")
                 ("runner.models.loading", "ModelLoadError"), ("analysis.check", "CheckError"),
                 ("analysis.diff", "DiffError"), ("runner.envs", "EnvBuildError"),
                 ("results.fs", "StorageError"), ("runner.localize.graph", "LocalizeError"),
-                ("runner.label_classes", "LabelError"), ("runner.runtime_env", "RuntimeEnvError"))
+                ("runner.label_classes", "LabelError"), ("runner.runtime_env", "RuntimeEnvError"),
+                ("runner.artifacts", "ArtifactError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -7,6 +7,7 @@ stay flat however large the cluster or the dataset.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import secrets
@@ -112,10 +113,32 @@ def _embedded_auth() -> None:
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
 
 
-def ray_init(address: str | None, workers: int | None) -> str:
+def _with_job_env(env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Inside a Ray job (``ray job submit``) Ray merges ``ray.init``'s runtime_env with the
+    job's and refuses one field set in both: combine them here instead - lists (py_modules,
+    excludes) and env_vars joined, ours winning elsewhere - and tell Ray to take the result."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not env or not raw:
+        return env
+    import json
+    job = (json.loads(raw) or {}).get("runtime_env") or {}
+    merged = {**job, **env}
+    for key in ("py_modules", "excludes"):
+        if job.get(key) or env.get(key):
+            merged[key] = list(dict.fromkeys([*(env.get(key) or []), *(job.get(key) or [])]))
+    if job.get("env_vars") or env.get("env_vars"):
+        merged["env_vars"] = {**(job.get("env_vars") or {}), **(env.get("env_vars") or {})}
+    os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
+    return merged
+
+
+def ray_init(address: str | None, workers: int | None,
+             runtime_env: dict[str, Any] | None = None) -> str:
     """Attach to ``address``/``RAY_ADDRESS`` with Ray's own auth configuration (RAY_AUTH_MODE,
     RAY_AUTH_TOKEN*), reuse a running session, or start an embedded local Ray with no dashboard,
-    a bounded object store and temp files under dmx's cache, whose processes die with this one."""
+    a bounded object store and temp files under dmx's cache, whose processes die with this one.
+    ``runtime_env`` (``runner.runtime_env.resolve``) becomes the session's: every actor of the
+    run gets it (Ray uploads local ``py_modules`` only at this level)."""
     from .convert import cache_dir
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -129,7 +152,7 @@ def ray_init(address: str | None, workers: int | None) -> str:
                   include_dashboard=False)
     if address:
         try:
-            ray.init(address=address, **common)
+            ray.init(address=address, runtime_env=_with_job_env(runtime_env), **common)
             ray.cluster_resources()  # a cluster that rejects our auth fails here, not later
         except Exception as e:  # noqa: BLE001 - Ray raises many types here; all become one line
             ray.shutdown()
@@ -154,7 +177,8 @@ def ray_init(address: str | None, workers: int | None) -> str:
     from .reaper import start_reaper
     start_reaper()
     ray.init(num_cpus=max(workers or os.cpu_count() or 1, 1),
-             object_store_memory=512 * 1024 * 1024, _temp_dir=str(tmp), **common)
+             object_store_memory=512 * 1024 * 1024, _temp_dir=str(tmp), runtime_env=runtime_env,
+             **common)
     return "local"
 
 
@@ -168,11 +192,14 @@ class _WorkerActor:
         import ray
         self.worker = Worker(plan, node_name(ray.get_runtime_context().get_node_id()))
 
-    def probe(self) -> tuple[str, dict, dict[str, str]]:
-        """(node, its environment, cell id -> why this node cannot run that cell)."""
-        from results.environment import fingerprint
+    def probe(self, dataset_root: str | None = None) -> tuple[str, dict, dict[str, str], bool]:
+        """(node, its environment, cell id -> why this node cannot run that cell, whether the
+        dataset's local folder ``dataset_root`` exists here - True for object storage)."""
+        from .worker import node_environment
         plan = self.worker.plan
-        return self.worker.node, fingerprint(), skip_reasons(plan.cells, plan.artifacts)
+        readable = dataset_root is None or os.path.exists(dataset_root)
+        return (self.worker.node, node_environment(), skip_reasons(plan.cells, plan.artifacts),
+                readable)
 
     def _skip(self, skipped: dict[str, str]) -> None:
         if dict(self.worker.plan.skipped) != skipped:
@@ -203,12 +230,23 @@ def _worker_lost_errors() -> tuple[type[BaseException], ...]:
             rex.LocalRayletDiedError)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "cause", None) or e).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # a Ray task error's text ends with the worker's own exception line: the telling one
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
 class RayExecutor:
     """Chunks as tasks on long-lived actors, one per CPU the cluster offers (``workers`` caps
     it), spread over the nodes by Ray's SPREAD strategy; models are built once per actor. Ray
     restarts a crashed actor (``max_restarts``); the driver resubmits its chunk to any live
     actor, and a chunk that keeps killing workers is split so the one image at fault ends as
-    error rows (quarantine) while the run completes."""
+    error rows (quarantine) while the run completes. A worker lost with its node (preemption,
+    down-scaling) is no chunk's fault; a chunk past its deadline has its worker killed.
+
+    On a cluster the session gets ``runtime_env`` (``runner.runtime_env``: dmx's packages by
+    ``py_modules`` unless told otherwise), so the actors run on bare Ray nodes."""
 
     name = "ray"
 
@@ -216,7 +254,9 @@ class RayExecutor:
     # count per chunk, not the restart count, bounds how often one input may kill a worker.
     def __init__(self, workers: int | None = None, address: str | None = None,
                  gpus_per_worker: float | None = None, threads_per_worker: int = 1,
-                 worker_memory_mb: int = WORKER_MEMORY_MB) -> None:
+                 worker_memory_mb: int = WORKER_MEMORY_MB,
+                 runtime_env: str | dict[str, Any] | None = "auto",
+                 chunk_deadline_s: float | None = None) -> None:
         self.cap = workers
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.threads = max(1, threads_per_worker)
@@ -226,12 +266,31 @@ class RayExecutor:
         self.gpus_per_worker = 0.0
         self.where = ""
         self.actors: list[Any] = []          # started by ``probe``, used by ``run``
+        # ``--runtime-env``: "auto"/"none"/JSON/a file, or already parsed ({} is auto)
+        if isinstance(runtime_env, str):
+            from .runtime_env import parse
+            runtime_env = parse(runtime_env)
+        self.runtime_env_option = runtime_env
+        self.runtime_env: dict[str, Any] | None = None   # what the actors get (``start``)
+        self.chunk_deadline_s = chunk_deadline_s
+        self.dataset_root: str | None = None   # a local dataset folder every node must read
+
+    @property
+    def cluster(self) -> bool:
+        """Attached to a cluster (``--address``, ``RAY_ADDRESS``, a Ray job), not embedded."""
+        return self.where.startswith("cluster")
 
     def start(self, cuda_devices: int = 0) -> None:
         """Attach or start Ray and size the pool from the cluster's resources. ``cuda_devices``:
         how many distinct CUDA devices one worker's cells use (cuda:0 and cuda:1 -> 2)."""
-        self.where = ray_init(self.address, self.cap and self.cap * self.threads)
         import ray
+
+        from .runtime_env import resolve
+        cluster = bool(self.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
+        self.runtime_env = resolve(self.runtime_env_option, cluster)
+        self.where = ray_init(self.address, self.cap and self.cap * self.threads, self.runtime_env)
+        if self.where == "existing session":
+            self.runtime_env = None      # the session's own, whatever it is
         res = ray.cluster_resources()
         nodes = [nd["Resources"] for nd in ray.nodes() if nd.get("Alive")]
         by_cpu = sum(int(r.get("CPU", 0) // self.threads) for r in nodes)
@@ -269,15 +328,27 @@ class RayExecutor:
         # depend on an object-store reference that may be gone.
         self.actors = [actor_cls.remote(plan) for _ in range(self.workers)]
         answers = {}
-        for ref in [a.probe.remote() for a in self.actors]:
+        errors: list[str] = []
+        unreadable: list[str] = []
+        for ref in [a.probe.remote(self.dataset_root) for a in self.actors]:
             try:
-                name, env, reasons = ray.get(ref)
-            except _worker_lost_errors():
+                name, env, reasons, readable = ray.get(ref)
+            except _worker_lost_errors() as e:
+                errors.append(_first_line(e))
                 continue            # the scheduler restarts or replaces that worker
             answers[name] = (env, reasons)
+            if not readable:
+                unreadable.append(name)
+        if unreadable:
+            raise ExecutorError(f"the dataset {self.dataset_root} is a local path that node "
+                                f"{unreadable[0]} cannot read; put it where every node reads it "
+                                "(a shared mount at the same path, or s3:// / gs://)")
         if not answers:
-            raise WorkersLost("no Ray worker could start; run the same command again (with "
-                              "--verbose to see Ray's own messages)")
+            why = f" ({errors[0]})" if errors else ""
+            hint = ("; the nodes lack dmx: let dmx ship it (--runtime-env auto) or install it there"
+                    if any("No module named" in e for e in errors) else
+                    "; run the same command again (with --verbose to see Ray's own messages)")
+            raise WorkersLost(f"no Ray worker could start{why}{hint}")
         skipped: dict[str, str] = {}
         for name, (_, reasons) in answers.items():
             for cid, reason in reasons.items():
@@ -289,7 +360,7 @@ class RayExecutor:
         import ray
         actor_cls = self._actor_class()
         scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary,
-                               actors=self.actors or None)
+                               actors=self.actors or None, deadline_s=self.chunk_deadline_s)
         try:
             scheduler.run(chunks)
         finally:
@@ -297,21 +368,66 @@ class RayExecutor:
                 ray.kill(a)
 
 
+#: Deadlines: a chunk that has not finished ``DEADLINE_FACTOR`` times the slowest per-image
+#: time seen so far (times its images) after it began on its worker - and at least
+#: ``DEADLINE_FLOOR_S``, which covers the first chunks' model builds - is hung.
+DEADLINE_FACTOR = 10.0
+DEADLINE_FLOOR_S = 300.0
+#: A loss is judged within this long: a node that is still alive by then (Ray's GCS marks a
+#: silent node dead after ~15-20 s by default) lost its worker to a crash, not to preemption.
+JUDGE_S = 60.0
+
+
+@dataclasses.dataclass
+class _Job:
+    """A chunk (or, once split, one image of it: ``piece``) and what happened to it so far."""
+
+    chunk: Chunk
+    piece: bool = False
+    crashes: int = 0        # its worker died while processing it, its node surviving
+    hangs: int = 0          # it passed its deadline and its worker was killed
+    errors: int = 0         # the task itself raised
+
+
+@dataclasses.dataclass
+class _Loss:
+    """A worker lost with ``job`` in flight, not yet judged crash or preemption."""
+
+    job: _Job
+    actor: int
+    node: str | None        # the node the worker was on
+    at: float               # time.monotonic() of the loss
+    error: str
+
+
 class _Scheduler:
     """At most two chunks in flight per actor (one running, one queued behind it). An actor whose
-    task died is pinged; it gets work again once Ray has restarted it and the ping returns."""
+    task died is pinged; it gets work again once Ray has restarted it and the ping returns.
+
+    A lost task is judged before it counts: if its worker's node left the cluster (preempted,
+    scaled down) the chunk simply runs again; only a worker that died while its node lived -
+    Ray restarts the actor there, or the node is still up ``JUDGE_S`` later - counts against
+    the chunk. A chunk running past its deadline has its worker killed (Ray restarts it) and is
+    rescheduled; hung again, it is split, and an image that hangs alone is quarantined."""
 
     def __init__(self, plan: Plan, new_actor: Callable[[], Any], workers: int,
-                 on_summary: OnSummary, actors: list[Any] | None = None) -> None:
+                 on_summary: OnSummary, actors: list[Any] | None = None,
+                 deadline_s: float | None = None) -> None:
         self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
         self.skipped = dict(plan.skipped)
         self.actors = list(actors) if actors else [new_actor() for _ in range(workers)]
         workers = len(self.actors)
         self.node: dict[int, str] = {}                   # actor -> node id, once it answered
+        self.answered: dict[int, float] = {}             # actor -> when its last ping returned
         self.replacements = workers * MAX_ATTEMPTS
         self.lost = _worker_lost_errors()
-        self.queue: deque[tuple[Chunk, int, bool]] = deque()   # chunk, attempt, is a piece
-        self.pending: dict[Any, tuple[int, Chunk, int, bool]] = {}
+        self.queue: deque[_Job] = deque()
+        self.pending: dict[Any, tuple[int, _Job]] = {}
+        self.order: dict[int, list[Any]] = {i: [] for i in range(workers)}  # refs, as submitted
+        self.began: dict[Any, float] = {}                # ref -> when its actor started it
+        self.judging: list[_Loss] = []
+        self.deadline_s = deadline_s
+        self.per_image_s = 0.0                           # the slowest seen so far
         self.pings: dict[Any, int] = {}
         self.later: list[tuple[float, int]] = []          # (when, actor): ping a restarting actor
         self.backoff = {i: 0.2 for i in range(workers)}
@@ -322,21 +438,28 @@ class _Scheduler:
         self.pieces: dict[int, dict[str, ChunkResult]] = {}   # split chunk -> image id -> result
         self.parents: dict[int, Chunk] = {}
         self.fresh: Iterator[Chunk] | None = None         # chunks not yet queued
+        self._alive: tuple[float, set[str] | None] = (0.0, None)
 
     def run(self, chunks: Iterable[Chunk]) -> None:
         """Run every chunk of ``chunks``, taken from it only as workers have room (the plan is
         never held whole: chunks are read from the chunk list as they are handed out)."""
         import ray
+        import ray.exceptions as rex
         self.fresh = iter(chunks)
         self._refill()
-        while self.queue or self.pending or self.fresh is not None:
+        while self.queue or self.pending or self.fresh is not None or self.judging:
+            self._judge()
             self._ping_due()
             self._submit()
+            self._check_deadlines()
+            if not (self.queue or self.pending or self.fresh is not None or self.judging):
+                break                   # the last loss judged finished the run
             waiting = list(self.pending) + list(self.pings)
-            if not waiting and not self.later:
+            if not waiting and not self.later and not self.judging:
                 raise WorkersLost("every Ray worker is gone and none could be restarted; finished "
                                   "chunks are saved: run the same command with --resume")
-            timeout = min([10.0] + [max(0.0, t - time.monotonic()) for t, _ in self.later])
+            timeout = min([10.0] + [max(0.0, t - time.monotonic()) for t, _ in self.later]
+                          + [self._next_deadline()] + ([1.0] if self.judging else []))
             if waiting:
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=timeout)
             else:                       # only restarting actors, to be pinged later
@@ -344,6 +467,8 @@ class _Scheduler:
                 ready = []
             if not ready:
                 if self.later and min(t for t, _ in self.later) <= time.monotonic():
+                    continue
+                if self.judging or self._next_deadline() <= 0:
                     continue
                 self._check_nodes()
                 if not self.pending and not self._any_node_can_host():
@@ -356,23 +481,62 @@ class _Scheduler:
             if ref in self.pings:
                 self._pinged(ref)
                 continue
-            i, chunk, attempt, piece = self.pending.pop(ref)
-            self.load[i] -= 1
+            i, job = self.pending.pop(ref)
+            began = self._finished(i, ref)
             try:
                 result = ray.get(ref)
             except self.lost as e:
-                self._lost(i, chunk, attempt, piece, e)
+                self._lost(i, job, e)
                 continue
-            if piece:
-                self._piece_done(chunk, result)
+            except rex.RayTaskError as e:     # the task itself raised: the worker lives on
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise                       # a full disk: every chunk would fail, stop
+                self._failed(job, e)
+                continue
+            if began is not None:
+                self.per_image_s = max(self.per_image_s, (time.monotonic() - began)
+                                       / max(1, len(job.chunk.images)))
+            if job.piece:
+                self._piece_done(job.chunk, result)
             else:
-                self.on_summary(result)
+                self._report(result)
+
+    # ---------------------------------------------------------------- bookkeeping per actor
+    def _finished(self, i: int, ref) -> float | None:
+        """``ref`` left actor ``i``'s queue: the next one begins now. Returns when it began."""
+        began = self.began.pop(ref, None)
+        self.load[i] -= 1
+        if ref in self.order[i]:
+            self.order[i].remove(ref)
+        if self.order[i] and self.order[i][0] not in self.began:
+            self.began[self.order[i][0]] = time.monotonic()
+        return began
+
+    def _report(self, summary: ChunkSummary) -> None:
+        if summary.write_error:
+            print(f"dmx: chunk {summary.chunk}: {summary.write_error}; its rows are not saved "
+                  "(run the same command with --resume to compute it again)", file=sys.stderr)
+        self.on_summary(summary)
 
     def _ping_due(self) -> None:
         now = time.monotonic()
         for t, i in [x for x in self.later if x[0] <= now]:
             self.later.remove((t, i))
             self.pings[self.actors[i].ping.remote()] = i
+
+    def _alive_nodes(self) -> set[str] | None:
+        """Ids of the nodes Ray holds alive (asked at most once a second); None if the GCS is
+        unreachable."""
+        import ray
+        at, alive = self._alive
+        if alive is None or time.monotonic() - at > 1.0:
+            try:
+                alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+            except Exception:  # noqa: BLE001 - GCS unreachable: judged later, or WorkersLost
+                alive = None
+            self._alive = (time.monotonic(), alive)
+        return alive
 
     def _any_node_can_host(self) -> bool:
         import ray
@@ -390,6 +554,7 @@ class _Scheduler:
         i = self.pings.pop(ref)
         try:
             self.node[i] = ray.get(ref)
+            self.answered[i] = time.monotonic()
             self.healthy.add(i)
             self.backoff[i] = 0.2
         except rex.ActorUnavailableError:
@@ -411,7 +576,7 @@ class _Scheduler:
             if chunk is None:
                 self.fresh = None
                 break
-            self.queue.append((chunk, 0, False))
+            self.queue.append(_Job(chunk))
 
     def _submit(self) -> None:
         self._refill()
@@ -421,48 +586,160 @@ class _Scheduler:
                     self._refill()
                 if not self.queue:
                     break
-                chunk, attempt, piece = self.queue.popleft()
+                job = self.queue.popleft()
                 actor = self.actors[i]
-                ref = (actor.compute if piece else actor.process).remote(chunk, self.skipped)
-                self.pending[ref] = (i, chunk, attempt, piece)
+                ref = (actor.compute if job.piece else actor.process).remote(job.chunk, self.skipped)
+                self.pending[ref] = (i, job)
                 self.load[i] += 1
+                self.order[i].append(ref)
+                if len(self.order[i]) == 1:
+                    self.began[ref] = time.monotonic()
 
-    def _lost(self, i: int, chunk: Chunk, attempt: int, piece: bool, error: BaseException) -> None:
-        print(f"dmx: a worker died on chunk {chunk.index} ({type(error).__name__}); "
-              "its chunk is retried", file=sys.stderr)
+    # ---------------------------------------------------------------- lost workers
+    def _lost(self, i: int, job: _Job, error: BaseException) -> None:
+        """A worker died with ``job`` in flight: requeue what waited behind it, and judge the
+        loss (``_judge``) before it counts against the chunk."""
         if i in self.healthy:
             self.healthy.discard(i)
             self.pings[self.actors[i].ping.remote()] = i
         self._requeue_behind(i)
-        attempt += 1
-        if attempt < MAX_ATTEMPTS - 1 or (piece and attempt < MAX_ATTEMPTS):
-            self.queue.append((chunk, attempt, piece))
-        elif not piece and len(chunk.images) > 1:
-            # Kills its worker again and again: run its images one by one to find the culprit.
-            self.parents[chunk.index] = chunk
-            self.pieces[chunk.index] = {}
-            self.queue.extend((Chunk(chunk.index, (img,)), 0, True) for img in chunk.images)
+        node = self.node.get(i)
+        loss = _Loss(job, i, node, time.monotonic(), type(error).__name__)
+        if getattr(error, "preempted", False):
+            self._preempted(loss)
         else:
-            message = (f"the worker processing this image died {attempt} times "
-                       f"({type(error).__name__}); image quarantined")
-            res = error_result(self.plan, chunk, "worker-crash", message)
-            if piece:
-                self._piece_done(chunk, res)
+            self.judging.append(loss)
+            self._judge()
+
+    def _judge(self) -> None:
+        """Decide each pending loss: the node left the cluster -> preemption (no count); the
+        worker came back on the same node, or the node is still alive after ``JUDGE_S`` (or
+        unknown) -> a crash that counts."""
+        if not self.judging:
+            return
+        alive = self._alive_nodes()
+        now = time.monotonic()
+        for loss in list(self.judging):
+            if loss.node is not None and alive is not None and loss.node not in alive:
+                verdict = "preempted"
+            elif loss.node is None or (self.answered.get(loss.actor, 0.0) > loss.at
+                                       and self.node.get(loss.actor) == loss.node):
+                verdict = "crash"
+            elif now - loss.at > JUDGE_S:
+                verdict = "crash"
             else:
-                self.on_summary(_write(self.plan, res))
+                continue
+            self.judging.remove(loss)
+            if verdict == "preempted":
+                self._preempted(loss)
+            else:
+                self._crash(loss)
+
+    def _preempted(self, loss: _Loss) -> None:
+        node = (loss.node or "?")[:8]
+        print(f"dmx: node {node} left the cluster with chunk {loss.job.chunk.index} in flight; "
+              "the chunk runs again (a lost node is no chunk's fault)", file=sys.stderr)
+        self.queue.appendleft(loss.job)
+
+    def _crash(self, loss: _Loss) -> None:
+        job = loss.job
+        print(f"dmx: a worker died on chunk {job.chunk.index} ({loss.error}); its chunk is "
+              "retried", file=sys.stderr)
+        job.crashes += 1
+        if job.crashes < MAX_ATTEMPTS - 1 or (job.piece and job.crashes < MAX_ATTEMPTS):
+            self.queue.append(job)
+        elif not job.piece and len(job.chunk.images) > 1:
+            self._split(job)
+        else:
+            self._quarantine(job, "worker-crash",
+                             f"the worker processing this image died {job.crashes} times "
+                             f"({loss.error}); image quarantined")
+
+    def _failed(self, job: _Job, error: BaseException) -> None:
+        """The task raised (a bug, or a store that refused the part file beyond the worker's
+        own retries): once more, then error rows naming the error; the run goes on."""
+        job.errors += 1
+        why = _first_line(error)
+        print(f"dmx: chunk {job.chunk.index} failed in its worker ({why})"
+              + ("; retried" if job.errors < 2 else "; its images get error rows"), file=sys.stderr)
+        if job.errors < 2:
+            self.queue.append(job)
+        else:
+            self._quarantine(job, "worker-error", f"the worker raised twice: {why}")
+
+    def _split(self, job: _Job, hangs: int = 0) -> None:
+        """Run a chunk's images one by one, to find the one at fault."""
+        chunk = job.chunk
+        self.parents[chunk.index] = chunk
+        self.pieces[chunk.index] = {}
+        self.queue.extend(_Job(Chunk(chunk.index, (img,), chunk.position), piece=True, hangs=hangs)
+                          for img in chunk.images)
+
+    def _quarantine(self, job: _Job, stage: str, message: str) -> None:
+        res = error_result(self.plan, job.chunk, stage, message)
+        if job.piece:
+            self._piece_done(job.chunk, res)
+        else:
+            self._report(_write(self.plan, res))
+
+    # ---------------------------------------------------------------- deadlines
+    def _budget(self, job: _Job) -> float:
+        """Seconds ``job`` may run once its worker began it."""
+        if self.deadline_s:
+            return self.deadline_s
+        return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * self.per_image_s * len(job.chunk.images))
+
+    def _next_deadline(self) -> float:
+        """Seconds until the next running chunk passes its deadline (10 when none runs)."""
+        now, left = time.monotonic(), 10.0
+        for refs in self.order.values():
+            if refs and refs[0] in self.began and refs[0] in self.pending:
+                job = self.pending[refs[0]][1]
+                left = min(left, self.began[refs[0]] + self._budget(job) - now)
+        return max(0.0, left)
+
+    def _check_deadlines(self) -> None:
+        import ray
+        now = time.monotonic()
+        for i, refs in self.order.items():
+            if not refs or refs[0] not in self.began or refs[0] not in self.pending:
+                continue
+            ref = refs[0]
+            job = self.pending[ref][1]
+            budget = self._budget(job)
+            if now - self.began[ref] <= budget:
+                continue
+            print(f"dmx: chunk {job.chunk.index} passed its deadline ({budget:.0f} s) on worker "
+                  f"{i}; the worker is killed and the chunk rescheduled", file=sys.stderr)
+            del self.pending[ref]
+            self._finished(i, ref)
+            self._requeue_behind(i)
+            self.healthy.discard(i)
+            try:
+                ray.kill(self.actors[i], no_restart=False)   # Ray starts it again
+            except Exception:  # noqa: BLE001 - already dead: the ping below finds out
+                pass
+            self.pings[self.actors[i].ping.remote()] = i
+            job.hangs += 1
+            if job.hangs < 2:
+                self.queue.appendleft(job)
+            elif not job.piece and len(job.chunk.images) > 1:
+                self._split(job, hangs=1)           # a piece that hangs again is the culprit
+            else:
+                self._quarantine(job, "worker-hang",
+                                 f"inference did not finish within the chunk deadline "
+                                 f"({budget:.0f} s) {job.hangs} times; image quarantined")
 
     def _check_nodes(self) -> None:
         """Nothing finished for a while. Chunks queued on an actor whose node has left the
         cluster, or on one that never started while a started worker idles (its node went away
         before it came up, and Ray keeps it pending), may wait forever - Ray does not fail them:
         they go back to the queue for the live workers."""
-        import ray
-        busy = {i for i, *_ in self.pending.values()}
+        busy = {i for i, _ in self.pending.values()}
         if not busy:
             return
-        try:
-            alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
-        except Exception:  # noqa: BLE001 - GCS unreachable: the idle check in run handles it
+        alive = self._alive_nodes()
+        if alive is None:      # GCS unreachable: the idle check in run handles it
             return
         idle = any(self.load[j] == 0 and j in self.node for j in self.healthy)
         for i in busy:
@@ -482,15 +759,16 @@ class _Scheduler:
         the queue for the live workers. Should the old task still run, it writes the same part
         file (atomically, same name) and its summary is never read: no duplicate rows."""
         import ray
-        for ref, (j, chunk, attempt, piece) in list(self.pending.items()):
+        for ref, (j, job) in list(self.pending.items()):
             if j == i:
                 del self.pending[ref]
-                self.load[i] -= 1
+                self._finished(i, ref)
                 try:
                     ray.cancel(ref)
                 except Exception:  # noqa: BLE001 - best effort: the result is ignored anyway
                     pass
-                self.queue.appendleft((chunk, attempt, piece))
+                self.queue.appendleft(job)
+        self.order[i].clear()
 
     def _piece_done(self, piece: Chunk, result: ChunkResult) -> None:
         parts = self.pieces[piece.index]
@@ -504,7 +782,7 @@ class _Scheduler:
                                  _sum_counters(r.counters for r in ordered),
                                  {k: v for r in ordered for k, v in r.backends.items()})
             del self.pieces[piece.index], self.parents[piece.index]
-            self.on_summary(_write(self.plan, merged))
+            self._report(_write(self.plan, merged))
 
 
 def _sum_counters(counters: Iterable[dict[str, float]]) -> dict[str, float]:
@@ -516,12 +794,16 @@ def _sum_counters(counters: Iterable[dict[str, float]]) -> dict[str, float]:
 
 
 def _write(plan: Plan, res: ChunkResult) -> ChunkSummary:
-    """The driver writes a chunk only when it was split or quarantined (rare)."""
+    """The driver writes a chunk only when it was split or quarantined (rare), with the same
+    retries as a worker."""
     import pyarrow.compute as pc
 
     from results import RunDir
+
+    from .worker import write_with_retries
     run = RunDir(plan.out)
-    run.write_chunk(res.chunk, res.rows, res.images)
+    failure = write_with_retries(run, res)
     errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
-    return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
-                        (str(run.part_path(res.chunk)),), res.counters, res.backends, "driver")
+    return ChunkSummary(res.chunk, 0 if failure else res.rows.num_rows, 0 if failure else errors,
+                        res.images.num_rows, () if failure else (str(run.part_path(res.chunk)),),
+                        res.counters, res.backends, "driver", write_error=failure)

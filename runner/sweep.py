@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import datetime as dt
 import shutil
 import sys
@@ -18,7 +19,6 @@ from matrix import Cell, Spec, expand, reference_cell
 from matrix.axes import DECODE, INFER, PREPROCESS
 from results import RunDir, RunDirError, cell_schema
 from results.compact import compact_run
-from results.environment import fingerprint
 from results.planning import (ChunkIndex, ChunkReader, PlanError, first_images, plan_chunks,
                               scratch_dir)
 
@@ -27,12 +27,15 @@ from .convert import ResolvedModel, prepare_artifacts, resolve_model
 from .dataset import ImageRef, NotRead, collect
 from .labels import labels_for_run
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
+from .artifacts import manifest_record, publish
 from .executors import LocalExecutor, RayExecutor
 from .plan import Chunk, Plan, default_chunk_size
 from .sources import read_image
 from .preprocess import PreprocessError, model_input_pixels, normalise
 from .progress import Progress
-from .worker import ChunkSummary, merge_counters
+from .runtime_env import describe as describe_runtime_env
+from .runtime_env import mismatches as version_mismatches
+from .worker import ChunkSummary, merge_counters, node_environment
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class RunOptions:
     progress: bool = True
     gpus_per_worker: float | None = None
     threads_per_worker: int = 1  # intra-op threads per Ray worker (fewer actors, more threads)
+    runtime_env: str = "auto"   # the actors' Ray runtime_env (``runner.runtime_env``)
+    chunk_deadline_s: float | None = None   # a fixed deadline per chunk (default: derived)
     compact: bool = True        # merge part files into few sorted files when the run ends
 
 
@@ -67,6 +72,7 @@ class RunSummary:
     not_read: tuple[NotRead, ...] = ()  # the first entries under the dataset that have no row
     start_s: float = 0.0   # until the workers answered the probe (Ray: process start + imports)
     not_read_count: int = 0             # all of them (listed in RUN/not_read.parquet)
+    unwritten: tuple[int, ...] = ()     # chunks whose part file could not be written
 
 
 def plan_cells(spec: Spec) -> tuple[list[Cell], Cell]:
@@ -153,9 +159,13 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
-    executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker)
+    executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker,
+                            runtime_env=opts.runtime_env, chunk_deadline_s=opts.chunk_deadline_s)
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
     executor.start(_cuda_devices(cells))
+    on_cluster = getattr(executor, "cluster", False)
+    if on_cluster:   # every node must read a local dataset at this path: the probe checks
+        executor.dataset_root = _local_dataset_dir(listing.images)
     # Every setting is converted here (conversions are device-independent and cached); which
     # cells can run is asked where they will run: each Ray worker, started by the probe on its
     # node, or this process (local).
@@ -169,6 +179,10 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     if made and opts.progress:
         print(f"dmx: converted the model once ({', '.join(made)}) in "
               f"{time.perf_counter() - t_conv:.1f} s; cached for later runs", file=sys.stderr)
+    if on_cluster:
+        # Nodes share nothing with this machine but the run directory: each product goes
+        # there once, and workers fetch it into their node's cache (runner/artifacts.py).
+        artifacts = dataclasses.replace(artifacts, published=publish(artifacts, run.uri))
     run_id = old["run_id"] if old else uuid.uuid4().hex[:12]
     plan = Plan(run_id=run_id, axes=spec.axis_names, cells=tuple(cells), reference_id=ref.cell_id,
                 skipped={}, model=model, artifacts=artifacts, threads=executor.threads,
@@ -179,6 +193,10 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     plan = dataclasses.replace(plan, skipped=skipped)
     if old:
         _check_same_model_and_environment(run, old, artifacts, nodes)
+    driver_env = node_environment()
+    mismatches = version_mismatches(driver_env, nodes)
+    for line in mismatches:
+        print(f"dmx: warning: {line}", file=sys.stderr)
     if ref.cell_id in skipped:
         raise RunDirError(f"the reference cell cannot run here: {skipped[ref.cell_id]}")
 
@@ -216,6 +234,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
                   "preprocess": model.preprocess.__dict__,
                   "torch_factory": model.torch_factory, "weights": model.weights,
                   "files": dict(artifacts.files), "conversion": artifacts.conversion_notes,
+                  "artifacts": manifest_record(artifacts.published),
                   "detection": dataclasses.asdict(model.detection) if model.detection else None},
         "reference_cell": ref.cell_id, "reference": ref.label(),
         "cells": len(cells), "skipped_cells": {k: v for k, v in skipped.items()},
@@ -237,7 +256,9 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         "minimum": {"decodes": n_images * n_dec, "resizes": n_images * n_pre,
                     "inferences_without_reuse": n_images * n_pre * n_inf,
                     "model_builds": executor.workers * n_inf},
-        "environment": fingerprint(),   # the driver's; the workers' are under "nodes"
+        "environment": driver_env,   # the driver's; the workers' are under "nodes"
+        "runtime_env": describe_runtime_env(getattr(executor, "runtime_env", None)),
+        "version_mismatches": mismatches,
         # every machine that computed rows (the ``node`` column), kept across resumes
         "nodes": {**(old.get("nodes", {}) if old else {}), **nodes},
         "counters": old.get("counters", {}) if old else {},
@@ -255,6 +276,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     progress.skip(int(index.count[index.kept].sum()), n_done)
     counters: Counter[str] = Counter(manifest["counters"])
     totals = {"rows": 0, "errors": 0}
+    unwritten: list[int] = []           # chunks whose part file could not be written
 
     def on_summary(res: ChunkSummary) -> None:
         timings.setdefault("first_chunk_s", time.perf_counter() - t0)
@@ -263,6 +285,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
             manifest["backends"].setdefault(k, v)
         if res.environment is not None:
             manifest["nodes"].setdefault(res.node, res.environment)
+        if res.write_error:
+            unwritten.append(res.chunk)
         peak = manifest.setdefault("peak_worker_rss_mb", {})
         peak[res.node] = round(max(peak.get(res.node, 0.0), res.peak_rss_mb), 1)
         totals["rows"] += res.rows
@@ -285,7 +309,12 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     driver_rss["merged"] = _peak_rss_mb()
     manifest["driver_peak_rss_mb"] = driver_rss
     wall = time.perf_counter() - t0
-    manifest.update(status="complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),
+    if unwritten:
+        print(f"dmx: {len(unwritten)} chunk(s) could not be written ({', '.join(map(str, unwritten[:5]))}"
+              f"{' ...' if len(unwritten) > 5 else ''}): the run is incomplete; run the same "
+              "command with --resume to compute them", file=sys.stderr)
+    manifest["unwritten_chunks"] = sorted(unwritten)
+    manifest.update(status="incomplete" if unwritten else "complete", finished=dt.datetime.now(dt.timezone.utc).isoformat(),
                     wall_s=round(wall, 2), counters=dict(counters), ray=getattr(executor, "where", None),
                     timings=_rounded(timings))
     run.write_manifest(manifest)
@@ -303,7 +332,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
                       chunks_run=n_todo, chunks_resumed=n_done, wall_s=wall,
                       counters=dict(counters), minimum=manifest["minimum"],
                       not_read=tuple(NotRead(p, r) for p, r in listing.not_read_sample),
-                      start_s=start_s, not_read_count=listing.not_read_count)
+                      start_s=start_s, not_read_count=listing.not_read_count,
+                      unwritten=tuple(sorted(unwritten)))
 
 
 def _check_same_model_and_environment(run: RunDir, old: dict[str, Any], artifacts,
@@ -329,6 +359,17 @@ def _check_same_model_and_environment(run: RunDir, old: dict[str, Any], artifact
         raise RunDirError(f"{run.uri} was computed with another model or environment: "
                           f"{'; '.join(changes[:4])}{' ...' if len(changes) > 4 else ''}; "
                           "resuming would mix rows of both: choose another --out")
+
+
+def _local_dataset_dir(image_list) -> str | None:
+    """The folder of the dataset's first image when it is on a local path (a node of a cluster
+    must read it at the same path), None for object storage."""
+    from results.fs import is_remote
+    head = first_images(image_list, 1)
+    paths = head["path"].to_pylist() if head.num_rows else []
+    if not paths or is_remote(paths[0]):
+        return None
+    return os.path.dirname(os.path.abspath(paths[0]))
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:

@@ -8,6 +8,7 @@ raw outputs are decoded and NMS'd here too, by the one numpy implementation in `
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import platform
 import resource
@@ -25,9 +26,11 @@ from matrix import Cell
 from matrix.axes import AXES, DECODE, INFER, PREPROCESS
 from results import RunDir
 from results.environment import fingerprint
+from results.fs import StorageError
 from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 
 from . import metrics
+from .artifacts import ArtifactError
 from .backends import BACKENDS, BackendRunner, InferSetting
 from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decoder
 from .decoders.base import remember_header
@@ -92,6 +95,28 @@ class ChunkSummary:
     node: str
     environment: dict[str, Any] | None = None   # the node's fingerprint, on a worker's first chunk
     peak_rss_mb: float = 0.0                     # the worker process's peak resident memory so far
+    seconds: float = 0.0                         # computing and writing it (the chunk deadlines)
+    write_error: str | None = None               # its part file could not be written (retried)
+
+
+#: Attempts at writing a chunk's part file, and the pause before each retry (seconds): a PUT
+#: that fails (a throttled or briefly unreachable store, beyond the SDK's own retries) or a
+#: local write that fails is tried again before the chunk is reported unwritten.
+WRITE_ATTEMPTS = 3
+WRITE_BACKOFF_S = (0.5, 2.0)
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def node_environment() -> dict[str, Any]:
+    """This node's fingerprint plus ``dmx_code``, the digest of the dmx code it runs (shipped
+    by ``py_modules`` it has no package metadata; the digest still tells one dmx from another)."""
+    from .runtime_env import RuntimeEnvError, code_digest
+    env = fingerprint()
+    try:
+        env["dmx_code"] = code_digest()
+    except (RuntimeEnvError, OSError):
+        env["dmx_code"] = None
+    return env
 
 
 READ_AHEAD = 16                    # remote reads in flight per worker
@@ -127,10 +152,24 @@ class Worker:
         self._pool: ThreadPoolExecutor | None = None    # read-ahead of remote images
         self._infos: dict[InferSetting, dict[str, Any]] = {}  # what each built backend reports
 
+    def _artifacts_for(self, setting: InferSetting):
+        """The artifacts ``setting`` builds from: on a cluster, its product (and a user's
+        weights) fetched into this node's cache and verified; raises ArtifactError."""
+        arts = self.plan.artifacts
+        if not arts.published:
+            return arts
+        from .artifacts import WEIGHTS_KEY, materialise
+        key = BACKENDS[setting.backend].model_key(setting)
+        return materialise(arts, arts.published, keys=[k for k in (key, WEIGHTS_KEY) if k])
+
     def runner(self, setting: InferSetting) -> BackendRunner | _Failure:
         if setting not in self.runners:
             cls = BACKENDS[setting.backend]
-            r = cls(self.plan.artifacts, setting, threads=self.plan.threads)
+            try:
+                r = cls(self._artifacts_for(setting), setting, threads=self.plan.threads)
+            except ArtifactError as e:           # the fetch, or the bytes fail their digest
+                self.runners[setting] = _Failure("model-build", str(e))
+                return self.runners[setting]
             try:
                 r.activate()
                 self.counters["model_builds"] += 1
@@ -140,19 +179,24 @@ class Worker:
         return self.runners[setting]
 
     def run_chunk(self, chunk: Chunk) -> ChunkSummary:
-        """Compute ``chunk`` and write its part files (atomically) into the run directory."""
+        """Compute ``chunk`` and write its part files (atomically) into the run directory. A
+        write that fails is retried (``WRITE_ATTEMPTS``); one that keeps failing is reported
+        in the summary (``write_error``), never raised: the run goes on without that chunk."""
+        t = time.perf_counter()
         res = self.process_chunk(chunk)
         run = RunDir(self.plan.out)
         retry = res.counters.get("transient_read_errors", 0) > 0
-        run.write_chunk(res.chunk, res.rows, res.images, retry=retry)
+        failure = write_with_retries(run, res, retry)
         env = None
         if not self._environment_sent:
-            env, self._environment_sent = fingerprint(), True
+            env, self._environment_sent = node_environment(), True
         errors = pc.sum(pc.equal(res.rows["status"], "error")).as_py() or 0
-        return ChunkSummary(res.chunk, res.rows.num_rows, errors, res.images.num_rows,
-                            (str(run.part_path(res.chunk, retry)),), res.counters, res.backends,
-                            self.node, env,
-                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return ChunkSummary(res.chunk, 0 if failure else res.rows.num_rows, 0 if failure else errors,
+                            res.images.num_rows,
+                            () if failure else (str(run.part_path(res.chunk, retry)),),
+                            res.counters, res.backends, self.node, env,
+                            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                            time.perf_counter() - t, failure)
 
     def process_chunk(self, chunk: Chunk) -> ChunkResult:
         plan = self.plan
@@ -617,6 +661,24 @@ def _output_digest(y) -> str:
     for a in (y if isinstance(y, tuple) else (y,)):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()[:32]
+
+
+def write_with_retries(run: RunDir, res: ChunkResult, retry: bool = False) -> str | None:
+    """Write a chunk's part files, retrying a failed write; None when written, else why not
+    (one line: the last attempt's error)."""
+    last = ""
+    for attempt in range(WRITE_ATTEMPTS):
+        if attempt:
+            time.sleep(WRITE_BACKOFF_S[min(attempt - 1, len(WRITE_BACKOFF_S) - 1)])
+        try:
+            run.write_chunk(res.chunk, res.rows, res.images, retry=retry)
+            return None
+        except (OSError, StorageError) as e:   # a local write, or the store refused the PUT
+            if isinstance(e, OSError) and e.errno in _DISK_FULL:
+                raise               # every later chunk would fail too: the run stops, resumable
+            text = getattr(e, "strerror", None) or str(e)
+            last = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"its part file could not be written after {WRITE_ATTEMPTS} attempts ({last})"
 
 
 def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:

@@ -11,6 +11,7 @@ wrote or owns: private tmpfs over /tmp, ~/.cache and ~/.ray, and over the checko
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -58,16 +59,41 @@ def namespaces_permitted() -> str | None:
     return None
 
 
-def _node_ports() -> list[str]:
-    """Every port a Ray node opens, chosen free, so nodes on one machine (and other engineers'
-    Rays) never collide on Ray's fixed defaults (the agent's 52365, the metrics port)."""
-    lo = free_port()
-    return ["--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
-            "--min-worker-port", str(lo + 1 if lo < 60000 else 20000),
-            "--max-worker-port", str((lo + 1 if lo < 60000 else 20000) + 200)]
+_BLOCK = 250                      # ports per node: six fixed ones, then its workers'
+
+
+def _port_block() -> int:
+    """The first of ``_BLOCK`` consecutive free ports between 20000 and 32000: below Linux's
+    ephemeral range (``free_port``'s picks and outgoing connections never land in it) and
+    above Ray's default worker ports (10002-19999, other Rays on this machine)."""
+    import random
+    for _ in range(200):
+        base = random.randrange(20000, 32000 - _BLOCK, 10)
+        socks = []
+        try:
+            for p in range(base, base + _BLOCK):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports between 20000 and 32000")
+
+
+def _node_ports(node_manager_port: int | None = None) -> list[str]:
+    """Every port a Ray node opens, from a block of its own, so nodes on one machine (and other
+    engineers' Rays) never collide on Ray's fixed defaults (the agent's 52365, the metrics
+    port) or on each other's worker ports."""
+    b = _port_block()
+    return ["--node-manager-port", str(node_manager_port or b),
+            "--object-manager-port", str(b + 1), "--dashboard-agent-listen-port", str(b + 2),
+            "--dashboard-agent-grpc-port", str(b + 3), "--metrics-export-port", str(b + 4),
+            "--runtime-env-agent-port", str(b + 5),
+            "--min-worker-port", str(b + 10), "--max-worker-port", str(b + _BLOCK - 1)]
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
@@ -107,30 +133,50 @@ class Head:
         self.address = f"127.0.0.1:{self.port}"
         self.job_address = f"http://127.0.0.1:{self.dashboard_port}"
 
-    def wait_nodes(self, n: int, timeout: float = 120) -> list[dict]:
+    def nodes(self) -> list[dict]:
+        """The cluster's alive nodes, as ``ray.nodes()`` says, asked of one long-lived process
+        attached to this head (a ``ray.init`` per question took tens of seconds under load)."""
+        if getattr(self, "_watcher", None) is None or self._watcher.poll() is not None:
+            code = ("import json, sys, ray\n"
+                    f"ray.init(address={self.address!r}, logging_level='ERROR')\n"
+                    "for _ in sys.stdin:\n"
+                    "    print(json.dumps([n for n in ray.nodes() if n['Alive']]), flush=True)\n")
+            env = clean_env()
+            env.pop("RAY_AUTH_MODE")
+            self._watcher = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL)
+        self._watcher.stdin.write("\n")
+        self._watcher.stdin.flush()
+        while True:
+            line = self._watcher.stdout.readline()
+            if not line:
+                raise RuntimeError("lost the connection to the Ray head")
+            if line.startswith("["):     # Ray may print its own lines to stdout first
+                return json.loads(line)
+
+    def wait_nodes(self, n: int, timeout: float = 180) -> list[dict]:
         """Block until ``n`` nodes (this head included) are alive; returns them."""
         deadline = time.time() + timeout
-        script = ("import ray, json; ray.init(address='%s', logging_level='ERROR');"
-                  "print(json.dumps([n for n in ray.nodes() if n['Alive']]))" % self.address)
-        last = ""
-        while time.time() < deadline:
+        while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the Ray head exited: {(self.tmp / 'head.log').read_text()[-1500:]}")
             try:
-                r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                   env=clean_env(), timeout=60)
-            except subprocess.TimeoutExpired:
-                continue
-            if r.returncode == 0:
-                import json
-                nodes = json.loads(r.stdout.strip().splitlines()[-1])
-                if len(nodes) >= n:
-                    return nodes
-            last = r.stderr[-500:]
-            time.sleep(1)
-        raise RuntimeError(f"{n} Ray nodes did not come up in {timeout} s: {last}")
+                nodes = self.nodes()
+            except RuntimeError:
+                nodes = []
+                self._watcher = None
+            if len(nodes) >= n:
+                return nodes
+            if time.time() > deadline:
+                raise RuntimeError(f"{n} Ray nodes did not come up in {timeout} s "
+                                   f"({len(nodes)} alive)")
+            time.sleep(0.5)
 
     def stop(self) -> None:
+        if getattr(self, "_watcher", None) is not None:
+            self._watcher.kill()
+            self._watcher.wait()
         stop_group(self.proc)
         self.log.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -192,6 +238,51 @@ class IsolatedNode:
     def stop(self) -> None:
         stop_group(self.proc)
         self.log.close()
+
+
+class PlainNode:
+    """A Ray worker node as `ray start --block --address HEAD` on this machine, in its own
+    process group (it sees this machine's files: for the fault tests, where what matters is how
+    the driver treats a node that vanishes). ``kill()`` is a preemption: SIGKILL to the raylet
+    and every worker at once."""
+
+    def __init__(self, head_address: str, env: dict[str, str], num_cpus: int = 1) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix="dmx-plain-node-", suffix=".log")[1])
+        self.log = open(self.log_path, "w")
+        ports = _node_ports()
+        self.port = int(ports[1])     # its node manager's: how ``ray.nodes()`` names it
+        self.tmp = Path(tempfile.mkdtemp(prefix="dmxn", dir="/tmp"))   # its own sockets, logs
+        self.proc = subprocess.Popen([RAY, "start", "--block", "--address", head_address,
+                                      "--num-cpus", str(num_cpus), "--disable-usage-stats",
+                                      "--temp-dir", str(self.tmp), *ports], env=env,
+                                     start_new_session=True,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        """What `ray start` printed, and the end of its raylet's error log."""
+        self.log.flush()
+        raylet = sorted(self.tmp.glob("session_*/logs/raylet.err")) + sorted(
+            self.tmp.glob("session_*/logs/raylet.out"))
+        tail = "".join(p.read_text(errors="replace")[-1500:] for p in raylet[:2])
+        return self.log_path.read_text(errors="replace")[-1500:] + "\n" + tail
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+        self.log_path.unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+#: Ray's GCS marks a silent node dead after period x threshold (defaults 3 s x 5, ~20 s seen
+#: here); heads of the fault tests notice a killed node in ~5 s. Tighter (300 ms) made the
+#: GCS declare live but busy nodes dead on this loaded 2-core machine.
+FAST_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                   "RAY_health_check_failure_threshold": "5"}
 
 
 @contextlib.contextmanager

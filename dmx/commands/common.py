@@ -46,6 +46,16 @@ def bounded_int(lo: int, hi: int, why: str = ""):
     return parse
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of a sweep (``dmx run`` and ``dmx demo``)."""
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
@@ -60,6 +70,16 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="GPUs each worker asks Ray for when cells run on CUDA (default 1; "
                         "a fraction such as 0.25 packs four workers on a GPU)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
+    p.add_argument("--runtime-env", default="auto", metavar="ENV",
+                   help="what Ray gives the workers on a cluster: auto (default: dmx's own "
+                        "packages by py_modules), none (the nodes have dmx installed), or a Ray "
+                        "runtime_env as JSON or a .json/.yaml file (pip/uv requirements, "
+                        "env_vars, py_modules...; \"pip\": \"pinned\" = dmx's requirements at "
+                        "this machine's versions)")
+    p.add_argument("--chunk-deadline", type=_positive_seconds, default=None, metavar="S",
+                   help="seconds a chunk may run before its worker is killed as hung and the "
+                        "chunk rescheduled (default: 10x the slowest per-image time so far x "
+                        "its images, at least 300)")
     p.add_argument("--chunk-size", type=bounded_int(1, MAX_CHUNK), default=None,
                    help="images per chunk (default: sized from the matrix)")
     p.add_argument("--batch", type=bounded_int(1, MAX_BATCH, "a batch is held in memory at once"),

@@ -46,6 +46,8 @@ def resume_command(spec_path: str, out: str, a: argparse.Namespace) -> str:
         parts += ["--executor", a.executor]
     if getattr(a, "address", None):
         parts += ["--address", a.address]
+    if getattr(a, "runtime_env", "auto") != "auto":
+        parts += ["--runtime-env", a.runtime_env]
     return " ".join(shlex.quote(p) for p in parts) + " --resume"
 
 
@@ -92,7 +94,12 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
     opts = RunOptions(out=out, executor=a.executor, workers=a.workers, address=a.address,
                       chunk_size=a.chunk_size, batch=a.batch, resume=resume, progress=not a.quiet,
                       gpus_per_worker=a.gpus_per_worker,
-                      threads_per_worker=getattr(a, "threads_per_worker", 1), compact=False)
+                      threads_per_worker=getattr(a, "threads_per_worker", 1), compact=False,
+                      runtime_env=getattr(a, "runtime_env", "auto"),
+                      chunk_deadline_s=getattr(a, "chunk_deadline", None))
+    if a.executor == "ray":
+        from runner.runtime_env import parse
+        parse(getattr(a, "runtime_env", "auto"))   # a bad --runtime-env: one line, before Ray
     resume_cmd = resume_command(spec_path, out, a)
     if spec.model.weights:
         # Refused here, once, as one line - not as an error row per image in every worker.
@@ -121,6 +128,10 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         print(f"dmx: error: the Ray run failed - a worker or Ray system process was lost "
               f"({type(why).__name__}: {first}); finished chunks are saved. Resume with: "
               f"{resume_cmd}", file=sys.stderr)
+        return EXIT_FAILED
+    if s.unwritten:
+        print(f"dmx: error: {len(s.unwritten)} chunk(s) of {s.out} could not be written (see "
+              f"above); the other chunks are saved. Resume with: {resume_cmd}", file=sys.stderr)
         return EXIT_FAILED
     if compact:
         _compact_in_child(s.out, quiet=a.quiet)

@@ -118,6 +118,8 @@ class ModelArtifacts:
     ``torch_factory`` is ``builtin:<name>`` or a user ``pkg.module:factory``; ``files`` maps a
     backend's model key (``ort:onnx-dynamo:fp16``, ``ov:torch``...) to the product made on the
     driver before the sweep; ``conversion_notes`` says how each was made (or why it failed).
+    On a cluster the products are also ``published`` to the run directory, and a worker builds
+    from its node's copies (``runner.artifacts.materialise``), never from the driver's paths.
     """
 
     name: str
@@ -128,6 +130,9 @@ class ModelArtifacts:
     conversion_notes: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, int, int] = (3, 224, 224)
     max_batch: int | None = None        # an ONNX file exported with a fixed batch (often 1)
+    #: model key -> ``runner.artifacts.Published``: on a cluster, where each product lies in
+    #: the run directory; workers fetch it into their node's cache (``files`` are the driver's)
+    published: Mapping[str, Any] = field(default_factory=dict)
     digest: str | None = None           # convert.conversion_digest: weights, code, shape, versions
 
     def file_for(self, setting: InferSetting) -> str | None:
