@@ -29,16 +29,20 @@ def write_run(root: Path, axes: tuple[str, ...], levels: list[dict[str, str]], r
               n_images: int, *, chunks: Callable[[int], int] = lambda i: 0,
               image_props: Callable[[int], dict[str, Any]] = lambda i: {},
               every: Callable[[int], dict[str, Any]] = lambda i: {},
-              extra: list[pa.Field] = (), manifest: dict[str, Any] | None = None) -> Path:
+              extra: list[pa.Field] = (), manifest: dict[str, Any] | None = None,
+              drop: tuple[str, ...] = ()) -> Path:
     """A run whose first cell in ``levels`` is the reference; rows of image i go to chunk
     ``chunks(i)`` and take ``every(i)`` in every cell (the reference's too); ``extra`` adds
-    columns the schema lacks (e.g. ``out_digest``)."""
+    columns the schema lacks; ``drop`` leaves schema columns out (a run of an older dmx)."""
     run = RunDir(root)
     cells = [make_cell(f, axes) for f in levels]
     ref = cells[0]
     schema = row_schema(axes)
+    for name in drop:
+        schema = schema.remove(schema.get_field_index(name))
     for f in extra:
-        schema = schema.append(f)
+        if f.name not in schema.names:
+            schema = schema.append(f)
     by_chunk: dict[int, list[dict[str, Any]]] = {}
     for c in cells:
         factors = {a: v for a, v in c.factors}

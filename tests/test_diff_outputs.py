@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pyarrow as pa
 
 from analysis.diff import diff_runs, render_diff_text
 from dmx.cli import main
@@ -32,9 +31,11 @@ def _run(root: Path, version: str, digests: bool = True) -> Path:
     def row(f: dict, i: int) -> dict:
         return {"out_cosine": 1 - 1e-8, "out_max_abs": 1e-4, "out_rel_l2": 1e-4,
                 "out_digest": _digest(version, f["backend"], i)}
-    return write_run(root, ("backend",), LEVELS, row, N,
-                     every=lambda i: {"out_digest": _digest(version, "torch", i)},
-                     extra=[pa.field("out_digest", pa.string())] if digests else [],
+    def strip(d: dict) -> dict:
+        return d if digests else {k: v for k, v in d.items() if k != "out_digest"}
+    return write_run(root, ("backend",), LEVELS, lambda f, i: strip(row(f, i)), N,
+                     every=lambda i: strip({"out_digest": _digest(version, "torch", i)}),
+                     drop=() if digests else ("out_digest",),
                      manifest=DETECTOR | {"spec_digest": "same"})
 
 
