@@ -288,7 +288,9 @@ class RayExecutor:
         from .runtime_env import resolve
         cluster = bool(self.address or os.environ.get("RAY_ADDRESS")) and not ray.is_initialized()
         self.runtime_env = resolve(self.runtime_env_option, cluster)
-        self.where = ray_init(self.address, self.cap and self.cap * self.threads, self.runtime_env)
+        import copy   # Ray rewrites the dict it is given (local paths -> gcs:// URIs)
+        self.where = ray_init(self.address, self.cap and self.cap * self.threads,
+                              copy.deepcopy(self.runtime_env))
         if self.where == "existing session":
             self.runtime_env = None      # the session's own, whatever it is
         res = ray.cluster_resources()

@@ -130,6 +130,7 @@ def test_a_chunk_whose_node_is_preempted_twice_is_not_quarantined(head, photo_di
         head.workers.append(PlainNode(head.address, env))  # the autoscaler's replacement
         up(head, 3)
     out, err = proc.communicate(timeout=300)
+    print(err)
     assert proc.returncode == 0, err[-3000:]
     got = rows(tmp_path / "run")
     assert len(got) == 2 and all(s == "ok" for _, _, s, *_ in got), got
@@ -153,6 +154,7 @@ def test_a_part_file_that_cannot_be_written_is_an_error_the_run_survives(
     last = chunk_id([f"img{i:02d}.jpg" for i in (4, 5)])
     (run / "rows" / f"chunk={last:05d}" / "part-0.parquet").mkdir(parents=True)  # in the way
     out, err = proc.communicate(timeout=300)
+    print(err)
     assert proc.returncode == 0, err[-3000:]
     assert f"chunk {last}" in err and "--resume" in err
     assert len(rows(run)) == 2 * 4                      # the other two chunks' rows
@@ -178,6 +180,7 @@ def test_a_hung_inference_is_killed_rescheduled_then_quarantined_alone(
     proc = driver(tmp_path, write_spec(tmp_path, images, "hangs_on_dark"), head.address,
                   chunk_size=3, chunk_deadline_s=6.0)
     out, err = proc.communicate(timeout=300)
+    print(err)
     assert proc.returncode == 0, err[-3000:]
     got = rows(tmp_path / "run")
     assert len(got) == len({(c, i) for c, i, *_ in got}) == 2 * 6

@@ -77,7 +77,7 @@ def dmx_run(tmp: Path, dataset: str, out: str, address: str, aws: dict, *extra: 
     spec = tmp / "spec.yaml"
     spec.write_text(f"name: isolated\ndataset: {{path: {dataset}}}\nmodel: tiny\naxes: {AXES}\n")
     cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", out, "--address", address,
-           "--quiet", *extra]
+           *extra]
     env = clean_env(**aws, DMX_CACHE=str(tmp / "driver-cache"))
     env.pop("RAY_AUTH_MODE")
     if not wait:
@@ -114,6 +114,7 @@ def test_a_run_on_nodes_that_share_nothing_completes_on_the_worker_nodes(
         assert "dmx-node: isolated" in n.output()        # none of ``hidden`` exists there
     out = f"s3://{BUCKET}/runs/isolated"
     r = dmx_run(tmp_path, photos, out, head.address, aws, "--chunk-size", "2")
+    print(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = run_rows(fs, out)
     pairs = {(c, i) for c, i, *_ in rows}
@@ -128,6 +129,8 @@ def test_a_run_on_nodes_that_share_nothing_completes_on_the_worker_nodes(
     for env in m["nodes"].values():                     # the driver's dmx, by its code digest
         assert env["dmx_code"] == m["environment"]["dmx_code"]
     assert not m.get("version_mismatches")
+    assert m["runtime_env"].startswith("py_modules dmx, runner, matrix, results, analysis")
+    print({k: v["files"] for k, v in published.items()}, sorted(m["nodes"]), sorted({n for *_, n in rows}))
 
 
 def test_a_node_killed_mid_run_loses_nothing_and_quarantines_nothing(
@@ -144,9 +147,34 @@ def test_a_node_killed_mid_run_loses_nothing_and_quarantines_nothing(
     replacement = IsolatedNode(head.address, clean_env(**aws), hidden, log=logs / "node-new.log")
     nodes[0] = replacement                              # the fixture stops it
     _, err = proc.communicate(timeout=600)
+    print(err)
     assert proc.returncode == 0, err[-3000:]
     rows = run_rows(fs, out)
     assert len(rows) == len({(c, i) for c, i, *_ in rows}) == 4 * N_IMAGES
     crashed = [r for r in rows if r[3] == "worker-crash"]
     assert not crashed, crashed[:3]                     # a lost node is no image's fault
     assert all(s == "ok" for _, _, s, *_ in rows)
+
+
+def test_a_local_dataset_the_nodes_cannot_read_is_one_line_naming_the_node(
+        s3, cluster, photo_dir: Path, tmp_path: Path):
+    """Before: every image of every chunk became a `read` error row on the nodes."""
+    _, aws = s3
+    head, *_ = cluster
+    r = dmx_run(tmp_path, str(photo_dir), f"s3://{BUCKET}/runs/local-dataset", head.address, aws)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dmx: error")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert str(photo_dir) in lines[0] and "cannot read" in lines[0]
+    assert any(label in lines[0] for label in worker_labels(head))
+
+
+def test_without_a_runtime_env_bare_nodes_cannot_start_a_worker_and_dmx_says_why(
+        s3, photos: str, cluster, tmp_path: Path):
+    _, aws = s3
+    head, *_ = cluster
+    r = dmx_run(tmp_path, photos, f"s3://{BUCKET}/runs/no-env", head.address, aws,
+                "--runtime-env", "none")
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dmx: error")]
+    assert len(lines) == 1 and "No module named" in lines[0] and "--runtime-env" in lines[0], r.stderr[-2000:]
