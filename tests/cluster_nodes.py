@@ -270,6 +270,7 @@ class PlainNode:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=60)
+        self.stop()                   # nothing left to stop: its files go
 
     def stop(self) -> None:
         stop_group(self.proc)

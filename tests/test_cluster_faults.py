@@ -24,6 +24,8 @@ from PIL import Image
 
 from cluster_nodes import FAST_NODE_DEATH, REPO, Head, PlainNode, clean_env
 
+pytestmark = pytest.mark.slow(reason="Ray nodes started and killed (~2.5 min)")
+
 TESTS = str(REPO / "tests")
 PYTHONPATH = f"{REPO}:{TESTS}"    # this checkout's dmx (and faultmodels) on driver and nodes
 INPUT = "{size: 32, mode: stretch, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5]}"

@@ -25,7 +25,8 @@ from cluster_nodes import (BUCKET, REPO, Head, IsolatedNode, clean_env, moto_s3,
 AXES = "{decoder: [pil, opencv], backend: [torch, onnxruntime]}"
 N_IMAGES = 16
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="isolated nodes need root (mount namespaces)")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="isolated nodes need root (mount namespaces)"),
+              pytest.mark.slow(reason="a 3-node cluster of isolated nodes (~85 s)")]
 
 
 @pytest.fixture(scope="module")

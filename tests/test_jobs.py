@@ -14,6 +14,8 @@ import pytest
 
 from cluster_nodes import BUCKET, RAY, Head, clean_env, moto_s3, s3_keys, upload_dir
 
+pytestmark = pytest.mark.slow(reason="a Ray head with its job server and jobs through it (~40 s)")
+
 N_IMAGES = 6
 
 

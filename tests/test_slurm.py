@@ -17,6 +17,8 @@ import pytest
 
 from cluster_nodes import BUCKET, REPO, RAY, clean_env, free_port, moto_s3, stop_group, upload_dir
 
+pytestmark = pytest.mark.slow(reason="a private Slurm and a Ray job under sbatch (~50 s)")
+
 SCRIPT = REPO / "examples" / "slurm" / "dmx-ray.sbatch"
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 N_IMAGES = 8
