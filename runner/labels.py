@@ -407,7 +407,7 @@ def labels_for_run(spec, images: Path, scratch: Path) -> tuple[Path | None, dict
     classes = model_classes(spec.model)
     labels = read_spec_labels(spec, ids, classes)
     table, cov = attach(labels, ids, src.match)
-    if cov["labelled"] == 0 and len(ids):
+    if cov["labelled"] == 0 and len(ids) and not spec.dataset.limit:   # a limit may cut them all
         example = labels["key"][0].as_py() if labels.num_rows else None
         raise LabelError(f"no image of the dataset is named in {src.path or 'the folder names'} "
                          f"(matched by {cov['match']}; e.g. label {example!r}, image "
