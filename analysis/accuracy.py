@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import duckdb
-from .db import load_sql
 from .effects import Attribution, CellStat, attribute
 from .paired import PairedAccuracy, interval_from_counts, mcnemar_exact_p, paired_from_counts
-from .queries import query_dicts
+from .queries import load_sql, query_dicts
 
 __all__ = ["ACCURACY_VIEWS", "CellAccuracy", "accuracy_by_cell", "correctness_shares",
            "has_labels", "register_accuracy_views"]

@@ -19,18 +19,14 @@ import pyarrow.parquet as pq
 
 from results.store import Health, RunDir, RunDirError
 
-SQL_DIR = Path(__file__).with_name("sql")
+from .queries import SQL_DIR, load_sql  # noqa: F401 - load_sql is imported from here too
+
 
 
 def register_accuracy_views(con: duckdb.DuckDBPyConnection) -> None:
     from .accuracy import register_accuracy_views as define   # it loads SQL from here
     define(con)
 _warned: set[str] = set()
-
-
-def load_sql(name: str) -> str:
-    """A named query from ``analysis/sql/NAME.sql``."""
-    return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
 def _sql_list(paths: list[str]) -> str:

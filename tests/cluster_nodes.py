@@ -42,6 +42,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_AUTH", "DMX_")) and k not in ("RAY_ADDRESS", "PYTHONPATH")}
     env["RAY_AUTH_MODE"] = "disabled"
+    # where Ray reads (and, in its default token mode, creates) a token: never the user's
+    # ~/.ray/auth_token, which would switch every later `ray start` on the machine to tokens
+    env["RAY_AUTH_TOKEN_PATH"] = str(Path(tempfile.gettempdir()) / f"dmx-test-ray-token-{os.getpid()}")
     env.update(extra)
     return env
 
