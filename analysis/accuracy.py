@@ -2,7 +2,7 @@
 
 Counts come from DuckDB (``sql/accuracy_cells.sql``, ``sql/accuracy_pairs.sql``): one row per
 cell, never one per image. The interval and McNemar's p of each cell's change come from its four
-paired counts (``analysis.paired.paired_from_counts``, exact for the paired bootstrap over
+paired counts (``dmx.analysis.paired.paired_from_counts``, exact for the paired bootstrap over
 images). Accuracies and changes are in **points** (percentage points, 0-100).
 
 Views (``register_accuracy_views``): ``accuracy`` (per cell: n labelled, n judged, top-1 and
@@ -77,7 +77,7 @@ def correctness_shares(acc: Mapping[str, CellAccuracy], cells: Sequence[dict[str
                        axes: Sequence[str], reference: Mapping[str, Any] | None = None
                        ) -> Attribution:
     """Type-II shares per factor of the variance of top-1 correctness (1 right, 0 wrong, over
-    the judged labelled rows), as ``analysis.effects`` does for divergence: a cell's mean is
+    the judged labelled rows), as ``dmx.analysis.effects`` does for divergence: a cell's mean is
     its accuracy k/n, its within-cell sum of squares k - k^2/n."""
     levels = {c["cell_id"]: c for c in cells}
     stats = [CellStat({a: levels[cid][a] for a in axes}, a.n, a.top1_right / a.n,

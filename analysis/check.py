@@ -52,8 +52,8 @@ from typing import Any, Mapping
 import duckdb
 import pyarrow as pa
 
-from matrix.axes import AXES
-from results.store import RunDir
+from dmx.matrix.axes import AXES
+from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
 from .numbers import g, pct
@@ -326,7 +326,7 @@ def _accuracy_gate(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
                    judged: list[dict[str, Any]], limits: float | Mapping[str, float]
                    ) -> tuple[list[Failure], list[dict[str, Any]]]:
     """Each judged cell's top-1 change against the reference, paired over the images both
-    judged (``analysis.accuracy``), through ``analysis.paired.accuracy_gate``: a cell fails only
+    judged (``dmx.analysis.accuracy``), through ``dmx.analysis.paired.accuracy_gate``: a cell fails only
     when its drop is beyond its limit with 95% confidence; one that cannot be judged (no labels,
     no labelled image judged on both sides) fails as not judged."""
     from .accuracy import accuracy_by_cell, has_labels

@@ -1,5 +1,5 @@
 """DuckDB over a run directory: views ``rows``, ``cells``, ``images``, ``accuracy`` and
-``accuracy_contrasts`` (where rows carry ground truth: ``analysis.accuracy``), and ``layers``
+``accuracy_contrasts`` (where rows carry ground truth: ``dmx.analysis.accuracy``), and ``layers``
 once ``dmx localize`` ran, on the Parquet files.
 
 The run is verified on read (``RunDir.verify``): the rows come from the files the run's own
@@ -17,7 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from results.store import Health, RunDir, RunDirError
+from dmx.results.store import Health, RunDir, RunDirError
 
 from .queries import SQL_DIR, load_sql  # noqa: F401 - load_sql is imported from here too
 

@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import duckdb
 
-from results.store import RunDir
+from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
 from .numbers import g, pct

@@ -16,8 +16,8 @@ from typing import Any
 
 import duckdb
 
-from matrix.axes import AXES
-from results.store import RunDir
+from dmx.matrix.axes import AXES
+from dmx.results.store import RunDir
 
 from .accuracy import CellAccuracy, accuracy_by_cell, correctness_shares
 from .db import open_run
@@ -330,7 +330,7 @@ def _detection_contrast(s: dict[str, Any]) -> DetectionContrast:
 
 def tolerance_verdict(c: Contrast) -> dict[str, Any] | None:
     """Whether the contrast stays within torch.testing's tolerance for the precision it ran at
-    (the CI gate's default rel L2 limit, ``analysis.check``), with the numbers."""
+    (the CI gate's default rel L2 limit, ``dmx.analysis.check``), with the numbers."""
     family = precision_family(c.precision_effective)
     limit = default_limits(family)["max_rel_l2"]
     if limit is None or c.rel_l2_max is None:
@@ -602,7 +602,7 @@ def _parts(stats: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def main_effects(moments: list[dict[str, Any]], cells: list[dict[str, Any]], axes: list[str],
                  reference: dict[str, Any] | None = None) -> Attribution:
-    """Type-II shares per factor and the strongest two-factor interactions (``analysis.effects``)
+    """Type-II shares per factor and the strongest two-factor interactions (``dmx.analysis.effects``)
     from each cell's count, mean and within-cell sum of squares of the cosine distance
     (``sql/cell_moments.sql``); axes that apply to some cells only are nested."""
     levels = {c["cell_id"]: c for c in cells}

@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 from matplotlib.figure import Figure
 
-from results.layers import layers_dir, read_summaries
+from dmx.results.layers import layers_dir, read_summaries
 
 SECTION_ID = "layers"
 

@@ -2,7 +2,7 @@
 
 DESIGN keeps analysis free of the runner so that analysing a run never sweeps, builds a model or
 needs a backend. The one exception is drawing what the model saw: that goes through ONE public
-module of the runner, ``runner.render`` (``model_input``, ``class_labels``), which takes plain
+module of the runner, ``dmx.runner.render`` (``model_input``, ``class_labels``), which takes plain
 data and runs no model - so the pictures come from exactly the code that produced the rows, with
 no copy to drift. (The alternative, the sweep keeping every model input for the report, would
 store ~150 kB per image and preprocessing variant for the few the report shows.) The rows stay
@@ -33,14 +33,14 @@ class _Preprocess(dict):
 
 
 def preprocess_from_manifest(spec: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The preprocessing as ``runner.render.model_input`` takes it (``pre.crop`` reads too)."""
+    """The preprocessing as ``dmx.runner.render.model_input`` takes it (``pre.crop`` reads too)."""
     return _Preprocess(spec)
 
 
 def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess: Any) -> np.ndarray:
-    """The model input of a cell for one image (``runner.render.model_input``): float32
+    """The model input of a cell for one image (``dmx.runner.render.model_input``): float32
     (crop, crop, 3), 0-255, before normalisation. Raises PictureError."""
-    from runner.render import RenderError, model_input as render
+    from dmx.runner.render import RenderError, model_input as render
     try:
         return render(path, factors, preprocess)
     except RenderError as e:
@@ -50,7 +50,7 @@ def model_input(path: str | Path, factors: Mapping[str, str | None], preprocess:
 def class_labels(model: Mapping[str, Any]) -> tuple[str, ...] | None:
     """Class names of a built-in model (``manifest["model"]``), None for user models or when the
     model's package is not installed here (the report then shows class indices)."""
-    from runner.render import class_labels as labels
+    from dmx.runner.render import class_labels as labels
     return labels(model)
 
 

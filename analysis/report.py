@@ -27,8 +27,8 @@ from matplotlib.colors import ListedColormap, LogNorm
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
-from matrix.axes import AXES
-from results.store import RunDir
+from dmx.matrix.axes import AXES
+from dmx.results.store import RunDir
 
 from . import pictures
 from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_failure

@@ -25,7 +25,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from results.store import RunDir
+from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
 from .queries import query_dicts

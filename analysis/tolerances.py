@@ -1,6 +1,6 @@
 """Default tolerances per precision: torch.testing's table, scaled for a whole forward pass.
 
-Shared by the gate (``analysis.check``) and explain's tolerance verdicts; see ``analysis.check``
+Shared by the gate (``dmx.analysis.check``) and explain's tolerance verdicts; see ``dmx.analysis.check``
 for why relative L2 and why the factor 10.
 """
 from __future__ import annotations

@@ -94,14 +94,14 @@ def ray_data_child(spec_path: str, out: str, address: str, workers: int, chunk: 
     import pyarrow as pa
     import ray
 
-    import runner.backends  # noqa: F401 - registers the backends' axes and levels
-    from matrix import load_spec
-    from runner.capabilities import node_name, skip_reasons
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.dataset import ImageRef, list_images
-    from runner.plan import Chunk, Plan
-    from runner.sweep import plan_cells
-    from runner.worker import Worker
+    import dmx.runner.backends  # noqa: F401 - registers the backends' axes and levels
+    from dmx.matrix import load_spec
+    from dmx.runner.capabilities import node_name, skip_reasons
+    from dmx.runner.convert import prepare_artifacts, resolve_model
+    from dmx.runner.dataset import ImageRef, list_images
+    from dmx.runner.plan import Chunk, Plan
+    from dmx.runner.sweep import plan_cells
+    from dmx.runner.worker import Worker
 
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     import ray.data
@@ -194,7 +194,7 @@ def main() -> None:
         # the files holding the rows once the run ended (compacted); explain reads these
         result["result_files"] = sum(1 for _ in (work / "dmx").glob("rows/*/*.parquet"))
         sys.path.insert(0, str(ROOT))
-        from analysis.explain import explain_run
+        from dmx.analysis.explain import explain_run
         t = time.perf_counter()
         explain_run(work / "dmx")
         result["explain_s"] = round(time.perf_counter() - t, 2)

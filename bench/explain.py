@@ -3,9 +3,9 @@
 What it does:
 
 1. Generates (once per row count and schema; cached under ``bench/.data/explain-<N>``) a run: a
-   ``manifest.json`` with the keys analysis reads, ``cells.parquet`` (``results.schema.cell_schema``),
+   ``manifest.json`` with the keys analysis reads, ``cells.parquet`` (``dmx.results.schema.cell_schema``),
    ``images.parquet`` (``IMAGE_SCHEMA``) and ``rows/chunk=NNNNN/part-0.parquet`` files written
-   with ``results.store.write_parquet_atomic`` in ``results.schema.row_schema(axes)``. The
+   with ``dmx.results.store.write_parquet_atomic`` in ``dmx.results.schema.row_schema(axes)``. The
    matrix is realistic - decoder(2) x exif(2) x resize(4) x backend(3) x precision(fp32, fp16,
    int8; torch int8 excluded) = 128 cells - and so is the chunking: images per chunk from dmx's
    own ``default_chunk_size`` for 2 workers, i.e. one part file per 16 images (2,048 rows).
@@ -15,13 +15,13 @@ What it does:
    large divergence); a per-image sensitivity (log-normal) scales them; top-1 flips with a
    probability growing with the distance; 0.2 % of images fail to decode (error rows).
    Generation is vectorised with numpy/pyarrow one chunk at a time, so memory stays bounded.
-2. Times ``analysis.explain.explain_run(dir)`` + ``analysis.render.render_text`` in-process
+2. Times ``dmx.analysis.explain.explain_run(dir)`` + ``dmx.analysis.render.render_text`` in-process
    (best of ``--repeat``), and ``dmx explain DIR`` as a subprocess (wall clock, includes
    interpreter start and imports).
 3. With ``--profile``: times every SQL statement explain issues (a timing proxy around the
    DuckDB connection) and prints ``EXPLAIN ANALYZE`` for the slowest ones.
-4. Side by side in the same run: the same rows compacted by dmx (``results.compact`` and
-   ``analysis.summary``, as every run ends and ``dmx compact`` does) - few files sorted by cell
+4. Side by side in the same run: the same rows compacted by dmx (``dmx.results.compact`` and
+   ``dmx.analysis.summary``, as every run ends and ``dmx compact`` does) - few files sorted by cell
    plus explain's aggregates stored beside them - and explain timed on the part files, on the
    compacted rows without the aggregates, and with them.
 
@@ -60,11 +60,11 @@ sys.path.insert(0, str(BENCH.parent))
 sys.path.insert(0, str(BENCH))
 
 from machine import wait_for_quiet  # noqa: E402
-import runner.backends  # noqa: E402,F401 - registers the backends' axes and levels
-from matrix import parse_spec  # noqa: E402
-from results.schema import IMAGE_SCHEMA, cell_schema, row_schema  # noqa: E402
-from results.store import RunDir, write_parquet_atomic  # noqa: E402
-from runner.plan import default_chunk_size  # noqa: E402
+import dmx.runner.backends  # noqa: E402,F401 - registers the backends' axes and levels
+from dmx.matrix import parse_spec  # noqa: E402
+from dmx.results.schema import IMAGE_SCHEMA, cell_schema, row_schema  # noqa: E402
+from dmx.results.store import RunDir, write_parquet_atomic  # noqa: E402
+from dmx.runner.plan import default_chunk_size  # noqa: E402
 
 _GEN_VERSION = 1
 AXES = {"decoder": ["pil", "opencv"], "exif": ["apply", "ignore"],
@@ -91,7 +91,7 @@ class Matrix:
     """The cells, as per-cell numpy arrays the generator indexes by cell number."""
 
     def __init__(self, spec) -> None:
-        from runner.sweep import plan_cells
+        from dmx.runner.sweep import plan_cells
         self.cells, self.ref = plan_cells(spec)
         self.axes = spec.axis_names
         f = [dict(c.factors) for c in self.cells]
@@ -350,7 +350,7 @@ class _TimedResult:
 
 def profile(dest: Path, top: int) -> None:
     """Time every statement explain_run issues; EXPLAIN ANALYZE the slowest ``top``."""
-    import analysis.explain as ex
+    import dmx.analysis.explain as ex
     log: list = []
     real_open = ex.open_run
     cons = []
@@ -414,16 +414,16 @@ def explain_analyze(con, sql: str, params) -> list[str]:
 
 
 def compacted_copy(src: Path, dest: Path) -> tuple[float, float]:
-    """The same run compacted by dmx itself (``results.compact.compact_run`` and
-    ``analysis.summary.write_summary``, what every run does at its end and ``dmx compact`` does
+    """The same run compacted by dmx itself (``dmx.results.compact.compact_run`` and
+    ``dmx.analysis.summary.write_summary``, what every run does at its end and ``dmx compact`` does
     for older runs): the part files are hard-linked into ``dest`` and merged there into few
     files sorted by cell, then explain's aggregates are stored beside them. Cached; returns the
     seconds the compaction and the summary took (0 when cached)."""
     import shutil
 
-    from analysis.db import open_run
-    from analysis.summary import Summary, write_summary
-    from results.compact import compact_run
+    from dmx.analysis.db import open_run
+    from dmx.analysis.summary import Summary, write_summary
+    from dmx.results.compact import compact_run
     key = repr(RunDir(src).read_manifest().get("bench_key", {}))
     done = dest / ".compacted-from"
     if done.is_file() and done.read_text() == key:
@@ -463,8 +463,8 @@ def without_summary(compacted: Path) -> Path:
 
 def time_explain(dest: Path, repeat: int) -> tuple[float, float, str, str]:
     """(best in-process explain_run + render_text s, subprocess `dmx explain` s, text, stdout)."""
-    from analysis.explain import explain_run
-    from analysis.render import render_text
+    from dmx.analysis.explain import explain_run
+    from dmx.analysis.render import render_text
     best = None
     for _ in range(repeat):
         t = time.perf_counter()

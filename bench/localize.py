@@ -4,7 +4,7 @@ under 30 s here).
 What it does:
 
 1. Builds the demo photos (``dmx.demo_data``, photos shipped inside installed packages) and the
-   MobileNetV2 model files with dmx's own conversion (``runner.convert.prepare_artifacts``:
+   MobileNetV2 model files with dmx's own conversion (``dmx.runner.convert.prepare_artifacts``:
    the torch.onnx dynamo export, ONNX Runtime static QDQ int8 calibrated on 8 photos), cached
    in dmx's cache so a second run converts nothing. Conversion is not timed.
 2. Times, side by side in one process on the same 8 inputs:
@@ -58,12 +58,12 @@ def main() -> None:
     import numpy as np
 
     from dmx.demo_data import build_demo_images
-    from matrix import ModelSpec
-    from runner.backends import InferSetting
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.localize.api import image_inputs, list_image_paths
-    from runner.localize.engine import localize
-    from runner.localize.sides import SIDES
+    from dmx.matrix import ModelSpec
+    from dmx.runner.backends import InferSetting
+    from dmx.runner.convert import prepare_artifacts, resolve_model
+    from dmx.runner.localize.api import image_inputs, list_image_paths
+    from dmx.runner.localize.engine import localize
+    from dmx.runner.localize.sides import SIDES
 
     photos = Path(tempfile.gettempdir()) / "dmx-bench-localize-photos"
     build_demo_images(str(photos))

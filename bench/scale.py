@@ -168,12 +168,12 @@ def floor_ms_per_image(manifest: Path, sample: int, batch: int = 64) -> dict:
     import torch
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    import runner.backends  # noqa: F401 - registers the backends' axes
-    from matrix import parse_spec
-    from runner.backends import BACKENDS, InferSetting
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.decoders import DecodeOptions, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
+    import dmx.runner.backends  # noqa: F401 - registers the backends' axes
+    from dmx.matrix import parse_spec
+    from dmx.runner.backends import BACKENDS, InferSetting
+    from dmx.runner.convert import prepare_artifacts, resolve_model
+    from dmx.runner.decoders import DecodeOptions, get_decoder
+    from dmx.runner.preprocess import model_input_pixels, normalise
     spec = parse_spec({"name": "floor", "dataset": {"path": str(manifest)}, "model": "tiny",
                        "axes": {"backend": ["onnxruntime"], "precision": ["fp32"]},
                        "reference": {"backend": "onnxruntime", "precision": "fp32"}})
@@ -215,9 +215,9 @@ def plan_seconds(path: str) -> tuple[float, int, int]:
     """(seconds, images, chunks) to list and chunk the dataset at ``path`` as ``dmx run`` does."""
     import shutil as _sh
 
-    from matrix import DatasetSpec
-    from results.planning import plan_chunks, scratch_dir
-    from runner.dataset import collect
+    from dmx.matrix import DatasetSpec
+    from dmx.results.planning import plan_chunks, scratch_dir
+    from dmx.runner.dataset import collect
     scratch = scratch_dir()
     try:
         t = time.perf_counter()

@@ -43,7 +43,7 @@ plus ``getrusage`` maxrss of this process and the naive process's own peak (VmHW
 
 ``--profile`` adds: where the driver's time goes in ``run_spec`` (cProfile), a per-actor
 summary of ``ray.timeline`` (start, busy time, first chunk vs the others, end), CPU seconds per
-process during the Ray run, and a cProfile of the actors' code path (``runner.worker.Worker``,
+process during the Ray run, and a cProfile of the actors' code path (``dmx.runner.worker.Worker``,
 1 thread, in a fresh process like an actor) bucketed by stage.
 
 ``--memory-scaling`` instead runs ``dmx run --executor local`` in a subprocess on N and 10N
@@ -128,7 +128,7 @@ from sweep_profile import (  # noqa: E402
 def run_dmx(spec, out: Path, executor: str, workers: int | None, a: argparse.Namespace,
             profile: bool = False):
     """Time ``run_spec``; with ``profile``, also print where the driver's time goes."""
-    from runner.sweep import RunOptions, run_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     opts = RunOptions(out=str(out), executor=executor, workers=workers, chunk_size=a.chunk_size,
                       batch=a.batch, progress=False)
     if profile:
@@ -305,7 +305,7 @@ def main() -> None:
                  f"{m['chunk_size']}, {m['chunks']} chunks, batch {a.batch}; {counts(s.counters)}; "
                  f"{s.rows} rows)")
         if ray_init_s is None:
-            from runner.executors import ray_init
+            from dmx.runner.executors import ray_init
             before = mon.children_now()
             mon.reset()
             t = time.perf_counter()

@@ -17,8 +17,8 @@ SWEEP = Path(__file__).resolve().with_name("sweep.py")   # the entry point; chil
 
 # ----------------------------------------------------------------------------- the spec
 def make_spec(data_dir: Path, a: argparse.Namespace):
-    import runner.backends  # noqa: F401 - registers the backends' axes and levels
-    from matrix import parse_spec
+    import dmx.runner.backends  # noqa: F401 - registers the backends' axes and levels
+    from dmx.matrix import parse_spec
     axes = {"decoder": a.decoders, "resize": a.resizes, "backend": a.backends,
             "precision": [a.precision]}
     ref = {"decoder": a.decoders[0], "resize": a.resizes[0], "backend": a.backends[0],
@@ -29,8 +29,8 @@ def make_spec(data_dir: Path, a: argparse.Namespace):
 
 def prepare(spec):
     """Model files for every backend (cached conversion, untimed) and the cells."""
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.sweep import plan_cells
+    from dmx.runner.convert import prepare_artifacts, resolve_model
+    from dmx.runner.sweep import plan_cells
     cells, ref = plan_cells(spec)
     model = resolve_model(spec.model)
     settings = {(c.get("backend"), c.get("precision"), c["conversion"]) for c in cells}

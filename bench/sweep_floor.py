@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from sweep_common import SWEEP, child_json, common_args, setup
 
-from runner.memory import keep_freed_memory
+from dmx.runner.memory import keep_freed_memory
 
 
 def median_ms(fn, items) -> float:
@@ -37,9 +37,9 @@ def floor_costs(paths: list[str], cells, model, artifacts, a: argparse.Namespace
     keep_freed_memory()
     import torch
 
-    from runner.backends import BACKENDS, InferSetting
-    from runner.decoders import DecodeOptions, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
+    from dmx.runner.backends import BACKENDS, InferSetting
+    from dmx.runner.decoders import DecodeOptions, get_decoder
+    from dmx.runner.preprocess import model_input_pixels, normalise
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     import cv2
@@ -159,9 +159,9 @@ def unit_cost_child(a: argparse.Namespace) -> None:
         keep_freed_memory()
     import torch
 
-    from runner.backends import BACKENDS, InferSetting
-    from runner.decoders import DecodeOptions, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
+    from dmx.runner.backends import BACKENDS, InferSetting
+    from dmx.runner.decoders import DecodeOptions, get_decoder
+    from dmx.runner.preprocess import model_input_pixels, normalise
     torch.set_num_threads(1)
     paths, _spec, _cells, _ref, model, artifacts = setup(a)
     dec = get_decoder("pil")

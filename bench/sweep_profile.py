@@ -1,7 +1,7 @@
 """``bench/sweep.py --profile``'s breakdowns: where the driver's time goes in ``run_spec``
 (cProfile, ``profile_driver``); a per-actor summary of ``ray.timeline`` and the CPU seconds per
 process during the Ray run (``report_ray_run``); and a cProfile of the actors' code path
-(``runner.worker.Worker``, 1 thread) bucketed by stage, run in a fresh process like an actor
+(``dmx.runner.worker.Worker``, 1 thread) bucketed by stage, run in a fresh process like an actor
 (``sweep.py --profile-child CHUNK_SIZE``, ``profile_child``)."""
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def _bucket_times(stats) -> dict[str, tuple[float, int]]:
 
 def profile_worker(paths: list[str], spec, cells, ref, model, artifacts, a: argparse.Namespace,
                    chunk_size: int) -> None:
-    """The actors' code path (runner.worker.Worker, 1 thread) over the whole dataset in this
+    """The actors' code path (dmx.runner.worker.Worker, 1 thread) over the whole dataset in this
     process under cProfile: where one worker's CPU time goes, per image."""
     import cProfile
     import pstats
@@ -114,9 +114,9 @@ def profile_worker(paths: list[str], spec, cells, ref, model, artifacts, a: argp
     import cv2
     import torch
 
-    from runner.dataset import list_images
-    from runner.plan import Plan, make_chunks
-    from runner.worker import Worker
+    from dmx.runner.dataset import list_images
+    from dmx.runner.plan import Plan, make_chunks
+    from dmx.runner.worker import Worker
     threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

@@ -38,11 +38,11 @@ def main() -> None:
     import torch
 
     from dmx.demo_data import build_demo_images
-    from matrix import ModelSpec
-    from runner.backends import BACKENDS, InferSetting
-    from runner.convert import prepare_artifacts, resolve_model
-    from runner.decoders import DecodeError, decode_options, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
+    from dmx.matrix import ModelSpec
+    from dmx.runner.backends import BACKENDS, InferSetting
+    from dmx.runner.convert import prepare_artifacts, resolve_model
+    from dmx.runner.decoders import DecodeError, decode_options, get_decoder
+    from dmx.runner.preprocess import model_input_pixels, normalise
 
     torch.set_num_threads(a.threads)
     model = resolve_model(ModelSpec(name=a.model))

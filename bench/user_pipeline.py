@@ -48,12 +48,12 @@ def naive_preprocess(img: np.ndarray, resize: str, pre) -> np.ndarray:
 def naive_session(backend: str, artifacts, precision: str):
     """A callable (1, 3, H, W) -> logits, built the way each library's quick-start shows, from
     the same model file dmx's backend of that name uses."""
-    from runner.backends import InferSetting
+    from dmx.runner.backends import InferSetting
     onnx_path = artifacts.file_for(InferSetting(backend=backend, precision=precision))
     if backend == "torch":
         import torch
 
-        from runner.models.loading import build_torch_model
+        from dmx.runner.models.loading import build_torch_model
         model = build_torch_model(artifacts.torch_factory, artifacts.weights)
 
         def run(x):

@@ -12,14 +12,14 @@ from .commands import COMMANDS
 from .commands.common import (EXIT_FAILED, EXIT_GATE, EXIT_INTERRUPTED,  # noqa: F401 (API)
                               EXIT_USAGE, CliError, Parser)
 
-_USER_ERRORS = (("matrix.errors", "SpecError"), ("results.store", "RunDirError"),
-                ("runner.convert", "ConversionError"), ("runner.executors", "ExecutorError"),
-                ("runner.models.base", "ModelUnavailable"), ("runner.models.base", "UnknownModel"),
-                ("runner.models.loading", "ModelLoadError"), ("analysis.check", "CheckError"),
-                ("analysis.diff", "DiffError"), ("runner.envs", "EnvBuildError"),
-                ("results.fs", "StorageError"), ("runner.localize.graph", "LocalizeError"),
-                ("runner.label_classes", "LabelError"), ("runner.runtime_env", "RuntimeEnvError"),
-                ("runner.artifacts", "ArtifactError"))
+_USER_ERRORS = (("dmx.matrix.errors", "SpecError"), ("dmx.results.store", "RunDirError"),
+                ("dmx.runner.convert", "ConversionError"), ("dmx.runner.executors", "ExecutorError"),
+                ("dmx.runner.models.base", "ModelUnavailable"), ("dmx.runner.models.base", "UnknownModel"),
+                ("dmx.runner.models.loading", "ModelLoadError"), ("dmx.analysis.check", "CheckError"),
+                ("dmx.analysis.diff", "DiffError"), ("dmx.runner.envs", "EnvBuildError"),
+                ("dmx.results.fs", "StorageError"), ("dmx.runner.localize.graph", "LocalizeError"),
+                ("dmx.runner.label_classes", "LabelError"), ("dmx.runner.runtime_env", "RuntimeEnvError"),
+                ("dmx.runner.artifacts", "ArtifactError"))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import runner.backends  # noqa: F401  (each backend registers its axes before a spec is read)
+    import dmx.runner.backends  # noqa: F401  (each backend registers its axes before a spec is read)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     handlers = {c.NAME: c.run for c in COMMANDS}
     try:

@@ -2,7 +2,7 @@
 
 Adding a pipeline axis is one entry in ``AXES``. Backend-specific axes (an OpenVINO hint, an
 ONNX Runtime optimisation level, a conversion route) are not listed here: each backend module
-declares its own and registers them with ``register_backend`` when ``runner.backends`` is
+declares its own and registers them with ``register_backend`` when ``dmx.runner.backends`` is
 imported (the CLI and the runner import it before parsing a spec). ``matrix`` so imports nothing
 above it, and a new backend adds its axes without touching this file. An axis that does not apply
 to a cell (an OpenVINO hint on a torch cell) is null in that cell and does not multiply the matrix.
@@ -97,7 +97,7 @@ AXES: dict[str, Axis] = {
 AXES.update({a.name: replace(a, rank=float(i) if a.rank is None else a.rank)
              for i, a in enumerate(AXES.values())})
 
-#: Axis names in canonical order; a list kept sorted in place, so ``from matrix.axes import
+#: Axis names in canonical order; a list kept sorted in place, so ``from dmx.matrix.axes import
 #: AXIS_ORDER`` sees the axes that backends register later.
 AXIS_ORDER: list[str] = list(AXES)
 
@@ -117,7 +117,7 @@ def register_backend(name: str, axes: Iterable[Axis] = ()) -> None:
     """Add a backend: ``name`` becomes a level of ``backend``, and each of its ``axes`` applies
     to its cells (and to those of other backends declaring an axis of the same name: their
     levels are merged, e.g. ``conversion``). An axis's own ``applies`` narrows it further
-    (``tf32``: CUDA only). Idempotent; called by ``runner.backends`` for each backend module."""
+    (``tf32``: CUDA only). Idempotent; called by ``dmx.runner.backends`` for each backend module."""
     backend = AXES["backend"]
     if name not in backend.levels:
         AXES["backend"] = replace(backend, levels=(*backend.levels, name))

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping
 from . import schema
 from .axes import AXES, AXIS_ORDER
 from .errors import SpecError
-from .schema import DETECTION_LAYOUTS, resolve, validate_spec_data  # noqa: F401 (runner.detection)
+from .schema import DETECTION_LAYOUTS, resolve, validate_spec_data  # noqa: F401 (dmx.runner.detection)
 from .yamlsafe import LIMITS, load_yaml_bounded
 
 DEFAULT_MAX_CELLS = 100_000
@@ -32,7 +32,7 @@ TOP_KEYS = ("name", "dataset", "model", "axes", "include", "exclude", "reference
 class LabelsSpec:
     """Ground truth of a classifier (``dataset.labels``). ``path`` and ``meta_mat`` are
     resolved against the spec's folder (``path`` is None for ``imagefolder``); the other
-    fields say how to read the file (``runner.labels.read_labels``, ``attach``)."""
+    fields say how to read the file (``dmx.runner.labels.read_labels``, ``attach``)."""
 
     path: str | None
     format: str = "auto"

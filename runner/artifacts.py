@@ -1,6 +1,6 @@
 """Model artifacts on a cluster that shares nothing but the run directory.
 
-The driver makes every model product once (``runner.convert``), in its own cache. ``publish``
+The driver makes every model product once (``dmx.runner.convert``), in its own cache. ``publish``
 copies each product - its file and its sidecars (OpenVINO's ``.bin``, ONNX external data) - and
 a user's weights file once into ``RUN/artifacts/<sha256>/`` (``RUN`` may be ``s3://``/``gs://``),
 and says where each went and its digest (``Published``). A worker calls ``materialise`` before
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from results.fs import StorageError, filesystem, uri
+from dmx.results.fs import StorageError, filesystem, uri
 
 from .backends.base import ModelArtifacts
 from .cache import cache_dir

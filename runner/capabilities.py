@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 from typing import Iterable
 
-from matrix import Cell
+from dmx.matrix import Cell
 
 from .backends import BACKENDS, InferSetting
 from .backends.base import ModelArtifacts

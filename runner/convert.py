@@ -1,7 +1,7 @@
 """The model a spec names, made concrete, and its products made on the driver before the sweep.
 
 ``resolve_model`` turns a spec's model into a ``ResolvedModel``; ``prepare_artifacts`` asks each
-cell's backend (``runner.backends``) which model product its setting runs and lets the backend
+cell's backend (``dmx.runner.backends``) which model product its setting runs and lets the backend
 make it: the conversion code lives in the backend that needs it (ONNX export in
 ``backends/onnx_export.py``, fp16/int8 for ONNX Runtime in ``onnxruntime_backend.py``, OpenVINO
 IR and NNCF in ``openvino_backend.py``...). Products are cached under dmx's cache directory,
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from matrix import ModelSpec
+from dmx.matrix import ModelSpec
 
 from .backends import BACKENDS, InferSetting
 from .backends.base import ConversionError, ModelArtifacts
@@ -168,7 +168,7 @@ def conversion_unsupported(backend: str, conversion: str | None) -> str | None:
 
 
 class _Conversion:
-    """The driver's side of ``runner.backends.Conversion``: the model, its weights digest, the
+    """The driver's side of ``dmx.runner.backends.Conversion``: the model, its weights digest, the
     ONNX exports and the calibration inputs, each made at most once per run."""
 
     def __init__(self, model: ResolvedModel, digest: str, files: dict[str, str],

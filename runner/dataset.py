@@ -3,7 +3,7 @@
 A listing streams: every entry found is appended to a ``ListingSink``, which writes the images
 and the entries not read to Parquet files in batches, so a dataset of millions of files is
 never held in memory as Python objects. Sorting, de-duplication and ``limit`` happen afterwards
-in DuckDB (``results.planning``), out of core.
+in DuckDB (``dmx.results.planning``), out of core.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from matrix import DatasetSpec, SpecError
-from results.planning import (LISTING_SCHEMA, NOT_READ_SCHEMA, DuplicateIds, ListingResult,
+from dmx.matrix import DatasetSpec, SpecError
+from dmx.results.planning import (LISTING_SCHEMA, NOT_READ_SCHEMA, DuplicateIds, ListingResult,
                               finish_listing)
 
 from .imageref import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, ImageRef
@@ -102,7 +102,7 @@ def _is_glob(text: str) -> bool:
 
 def collect(ds: DatasetSpec, scratch: Path) -> ListingResult:
     """List the dataset into ``scratch``: the sorted, de-duplicated images cut to ``limit``
-    and the entries not read, as Parquet files (see ``results.planning.finish_listing``).
+    and the entries not read, as Parquet files (see ``dmx.results.planning.finish_listing``).
     Raises SpecError if there are no images."""
     from . import sources
     sink = ListingSink(scratch)
@@ -130,7 +130,7 @@ def scan_dataset(ds: DatasetSpec) -> Listing:
     datasets; see ``Listing``). Raises SpecError if there are no images."""
     import shutil
 
-    from results.planning import scratch_dir
+    from dmx.results.planning import scratch_dir
     tmp = scratch_dir("dmx-listing-")
     try:
         listing = collect(ds, tmp)

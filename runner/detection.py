@@ -30,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from matrix.spec import DETECTION_LAYOUTS as LAYOUTS
+from dmx.matrix.spec import DETECTION_LAYOUTS as LAYOUTS
 
 
 class DetectionDecodeError(RuntimeError):

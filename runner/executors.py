@@ -53,7 +53,7 @@ class LocalExecutor:
         pass
 
     def probe(self, plan: Plan) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
-        from results.environment import fingerprint
+        from dmx.results.environment import fingerprint
         return skip_reasons(plan.cells, plan.artifacts), {node_name(): fingerprint()}
 
     def run(self, plan: Plan, chunks: Iterable[Chunk], on_summary: OnSummary) -> None:
@@ -137,7 +137,7 @@ def ray_init(address: str | None, workers: int | None,
     """Attach to ``address``/``RAY_ADDRESS`` with Ray's own auth configuration (RAY_AUTH_MODE,
     RAY_AUTH_TOKEN*), reuse a running session, or start an embedded local Ray with no dashboard,
     a bounded object store and temp files under dmx's cache, whose processes die with this one.
-    ``runtime_env`` (``runner.runtime_env.resolve``) becomes the session's: every actor of the
+    ``runtime_env`` (``dmx.runner.runtime_env.resolve``) becomes the session's: every actor of the
     run gets it (Ray uploads local ``py_modules`` only at this level)."""
     from .convert import cache_dir
     address = address or os.environ.get("RAY_ADDRESS")
@@ -245,7 +245,7 @@ class RayExecutor:
     error rows (quarantine) while the run completes. A worker lost with its node (preemption,
     down-scaling) is no chunk's fault; a chunk past its deadline has its worker killed.
 
-    On a cluster the session gets ``runtime_env`` (``runner.runtime_env``: dmx's packages by
+    On a cluster the session gets ``runtime_env`` (``dmx.runner.runtime_env``: dmx's packages by
     ``py_modules`` unless told otherwise), so the actors run on bare Ray nodes."""
 
     name = "ray"
@@ -800,7 +800,7 @@ def _write(plan: Plan, res: ChunkResult) -> ChunkSummary:
     retries as a worker."""
     import pyarrow.compute as pc
 
-    from results import RunDir
+    from dmx.results import RunDir
 
     from .worker import write_with_retries
     run = RunDir(plan.out)

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from matrix import Cell
-from results.store import chunk_id
+from dmx.matrix import Cell
+from dmx.results.store import chunk_id
 
 from .backends.base import ModelArtifacts
 from .convert import ResolvedModel

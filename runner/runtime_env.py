@@ -27,8 +27,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-#: dmx's importable top-level packages (what ``py_modules`` ships).
-DMX_PACKAGES = ("dmx", "runner", "matrix", "results", "analysis")
+#: dmx's importable top-level package (what ``py_modules`` ships): one folder, its subpackages
+#: (``SUBPACKAGES``) inside it.
+DMX_PACKAGES = ("dmx",)
+#: dmx's subpackages: inside dmx/ when installed, folders beside dmx/ in a checkout (pyproject's
+#: package-dir maps them in).
+SUBPACKAGES = ("runner", "matrix", "results", "analysis")
 #: Never uploaded: byte code and editor leftovers.
 EXCLUDES = ("__pycache__", "*.pyc", ".pytest_cache")
 #: Packages a runtime_env must not reinstall: the cluster's Ray is the one that runs it.
@@ -42,27 +46,81 @@ class RuntimeEnvError(ValueError):
     """``--runtime-env`` cannot be used; one line naming what is wrong."""
 
 
-def package_dirs() -> list[str]:
-    """The folders of dmx's packages in this process (an editable checkout or site-packages)."""
-    out = []
-    for name in DMX_PACKAGES:
+def _package_roots() -> dict[str, Path]:
+    """Where dmx's code is in this process: {"dmx": folder, "dmx/runner": folder, ...} - the
+    subpackages inside dmx's folder for an installed wheel, beside it in a checkout."""
+    out = {}
+    for name in (*DMX_PACKAGES, *(f"{DMX_PACKAGES[0]}.{s}" for s in SUBPACKAGES)):
         spec = importlib.util.find_spec(name)
         if spec is None or not spec.submodule_search_locations:
             raise RuntimeEnvError(f"dmx's package {name!r} is not importable here; reinstall dmx")
-        out.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
+        out[name.replace(".", "/")] = Path(list(spec.submodule_search_locations)[0]).resolve()
     return out
 
 
-def code_digest(dirs: list[str] | None = None) -> str:
-    """SHA-256 (20 hex) of dmx's code: every ``.py`` file of its packages by relative path.
-    Equal on two nodes exactly when they run the same dmx, however it got there."""
+def _package_files(roots: Mapping[str, Path]) -> dict[tuple[str, ...], Path]:
+    """Every file of dmx by its path in the package the nodes import (``("dmx", "runner",
+    "worker.py")``), byte code and editor leftovers left out."""
+    files: dict[tuple[str, ...], Path] = {}
+    for prefix, root in roots.items():
+        for p in root.rglob("*"):
+            rel = p.relative_to(root).parts
+            if p.is_file() and "__pycache__" not in rel and ".pytest_cache" not in rel \
+                    and p.suffix != ".pyc":
+                files.setdefault((*prefix.split("/"), *rel), p)
+    return files
+
+
+def package_dirs() -> list[str]:
+    """The folder ``py_modules`` ships: dmx's own when its subpackages are inside it (an installed
+    wheel); for a checkout, whose runner/, matrix/... are beside dmx/, a copy of the package as a
+    wheel lays it out, made once per content under dmx's cache (``py_modules/<digest>/dmx``)."""
+    roots = _package_roots()
+    top = roots[DMX_PACKAGES[0]]
+    if all(path == top / key.split("/")[-1] for key, path in roots.items() if "/" in key):
+        return [str(top)]
+    import os
+    import shutil
+    import tempfile
+    import time
+    from .cache import cache_dir
+    files = _package_files(roots)
     h = hashlib.sha256()
-    for d in dirs or package_dirs():
-        root = Path(d)
-        for p in sorted(root.rglob("*.py")):
-            if "__pycache__" in p.parts:
-                continue
-            h.update(f"{root.name}/{p.relative_to(root).as_posix()}\0".encode())
+    for key, p in sorted(files.items()):
+        h.update("/".join(key).encode() + b"\0" + p.read_bytes() + b"\0")
+    base = cache_dir() / "py_modules"
+    target = base / h.hexdigest()[:20]
+    if not (target / DMX_PACKAGES[0]).is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".staging-"))
+        for key, p in files.items():
+            dest = tmp.joinpath(*key)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, dest)
+        try:
+            os.rename(tmp, target)
+        except OSError:                  # another driver made it first: the same bytes
+            shutil.rmtree(tmp, ignore_errors=True)
+        week = time.time() - 7 * 86400   # copies of older code, unused for a week
+        for old in base.iterdir():
+            try:
+                if old != target and old.stat().st_mtime < week:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+    os.utime(target)
+    return [str(target / DMX_PACKAGES[0])]
+
+
+def code_digest(dirs: list[str] | None = None) -> str:
+    """SHA-256 (20 hex) of dmx's code: every ``.py`` file of the package by its path in it
+    (``dmx/runner/worker.py``), from a checkout, site-packages or ``dirs`` (folders of the package
+    as shipped). Equal on two nodes exactly when they run the same dmx, however it got there."""
+    roots = {Path(d).name: Path(d) for d in dirs} if dirs else _package_roots()
+    h = hashlib.sha256()
+    for key, p in sorted(_package_files(roots).items()):
+        if key[-1].endswith(".py"):
+            h.update(f"{'/'.join(key)}\0".encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:20]
 
@@ -206,7 +264,7 @@ def describe(env: Mapping[str, Any] | None) -> str:
 
 def mismatches(driver: Mapping[str, Any], nodes: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """One line per node whose dmx code or package versions differ from the driver's (each a
-    ``results.environment.fingerprint`` with ``dmx_code`` added), naming what differs."""
+    ``dmx.results.environment.fingerprint`` with ``dmx_code`` added), naming what differs."""
     out = []
     mine = driver.get("packages", {})
     for node, env in sorted(nodes.items()):

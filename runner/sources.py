@@ -28,8 +28,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from matrix import DatasetSpec, SpecError
-from results.fs import StorageError, filesystem, is_remote, uri
+from dmx.matrix import DatasetSpec, SpecError
+from dmx.results.fs import StorageError, filesystem, is_remote, uri
 
 from .imageref import IMAGE_SUFFIXES, ImageRef
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from matrix import Cell, Spec, expand, reference_cell
-from matrix.axes import DECODE, INFER, PREPROCESS
-from results import RunDir, RunDirError, cell_schema
-from results.compact import compact_run
-from results.planning import (ChunkIndex, ChunkReader, PlanError, first_images, plan_chunks,
+from dmx.matrix import Cell, Spec, expand, reference_cell
+from dmx.matrix.axes import DECODE, INFER, PREPROCESS
+from dmx.results import RunDir, RunDirError, cell_schema
+from dmx.results.compact import compact_run
+from dmx.results.planning import (ChunkIndex, ChunkReader, PlanError, first_images, plan_chunks,
                               scratch_dir)
 
 from .backends import InferSetting
@@ -50,7 +50,7 @@ class RunOptions:
     progress: bool = True
     gpus_per_worker: float | None = None
     threads_per_worker: int = 1  # intra-op threads per Ray worker (fewer actors, more threads)
-    runtime_env: str = "auto"   # the actors' Ray runtime_env (``runner.runtime_env``)
+    runtime_env: str = "auto"   # the actors' Ray runtime_env (``dmx.runner.runtime_env``)
     chunk_deadline_s: float | None = None   # a fixed deadline per chunk (default: derived)
     compact: bool = True        # merge part files into few sorted files when the run ends
 
@@ -364,7 +364,7 @@ def _check_same_model_and_environment(run: RunDir, old: dict[str, Any], artifact
 def _local_dataset_dir(image_list) -> str | None:
     """The folder of the dataset's first image when it is on a local path (a node of a cluster
     must read it at the same path), None for object storage."""
-    from results.fs import is_remote
+    from dmx.results.fs import is_remote
     head = first_images(image_list, 1)
     paths = head["path"].to_pylist() if head.num_rows else []
     if not paths or is_remote(paths[0]):

@@ -22,12 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from matrix import Cell
-from matrix.axes import AXES, DECODE, INFER, PREPROCESS
-from results import RunDir
-from results.environment import fingerprint
-from results.fs import StorageError
-from results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
+from dmx.matrix import Cell
+from dmx.matrix.axes import AXES, DECODE, INFER, PREPROCESS
+from dmx.results import RunDir
+from dmx.results.environment import fingerprint
+from dmx.results.fs import StorageError
+from dmx.results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
 
 from . import metrics
 from .artifacts import ArtifactError

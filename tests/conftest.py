@@ -2,13 +2,33 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
+# dmx's subpackages are dmx.runner, dmx.matrix, dmx.results, dmx.analysis. The repo root on
+# sys.path (``python -m pytest`` puts it there) would make this checkout's runner/ importable as a
+# top-level ``runner`` too: a second copy of every module (two registries, classes that are not
+# each other's). Refuse it, naming the import to write; same-named PyPI packages stay importable.
+class _NoTopLevelSubpackages:
+    @staticmethod
+    def find_spec(fullname, path=None, target=None):
+        if path is None and fullname in ("runner", "matrix", "results", "analysis"):
+            import importlib.machinery
+            spec = importlib.machinery.PathFinder.find_spec(fullname)
+            here = Path(__file__).resolve().parents[1]
+            if spec and spec.origin and Path(spec.origin).resolve().parent.parent == here:
+                raise ImportError(f"import dmx.{fullname}, not {fullname}: {fullname}/ is "
+                                  f"dmx's subpackage (pyproject.toml's package-dir)")
+        return None
+
+
+sys.meta_path.insert(0, _NoTopLevelSubpackages)
+
+import dmx.runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
 
 
 # The slow tests, marked here so that `pytest -m "not slow"` is a loop of a couple of minutes; the
@@ -94,7 +114,7 @@ def photo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for the whole test session (ray.init costs 6-12 s here)."""
-    from runner.executors import ray_init
+    from dmx.runner.executors import ray_init
     ray_init(None, 2)
     import ray
     yield ray

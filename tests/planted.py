@@ -11,8 +11,8 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from matrix import make_cell
-from results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
+from dmx.matrix import make_cell
+from dmx.results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
 
 Row = Callable[[dict[str, str], int], dict[str, Any]]
 

@@ -48,11 +48,11 @@ def test_a_negative_accuracy_limit_is_one_error_line(run: Path):
 def test_the_demo_spec_reads_its_labels_from_beside_the_images(tmp_path: Path):
     from importlib.resources import files
 
-    import runner.backends  # noqa: F401
+    import dmx.runner.backends  # noqa: F401
     from dmx.commands.demo import _write_demo_labels
-    from matrix import parse_spec
-    from matrix.yamlsafe import load_yaml_bounded
-    from runner.labels import check_spec_labels, read_spec_labels
+    from dmx.matrix import parse_spec
+    from dmx.matrix.yamlsafe import load_yaml_bounded
+    from dmx.runner.labels import check_spec_labels, read_spec_labels
     _write_demo_labels(tmp_path, files("dmx").joinpath("demo_labels.txt").read_bytes())
     _write_demo_labels(tmp_path, files("dmx").joinpath("demo_labels.txt").read_bytes())  # again
     raw = load_yaml_bounded(files("dmx").joinpath("demo.yaml").read_bytes(), "demo.yaml")

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import runner.backends  # noqa: F401  (backends register their axes before a spec is read)
-from matrix.errors import SpecError
-from matrix.schema import LABEL_BY, LABEL_FORMATS, LABEL_MATCHES
-from matrix.spec import parse_spec
-from runner.label_classes import BY, LabelError, UnmappedLabel
-from runner.labels import FORMATS, MATCHES, check_spec_labels, labels_for_run, model_classes
+import dmx.runner.backends  # noqa: F401  (backends register their axes before a spec is read)
+from dmx.matrix.errors import SpecError
+from dmx.matrix.schema import LABEL_BY, LABEL_FORMATS, LABEL_MATCHES
+from dmx.matrix.spec import parse_spec
+from dmx.runner.label_classes import BY, LabelError, UnmappedLabel
+from dmx.runner.labels import FORMATS, MATCHES, check_spec_labels, labels_for_run, model_classes
 
 BASE = {"name": "t", "dataset": {"path": "imgs"}, "model": "tiny", "axes": {"decoder": ["pil"]}}
 

@@ -25,10 +25,10 @@ import pytest
 from PIL import Image
 from scipy.stats import binomtest
 
-from analysis.check import check_run, render_check_text
-from analysis.db import open_run
-from analysis.explain import explain_run
-from analysis.render import render_text
+from dmx.analysis.check import check_run, render_check_text
+from dmx.analysis.db import open_run
+from dmx.analysis.explain import explain_run
+from dmx.analysis.render import render_text
 
 N_LABELLED = 40
 N_IMAGES = 42                               # img40, img41 have no label
@@ -109,7 +109,7 @@ def _invert_red(width: int):
 
 
 def _planted(perturb):
-    from runner.decoders.pil import PilDecoder
+    from dmx.runner.decoders.pil import PilDecoder
 
     class Planted(PilDecoder):
         system_name = "planted"
@@ -124,9 +124,9 @@ def _planted(perturb):
 
 @pytest.fixture(scope="module")
 def accuracy_run(labelled_images: Path) -> Path:
-    import runner.decoders as registry
-    from matrix import parse_spec
-    from runner.sweep import RunOptions, run_spec
+    import dmx.runner.decoders as registry
+    from dmx.matrix import parse_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     raw = {"name": "accuracy-truth",
            "dataset": {"path": "imgs", "labels": "labels.csv"},
            "model": {"torch": "test_accuracy_truth:colour_classifier", "input": INPUT,

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis.check import CheckError, check_run, drop_limit, render_check_text, resolve_tolerances
-from analysis.db import open_run
-from analysis.explain import explain_run
-from analysis.paired import accuracy_gate, paired_accuracy, paired_from_counts, unchanged_bound
-from analysis.render import render_text
+from dmx.analysis.check import CheckError, check_run, drop_limit, render_check_text, resolve_tolerances
+from dmx.analysis.db import open_run
+from dmx.analysis.explain import explain_run
+from dmx.analysis.paired import accuracy_gate, paired_accuracy, paired_from_counts, unchanged_bound
+from dmx.analysis.render import render_text
 from planted import write_run
 
 AXES = ("decoder", "resize")
@@ -102,11 +102,11 @@ def test_the_accuracy_view_counts_labelled_and_judged_rows_per_cell(run: Path):
 
 
 def test_explain_matches_the_view_from_stored_summaries_and_from_the_rows(run: Path):
-    from analysis.summary import Summary, write_summary
+    from dmx.analysis.summary import Summary, write_summary
     live = explain_run(run)
     write_summary(run)
     con = open_run(run)
-    from results.store import RunDir
+    from dmx.results.store import RunDir
     assert Summary(con, RunDir(run)).valid
     stored = explain_run(run)
     key = lambda e: [(c.cell_id, c.acc_n, c.acc_delta, c.acc_ci_low, c.acc_ci_high,  # noqa: E731
@@ -179,7 +179,7 @@ def test_a_bad_accuracy_limit_is_refused(value):
 
 
 def test_the_reports_ranking_shows_explains_accuracy_change(run: Path):
-    from analysis.report import build_report
+    from dmx.analysis.report import build_report
     e = explain_run(run)
     c = next(c for c in e.contrasts if c.level == "cv2-linear")
     html = build_report(run)
@@ -191,7 +191,7 @@ def test_the_reports_ranking_shows_explains_accuracy_change(run: Path):
 
 
 def test_shares_of_correctness_are_type_ii_shares_of_the_0_1_response(run: Path):
-    from analysis.effects import CellStat, attribute
+    from dmx.analysis.effects import CellStat, attribute
     e = explain_run(run)
     stats = []
     for f in LEVELS:

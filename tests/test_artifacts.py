@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cluster_nodes import BUCKET, moto_s3
-from runner.artifacts import (WEIGHTS_KEY, ArtifactError, materialise, product_files, publish)
-from runner.backends.base import ModelArtifacts
+from dmx.runner.artifacts import (WEIGHTS_KEY, ArtifactError, materialise, product_files, publish)
+from dmx.runner.backends.base import ModelArtifacts
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from analysis.explain import concentration, explain_run, wilson
-from matrix import make_cell
-from results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
+from dmx.analysis.explain import concentration, explain_run, wilson
+from dmx.matrix import make_cell
+from dmx.results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
 
 AXES = ("decoder", "resize", "backend")
 LEVELS = {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear"],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pickle
 
-from matrix import make_cell, parse_spec, expand
-from matrix.axes import AXES, AXIS_ORDER, BACKEND_AXES
-from runner.backends import BACKENDS, BackendRunner, InferSetting
+from dmx.matrix import make_cell, parse_spec, expand
+from dmx.matrix.axes import AXES, AXIS_ORDER, BACKEND_AXES
+from dmx.runner.backends import BACKENDS, BackendRunner, InferSetting
 
 
 def test_every_registered_backend_declares_its_name_precisions_and_axes():
@@ -57,7 +57,7 @@ def test_infer_setting_carries_backend_axes_and_survives_pickling():
 
 
 def test_a_level_a_backend_lacks_is_its_skip_reason(tmp_path):
-    from runner.backends import ModelArtifacts
+    from dmx.runner.backends import ModelArtifacts
     art = ModelArtifacts(name="m", task="classification", torch_factory="builtin:tiny", weights=None)
     reason = BACKENDS["onnxruntime"].unsupported(
         art, InferSetting(backend="onnxruntime", conversion="openvino-from-torch"))

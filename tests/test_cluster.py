@@ -17,9 +17,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from matrix import parse_spec
-from runner.executors import RayExecutor
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.runner.executors import RayExecutor
+from dmx.runner.sweep import RunOptions, run_spec
 from conftest import stop_process_group
 
 AXES = "{decoder: [pil, opencv], resize: [pil-bilinear, cv2-linear], backend: [torch]}"

@@ -49,8 +49,8 @@ def driver(tmp: Path, spec: Path, address: str, **options) -> subprocess.Popen:
     opts = {"out": str(tmp / "run"), "executor": "ray", "address": address, "progress": False,
             **options}
     code = ("import json, sys, runner.backends\n"
-            "from matrix import load_spec\n"
-            "from runner.sweep import RunOptions, run_spec\n"
+            "from dmx.matrix import load_spec\n"
+            "from dmx.runner.sweep import RunOptions, run_spec\n"
             f"s = run_spec(load_spec({str(spec)!r}), RunOptions(**{opts!r}))\n"
             "print(json.dumps({'rows': s.rows, 'errors': s.errors}))\n")
     env = clean_env(PYTHONPATH=PYTHONPATH, DMX_CACHE=str(tmp / "driver-cache"))
@@ -152,7 +152,7 @@ def test_a_part_file_that_cannot_be_written_is_an_error_the_run_survives(
     run = tmp_path / "run"
     proc = driver(tmp_path, spec, head.address, chunk_size=2)
     wait_for(lambda: (run / "chunks.parquet").is_file(), 120, "the plan", proc)
-    from results.store import chunk_id
+    from dmx.results.store import chunk_id
     last = chunk_id([f"img{i:02d}.jpg" for i in (4, 5)])
     (run / "rows" / f"chunk={last:05d}" / "part-0.parquet").mkdir(parents=True)  # in the way
     out, err = proc.communicate(timeout=300)

@@ -12,13 +12,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from analysis.check import check_run, render_check_text
-from analysis import explain as explain_module
-from analysis.explain import explain_run, register_views, tolerance_verdict
-from analysis.render import render_text
-from matrix import parse_spec
-from matrix.cells import expand
-from matrix.errors import SpecError
+from dmx.analysis.check import check_run, render_check_text
+from dmx.analysis import explain as explain_module
+from dmx.analysis.explain import explain_run, register_views, tolerance_verdict
+from dmx.analysis.render import render_text
+from dmx.matrix import parse_spec
+from dmx.matrix.cells import expand
+from dmx.matrix.errors import SpecError
 
 from planted import write_run
 

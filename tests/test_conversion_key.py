@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from matrix import parse_spec
-from runner.backends import InferSetting
-from runner.convert import prepare_artifacts, resolve_model
+from dmx.matrix import parse_spec
+from dmx.runner.backends import InferSetting
+from dmx.runner.convert import prepare_artifacts, resolve_model
 
 MODULE = "dmx_keytest_model"
 SOURCE = '''

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from matrix.axes import AXES
-from matrix.cells import make_cell
-from runner.decoders import (DecodeError, DecodeOptions, DecoderUnavailable, decode_options,
+from dmx.matrix.axes import AXES
+from dmx.matrix.cells import make_cell
+from dmx.runner.decoders import (DecodeError, DecodeOptions, DecoderUnavailable, decode_options,
                              get_decoder, unavailable_reason)
-from runner.decoders.base import inverted_cmyk_to_rgb
-from runner.plan import Plan
-from runner.worker import Worker
+from dmx.runner.decoders.base import inverted_cmyk_to_rgb
+from dmx.runner.plan import Plan
+from dmx.runner.worker import Worker
 
 W, H = 241, 161      # px, odd on purpose
 ORIENTATION = 0x0112
@@ -277,7 +277,7 @@ def test_bad_files_raise_decode_error_for_every_decoder(jpegs: Path, label: str,
 
 
 def test_a_missing_package_makes_the_decoder_unavailable(monkeypatch: pytest.MonkeyPatch):
-    from runner.decoders.simplejpeg import SimplejpegDecoder
+    from dmx.runner.decoders.simplejpeg import SimplejpegDecoder
     monkeypatch.setitem(sys.modules, "simplejpeg", None)     # import simplejpeg -> ImportError
     with pytest.raises(DecoderUnavailable, match="pip install simplejpeg"):
         SimplejpegDecoder()
@@ -285,7 +285,7 @@ def test_a_missing_package_makes_the_decoder_unavailable(monkeypatch: pytest.Mon
 
 def test_a_missing_libturbojpeg_makes_turbojpeg_unavailable(tmp_path: Path):
     pytest.importorskip("turbojpeg")
-    from runner.decoders.turbojpeg import TurboJpegDecoder
+    from dmx.runner.decoders.turbojpeg import TurboJpegDecoder
     with pytest.raises(DecoderUnavailable, match="cannot load libturbojpeg"):
         TurboJpegDecoder(lib_path=str(tmp_path / "libturbojpeg.so.0"))
 

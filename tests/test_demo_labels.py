@@ -8,9 +8,9 @@ import re
 import pytest
 
 from dmx.demo_data import build_demo_images, demo_sources
-from runner.label_classes import imagenet1k_space
-from runner.labels import attach, read_labels
-from runner.models import imagenet_labels
+from dmx.runner.label_classes import imagenet1k_space
+from dmx.runner.labels import attach, read_labels
+from dmx.runner.models import imagenet_labels
 
 TEXT = importlib.resources.files("dmx").joinpath("demo_labels.txt").read_text(encoding="utf-8")
 PATH = str(importlib.resources.files("dmx").joinpath("demo_labels.txt"))

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matrix import SpecError, parse_spec
-from runner.detection import (Candidates, DetectionConfig, DetectionDecodeError, box_iou,
+from dmx.matrix import SpecError, parse_spec
+from dmx.runner.detection import (Candidates, DetectionConfig, DetectionDecodeError, box_iou,
                               config_from, decode_candidates, detect, nms, to_image)
-from runner.metrics import (candidate_rank_agreement, detection_divergence, kendall_tau_b,
+from dmx.runner.metrics import (candidate_rank_agreement, detection_divergence, kendall_tau_b,
                             match_detections)
-from runner.models.base import Preprocess
-from runner.preprocess import model_input, normalise
+from dmx.runner.models.base import Preprocess
+from dmx.runner.preprocess import model_input, normalise
 
 HAS_DDDDOCR = importlib.util.find_spec("ddddocr") is not None
 needs_ddddocr = pytest.mark.skipif(not HAS_DDDDOCR, reason="ddddocr not installed (pip install 'dmx[detect]')")
@@ -230,7 +230,7 @@ def test_boxes_map_back_to_the_decoded_image_for_every_fit(fit: str):
     assert pixels.shape == (416, 416, 3)
     box = np.array([[40.0, 30.0, 120.0, 90.0]])
     in_input = box * np.array([pl.scale_x, pl.scale_y] * 2) + np.array([pl.offset_x, pl.offset_y] * 2)
-    from runner.detection import Detections
+    from dmx.runner.detection import Detections
     back = to_image(Detections(in_input, np.ones(1), np.zeros(1, int)),
                     (pl.scale_x, pl.scale_y), (pl.offset_x, pl.offset_y), pl.image_hw)
     np.testing.assert_allclose(back.boxes, box)
@@ -299,7 +299,7 @@ def text_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_torch_interpreter_matches_onnxruntime_on_the_builtin_detector():
     import onnxruntime as ort
     import torch
-    from runner.models import get_model
+    from dmx.runner.models import get_model
     mdef = get_model("ddddocr_det")
     x = np.random.default_rng(0).uniform(0, 255, (1, 3, 416, 416)).astype(np.float32)
     ref = ort.InferenceSession(mdef.onnx_path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
@@ -312,8 +312,8 @@ def test_the_torch_interpreter_matches_onnxruntime_on_the_builtin_detector():
 def test_dmx_decoding_reproduces_ddddocrs_own_boxes(text_images: Path):
     import ddddocr
     import onnxruntime as ort
-    from runner.decoders import decode_options, get_decoder
-    from runner.models import get_model
+    from dmx.runner.decoders import decode_options, get_decoder
+    from dmx.runner.models import get_model
     mdef = get_model("ddddocr_det")
     engine = ddddocr.DdddOcr(det=True, ocr=False, show_ad=False)
     session = ort.InferenceSession(mdef.onnx_path, providers=["CPUExecutionProvider"])
@@ -336,7 +336,7 @@ def test_every_backend_feeds_the_same_decode_and_nms(text_images: Path, tmp_path
     """A real run: torch (ONNX interpreter), ONNX Runtime and OpenVINO f32 on the same inputs give
     the reference's detections through one shared decode/NMS, and every row has det_* metrics."""
     import duckdb
-    from runner.sweep import RunOptions, run_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     spec = parse_spec({"name": "det", "dataset": str(text_images), "model": "ddddocr_det",
                        "axes": {"resize": ["cv2-linear", "pil-bilinear"], "fit": ["letterbox", "stretch"],
                                 "backend": ["torch", "onnxruntime", "openvino"], "openvino_hint": ["f32"]},
@@ -363,9 +363,9 @@ def test_a_fixed_batch_torch_detector_gives_error_rows_at_batch_8_and_runs_at_ba
     """A user torch factory whose graph reshapes to batch 1 (ddddocr's, as a user would point at
     it): the batch of 8 is an inference error with the fix named, batch 1 runs."""
     import duckdb
-    from runner.sweep import RunOptions, run_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     spec = parse_spec({"name": "fixed-batch", "dataset": str(text_images),
-                       "model": {"torch": "runner.models.ddddocr_det:build", "task": "detection",
+                       "model": {"torch": "dmx.runner.models.ddddocr_det:build", "task": "detection",
                                  "input": {"size": 416, "mode": "letterbox", "scale": 1, "channels": "bgr",
                                            "mean": [0, 0, 0], "std": [1, 1, 1]},
                                  "detection": {"layout": "yolox", "score_threshold": 0.1,

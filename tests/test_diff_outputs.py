@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 
-from analysis.diff import diff_runs, render_diff_text
+from dmx.analysis.diff import diff_runs, render_diff_text
 from dmx.cli import main
 
 from planted import write_run

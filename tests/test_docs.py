@@ -41,7 +41,7 @@ def test_the_docs_build_strict_without_a_warning(site: Path):
 
 
 def test_spec_reference_lists_every_registered_axis_with_its_levels(site: Path):
-    from matrix.axes import AXES
+    from dmx.matrix.axes import AXES
     text = _text(site / "spec-reference" / "index.html")
     assert "dmx:spec-axes" not in text and "dmx:spec-keys" not in text
     for axis in AXES.values():
@@ -52,7 +52,7 @@ def test_spec_reference_lists_every_registered_axis_with_its_levels(site: Path):
 
 
 def test_spec_reference_lists_every_key_of_the_json_schema(site: Path):
-    from matrix.schema import spec_json_schema
+    from dmx.matrix.schema import spec_json_schema
     schema = spec_json_schema()
     text = _text(site / "spec-reference" / "index.html")
     keys = list(schema["properties"])
@@ -64,8 +64,8 @@ def test_spec_reference_lists_every_key_of_the_json_schema(site: Path):
 
 
 def test_data_contract_lists_every_row_and_layer_column(site: Path):
-    from results.layers import LAYER_COLUMNS
-    from results.schema import ROW_COLUMNS
+    from dmx.results.layers import LAYER_COLUMNS
+    from dmx.results.schema import ROW_COLUMNS
     text = _text(site / "data-contract" / "index.html")
     assert "dmx:row-columns" not in text
     for name, *_ in (*ROW_COLUMNS, *LAYER_COLUMNS):

@@ -16,10 +16,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from runner.decoders import DecodeError, DecoderUnavailable, DecodeOptions, get_decoder
-from runner.decoders.isolated import IsolatedDecoder, requirements_for
-from runner.decoders.pil import PilDecoder
-from runner.envs import (EnvBuildError, EnvInfo, ensure_env, env_key, list_envs,
+from dmx.runner.decoders import DecodeError, DecoderUnavailable, DecodeOptions, get_decoder
+from dmx.runner.decoders.isolated import IsolatedDecoder, requirements_for
+from dmx.runner.decoders.pil import PilDecoder
+from dmx.runner.envs import (EnvBuildError, EnvInfo, ensure_env, env_key, list_envs,
                          normalise_requirements, prune_envs)
 
 pytest.importorskip("uv", reason="uv builds the environments (pip install uv)")
@@ -102,7 +102,7 @@ def test_a_failing_requirement_raises_env_build_error_with_uvs_last_lines(env_ca
 
 
 def test_a_concurrent_second_builder_waits_and_reuses_the_same_environment(tmp_path: Path):
-    code = ("import json; from runner.envs import ensure_env; e = ensure_env([%r, 'numpy']); "
+    code = ("import json; from dmx.runner.envs import ensure_env; e = ensure_env([%r, 'numpy']); "
             "print(json.dumps({'built': e.built, 'path': str(e.path)}))" % PIN)
     env = {**os.environ, "DMX_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
@@ -156,7 +156,7 @@ def test_isolated_pillow_decodes_the_same_pixels_as_in_process_pillow(
 
 def test_the_environments_decoder_process_runs_the_in_process_decoders_own_source(
         isolated: IsolatedDecoder, photo_dir: Path):
-    from runner.decoders import portable
+    from dmx.runner.decoders import portable
     isolated.decode(_jpegs(photo_dir)[0].read_bytes(), DecodeOptions())
     assert Path(isolated.server.hello["source"]).resolve() == Path(portable.__file__).resolve()
 
@@ -258,7 +258,7 @@ def test_a_hung_decoder_process_is_killed_at_the_timeout_and_replaced(
 @pytest.mark.parametrize("exit_call", ["sys.exit(0)", "os._exit(0)"])
 def test_the_decoder_process_ends_with_the_python_process_that_started_it(
         pinned_env: EnvInfo, env_cache: Path, photo_dir: Path, exit_call: str):
-    code = ("import os, sys; from runner.decoders import get_decoder, DecodeOptions; "
+    code = ("import os, sys; from dmx.runner.decoders import get_decoder, DecodeOptions; "
             f"d = get_decoder({LABEL!r}); "
             f"d.decode(open({str(photo_dir / 'chelsea_420.jpg')!r}, 'rb').read(), "
             "DecodeOptions()); "
@@ -274,7 +274,7 @@ def test_the_decoder_process_ends_with_the_python_process_that_started_it(
 
 
 def test_a_decoder_process_that_cannot_start_makes_the_decoder_unavailable(tmp_path: Path):
-    from runner.decoders.isolated import DecoderServer
+    from dmx.runner.decoders.isolated import DecoderServer
     server = DecoderServer(tmp_path / "no-such-env" / "bin" / "python", "pil")
     for _ in range(2):                                     # remembered, not retried per image
         with pytest.raises(DecoderUnavailable, match="cannot start the decoder process"):
@@ -293,8 +293,8 @@ def test_a_sweep_over_two_pillow_versions_records_both_and_agrees_on_ordinary_jp
         pinned_env: EnvInfo, photo_dir: Path, tmp_path: Path):
     import duckdb
 
-    from matrix import parse_spec
-    from runner.sweep import RunOptions, run_spec
+    from dmx.matrix import parse_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     spec = parse_spec({"name": "two-pillows", "dataset": {"path": str(photo_dir)},
                        "model": "tiny",
                        "axes": {"decoder": ["pil", {"name": "pil", "package": PIN}]}})

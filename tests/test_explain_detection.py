@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.explain import explain_run
-from analysis.render import render_markdown, render_text
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.explain import explain_run
+from dmx.analysis.render import render_markdown, render_text
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ddddocr") is None,
                                 reason="ddddocr not installed (pip install 'dmx[detect]')")

@@ -14,8 +14,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 from conftest import stop_process_group
 
 AXES = {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear", "cv2-area"],
@@ -157,7 +157,7 @@ def test_peak_memory_barely_grows_with_ten_times_more_images(photo_dir: Path, tm
         for i in range(n):
             shutil.copy(src[i % len(src)], d / f"{i:04d}.jpg")
         return child_peak_rss_mb(
-            "from matrix import parse_spec\nfrom runner.sweep import RunOptions, run_spec\n"
+            "from dmx.matrix import parse_spec\nfrom dmx.runner.sweep import RunOptions, run_spec\n"
             f"s = parse_spec({{'name': 'm', 'dataset': {{'path': '{d}'}}, 'model': 'tiny', "
             f"'axes': {{'decoder': ['pil', 'opencv'], 'backend': ['torch']}}}})\n"
             f"run_spec(s, RunOptions(out='{tmp_path}/out{n}', executor='local', chunk_size=8, "

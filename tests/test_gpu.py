@@ -8,8 +8,8 @@ import duckdb
 import pytest
 import torch
 
-from matrix import expand, parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import expand, parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 SPEC = {"name": "gpu", "model": "tiny",
         "axes": {"backend": ["torch", "onnxruntime"], "device": ["cpu", "cuda"], "tf32": ["on", "off"]},

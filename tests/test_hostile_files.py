@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from dmx.cli import main
-from matrix import DatasetSpec
-import runner.dataset as dataset
+from dmx.matrix import DatasetSpec
+import dmx.runner.dataset as dataset
 
 FORMATS = {"photo.jpg": "JPEG", "photo.png": "PNG", "photo.bmp": "BMP", "photo.tiff": "TIFF",
            "photo.webp": "WEBP", "photo.gif": "GIF"}
@@ -111,7 +111,7 @@ def test_gif_bmp_tiff_webp_png_are_read_like_jpeg_by_pil_and_opencv(hostile_run)
 
 
 def test_the_gif_row_is_the_first_frame(hostile_dir: Path):
-    from runner.decoders import decode_options, get_decoder
+    from dmx.runner.decoders import decode_options, get_decoder
     data = (hostile_dir / "photo.gif").read_bytes()
     first = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     for name in ("pil", "opencv"):
@@ -121,7 +121,7 @@ def test_the_gif_row_is_the_first_frame(hostile_dir: Path):
 
 def test_a_decoder_that_cannot_read_a_format_gives_an_error_row_with_a_reason(hostile_dir: Path):
     pytest.importorskip("simplejpeg")
-    from runner.decoders import DecodeError, decode_options, get_decoder
+    from dmx.runner.decoders import DecodeError, decode_options, get_decoder
     with pytest.raises(DecodeError) as e:
         get_decoder("simplejpeg").decode((hostile_dir / "photo.png").read_bytes(),
                                          decode_options({"decoder": "simplejpeg"}))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dmx.cli import main
-from matrix import AXES, load_spec
+from dmx.matrix import AXES, load_spec
 DEFAULT_MAX_CELLS = 100_000  # the default limit
 
 VALID = "name: x\ndataset: {path: .}\nmodel: tiny\naxes: {decoder: [pil]}\n"
@@ -88,7 +88,7 @@ def test_a_hostile_spec_is_one_line_and_exit_2_within_2_seconds(name, tmp_path, 
 
 
 def test_duplicate_keys_are_refused_not_last_one_wins(tmp_path):
-    from matrix import SpecError
+    from dmx.matrix import SpecError
     with pytest.raises(SpecError, match="duplicate key"):
         load_spec(write(tmp_path, "name: a\nname: b\n" + VALID.split("\n", 1)[1]))
 
@@ -166,8 +166,8 @@ def test_schema_spec_prints_a_json_schema_with_every_registered_axis_and_level(c
 
 def test_the_json_schema_accepts_the_example_specs_and_refuses_a_bad_one():
     jsonschema = pytest.importorskip("jsonschema")
-    from matrix.schema import spec_json_schema
-    from matrix.yamlsafe import load_yaml_bounded
+    from dmx.matrix.schema import spec_json_schema
+    from dmx.matrix.yamlsafe import load_yaml_bounded
     schema = spec_json_schema()
     examples = sorted(Path(__file__).parent.parent.joinpath("examples").glob("*.yaml"))
     for ex in examples:

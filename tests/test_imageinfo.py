@@ -1,4 +1,4 @@
-"""Specification tests for runner.imageinfo and dmx.demo_data.
+"""Specification tests for dmx.runner.imageinfo and dmx.demo_data.
 
 Every JPEG here is produced by a real encoder (Pillow or OpenCV) in tmp_path;
 a few tests then patch single header bytes to reach cases no installed
@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from dmx.demo_data import BAD_FILES, MAX_SIDE, build_demo_images, demo_sources
-from runner.imageinfo import IMAGE_INFO_COLUMNS, image_info_from_bytes, read_image_info
+from dmx.runner.imageinfo import IMAGE_INFO_COLUMNS, image_info_from_bytes, read_image_info
 
 W, H = 40, 24  # px; deliberately non-square so width/height swaps are caught
 
@@ -413,7 +413,7 @@ def test_a_jpeg_pillow_opens_as_mpo_is_described_as_a_jpeg(tmp_path: Path) -> No
 
 
 def test_xmp_orientation_of_a_webp_is_the_one_the_decoders_apply() -> None:
-    from runner.decoders.base import parse_source_header
+    from dmx.runner.decoders.base import parse_source_header
     xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
            b'02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
            b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
@@ -436,7 +436,7 @@ def test_png_exif_after_the_pixels_is_not_looked_for_in_the_header() -> None:
 def test_exif_orientation_is_the_one_the_decoders_read_for_every_format() -> None:
     """images.parquet's orientation and the decoders' (Pillow's getexif) agree, corrupt EXIF
     blocks included: one reading, not two."""
-    from runner.decoders.base import DecodeError, parse_source_header
+    from dmx.runner.decoders.base import DecodeError, parse_source_header
     exif = Image.Exif()
     exif[0x0112] = 6
     files = [_jpeg(exif=exif.tobytes())]
@@ -463,7 +463,7 @@ def test_exif_orientation_is_the_one_the_decoders_read_for_every_format() -> Non
 
 
 def test_a_bomb_sized_jpeg_keeps_its_orientation_and_the_bomb_header() -> None:
-    from runner.imageinfo import image_info_with_header
+    from dmx.runner.imageinfo import image_info_with_header
     exif = Image.Exif()
     exif[0x0112] = 6
     data = bytearray(_jpeg(exif=exif.tobytes()))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from analysis.db import open_run
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.db import open_run
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 from s3faults import FaultProxy, environment, moto_server, s3_env
 

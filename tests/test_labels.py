@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.label_boxes import read_coco, read_yolo
-from runner.label_classes import ClassSpace, LabelError, UnmappedLabel, imagenet1k_space
-from runner.labels import (attach, correct_at_k, detect_format, read_image_folder, read_labels)
-from runner.models import imagenet_labels
+from dmx.runner.label_boxes import read_coco, read_yolo
+from dmx.runner.label_classes import ClassSpace, LabelError, UnmappedLabel, imagenet1k_space
+from dmx.runner.labels import (attach, correct_at_k, detect_format, read_image_folder, read_labels)
+from dmx.runner.models import imagenet_labels
 
 IMAGENET = imagenet1k_space(imagenet_labels())
 SMALL = ClassSpace(("person", "bicycle", "car"))

@@ -15,8 +15,8 @@ import pytest
 from onnx import helper, numpy_helper
 
 from dmx.cli import main
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_bad_localize_input_is_one_line_exit_2(tiny_run, capsys):
 
 
 def test_small_memory_budget_splits_the_tensors_and_gives_the_same_numbers(tiny_run, photo_dir, tmp_path):
-    from runner.localize import localize_models
+    from dmx.runner.localize import localize_models
     a = _fp32_onnx(tiny_run)
     planted = _plant(a, tmp_path / "p.onnx", conv_index=1)
     one = localize_models(a, str(tmp_path / "p.onnx"), str(photo_dir), n_images=2)
@@ -209,7 +209,7 @@ def test_text_output_names_the_layer_and_draws_the_curve(tiny_run, photo_dir, tm
 
 
 def test_report_draws_the_layer_curve_once_localized(tiny_run, capsys):
-    from analysis.report import build_report
+    from dmx.analysis.report import build_report
     _dmx_json(capsys, "localize", str(tiny_run), "--cell", _cell(tiny_run, backend="onnxruntime", precision="fp16"),
               "--images", "1")
     page = build_report(tiny_run)
@@ -220,7 +220,7 @@ _DEEP_CHILD = """
 import sys
 import numpy as np, onnx
 from onnx import helper, numpy_helper
-from runner.localize import localize_models
+from dmx.runner.localize import localize_models
 path, depth, budget, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 w = numpy_helper.from_array((np.random.default_rng(0).standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w")
 nodes = [helper.make_node("Conv", ["x", "w"], ["t0"], pads=[1, 1, 1, 1], name="stem")]

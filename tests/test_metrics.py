@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from runner.metrics import classification_divergence, input_divergence, output_divergence
+from dmx.runner.metrics import classification_divergence, input_divergence, output_divergence
 
 
 def test_identical_inputs_have_zero_divergence_and_infinite_psnr():
@@ -95,7 +95,7 @@ def _paired(draw, elements):
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(_paired(_scores), _paired(_tied_scores)))
 def test_kendall_tau_b_equals_the_pairwise_definition_on_random_and_tied_scores(xy):
-    from runner.metrics import kendall_tau_b
+    from dmx.runner.metrics import kendall_tau_b
     x, y = xy
     want, got = _tau_b_by_pairs(x, y), kendall_tau_b(x, y)
     if want is None:
@@ -107,7 +107,7 @@ def test_kendall_tau_b_equals_the_pairwise_definition_on_random_and_tied_scores(
 @settings(max_examples=200, deadline=None)
 @given(arrays(np.float64, st.integers(2, 60), elements=_tied_scores | _scores))
 def test_kendall_tau_b_of_the_same_or_reversed_ranking_is_exactly_plus_or_minus_one(x):
-    from runner.metrics import kendall_tau_b
+    from dmx.runner.metrics import kendall_tau_b
     if np.all(x == x[0]):
         assert kendall_tau_b(x, x) is None
     else:
@@ -116,7 +116,7 @@ def test_kendall_tau_b_of_the_same_or_reversed_ranking_is_exactly_plus_or_minus_
 
 
 def test_kendall_tau_b_is_none_for_one_pair_or_a_constant_vector():
-    from runner.metrics import kendall_tau_b
+    from dmx.runner.metrics import kendall_tau_b
     assert kendall_tau_b(np.array([]), np.array([])) is None
     assert kendall_tau_b(np.array([0.3]), np.array([0.7])) is None
     assert kendall_tau_b(np.array([0.5, 0.5, 0.5]), np.array([0.1, 0.2, 0.3])) is None
@@ -124,7 +124,7 @@ def test_kendall_tau_b_is_none_for_one_pair_or_a_constant_vector():
 
 
 def test_kendall_tau_b_counts_equal_infinite_scores_as_a_tie():
-    from runner.metrics import kendall_tau_b
+    from dmx.runner.metrics import kendall_tau_b
     x = np.array([np.inf, np.inf, 1.0])   # inf - inf was NaN pair by pair
     assert kendall_tau_b(x, np.array([3.0, 2.0, 1.0])) == pytest.approx(2 / math.sqrt(6))
     assert math.isnan(kendall_tau_b(np.array([np.nan, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])))

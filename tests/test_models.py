@@ -24,7 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runner.models import MODELS, ModelDef, ModelUnavailable, Preprocess, UnknownModel, get_model
+from dmx.runner.models import MODELS, ModelDef, ModelUnavailable, Preprocess, UnknownModel, get_model
 
 MILITARY_UNIFORM = 652
 ESPRESSO = 967

@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.db import open_run
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.db import open_run
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 from s3faults import environment, free_port, moto_server, s3_env
 
@@ -225,7 +225,7 @@ def test_parquet_shards_in_s3_are_read_by_the_workers(s3, images: Path, local_ru
 # ------------------------------------------------------------------ locations
 
 def test_locations_map_to_a_filesystem_and_a_path():
-    from results.fs import StorageError, filesystem
+    from dmx.results.fs import StorageError, filesystem
     fs, path = filesystem("s3://bucket/runs/x/")
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/runs/x"
     fs, path = filesystem("gs://bucket/photos")
@@ -239,7 +239,7 @@ def test_locations_map_to_a_filesystem_and_a_path():
 
 
 def test_a_remote_glob_matches_like_a_recursive_local_glob():
-    from runner.sources import _glob_regex
+    from dmx.runner.sources import _glob_regex
     rx = _glob_regex("bucket/photos/**/*.jpg")
     assert rx.match("bucket/photos/a.jpg") and rx.match("bucket/photos/x/y/a.jpg")
     assert not rx.match("bucket/photos/a.png") and not rx.match("bucket/other/a.jpg")

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from analysis.db import open_run
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.db import open_run
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 TINY_INPUT = {"size": 32, "resize": 32, "mode": "stretch", "mean": [0.5, 0.5, 0.5],
               "std": [0.5, 0.5, 0.5]}
@@ -18,7 +18,7 @@ REFERENCE = {"decoder": "pil", "resize": "pil-bilinear"}
 
 def tiny():
     """The tiny CNN as a spec-named factory."""
-    from runner.models.tiny import build
+    from dmx.runner.models.tiny import build
     return build()
 
 
@@ -27,7 +27,7 @@ def tiny_nudged():
     top-1 class changes - what a library upgrade often does."""
     import torch
 
-    from runner.models.tiny import build
+    from dmx.runner.models.tiny import build
     m = build()
     with torch.no_grad():
         m.classifier.bias += 1e-4

@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from analysis.paired import (accuracy_gate, accuracy_points, bootstrap_delta_interval,
+from dmx.analysis.paired import (accuracy_gate, accuracy_points, bootstrap_delta_interval,
                              discordant_counts, format_p, mcnemar_exact_p, paired_accuracy,
                              paired_from_counts, verdict)
-from runner.labels import correct_at_k
+from dmx.runner.labels import correct_at_k
 
 N_CLASSES = 10
 

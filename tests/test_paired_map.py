@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analysis.paired_map import (Boxes, _resampled_metrics, coco_eval, coco_metrics,
+from dmx.analysis.paired_map import (Boxes, _resampled_metrics, coco_eval, coco_metrics,
                                  image_matches, paired_map)
 
 

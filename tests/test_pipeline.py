@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runner.backends import BACKENDS, InferSetting
-from runner.convert import prepare_artifacts, resolve_model
-from runner.decoders import DecodeError, DecodeOptions, get_decoder
-from runner.models.base import Preprocess
-from runner.preprocess import RESIZERS, model_input_pixels, normalise
-from matrix import ModelSpec
+from dmx.runner.backends import BACKENDS, InferSetting
+from dmx.runner.convert import prepare_artifacts, resolve_model
+from dmx.runner.decoders import DecodeError, DecodeOptions, get_decoder
+from dmx.runner.models.base import Preprocess
+from dmx.runner.preprocess import RESIZERS, model_input_pixels, normalise
+from dmx.matrix import ModelSpec
 
 P224 = Preprocess(mode="resize-crop", resize=256, crop=224, mean=(0.485, 0.456, 0.406),
                   std=(0.229, 0.224, 0.225))

@@ -1,5 +1,5 @@
 """Planning a run grows like n log n and keeps nothing per image in the driver: the listing and
-the chunk list are Parquet files built by DuckDB (``results.planning``)."""
+the chunk list are Parquet files built by DuckDB (``dmx.results.planning``)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from matrix import DatasetSpec
-from results.planning import ChunkReader, plan_chunks, scratch_dir
-from results.store import chunk_id
-from runner.dataset import collect
+from dmx.matrix import DatasetSpec
+from dmx.results.planning import ChunkReader, plan_chunks, scratch_dir
+from dmx.results.store import chunk_id
+from dmx.runner.dataset import collect
 
 
 def _manifest(root: Path, photo: Path, n: int) -> Path:

@@ -8,8 +8,8 @@ import duckdb
 import onnx
 import pytest
 
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 
 def _cpu_has_bf16() -> bool:
@@ -119,7 +119,7 @@ def test_onnxruntime_int8_calibrates_a_model_whose_input_is_not_named_input(tmp_
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from runner.backends.onnxruntime_backend import quantize_ort_int8
+    from dmx.runner.backends.onnxruntime_backend import quantize_ort_int8
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
     graph = helper.make_graph(

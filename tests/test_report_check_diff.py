@@ -1,5 +1,5 @@
-"""Specification tests for ``dmx report`` (analysis.report, analysis.pictures), ``dmx check``
-(analysis.check) and ``dmx diff`` (analysis.diff).
+"""Specification tests for ``dmx report`` (dmx.analysis.report, dmx.analysis.pictures), ``dmx check``
+(dmx.analysis.check) and ``dmx diff`` (dmx.analysis.diff).
 
 Runs are real: the in-process runner sweeps the ``tiny`` model (32x32 random-init CNN) over a
 few JPEGs that Pillow encodes in a temporary folder. Tests that plant a divergence copy a run and
@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from analysis.check import CheckError, check_run, default_limits, render_check_text
-from analysis.diff import diff_runs, render_diff_text
-from analysis.pictures import model_input, preprocess_from_manifest
-from analysis.report import pick_divergent, write_report
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.check import CheckError, check_run, default_limits, render_check_text
+from dmx.analysis.diff import diff_runs, render_diff_text
+from dmx.analysis.pictures import model_input, preprocess_from_manifest
+from dmx.analysis.report import pick_divergent, write_report
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SECTIONS = ("summary", "ranking", "interactions", "distributions", "images", "gate", "notes")

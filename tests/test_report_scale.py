@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import report
-from analysis.db import open_run
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis import report
+from dmx.analysis.db import open_run
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 
 FACTORY = '''
 import torch
-from runner.models.tiny import build
+from dmx.runner.models.tiny import build
 
 
 class Scaled(torch.nn.Module):

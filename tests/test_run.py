@@ -10,10 +10,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from analysis.explain import explain_run
-from matrix import parse_spec
-from results import RunDirError, row_schema
-from runner.sweep import RunOptions, run_spec
+from dmx.analysis.explain import explain_run
+from dmx.matrix import parse_spec
+from dmx.results import RunDirError, row_schema
+from dmx.runner.sweep import RunOptions, run_spec
 
 AXES = {"decoder": ["pil", "opencv"], "exif": ["apply", "ignore"],
         "resize": ["pil-bilinear", "cv2-linear"], "backend": ["torch", "onnxruntime"]}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import runtime_env as renv
+from dmx.runner import runtime_env as renv
 
 
 def test_auto_ships_dmx_packages_on_a_cluster_and_nothing_on_the_embedded_ray():
@@ -72,13 +72,13 @@ def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path: Path):
 def test_the_code_digest_changes_with_one_byte_of_dmx(tmp_path: Path):
     import shutil
     dirs = []
-    for name in renv.DMX_PACKAGES:
-        src = Path(__import__(name).__file__).parent
-        shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        dirs.append(str(tmp_path / name))
+    for src in renv.package_dirs():          # the package as the nodes get it (dmx/runner/...)
+        shutil.copytree(src, tmp_path / Path(src).name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        dirs.append(str(tmp_path / Path(src).name))
     assert renv.code_digest(dirs) == renv.code_digest()
-    (tmp_path / "runner" / "worker.py").write_text(
-        (tmp_path / "runner" / "worker.py").read_text() + "\n# edited\n")
+    (tmp_path / "dmx" / "runner" / "worker.py").write_text(
+        (tmp_path / "dmx" / "runner" / "worker.py").read_text() + "\n# edited\n")
     assert renv.code_digest(dirs) != renv.code_digest()
 
 
@@ -97,5 +97,5 @@ def test_a_node_whose_versions_differ_is_named_with_what_differs():
 def test_describe_is_one_line():
     env = renv.resolve({"pip": ["nncf==3.4.0"], "env_vars": {"A": "1"}}, cluster=True)
     line = renv.describe(env)
-    assert "py_modules dmx, runner" in line and "pip 1 requirement" in line and "env_vars" in line
+    assert "py_modules dmx;" in line and "pip 1 requirement" in line and "env_vars" in line
     assert json.dumps(env)             # plain JSON: what the manifest records

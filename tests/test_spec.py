@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from matrix import SpecError, expand, load_spec, parse_spec, reference_cell
+from dmx.matrix import SpecError, expand, load_spec, parse_spec, reference_cell
 
 BASE = {"name": "t", "dataset": {"path": "."}, "model": "tiny",
         "axes": {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear"],

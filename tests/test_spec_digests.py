@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from matrix import parse_spec
+from dmx.matrix import parse_spec
 
 PINNED_SPECS = {
     "minimal": {"dataset": "imgs/", "model": "mobilenet_v2", "axes": {"decoder": ["pil", "opencv"]}},

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from matrix import SpecError, parse_spec
-from matrix.schema import spec_json_schema
+from dmx.matrix import SpecError, parse_spec
+from dmx.matrix.schema import spec_json_schema
 
 jsonschema = pytest.importorskip("jsonschema")
 

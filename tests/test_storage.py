@@ -11,9 +11,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from matrix import parse_spec
-from results import RunDirError
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.results import RunDirError
+from dmx.runner.sweep import RunOptions, run_spec
 
 AXES = {"decoder": ["pil", "opencv"], "backend": ["torch"]}
 CELLS = 2
@@ -121,7 +121,7 @@ def test_chunk_names_follow_image_ids_not_positions(images: Path, tmp_path: Path
 # ------------------------------------------------------------------ compaction
 
 def _pairs_with_values(run: Path) -> list[tuple]:
-    from analysis.db import open_run
+    from dmx.analysis.db import open_run
     return sorted(open_run(run).execute(
         "SELECT cell_id, image_id, status, out_max_abs FROM rows").fetchall())
 
@@ -140,7 +140,7 @@ def test_a_run_ends_compacted_into_files_sorted_by_cell_with_the_same_rows(image
 
 
 def test_dmx_compact_merges_an_older_run_and_explain_says_the_same(images: Path, tmp_path: Path):
-    from analysis.explain import explain_run
+    from dmx.analysis.explain import explain_run
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     before = explain_run(out).to_json()
@@ -175,7 +175,7 @@ def test_a_compaction_killed_before_its_commit_leaves_no_duplicate(images: Path,
     orphan.parent.mkdir()
     shutil.copy(next((out / "rows").glob("chunk=*/part-0.parquet")), orphan)
     assert _pairs_with_values(out) == expected
-    from results.compact import compact_run
+    from dmx.results.compact import compact_run
     compact_run(out)
     assert not orphan.exists()
     assert _pairs_with_values(out) == expected
@@ -188,7 +188,7 @@ def test_a_compaction_killed_after_its_commit_leaves_no_duplicate(images: Path, 
     saved = tmp_path / "saved"
     shutil.copytree(out / "rows", saved)
     expected = _pairs_with_values(out)
-    from results.compact import compact_run
+    from dmx.results.compact import compact_run
     compact_run(out)
     shutil.copytree(saved, out / "rows", dirs_exist_ok=True)  # as if killed before deleting
     assert _pairs_with_values(out) == expected
@@ -285,7 +285,7 @@ def test_a_manifest_with_non_utf8_bytes_is_one_line_for_every_command(finished, 
 
 def test_a_truncated_compacted_file_is_recomputed_by_resume(finished, tmp_path: Path):
     images, run, _ = damaged_copy(finished, tmp_path)
-    from results.compact import compact_run
+    from dmx.results.compact import compact_run
     compact_run(run)
     (compacted,) = (run / "rows").glob("chunk=compacted-*/part-0.parquet")
     truncate(compacted)
@@ -298,7 +298,7 @@ def test_a_truncated_compacted_file_is_recomputed_by_resume(finished, tmp_path: 
 
 def test_compacted_files_hold_whole_cells_so_a_cell_filter_skips_files(images: Path,
                                                                        tmp_path: Path):
-    from results.compact import compact_run
+    from dmx.results.compact import compact_run
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     expected = _pairs_with_values(out)
@@ -316,7 +316,7 @@ def test_compacted_files_hold_whole_cells_so_a_cell_filter_skips_files(images: P
 # ------------------------------------------------------------------ explain's stored aggregates
 
 def _explain_without_summary(out: Path, tmp_path: Path) -> dict:
-    from analysis.explain import explain_run
+    from dmx.analysis.explain import explain_run
     bare = tmp_path / "bare"
     shutil.copytree(out, bare)
     shutil.rmtree(bare / "summary", ignore_errors=True)
@@ -325,8 +325,8 @@ def _explain_without_summary(out: Path, tmp_path: Path) -> dict:
 
 def test_explain_answers_from_the_summary_kept_at_compaction_and_says_the_same(
         images: Path, tmp_path: Path, monkeypatch):
-    import analysis.summary as summary
-    from analysis.explain import explain_run
+    import dmx.analysis.summary as summary
+    from dmx.analysis.explain import explain_run
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)], capture_output=True,
@@ -345,8 +345,8 @@ def test_a_summary_that_no_longer_describes_the_rows_is_not_used(images: Path, t
                                                                  monkeypatch):
     """Rows added by a resume that did not compact: the stored aggregates are stale, so
     explain queries the rows and counts the new images."""
-    import analysis.summary as summary
-    from analysis.explain import explain_run
+    import dmx.analysis.summary as summary
+    from dmx.analysis.explain import explain_run
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     assert subprocess.run([sys.executable, "-m", "dmx", "compact", str(out)]).returncode == 0
@@ -365,7 +365,7 @@ def test_a_summary_that_cannot_be_written_is_one_warning_and_the_rows_stay(image
                                                                           tmp_path: Path):
     """A file of the user's where the summary folder would go: never replaced; compaction
     succeeds, one warning line, explain reads the rows."""
-    from analysis.explain import explain_run
+    from dmx.analysis.explain import explain_run
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     (out / "summary").write_text("the user's notes")

@@ -9,9 +9,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from matrix import parse_spec
-from matrix.axes import AXES
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.matrix.axes import AXES
+from dmx.runner.sweep import RunOptions, run_spec
 
 SPEC = {"name": "compile", "model": "tiny",
         "axes": {"backend": ["torch", "torch-compile"], "threads": [1], "batch": [4]},

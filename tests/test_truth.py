@@ -25,11 +25,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from analysis.check import check_run, render_check_text
-from analysis.explain import explain_run
-from analysis.render import render_text
-from matrix import make_cell
-from results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
+from dmx.analysis.check import check_run, render_check_text
+from dmx.analysis.explain import explain_run
+from dmx.analysis.render import render_text
+from dmx.matrix import make_cell
+from dmx.results import IMAGE_SCHEMA, RunDir, cell_schema, row_schema, write_parquet_atomic
 
 
 # ------------------------------------------------------------------ planted rows
@@ -136,7 +136,7 @@ def test_no_contrast_against_a_null_level_with_the_reference_on_openvino(tmp_pat
 def _random_design(rng: np.random.Generator) -> tuple[list, list[str]]:
     """A random unbalanced design: 2-4 axes of 2-3 levels, cells dropped at random, a nested axis,
     random per-cell counts, means and within-cell spread."""
-    from analysis.effects import CellStat
+    from dmx.analysis.effects import CellStat
     k = int(rng.integers(2, 5))
     axes = [f"a{j}" for j in range(k)] + ["nested"]
     levels = [[f"l{v}" for v in range(int(rng.integers(2, 4)))] for _ in range(k)]
@@ -154,7 +154,7 @@ def _random_design(rng: np.random.Generator) -> tuple[list, list[str]]:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_shares_never_sum_above_what_the_cells_explain_on_random_designs(seed: int):
-    from analysis.effects import attribute
+    from dmx.analysis.effects import attribute
     cells, axes = _random_design(np.random.default_rng(seed))
     a = attribute(cells, axes)
     total = sum(a.main.values()) + sum(i["eta_squared"] for i in a.interactions)
@@ -164,7 +164,7 @@ def test_shares_never_sum_above_what_the_cells_explain_on_random_designs(seed: i
 
 
 def test_type_ii_shares_equal_classic_eta_squared_on_a_balanced_design():
-    from analysis.effects import CellStat, attribute
+    from dmx.analysis.effects import CellStat, attribute
     rng = np.random.default_rng(7)
     cells = [CellStat({"a": x, "b": y}, 5, float(rng.normal()), float(rng.random()))
              for x in ("p", "q", "r") for y in ("s", "t")]
@@ -183,7 +183,7 @@ def test_type_ii_shares_equal_classic_eta_squared_on_a_balanced_design():
 def test_an_interaction_on_an_unbalanced_design_is_measured_beyond_the_main_effects():
     """y = a + b exactly (no interaction) on a design with one cell excluded and unequal counts:
     SS_ab - SS_a - SS_b (the balanced formula) is not 0 there; SS(AB | A, B) is."""
-    from analysis.effects import CellStat, attribute
+    from dmx.analysis.effects import CellStat, attribute
     cells = [CellStat({"a": x, "b": y}, n, (1.0 if x == "q" else 0.0) + (2.0 if y == "t" else 0.0), 0.5)
              for (x, y), n in {("p", "s"): 3, ("p", "t"): 9, ("q", "s"): 14, ("r", "t"): 2,
                                ("r", "s"): 5}.items()]
@@ -227,7 +227,7 @@ def _invert_corner_of_wide(img: np.ndarray, data: bytes) -> np.ndarray:
 def _noise(img: np.ndarray, data: bytes) -> np.ndarray:
     """The noisy effect: every image, +-1..4 levels of noise whose amplitude varies per image;
     a decode error on the short image (error rows)."""
-    from runner.decoders import DecodeError
+    from dmx.runner.decoders import DecodeError
     if img.shape[0] == 40:
         raise DecodeError("planted: cannot decode the short image")
     seed = zlib.crc32(data)
@@ -242,12 +242,12 @@ def _swap_channels(img: np.ndarray, data: bytes) -> np.ndarray:
 
 
 def _fail(img: np.ndarray, data: bytes) -> np.ndarray:
-    from runner.decoders import DecodeError
+    from dmx.runner.decoders import DecodeError
     raise DecodeError("planted: this decoder fails on every image")
 
 
 def _planted_decoder(perturb: Callable[[np.ndarray, bytes], np.ndarray]):
-    from runner.decoders.pil import PilDecoder
+    from dmx.runner.decoders.pil import PilDecoder
 
     class Planted(PilDecoder):
         system_name = "planted"
@@ -261,7 +261,7 @@ def _planted_decoder(perturb: Callable[[np.ndarray, bytes], np.ndarray]):
 
 
 def _unavailable(label: str):
-    from runner.decoders import DecoderUnavailable
+    from dmx.runner.decoders import DecoderUnavailable
     raise DecoderUnavailable(f"planted: {label} cannot run here")
 
 
@@ -269,9 +269,9 @@ def planted_sweep(images: Path, out: Path, axes: dict[str, list], reference: dic
                   decoders: dict[str, Callable | None], **spec: Any) -> Path:
     """Run a real sweep (tiny model, local executor) with planted decoders registered for the
     given decoder levels (None: a level that cannot run here, i.e. skipped cells)."""
-    import runner.decoders as registry
-    from matrix import parse_spec
-    from runner.sweep import RunOptions, run_spec
+    import dmx.runner.decoders as registry
+    from dmx.matrix import parse_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     raw = {"name": "planted", "dataset": {"path": str(images)}, "model": "tiny", "axes": axes,
            "reference": reference, **spec}
     with pytest.MonkeyPatch.context() as mp:
@@ -374,7 +374,7 @@ def test_the_nested_axis_is_analysed_within_its_backend(planted_run: Path):
 
 
 def test_the_gate_fails_exactly_the_cells_a_planted_effect_breaks(planted_run: Path):
-    from matrix.cells import Cell  # noqa: F401  (the cells table is the truth here)
+    from dmx.matrix.cells import Cell  # noqa: F401  (the cells table is the truth here)
     import pyarrow.parquet as pq
     cells = pq.read_table(planted_run / "cells.parquet").to_pylist()
     planted = {c["cell_id"] for c in cells
@@ -422,8 +422,8 @@ def _chart_rows(html: str) -> list[dict[str, Any]]:
 def test_the_ranking_chart_draws_explains_numbers_and_never_hides_a_rare_large_effect(planted_run: Path):
     """Issue 12 item 4: the chart plotted the median under an axis saying mean, and drew a level
     with 5% top-1 flips and max abs 7.68 as '(identical outputs)'. Fails on 16e8c81."""
-    from analysis.render import g
-    from analysis.report import build_report
+    from dmx.analysis.render import g
+    from dmx.analysis.report import build_report
     e = explain_run(planted_run)
     html = build_report(planted_run)
     section = html[html.index('<section id="ranking">'):]
@@ -460,7 +460,7 @@ def batch_dependent():
     input - an output that depends on the other images in the batch, as some fused kernels'
     do on their batch size."""
     import torch
-    from runner.models.tiny import build
+    from dmx.runner.models.tiny import build
 
     class BatchDependent(torch.nn.Module):
         def __init__(self) -> None:
@@ -477,8 +477,8 @@ TINY_INPUT = {"size": 32, "resize": 32, "mode": "stretch", "mean": [0.5, 0.5, 0.
 
 
 def _sweep(images: Path, out: Path, model: Any, axes: dict, reference: dict, **opts: Any) -> Path:
-    from matrix import parse_spec
-    from runner.sweep import RunOptions, run_spec
+    from dmx.matrix import parse_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     raw = {"name": "guard", "dataset": {"path": str(images)}, "model": model, "axes": axes,
            "reference": reference}
     run_spec(parse_spec(raw), RunOptions(out=str(out), executor="local", progress=False, **opts))
@@ -522,9 +522,9 @@ def test_the_guards_maximum_is_merged_across_workers_as_a_maximum(planted_images
     Fails on 16e8c81."""
     import dataclasses
 
-    import runner.sweep as sweep
-    from runner.executors import LocalExecutor
-    from runner.worker import Worker
+    import dmx.runner.sweep as sweep
+    from dmx.runner.executors import LocalExecutor
+    from dmx.runner.worker import Worker
     seen: list[float] = []
 
     class OneWorkerPerChunk(LocalExecutor):
@@ -554,7 +554,7 @@ def test_a_diff_of_runs_with_other_threads_does_not_call_rounding_a_move(planted
 
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-    from analysis.diff import diff_runs, render_diff_text
+    from dmx.analysis.diff import diff_runs, render_diff_text
     a = _sweep(planted_images, tmp_path / "a", "tiny", {"resize": ["pil-bilinear", "cv2-linear"]},
                {"resize": "pil-bilinear"}, workers=2)
     rows_a = pq.read_table(a / "rows").to_pylist()

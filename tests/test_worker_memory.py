@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from matrix import parse_spec
-from runner.sweep import RunOptions, run_spec
+from dmx.matrix import parse_spec
+from dmx.runner.sweep import RunOptions, run_spec
 
 
 def test_a_chunk_of_large_photos_never_holds_more_than_a_few_decodes(tmp_path: Path):

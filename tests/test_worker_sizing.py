@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent("""
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "memory": int(3.2 * 2 ** 30), "object_store_memory": 80 * 2 ** 20,
         "include_dashboard": False})
-    from runner.executors import RayExecutor
+    from dmx.runner.executors import RayExecutor
     out = {}
     for name, kwargs in (("memory", {}), ("threads", {"threads_per_worker": 2, "worker_memory_mb": 64}),
                          ("cap", {"workers": 1})):

@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from analysis.check import check_run, render_check_text
+    from dmx.analysis.check import check_run, render_check_text
     given = {"max_abs": a.max_abs, "max_rel_l2": a.max_rel_l2, "min_cosine": a.min_cosine,
              "min_top1_agreement": a.min_top1, "scope": a.scope,
              "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors,

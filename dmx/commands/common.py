@@ -92,14 +92,14 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_max_cells(p: argparse.ArgumentParser) -> None:
-    from matrix.spec import DEFAULT_MAX_CELLS
+    from dmx.matrix.spec import DEFAULT_MAX_CELLS
     p.add_argument("--max-cells", type=bounded_int(1, 10**9), default=DEFAULT_MAX_CELLS,
                    help=f"refuse a matrix of more cells (default {DEFAULT_MAX_CELLS:,})")
 
 
 def load_planned(a: argparse.Namespace):
     """The spec, checked whole before anything heavy is imported: schema, cell limit, reference."""
-    from matrix import expand, load_spec, reference_cell
+    from dmx.matrix import expand, load_spec, reference_cell
     spec = load_spec(a.spec, a.override, max_cells=a.max_cells)
     cells = expand(spec)
     return spec, cells, reference_cell(spec, cells)
@@ -128,8 +128,8 @@ def summarise(out: str) -> None:
     """Keep explain's aggregates beside the freshly compacted rows (analysis/summary.py)."""
     import duckdb
 
-    from analysis.summary import write_summary
-    from results.store import RunDirError
+    from dmx.analysis.summary import write_summary
+    from dmx.results.store import RunDirError
     try:
         write_summary(out)
     except RunDirError:          # no readable rows: explain will say so itself

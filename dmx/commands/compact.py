@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     import time
-    from results.compact import compact_run
+    from dmx.results.compact import compact_run
     t = time.perf_counter()
     c = compact_run(a.run_dir)
     summarise(a.run_dir)

@@ -23,8 +23,8 @@ def run(a: argparse.Namespace) -> int:
     from importlib.resources import files
 
     from dmx.demo_data import DemoDirError, build_demo_images
-    from matrix import parse_spec
-    from matrix.yamlsafe import load_yaml_bounded
+    from dmx.matrix import parse_spec
+    from dmx.matrix.yamlsafe import load_yaml_bounded
     check_out(a.out)
     root = Path(a.out)
     images = root / "images"
@@ -65,7 +65,7 @@ def _write_demo_labels(root: Path, text: bytes) -> None:
 def _demo_run_dir(root: Path, digest: str) -> Path:
     """Where the demo's run goes: ``run`` when free or holding this very demo's run; else a
     folder named by the spec digest. Never a folder holding anything else: dmx deletes nothing."""
-    from results import RunDir, RunDirError
+    from dmx.results import RunDir, RunDirError
     for cand in (root / "run", root / f"run-{digest[:8]}"):
         if not cand.exists() or (cand.is_dir() and not any(cand.iterdir())):
             return cand

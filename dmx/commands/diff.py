@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from analysis.diff import diff_runs, render_diff_text
+    from dmx.analysis.diff import diff_runs, render_diff_text
     result = diff_runs(a.run_a, a.run_b)
     if a.json:
         print(json.dumps(result.to_json(), indent=2, default=str))

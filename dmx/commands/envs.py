@@ -37,7 +37,7 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _list(a: argparse.Namespace) -> int:
-    from runner.envs import iter_env_rows
+    from dmx.runner.envs import iter_env_rows
     rows = list(iter_env_rows())
     if a.json:
         print(json.dumps(rows, indent=2))
@@ -55,12 +55,12 @@ def _list(a: argparse.Namespace) -> int:
 
 def _build(a: argparse.Namespace) -> int:
     import time
-    from runner.envs import ensure_env
+    from dmx.runner.envs import ensure_env
     spec_file = Path(a.what[0])
     if len(a.what) == 1 and spec_file.suffix in (".yaml", ".yml"):
-        from matrix import load_spec
-        from runner.decoders import DecoderUnavailable
-        from runner.decoders.isolated import is_isolated_label, requirements_for
+        from dmx.matrix import load_spec
+        from dmx.runner.decoders import DecoderUnavailable
+        from dmx.runner.decoders.isolated import is_isolated_label, requirements_for
         spec = load_spec(spec_file)
         labels = [lb for lb in (spec.levels("decoder") if "decoder" in spec.axis_names else ())
                   if is_isolated_label(lb)]
@@ -84,7 +84,7 @@ def _build(a: argparse.Namespace) -> int:
 
 def _prune(a: argparse.Namespace) -> int:
     import time
-    from runner.envs import list_envs, prune_envs
+    from dmx.runner.envs import list_envs, prune_envs
     keep = None
     if a.unused_days is not None:
         cutoff = time.time() - a.unused_days * 86400

@@ -16,8 +16,8 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from analysis.explain import explain_run
-    from analysis.render import render_markdown, render_text
+    from dmx.analysis.explain import explain_run
+    from dmx.analysis.render import render_markdown, render_text
     e = explain_run(a.run_dir)
     if a.format == "json":
         print(json.dumps(e.to_json(), indent=2, default=json_default))

@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from runner.localize import format_text, localize_models, localize_run
+    from dmx.runner.localize import format_text, localize_models, localize_run
     if a.threads < 1 or (a.tolerance is not None and not a.tolerance > 0) or (a.limit is not None and a.limit < 1):
         raise CliError("localize: --threads and --limit must be >= 1, --tolerance > 0")
     progress = None if a.format == "json" else (lambda msg: print(msg, file=sys.stderr))
@@ -61,7 +61,7 @@ def run(a: argparse.Namespace) -> int:
                               threads=a.threads, tolerance=a.tolerance, progress=progress)
         title = f"{a.models[1]} vs {a.models[0]}"
         if a.out:
-            from results.layers import write_layers
+            from dmx.results.layers import write_layers
             write_layers(a.out, "models", res.rows, res.to_json() | {"cell_id": "models"})
     else:
         if not a.run_dir:

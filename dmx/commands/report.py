@@ -16,12 +16,12 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     import time
-    from analysis.report import write_report
-    from results.fs import is_remote
+    from dmx.analysis.report import write_report
+    from dmx.results.fs import is_remote
     t = time.perf_counter()
     if a.out is None and is_remote(a.run_dir):  # a run in an object store gets its report there
         import tempfile
-        from results import RunDir
+        from dmx.results import RunDir
         run_dir = RunDir(a.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             out = write_report(a.run_dir, Path(tmp) / "report.html")

@@ -70,7 +70,7 @@ def _lost_worker_errors() -> tuple[type[BaseException], ...]:
     """Ray's errors: a worker, actor, node or system process that died, or a task that failed
     (only when Ray is loaded; no Ray error can be raised otherwise)."""
     found = [getattr(sys.modules.get("ray.exceptions"), "RayError", None),
-             getattr(sys.modules.get("runner.executors"), "WorkersLost", None)]
+             getattr(sys.modules.get("dmx.runner.executors"), "WorkersLost", None)]
     return tuple(t for t in found if isinstance(t, type)) or (_NeverRaised,)
 
 
@@ -82,11 +82,11 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
                    spec_path: str) -> int:
     """Sweep ``spec`` into ``out`` and print the summary; a lost worker or a full disk is one
     line with the resume command (exit 3), Ctrl-C exit 130."""
-    from runner.sweep import RunOptions, run_spec
+    from dmx.runner.sweep import RunOptions, run_spec
     if getattr(a, "verbose", False):
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     elif a.executor == "ray":
-        from runner.quiet_stderr import drop_ray_core_lines
+        from dmx.runner.quiet_stderr import drop_ray_core_lines
         drop_ray_core_lines()             # Ray's C++ log lines stay off the console
     # Compaction and explain's summary run in a child process (``dmx compact``) once the rows
     # are written: their DuckDB memory is not the driver's, whose RSS stays flat with the run.
@@ -98,16 +98,16 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
                       runtime_env=getattr(a, "runtime_env", "auto"),
                       chunk_deadline_s=getattr(a, "chunk_deadline", None))
     if a.executor == "ray":
-        from runner.runtime_env import parse
+        from dmx.runner.runtime_env import parse
         parse(getattr(a, "runtime_env", "auto"))   # a bad --runtime-env: one line, before Ray
     resume_cmd = resume_command(spec_path, out, a)
     if spec.model.weights:
         # Refused here, once, as one line - not as an error row per image in every worker.
-        from runner.models.loading import load_weights
+        from dmx.runner.models.loading import load_weights
         load_weights(spec.model.weights)
     if spec.dataset.labels is not None:
         # Read and mapped here, once: an unmapped label is one line before the model converts.
-        from runner.labels import check_spec_labels
+        from dmx.runner.labels import check_spec_labels
         check_spec_labels(spec)
     try:
         s = run_spec(spec, opts)
@@ -149,8 +149,8 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         print(f"dmx: {int(c['decode_warnings'])} decodes raised library warnings (corrupt data the "
               "decoder tolerated): see the rows' decode_note", file=sys.stderr)
     if explain:
-        from analysis.explain import explain_run
-        from analysis.render import render_text
+        from dmx.analysis.explain import explain_run
+        from dmx.analysis.render import render_text
         print(render_text(explain_run(out)))
     else:
         print(f"dmx: next: dmx explain {out}", file=sys.stderr)

@@ -16,9 +16,9 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     if a.spec:
-        from matrix.schema import spec_json_schema
+        from dmx.matrix.schema import spec_json_schema
         print(json.dumps(spec_json_schema(), indent=2))
         return 0
-    from results.schema import columns_markdown
+    from dmx.results.schema import columns_markdown
     print(columns_markdown())
     return 0

@@ -23,8 +23,8 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     import duckdb
-    from analysis.db import open_run
-    from analysis.explain import explain_run, register_views
+    from dmx.analysis.db import open_run
+    from dmx.analysis.explain import explain_run, register_views
     con = open_run(a.run_dir)
     # The attribution views cost a full explain (seconds on millions of rows): only when used.
     if not a.query or re.search(r"\b(contrasts|effects|interactions)\b", a.query, re.I):

@@ -22,8 +22,8 @@ if str(REPO) not in sys.path:
 
 
 def _schema() -> dict[str, Any]:
-    import runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
-    from matrix.schema import spec_json_schema
+    import dmx.runner.backends  # noqa: F401  (the backends register their axes, as dmx's CLI does)
+    from dmx.matrix.schema import spec_json_schema
     return spec_json_schema()
 
 
@@ -122,7 +122,7 @@ def spec_keys_markdown() -> str:
 def spec_axes_markdown() -> str:
     """One row per axis: the pipeline stage it acts on, its levels, what it means."""
     schema = _schema()
-    from matrix.axes import AXES
+    from dmx.matrix.axes import AXES
     axes = schema["$defs"]["Axes"]["properties"]
     out = ["| axis | stage | levels | meaning |", "| --- | --- | --- | --- |"]
     for name, s in axes.items():
@@ -151,12 +151,12 @@ def _columns_table(columns) -> str:
 
 
 def row_columns_markdown() -> str:
-    from results.schema import columns_markdown
+    from dmx.results.schema import columns_markdown
     return columns_markdown()
 
 
 def layer_columns_markdown() -> str:
-    from results.layers import LAYER_COLUMNS
+    from dmx.results.layers import LAYER_COLUMNS
     return _columns_table(LAYER_COLUMNS)
 
 

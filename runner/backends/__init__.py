@@ -1,5 +1,5 @@
 """Backend registry: every module of this folder is imported, and each ``BackendRunner``
-subclass with a ``name`` registers itself (``BACKENDS``) and its axes (``matrix.axes``).
+subclass with a ``name`` registers itself (``BACKENDS``) and its axes (``dmx.matrix.axes``).
 
 Adding a backend is adding one module here; nothing else changes. Backend modules import their
 library lazily (inside methods), so importing this package is cheap and works on a machine that

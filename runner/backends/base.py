@@ -4,7 +4,7 @@ A backend is one module holding one ``BackendRunner`` subclass that declares eve
 
 - ``name`` (the ``backend`` level) and ``version()`` (its library's version, None if absent);
 - ``axes``: its own settings as matrix axes (``openvino_hint``, ``ort_opt``, ``conversion``...),
-  registered with ``matrix.axes`` when the class is defined, so the matrix knows them;
+  registered with ``dmx.matrix.axes`` when the class is defined, so the matrix knows them;
 - ``precisions`` it can run, and ``unsupported``: why a setting cannot run here (a skip reason);
 - ``model_key`` and ``make_model``: the model product a setting runs and how it is made on the
   driver before the sweep (an ONNX export, an fp16 graph, an int8 quantisation, a compile),
@@ -14,7 +14,7 @@ A backend is one module holding one ``BackendRunner`` subclass that declares eve
   ran, above all ``precision_effective``, the precision the library really used.
 
 The base class owns the lifecycle (activate / infer / deactivate), input checks and timing.
-Defining a subclass with a ``name`` registers it in ``BACKENDS``; ``runner.backends`` imports
+Defining a subclass with a ``name`` registers it in ``BACKENDS``; ``dmx.runner.backends`` imports
 every module of its folder, so adding a backend is adding one file.
 """
 from __future__ import annotations
@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
-from matrix.axes import AXES, BACKEND_AXES, Axis, register_backend
+from dmx.matrix.axes import AXES, BACKEND_AXES, Axis, register_backend
 
 if TYPE_CHECKING:
-    import numpy as np   # imported where used: `import runner.backends` stays cheap
+    import numpy as np   # imported where used: `import dmx.runner.backends` stays cheap
 
 
 class BackendUnavailable(RuntimeError):
@@ -119,7 +119,7 @@ class ModelArtifacts:
     backend's model key (``ort:onnx-dynamo:fp16``, ``ov:torch``...) to the product made on the
     driver before the sweep; ``conversion_notes`` says how each was made (or why it failed).
     On a cluster the products are also ``published`` to the run directory, and a worker builds
-    from its node's copies (``runner.artifacts.materialise``), never from the driver's paths.
+    from its node's copies (``dmx.runner.artifacts.materialise``), never from the driver's paths.
     """
 
     name: str
@@ -130,7 +130,7 @@ class ModelArtifacts:
     conversion_notes: Mapping[str, Any] = field(default_factory=dict)
     input_shape: tuple[int, int, int] = (3, 224, 224)
     max_batch: int | None = None        # an ONNX file exported with a fixed batch (often 1)
-    #: model key -> ``runner.artifacts.Published``: on a cluster, where each product lies in
+    #: model key -> ``dmx.runner.artifacts.Published``: on a cluster, where each product lies in
     #: the run directory; workers fetch it into their node's cache (``files`` are the driver's)
     published: Mapping[str, Any] = field(default_factory=dict)
     digest: str | None = None           # convert.conversion_digest: weights, code, shape, versions
@@ -147,14 +147,14 @@ class ModelArtifacts:
         return note if isinstance(note, str) else f"no model file for {key}"
 
     def build_torch(self) -> Any:
-        from runner.models.loading import build_torch_model
+        from dmx.runner.models.loading import build_torch_model
         return build_torch_model(self.torch_factory, self.weights)
 
 
 class Conversion(Protocol):
-    """What ``make_model`` gets from the driver (``runner.convert.prepare_artifacts``)."""
+    """What ``make_model`` gets from the driver (``dmx.runner.convert.prepare_artifacts``)."""
 
-    model: Any          # runner.convert.ResolvedModel
+    model: Any          # dmx.runner.convert.ResolvedModel
     digest: str         # hash of the weights (or of the user's ONNX file): the cache key's root
     threads: int | None  # the workers' intra-op threads where a setting names none
 

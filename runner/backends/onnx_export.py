@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runner.cache import cached
+from dmx.runner.cache import cached
 
 from .base import ConversionError
 
@@ -19,7 +19,7 @@ ONNX_EXPORTERS = ("onnx-dynamo", "onnx-legacy")
 
 def export_onnx(model: Any, digest: str, exporter: str = "onnx-dynamo") -> tuple[str, dict]:
     """torch -> ONNX with a dynamic batch, cached by weights hash; ``model`` is a
-    ``runner.convert.ResolvedModel``. Raises ConversionError."""
+    ``dmx.runner.convert.ResolvedModel``. Raises ConversionError."""
     import torch
 
     dynamo = exporter == "onnx-dynamo"
@@ -29,7 +29,7 @@ def export_onnx(model: Any, digest: str, exporter: str = "onnx-dynamo") -> tuple
         import contextlib
         import io
         import logging
-        from runner.models.loading import build_torch_model
+        from dmx.runner.models.loading import build_torch_model
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
         net = build_torch_model(model.torch_factory, model.weights)
         dummy = torch.zeros(2, 3, model.preprocess.crop, model.preprocess.crop)

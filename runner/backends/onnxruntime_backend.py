@@ -7,14 +7,14 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matrix.axes import INFER, Axis
-from runner.cache import cached, file_digest
+from dmx.matrix.axes import INFER, Axis
+from dmx.runner.cache import cached, file_digest
 
 from .base import BackendRunner, Conversion, InferSetting, ModelArtifacts
 from .onnx_export import ONNX_EXPORTERS
 
 if TYPE_CHECKING:
-    import numpy as np   # imported where used: `import runner.backends` stays cheap
+    import numpy as np   # imported where used: `import dmx.runner.backends` stays cheap
 
 _OPT = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
         "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}

@@ -11,14 +11,14 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matrix.axes import INFER, Axis
-from runner.cache import cached, file_digest
+from dmx.matrix.axes import INFER, Axis
+from dmx.runner.cache import cached, file_digest
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
 from .onnx_export import ONNX_EXPORTERS
 
 if TYPE_CHECKING:
-    import numpy as np   # imported where used: `import runner.backends` stays cheap
+    import numpy as np   # imported where used: `import dmx.runner.backends` stays cheap
 
 _HINT_FOR_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 _EFFECTIVE = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16",
@@ -36,7 +36,7 @@ def openvino_from_torch(model: Any, digest: str) -> tuple[str, dict]:
     key = f"{digest}-ov-from-torch-ov{ov.__version__.split('-')[0]}-torch{torch.__version__}"
 
     def make(out: Path) -> dict[str, Any]:
-        from runner.models.loading import build_torch_model
+        from dmx.runner.models.loading import build_torch_model
         net = build_torch_model(model.torch_factory, model.weights)
         crop = model.preprocess.crop
         try:

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from matrix.axes import INFER, Axis
+from dmx.matrix.axes import INFER, Axis
 
 from .base import BackendRunner, InferSetting, ModelArtifacts
 
 if TYPE_CHECKING:
-    import numpy as np   # imported where used: `import runner.backends` stays cheap
+    import numpy as np   # imported where used: `import dmx.runner.backends` stays cheap
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

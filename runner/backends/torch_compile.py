@@ -16,15 +16,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from matrix.axes import INFER, Axis
-from runner.cache import cache_dir, cached
+from dmx.matrix.axes import INFER, Axis
+from dmx.runner.cache import cache_dir, cached
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
 from .torch_backend import (TF32_AXIS, effective_precision, torch_dtype, torch_forward,
                             torch_unsupported)
 
 if TYPE_CHECKING:
-    import numpy as np   # imported where used: `import runner.backends` stays cheap
+    import numpy as np   # imported where used: `import dmx.runner.backends` stays cheap
 
 MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 DEFAULT_BATCH = 8
@@ -88,7 +88,7 @@ class TorchCompileRunner(BackendRunner):
                f"-torch{torch.__version__}")
 
         def make(out: Path) -> dict[str, Any]:
-            from runner.models.loading import build_torch_model
+            from dmx.runner.models.loading import build_torch_model
             compiled = _compile(build_torch_model(model.torch_factory, model.weights), setting)
             x = torch.zeros(b, 3, crop, crop, device=setting.device,
                             dtype=torch_dtype(setting.precision))

@@ -3,7 +3,7 @@
 Adding a decoder is one module with a ``Decoder`` subclass plus one line in ``_FACTORIES``.
 Optional libraries are imported inside each decoder, so a missing one only makes its level
 unavailable (skipped cells). A label with a package version (``pil[pillow==9.4.0]``) is an
-``IsolatedDecoder`` in its own environment (``runner.envs``), built on first use.
+``IsolatedDecoder`` in its own environment (``dmx.runner.envs``), built on first use.
 """
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def decode_options(factors: Mapping[str, str | None]) -> DecodeOptions:
 
 def ensure_decoder_envs(labels: Iterable[str | None]) -> None:
     """Build (or find) the environment of every package-version level up front; raises
-    ``runner.envs.EnvBuildError`` naming the requirement and uv's last lines."""
+    ``dmx.runner.envs.EnvBuildError`` naming the requirement and uv's last lines."""
     from .isolated import ensure_decoder_envs as ensure
     ensure(labels)
 

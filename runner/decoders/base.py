@@ -1,7 +1,7 @@
 """The decoder interface: image bytes in, an RGB uint8 array (H, W, 3) out, plus a note.
 
 Every decoder honours ``DecodeOptions`` where its library can; the matrix nulls an option axis for
-decoders that lack it (``matrix.axes``), and ``Decoder.decode`` refuses a non-default option a
+decoders that lack it (``dmx.matrix.axes``), and ``Decoder.decode`` refuses a non-default option a
 decoder cannot honour rather than silently ignoring it. Warnings a library raises or prints to
 stderr while decoding become notes (``warning: ...``), never console lines. After each decode ``Decoder.last_note``
 says what conversion happened beyond an ordinary YCbCr/RGB decode (a CMYK or greyscale source,
@@ -177,7 +177,7 @@ def parse_source_header(data: bytes) -> tuple[str | None, int | None]:
 def jpeg_header(data: bytes) -> dict[str, Any]:
     """Header facts of an image file without decoding pixels: ``color_mode`` (L, RGB, CMYK,
     YCCK, ...), ``exif_orientation`` (1-8 or None), ``width``/``height`` (px, as stored),
-    ``format`` and ``error`` (truncated, corrupt markers, ...); see ``runner.imageinfo``."""
+    ``format`` and ``error`` (truncated, corrupt markers, ...); see ``dmx.runner.imageinfo``."""
     from ..imageinfo import image_info_from_bytes
     return image_info_from_bytes(data)
 

@@ -1,7 +1,7 @@
 """Decoder package versions in their own environments: ``pil[pillow==9.4.0]``,
 ``opencv[opencv-python-headless==4.8.1.78 numpy<2]``.
 
-The level's requirements get a virtual environment (``runner.envs.ensure_env``: built once,
+The level's requirements get a virtual environment (``dmx.runner.envs.ensure_env``: built once,
 cached). Each decoder then drives ONE long-lived server process per Python process
 (``<env>/bin/python -I decode_server.py pil|opencv``), started on the first decode. The server
 imports only the env's Pillow or OpenCV, numpy and the stdlib, and runs ``portable.py`` - the

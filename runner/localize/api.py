@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from runner.backends import InferSetting, ModelArtifacts
+from dmx.runner.backends import InferSetting, ModelArtifacts
 
 from .engine import DEFAULT_BUDGET, LocalizeResult, localize
 from .graph import LocalizeError, graph_inputs, is_onnx_file, load_onnx
@@ -34,8 +34,8 @@ def image_inputs(paths: list[tuple[str, str]], pre: Any, decoder: str = "pil",
                  factors: dict[str, Any] | None = None, resize: str = "pil-bilinear",
                  fit: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(image_id, (1, 3, H, W) float32) for each (image_id, path); images that fail are skipped."""
-    from runner.decoders import decode_options, get_decoder
-    from runner.preprocess import model_input_pixels, normalise
+    from dmx.runner.decoders import decode_options, get_decoder
+    from dmx.runner.preprocess import model_input_pixels, normalise
     dec = get_decoder(decoder)
     factors = factors or {}
     for image_id, path in paths:
@@ -81,15 +81,15 @@ def localize_models(a: str, b: str, images: str, *, backend: str = "onnxruntime"
                     progress: Callable[[str], None] | None = None) -> LocalizeResult:
     """Model ``b`` on ``backend`` against model ``a`` on ``reference_backend`` (default: the
     same backend), layer by layer, joined by tensor name."""
-    from runner.convert import file_key
-    from runner.models.base import Preprocess
+    from dmx.runner.convert import file_key
+    from dmx.runner.models.base import Preprocess
     for p in (a, b):
         if not Path(p).is_file():
             raise LocalizeError(f"--models {p}: no such file")
     if not is_onnx_file(a):
         raise LocalizeError(f"--models {a}: the reference must be an ONNX file (its graph names the layers)")
     if preprocess:
-        from runner.models import get_model
+        from dmx.runner.models import get_model
         pre = get_model(preprocess).preprocess
     else:
         size = _input_size(a)

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from matrix.axes import AXES, INFER
-from results.layers import write_layers
-from results.store import RunDir
-from runner.backends import InferSetting, ModelArtifacts
+from dmx.matrix.axes import AXES, INFER
+from dmx.results.layers import write_layers
+from dmx.results.store import RunDir
+from dmx.runner.backends import InferSetting, ModelArtifacts
 
 from .api import image_inputs, make_side
 from .engine import DEFAULT_BUDGET, LocalizeResult, localize
@@ -110,7 +110,7 @@ def _ordered(images: list[tuple[str, str]], worst: list[tuple[str, float]]) -> l
 
 
 def _artifacts(manifest: dict[str, Any]) -> tuple[ModelArtifacts, Any]:
-    from runner.models.base import Preprocess
+    from dmx.runner.models.base import Preprocess
     m = manifest.get("model") or {}
     pre = Preprocess(**m["preprocess"])
     art = ModelArtifacts(name=m.get("name", "model"), task=m.get("task", "classification"),

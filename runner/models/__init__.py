@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from runner.models.base import ModelDef, ModelUnavailable, Preprocess, UnknownModel, imagenet_labels
+from dmx.runner.models.base import ModelDef, ModelUnavailable, Preprocess, UnknownModel, imagenet_labels
 
 __all__ = [
     "MODELS",
@@ -23,10 +23,10 @@ __all__ = [
 ]
 
 _MODULES: dict[str, str] = {
-    "mobilenet_v2": "runner.models.mobilenet_v2",
-    "efficientnet_lite0": "runner.models.efficientnet_lite0",
-    "tiny": "runner.models.tiny",
-    "ddddocr_det": "runner.models.ddddocr_det",
+    "mobilenet_v2": "dmx.runner.models.mobilenet_v2",
+    "efficientnet_lite0": "dmx.runner.models.efficientnet_lite0",
+    "tiny": "dmx.runner.models.tiny",
+    "ddddocr_det": "dmx.runner.models.ddddocr_det",
 }
 
 MODELS: tuple[str, ...] = tuple(_MODULES)

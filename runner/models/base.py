@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from runner.detection import DetectionConfig
+from dmx.runner.detection import DetectionConfig
 
 __all__ = [
     "FIT_MODES",

@@ -12,15 +12,15 @@ image at the top-left, padded with 114; cv2 INTER_LINEAR; score = objectness x c
 probability; class-agnostic NMS at IoU 0.45 (pixel-inclusive areas, x2 - x1 + 1) above score
 0.1. dmx's decoding gives ddddocr's own boxes exactly (tests/test_detection.py).
 
-Torch cells run the ONNX graph through ``runner.models.onnx_torch`` (torch kernels, same weights).
+Torch cells run the ONNX graph through ``dmx.runner.models.onnx_torch`` (torch kernels, same weights).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from runner.detection import DetectionConfig
-from runner.models.base import ModelDef, Preprocess, package_file
+from dmx.runner.detection import DetectionConfig
+from dmx.runner.models.base import ModelDef, Preprocess, package_file
 
 PACKAGE = "ddddocr"
 ONNX_FILE = "common_det.onnx"
@@ -40,7 +40,7 @@ def onnx_path() -> str:
 
 def build() -> nn.Module:
     """The ONNX graph as a torch module (fp32, CPU, eval mode)."""
-    from runner.models.onnx_torch import OnnxModule
+    from dmx.runner.models.onnx_torch import OnnxModule
     return OnnxModule.from_file(onnx_path()).float().eval()
 
 

@@ -22,7 +22,7 @@ import importlib.util
 import torch
 from torch import nn
 
-from runner.models.base import ModelDef, ModelUnavailable, Preprocess, imagenet_labels, package_file
+from dmx.runner.models.base import ModelDef, ModelUnavailable, Preprocess, imagenet_labels, package_file
 
 ARCH_PACKAGE = "efficientnet_lite_pytorch"
 ARCH_INSTALL_HINT = "pip install --no-deps efficientnet-lite-pytorch==0.1.0"

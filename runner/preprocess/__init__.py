@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runner.models.base import Preprocess
+from dmx.runner.models.base import Preprocess
 
 from .letterbox import FITTERS, Placement, PreprocessError, resize_geometry as _crop_geometry
 from .resize import RESIZERS

@@ -9,7 +9,7 @@ from typing import Callable
 
 import numpy as np
 
-from runner.models.base import Preprocess
+from dmx.runner.models.base import Preprocess
 
 from .resize import RESIZERS
 

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner.backends import BACKENDS, InferSetting, ModelArtifacts
+from dmx.runner.backends import BACKENDS, InferSetting, ModelArtifacts
 
 
 class Side:

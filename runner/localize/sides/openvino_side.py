@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner.backends import BACKENDS
+from dmx.runner.backends import BACKENDS
 
 from ..graph import is_onnx_file, load_onnx
 from .base import Side

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runner.models.onnx_torch import OnnxModule, OnnxToTorchError
+from dmx.runner.models.onnx_torch import OnnxModule, OnnxToTorchError
 
 from ..graph import LocalizeError, graph_inputs, layers_of, load_onnx
 from .base import Side
