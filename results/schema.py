@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+#: One detection box of ``det_boxes``.
+DET_BOX = pa.struct([("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()),
+                     ("y2", pa.float32()), ("score", pa.float32()), ("class", pa.int32())])
+#: One output's divergence of ``outputs`` (the out_* of that output alone).
+OUTPUT_DIV = pa.struct([("name", pa.string()), ("max_abs", pa.float64()), ("rel_l2", pa.float64()),
+                        ("cosine", pa.float64())])
+
 # (name, type, unit, meaning)
 ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("run_id", pa.string(), "", "id of the run (one per run directory)"),
@@ -34,6 +41,10 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("out_rel_l2", pa.float64(), "ratio", "||out - ref|| / ||ref||"),
     ("out_cosine", pa.float64(), "-1..1", "cosine similarity of output and reference output"),
     ("out_sqnr_db", pa.float64(), "dB", "signal-to-quantisation-noise ratio, 10 log10(|ref|^2/|out-ref|^2)"),
+    ("out_worst", pa.string(), "", "the output the out_* columns describe: of the outputs compared "
+                                   "(model.outputs; default all), the one with the largest out_rel_l2"),
+    ("outputs", pa.list_(OUTPUT_DIV), "", "per-output divergence (name, max_abs, rel_l2, cosine) for a "
+                                        "model with more than one compared output; null for one output"),
     ("out_kl", pa.float64(), "nats", "KL(softmax(ref) || softmax(out)) (classification)"),
     ("top1", pa.int32(), "class", "top-1 class of this cell (classification)"),
     ("top1_ref", pa.int32(), "class", "top-1 class of the reference cell"),
@@ -63,6 +74,9 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("det_same", pa.bool_(), "", "detection: same final set: equal counts, all matched with IoU >= "
                                  "detection.same_iou (default 0.9), |score delta| <= detection.same_score "
                                  "(default 0.05), no class flip"),
+    ("det_boxes", pa.list_(DET_BOX), "px", "detection: the boxes this cell kept after NMS, in decoded-image "
+                                           "pixels (x1 y1 x2 y2, continuous), with score and class; what "
+                                           "mAP against dataset.labels is computed from"),
     ("precision_effective", pa.string(), "", "precision the backend actually ran, read back from it"),
     ("threads_used", pa.int32(), "threads", "intra-op threads the backend ran with (the threads axis "
                                             "when swept; else the executor's: all cores locally, 1 per "

@@ -27,7 +27,7 @@ from dmx.matrix.axes import AXES, DECODE, INFER, PREPROCESS
 from dmx.results import RunDir
 from dmx.results.environment import fingerprint
 from dmx.results.fs import StorageError
-from dmx.results.schema import IMAGE_COLUMNS, IMAGE_SCHEMA, row_schema
+from dmx.results.schema import DET_BOX, IMAGE_COLUMNS, IMAGE_SCHEMA, OUTPUT_DIV, row_schema
 
 from . import metrics
 from .artifacts import ArtifactError
@@ -647,7 +647,7 @@ class _RowContext:
                        pa.bool_() if k == "top1_agree" else pa.float64())
                 cols[k] = _masked(values, full, typ)
             elif k.startswith("det_"):
-                cols[k] = pa.array(values)
+                cols[k] = pa.array(values, pa.list_(DET_BOX) if k == "det_boxes" else None)
         return cols
 
 
@@ -732,6 +732,9 @@ def _detection_metrics(mine: tuple[Candidates, Detections], theirs: tuple[Candid
     if len(c.scores) == len(rc.scores):
         out.update(metrics.candidate_rank_agreement(c.scores, rc.scores, cfg.rank_k))
     a, b = _in_image(d, placement), _in_image(rd, ref_placement)
+    out["det_boxes"] = [{"x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": s, "class": k}
+                        for (x1, y1, x2, y2), s, k in zip(a.boxes.tolist(), a.scores.tolist(),
+                                                           a.classes.tolist())]
     out.update(metrics.detection_divergence(a.boxes, a.scores, a.classes, b.boxes, b.scores, b.classes,
                                             match_iou=cfg.match_iou, same_iou=cfg.same_iou,
                                             same_score=cfg.same_score))

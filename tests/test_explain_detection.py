@@ -54,3 +54,21 @@ def test_explain_text_and_markdown_name_both_questions_with_numbers(det_run: Pat
     assert "Change the candidate ranking: fit=stretch (tau" in text
     assert "Change the final boxes:       fit=stretch (" in text
     assert "boxes changed on" in render_markdown(e)
+
+
+def test_every_row_keeps_its_boxes_in_decoded_image_pixels(det_run: Path):
+    """det_boxes is what mAP is computed from: one box per kept detection (det_n of them), inside
+    the decoded image, best first; the reference's own boxes count det_n_ref."""
+    import duckdb
+    con = duckdb.connect()
+    rows = con.sql(f"""SELECT det_n, det_n_ref, is_reference, len(det_boxes) AS k, decoded_w, decoded_h,
+                              list_transform(det_boxes, lambda b: b.score) AS s,
+                              list_bool_and(list_transform(det_boxes, lambda b: b.x1 >= -0.5 AND b.y1 >= -0.5
+                                  AND b.x2 <= decoded_w + 0.5 AND b.y2 <= decoded_h + 0.5
+                                  AND b.x2 >= b.x1 AND b.y2 >= b.y1)) AS inside
+                       FROM read_parquet('{det_run}/rows/**/*.parquet')
+                       WHERE status = 'ok'""").fetchall()
+    assert rows and any(k > 0 for _, _, _, k, *_ in rows)
+    for n, n_ref, is_ref, k, w, h, scores, inside in rows:
+        assert k == n and (not is_ref or n == n_ref)
+        assert scores == sorted(scores, reverse=True) and inside in (True, None)
