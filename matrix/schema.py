@@ -33,7 +33,8 @@ DETECTION_LAYOUTS = ("yolox", "yolov5", "yolo", "yolo-transposed", "boxes-scores
 SCOPES = ("all", "same-input")
 # Ground truth (dataset.labels); runner/labels.py and runner/label_classes.py read them and hold
 # the same tuples (tests/test_accuracy_spec.py keeps them equal: matrix/ imports nothing above it).
-LABEL_FORMATS = ("auto", "csv", "pairs", "imagenet-solution", "imagenet-index", "imagefolder")
+LABEL_FORMATS = ("auto", "csv", "pairs", "imagenet-solution", "imagenet-index", "imagefolder",
+                 "coco", "yolo")
 LABEL_BY = ("auto", "index", "name", "synset")
 LABEL_MATCHES = ("auto", "id", "name", "stem")
 
@@ -150,18 +151,21 @@ def _from_name(key: str) -> Callable[[Any], Any]:
 
 
 class Labels(_Strict):
-    """Ground truth for a classifier: a labels file and how to read it (docs/accuracy.md)."""
+    """Ground truth: for a classifier a labels file, for a detector COCO JSON or a YOLO folder,
+    and how to read it (docs/accuracy.md)."""
 
     path: Optional[Annotated[str, Field(min_length=1)]] = Field(
-        None, description="the labels file, relative to the spec (none for format imagefolder)")
+        None, description="the labels file, relative to the spec (none for format imagefolder; "
+                          "a folder of .txt files for format yolo)")
     format: Optional[Literal[LABEL_FORMATS]] = Field(  # type: ignore[valid-type]
         "auto", description="auto (default: from the file's name and first line), csv (path,label), "
                           "pairs (name label per line: ImageNet's synset lists, Caffe's val.txt), "
                           "imagenet-solution (LOC_val_solution.csv), imagenet-index (the devkit's "
-                          "ILSVRC2012_validation_ground_truth.txt), imagefolder (the parent folder)")
+                          "ILSVRC2012_validation_ground_truth.txt), imagefolder (the parent folder); "
+                          "for a detector: coco (instances JSON), yolo (a folder of .txt files)")
     by: Optional[Literal[LABEL_BY]] = Field(  # type: ignore[valid-type]
         "auto", description="how a label names a class: auto (default: integers are indices, else "
-                          "a name or a WordNet synset), index, name, synset")
+                          "a name or a WordNet synset; COCO: category names), index, name, synset")
     index_base: Optional[Literal[0, 1]] = Field(
         0, description="the class index the file uses for the model's first class (0 default)")
     meta_mat: Optional[Annotated[str, Field(min_length=1)]] = Field(
@@ -251,6 +255,26 @@ class Model(_Strict):
         18, description="ONNX opset 7-23")
     labels: Optional[str] = Field(None, description="a text file, one class name per line")
     detection: Optional[Detection] = None
+    outputs: Optional[Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = Field(
+        None, description="names of the model's outputs in its output order (default output0, "
+                          "output1, ...): rows (out_worst, outputs) and explain name them")
+    compare_outputs: Optional[Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]] = Field(
+        None, description="the outputs whose divergence out_* and check judge (default: every "
+                          "output); names from model.outputs, else output0, output1, ...")
+
+    @model_validator(mode="after")
+    def _output_names(self) -> "Model":
+        for field in ("outputs", "compare_outputs"):
+            names = getattr(self, field) or []
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise _fail("model", f"names output {twice!r} twice", field=field)
+        if self.outputs and self.compare_outputs:
+            unknown = next((n for n in self.compare_outputs if n not in self.outputs), None)
+            if unknown is not None:
+                raise _fail("model", f"names {unknown!r}, which model.outputs does not "
+                                     f"({', '.join(self.outputs)})", field="compare_outputs")
+        return self
 
 
 _POINTS_SCHEMA = {"type": "number", "minimum": 0, "maximum": 100}

@@ -66,6 +66,8 @@ class ModelSpec:
     opset: int = 18
     labels: str | None = None
     detection: Mapping[str, Any] | None = None
+    outputs: tuple[str, ...] | None = None           # names of the outputs, in output order
+    compare_outputs: tuple[str, ...] | None = None   # the outputs out_* and check judge
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,9 @@ def _model(m: Any, written: Any, base_dir: str) -> ModelSpec:
         return None if p is None else resolve(base_dir, p)
     return ModelSpec(name=m.name, torch=m.torch, weights=rel(m.weights), onnx=rel(m.onnx),
                      input=written.get("input"), task=m.value("task"), opset=m.value("opset"),
-                     labels=rel(m.labels), detection=written.get("detection"))
+                     labels=rel(m.labels), detection=written.get("detection"),
+                     outputs=tuple(m.outputs) if m.outputs else None,
+                     compare_outputs=tuple(m.compare_outputs) if m.compare_outputs else None)
 
 
 def apply_override(raw: dict, text: str) -> None:

@@ -36,7 +36,7 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("px_frac_diff", pa.float64(), "0-1", "fraction of input pixels (any channel) that differ"),
     ("px_psnr", pa.float64(), "dB", "PSNR of the model input vs the reference (inf if equal)"),
     ("out_max_abs", pa.float64(), "logits", "max abs difference of the output vs the reference cell "
-                                            "(detection: over the raw head, all outputs concatenated)"),
+                                            "(several outputs: the largest over model.compare_outputs)"),
     ("out_mean_abs", pa.float64(), "logits", "mean abs difference of the output"),
     ("out_rel_l2", pa.float64(), "ratio", "||out - ref|| / ||ref||"),
     ("out_cosine", pa.float64(), "-1..1", "cosine similarity of output and reference output"),

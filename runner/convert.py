@@ -52,6 +52,24 @@ class ResolvedModel:
     onnx: str | None
     opset: int
     detection: DetectionConfig | None = None
+    outputs: tuple[str, ...] | None = None
+    compare_outputs: tuple[str, ...] | None = None
+
+    def output_names(self, k: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The names of the model's ``k`` outputs (``model.outputs``, else output0, output1, ...)
+        and the positions whose divergence out_* and check judge (``model.compare_outputs``,
+        else all). Raises ValueError (one line) when the spec's names do not fit ``k``."""
+        names = self.outputs or tuple(f"output{i}" for i in range(k))
+        if len(names) != k:
+            raise ValueError(f"model.outputs names {len(names)} output(s) ({', '.join(names)}), "
+                             f"but the model returned {k}")
+        if not self.compare_outputs:
+            return names, tuple(range(k))
+        unknown = [n for n in self.compare_outputs if n not in names]
+        if unknown:
+            raise ValueError(f"model.compare_outputs names {unknown[0]!r}, not an output of the "
+                             f"model ({', '.join(names)})")
+        return names, tuple(i for i, n in enumerate(names) if n in self.compare_outputs)
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
@@ -64,14 +82,14 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
             pre = _preprocess_from(spec.input, default=pre)
         det = config_from(spec.detection, d.detection) if d.task == "detection" else None
         return ResolvedModel(d.name, d.task, pre, d.labels, f"builtin:{d.name}", d.weights_path,
-                             d.onnx_path, spec.opset, det)
+                             d.onnx_path, spec.opset, det, spec.outputs, spec.compare_outputs)
     labels = None
     if spec.labels:
         labels = tuple(Path(spec.labels).read_text(encoding="utf-8").splitlines())
     name = spec.torch or Path(spec.onnx or "model").stem
     det = config_from(spec.detection) if spec.task == "detection" else None
     return ResolvedModel(name, spec.task, _preprocess_from(spec.input or {}), labels, spec.torch,
-                         spec.weights, spec.onnx, spec.opset, det)
+                         spec.weights, spec.onnx, spec.opset, det, spec.outputs, spec.compare_outputs)
 
 
 def _preprocess_from(inp: dict[str, Any], default: Preprocess | None = None) -> Preprocess:

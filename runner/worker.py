@@ -329,8 +329,8 @@ class Worker:
 
     def _infer(self, setting: InferSetting, inputs: dict[bytes, np.ndarray],
                chunk_index: int) -> dict[bytes, tuple[Any, float] | _Failure]:
-        """Infer each distinct input once. A classifier's output per image is its first output
-        (logits); a detector's is the tuple of all its outputs (raw head)."""
+        """Infer each distinct input once. The output per image is the tuple of all the model's
+        outputs (a classifier's class scores are its first; a detector's tuple is its raw head)."""
         if not inputs:
             return {}
         runner = self.runner(setting)
@@ -338,17 +338,22 @@ class Worker:
             return {k: runner for k in inputs}
         keys = list(inputs)
         out: dict[bytes, tuple[Any, float] | _Failure] = {}
-        every = self.plan.model.task == "detection"
         b = min(setting.batch or self.plan.batch, self.plan.artifacts.max_batch or 1 << 30)
         for start in range(0, len(keys), b):
             part = keys[start: start + b]
             batch = np.stack([inputs[k] for k in part])
             t = time.perf_counter()
             try:
-                ys = runner.infer_all(batch) if every else [runner.infer(batch)]
+                ys = runner.infer_all(batch)
             except Exception as e:  # an inference failure is data: error rows, not a crash
                 for k in part:
                     out[k] = _Failure("infer", f"{type(e).__name__}: {e}")
+                continue
+            try:
+                self.plan.model.output_names(len(ys))   # the spec's names fit the model
+            except ValueError as e:
+                for k in part:
+                    out[k] = _Failure("infer", str(e))
                 continue
             wrong = next((y.shape for y in ys if y.ndim == 0 or y.shape[0] != len(part)), None)
             if wrong is not None:  # a fixed-batch model (e.g. a Reshape to [1, ...]) given more
@@ -360,14 +365,13 @@ class Worker:
             per_image = (time.perf_counter() - t) * 1e3 / len(part)
             self.counters["inferences"] += len(part)
             for i, k in enumerate(part):
-                out[k] = (tuple(y[i] for y in ys) if every else ys[0][i], per_image)
+                out[k] = (tuple(y[i] for y in ys), per_image)
             if start == 0 and self.plan.reuse_check_every and chunk_index % self.plan.reuse_check_every == 0:
-                self._check_batch_dependence(runner, setting, part, batch, ys, every)
+                self._check_batch_dependence(runner, setting, part, batch, ys)
         return out
 
     def _check_batch_dependence(self, runner: BackendRunner, setting: InferSetting,
-                                part: list[bytes], batch: np.ndarray, ys: list[np.ndarray],
-                                every: bool) -> None:
+                                part: list[bytes], batch: np.ndarray, ys: list[np.ndarray]) -> None:
         """The reuse guard. A reused output was inferred in one batch and handed to another cell
         whose own inference would have put that tensor in another batch (other neighbours, other
         size). So re-infer the batch in reverse order (other positions) and its first tensor
@@ -380,7 +384,7 @@ class Worker:
         worst: dict[int, tuple[float, float]] = {}
         for sub, index in again.values():
             try:
-                zs = runner.infer_all(sub) if every else [runner.infer(sub)]
+                zs = runner.infer_all(sub)
             except Exception:  # noqa: BLE001 - a batch the backend refuses is not a mismatch
                 continue
             for pos, i in enumerate(index):
@@ -542,9 +546,15 @@ class _RowContext:
             block["batch_max_abs"] = [c[0] if c else None for c in checks]
             block["batch_rel_l2"] = [c[1] if c else None for c in checks]
             task = plan.model.task
+            idx = np.flatnonzero(cmp_)
+            for i in idx:   # a cell whose model returns other outputs than the reference's
+                if len(ys[i][0]) != len(self.ref_y[i][0]):
+                    block["fail"][i] = _Failure("infer", f"this cell's model returned {len(ys[i][0])} "
+                                                         f"outputs, the reference's {len(self.ref_y[i][0])}")
+                    ok[i] = cmp_[i] = False
             if task == "classification" and ok.any():
                 idx = np.flatnonzero(ok)
-                top, prob = metrics.top5_rows(np.stack([ys[i][0] for i in idx]))
+                top, prob = metrics.top5_rows(np.stack([ys[i][0][0] for i in idx]))
                 block["top5"] = _scatter_lists(top, idx, self.n)
                 block["top5_prob"] = _scatter_lists(prob, idx, self.n)
                 if self.labelled.any():
@@ -553,21 +563,43 @@ class _RowContext:
                     block["correct_top5"] = _scatter((top == label).any(axis=1), idx, self.n)
             idx = np.flatnonzero(cmp_)
             if len(idx):
-                flat = (lambda y: _flat(y)) if task == "detection" else (lambda y: np.asarray(y))
-                mine = [flat(ys[i][0]) for i in idx]
-                theirs = [flat(self.ref_y[i][0]) for i in idx]
-                if len({a.shape for a in mine + theirs}) == 1:
-                    m = metrics.output_divergence_rows(np.stack(mine), np.stack(theirs))
-                    if task == "classification":
-                        m.update(metrics.classification_rows(np.stack(mine), np.stack(theirs)))
-                else:
-                    per = [metrics.output_divergence(a, b) for a, b in zip(mine, theirs)]
-                    m = {k: np.array([d[k] for d in per]) for k in per[0]}
-                block.update({k: _scatter(v, idx, self.n) for k, v in m.items()})
+                m = self._output_divergence(ys, idx)
+                if task == "classification":
+                    mine, theirs = (np.stack([y[i][0][0] for i in idx]) for y in (ys, self.ref_y))
+                    m.update(metrics.classification_rows(mine, theirs))
+                block.update({k: _scatter(v, idx, self.n) if isinstance(v, np.ndarray)
+                              else _scatter_lists(v, idx, self.n) for k, v in m.items()})
                 if task == "detection":
                     block.update(self._detection_columns(ikey, ys, idx, pkey))
             return block
         return self._block(("output", ikey, pkey), make)
+
+    def _output_divergence(self, ys: list, idx: np.ndarray) -> dict[str, Any]:
+        """out_* of the images ``idx``: each output against the reference's same output, and per
+        column the worst over the compared outputs (``model.compare_outputs``), so a change in any
+        of them shows in out_* and fails the gate; ``out_worst`` names the output with the
+        largest rel L2, ``outputs`` lists every output's divergence (models with several)."""
+        names, compared = self.w.plan.model.output_names(len(ys[idx[0]][0]))
+        per = []
+        for j in range(len(names)):
+            mine = [np.asarray(ys[i][0][j]) for i in idx]
+            theirs = [np.asarray(self.ref_y[i][0][j]) for i in idx]
+            if len({a.shape for a in mine + theirs}) == 1:
+                per.append(metrics.output_divergence_rows(np.stack(mine), np.stack(theirs)))
+            else:   # outputs of varying shape (a detector's dynamic box count): row by row
+                rows = [metrics.output_divergence(a, b) for a, b in zip(mine, theirs)]
+                per.append({k: np.array([d[k] for d in rows]) for k in rows[0]})
+        judged = [per[j] for j in compared]
+        worst = np.array(compared)[np.argmax(np.stack([d["out_rel_l2"] for d in judged]), axis=0)]
+        m: dict[str, Any] = {
+            k: (np.min if k in ("out_cosine", "out_sqnr_db") else np.max)(
+                np.stack([d[k] for d in judged]), axis=0) for k in judged[0]}
+        m["out_worst"] = np.array(names, object)[worst]
+        if len(names) > 1:
+            m["outputs"] = [[{"name": n, "max_abs": float(d["out_max_abs"][r]),
+                              "rel_l2": float(d["out_rel_l2"][r]), "cosine": float(d["out_cosine"][r])}
+                             for n, d in zip(names, per)] for r in range(len(idx))]
+        return m
 
     def _detection_columns(self, ikey: tuple, ys: list, idx: np.ndarray, pkey: tuple) -> dict:
         w, ref = self.w, self.ref
@@ -639,12 +671,14 @@ class _RowContext:
         for k in ("correct_top1", "correct_top5"):
             if k in out:
                 cols[k] = _masked(out[k], ok & self.labelled, pa.bool_())
+        if "outputs" in out:
+            cols["outputs"] = _masked(out["outputs"], full, pa.list_(OUTPUT_DIV))
         for k, values in out.items():
-            if k == "out_digest":
+            if k in ("out_digest", "outputs"):
                 continue
             if k.startswith(("out_", "top1")) or k == "top5_overlap":
-                typ = (pa.int32() if k in ("top1", "top1_ref") else
-                       pa.bool_() if k == "top1_agree" else pa.float64())
+                typ = (pa.int32() if k in ("top1", "top1_ref") else pa.bool_() if k == "top1_agree"
+                       else pa.string() if k == "out_worst" else pa.float64())
                 cols[k] = _masked(values, full, typ)
             elif k.startswith("det_"):
                 cols[k] = pa.array(values, pa.list_(DET_BOX) if k == "det_boxes" else None)
@@ -655,7 +689,7 @@ _REFERENCE_FAILED = "the reference cell failed on this image: no divergence meas
 
 
 def _output_digest(y) -> str:
-    """Hex of the first 16 bytes of SHA-256 over an output's bytes (a detector's: all of them),
+    """Hex of the first 16 bytes of SHA-256 over the bytes of all of an image's outputs,
     so two runs can tell bit for bit whether the same cell gave the same output."""
     h = hashlib.sha256()
     for a in (y if isinstance(y, tuple) else (y,)):
@@ -687,9 +721,9 @@ def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _scatter_lists(values: np.ndarray, idx: np.ndarray, n: int) -> list:
+def _scatter_lists(values: np.ndarray | list, idx: np.ndarray, n: int) -> list:
     out: list = [None] * n
-    for row, i in zip(values.tolist(), idx):
+    for row, i in zip(values.tolist() if isinstance(values, np.ndarray) else values, idx):
         out[i] = row
     return out
 
@@ -710,11 +744,6 @@ def error_result(plan: Plan, chunk: Chunk, stage: str, message: str,
     images = [{"image_id": img.image_id, "path": img.path, "error": message} for img in chunk.images]
     return ChunkResult(chunk.index, pa.Table.from_pylist(rows, schema=row_schema(plan.axes)),
                        pa.Table.from_pylist(images, schema=IMAGE_SCHEMA), {"images": len(chunk.images)})
-
-
-def _flat(outputs: tuple[np.ndarray, ...]) -> np.ndarray:
-    """A detector's outputs as one vector: the raw head that ``out_*`` compares elementwise."""
-    return np.concatenate([np.asarray(o, np.float32).ravel() for o in outputs])
 
 
 def _in_image(d: Detections, pl: Placement) -> Detections:

@@ -44,9 +44,11 @@ def torch_dtype(precision: str) -> Any:
 
 
 def effective_precision(model: Any, setting: InferSetting) -> tuple[str, str]:
-    """(precision the module's parameters hold, with tf32 when it applies; their dtype)."""
+    """(precision the module's parameters hold, with tf32 when it applies; their dtype). A
+    module without parameters computes in the dtype its input is cast to."""
     import torch
-    dtype = next(model.parameters()).dtype
+    first = next(model.parameters(), None)
+    dtype = first.dtype if first is not None else torch_dtype(setting.precision)
     eff = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
     if eff == "fp32" and setting.device.startswith("cuda") and setting.tf32 == "on":
         eff = "tf32"
