@@ -27,11 +27,13 @@ BOX_SCHEMA = pa.schema([("key", pa.string()), ("x1", pa.float64()), ("y1", pa.fl
 IMAGE_BOX_SCHEMA = pa.schema([("key", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
 
 
-def read_coco(path: str, classes: ClassSpace, by: str = "name") -> tuple[pa.Table, pa.Table]:
+def read_coco(path: str, classes: ClassSpace, by: str = "name",
+              index_base: int = 0) -> tuple[pa.Table, pa.Table]:
     """COCO ``instances_*.json`` -> (boxes ``BOX_SCHEMA``, images ``IMAGE_BOX_SCHEMA``).
 
-    ``by="name"`` maps COCO's category names to the model's classes (COCO's ids run 1-90 with
-    gaps, an 80-class model's indices 0-79); ``by="index"`` takes ``category_id`` as the index.
+    ``by="name"`` (or ``auto``) maps COCO's category names to the model's classes (COCO's ids run
+    1-90 with gaps, an 80-class model's indices 0-79); ``by="index"`` takes ``category_id`` as
+    the index, ``index_base`` being the id of the model's first class.
     The JSON is parsed whole (``json.load``: a 450 MB train file needs ~3 GB); columns are built
     from it once, not a row object per box.
     """
@@ -58,7 +60,7 @@ def read_coco(path: str, classes: ClassSpace, by: str = "name") -> tuple[pa.Tabl
         raise LabelError(f"{path}: an annotation names image id {int(ann_img[~known][0])}, "
                          "which is not in its images list")
     file_of = pa.array(files, pa.string()).take(pa.array(order[at], pa.int64()))
-    if by == "name":
+    if by in ("name", "auto"):
         name_of = {int(c["id"]): str(c["name"]) for c in cats}
         missing = sorted(set(np.unique(ann_cat).tolist()) - set(name_of))
         if missing:
@@ -67,7 +69,8 @@ def read_coco(path: str, classes: ClassSpace, by: str = "name") -> tuple[pa.Tabl
         mapped = classes.to_index([name_of[int(u)] for u in uniq], by="name", source=path)
         label = mapped.to_numpy()[np.searchsorted(uniq, ann_cat)] if len(ann_cat) else ann_cat
     else:
-        label = classes.to_index(pa.array(ann_cat.astype(str)), by="index", source=path).to_numpy()
+        label = classes.to_index(pa.array(ann_cat.astype(str)), by="index", index_base=index_base,
+                                 source=path).to_numpy()
     area = np.where(np.isnan(area), bbox[:, 2] * bbox[:, 3], area)
     boxes = pa.table({"key": file_of, "x1": bbox[:, 0], "y1": bbox[:, 1],
                       "x2": bbox[:, 0] + bbox[:, 2], "y2": bbox[:, 1] + bbox[:, 3],

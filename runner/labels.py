@@ -16,6 +16,11 @@ Formats (``FORMATS``; ``read_labels`` dispatches):
 Every reader returns ``LABEL_SCHEMA`` rows keyed as written in the file (``key``); ``attach``
 matches them to the dataset's image ids (paths relative to the dataset root, posix) by the whole
 id, the file name or the stem. Files are parsed with pyarrow (no Python loop per row).
+
+A detector's ground truth (``BOX_FORMATS``: ``coco`` instances JSON, ``yolo`` a folder of .txt
+files; ``dmx.runner.label_boxes``) is boxes, not one class per image: ``labels_for_run`` matches
+its images to the run's image ids the same way and writes ``labels_boxes.parquet`` and
+``labels_images.parquet`` for the run directory, where analysis reads them (docs/accuracy.md).
 """
 from __future__ import annotations
 
@@ -29,14 +34,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from .label_boxes import read_coco, read_yolo
 from .label_classes import ClassSpace, LabelError, imagenet1k_space
 
-__all__ = ["FORMATS", "LABEL_SCHEMA", "LabelCoverage", "attach", "correct_at_k", "detect_format",
+__all__ = ["BOX_FORMATS", "BOX_IMAGES_FILE", "BOXES_FILE", "FORMATS", "LABEL_SCHEMA", "LabelCoverage", "attach", "correct_at_k", "detect_format",
            "read_csv_labels", "read_devkit_meta", "read_image_folder", "read_imagenet_index",
            "read_imagenet_solution", "read_labels", "read_pairs", "MATCHES", "check_spec_labels",
-           "labels_for_run", "model_classes", "read_spec_labels"]
+           "labels_for_run", "model_classes", "model_task", "read_spec_boxes", "read_spec_labels"]
 
 FORMATS = ("csv", "pairs", "imagenet-solution", "imagenet-index", "imagefolder")
+#: A detector's ground truth: COCO instances JSON, a folder of YOLO .txt files.
+BOX_FORMATS = ("coco", "yolo")
+#: Where a run keeps a detector's ground truth (the run directory; analysis reads them there).
+BOXES_FILE, BOX_IMAGES_FILE = "labels_boxes.parquet", "labels_images.parquet"
 #: ``key``: the image as the labels file names it; ``label_index``: the model's class index.
 LABEL_SCHEMA = pa.schema([("key", pa.string()), ("label_index", pa.int32())])
 _DEVKIT_GT = "ILSVRC2012_validation_ground_truth.txt"
@@ -180,14 +190,19 @@ def read_image_folder(image_ids: Sequence[str] | pa.Array, classes: ClassSpace,
     return _keyed(ids, folder, classes, by, 0, "the folder names")
 
 
-def detect_format(path: str) -> str:
-    """Guess a labels file's format from its name and first line (see ``FORMATS``)."""
+def detect_format(path: str, task: str = "classification") -> str:
+    """Guess a labels file's format from its name and first line (see ``FORMATS``); for a
+    detector a folder is YOLO's and a ``.json`` or ``{...`` file COCO's (``BOX_FORMATS``)."""
     if os.path.isdir(path):
+        if task == "detection":
+            return "yolo"
         raise LabelError(f"{path} is a folder; give a labels file, or format imagefolder")
     if Path(path).name == _DEVKIT_GT:
         return "imagenet-index"
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline().strip()
+    if path.lower().endswith(".json") or first.startswith("{"):
+        return "coco"
     if first.replace(" ", "") == "ImageId,PredictionString":
         return "imagenet-solution"
     if "," in first:
@@ -325,15 +340,11 @@ def model_classes(model_spec) -> ClassSpace:
     for a model whose 1,000 class names are ImageNet's, else the model's own names (a built-in
     model's ``ModelDef.labels``, or ``model.labels``: a text file, one name per line, in index
     order). Raises ``LabelError`` for a model that is no classifier or names no classes."""
-    builtin = None
-    if model_spec.name:
-        from .models import get_model
-        builtin = get_model(model_spec.name)
-    task = builtin.task if builtin else (model_spec.task or "classification")
-    if task != "classification":
-        raise LabelError(f"dataset.labels holds class labels, but the model's task is {task}: "
-                         "detection ground truth (COCO JSON, YOLO txt) is not joined to rows yet "
-                         "(docs/accuracy.md)")
+    builtin = _builtin(model_spec)
+    task = model_task(model_spec)
+    if task not in ("classification", "detection"):
+        raise LabelError(f"dataset.labels holds class labels or boxes, but the model's task is "
+                         f"{task}: ground truth is for classifiers and detectors (docs/accuracy.md)")
     if builtin:
         names = builtin.labels
         where = f"the built-in model {model_spec.name}"
@@ -355,6 +366,19 @@ def model_classes(model_spec) -> ClassSpace:
     return ClassSpace(tuple(names))
 
 
+def _builtin(model_spec):
+    if not model_spec.name:
+        return None
+    from .models import get_model
+    return get_model(model_spec.name)
+
+
+def model_task(model_spec) -> str:
+    """classification, detection or tensor: a built-in model's own task, else ``model.task``."""
+    builtin = _builtin(model_spec)
+    return builtin.task if builtin else (model_spec.task or "classification")
+
+
 def _is_imagenet(names: Sequence[str]) -> bool:
     """1,000 names that are ImageNet-1k's in its index order (nine in ten equal to
     torchvision's list, case and ``_`` aside): a 1,000-class model of another dataset is not
@@ -370,6 +394,23 @@ def _source(spec):
     return getattr(spec.dataset, "labels", None)
 
 
+def _format(src, task: str) -> str:
+    """The labels' format, guessed where ``auto``; a classifier's format for a detector (or the
+    other way round) is refused with both named."""
+    fmt = src.format
+    if fmt == "auto":
+        fmt = "imagefolder" if src.path is None else detect_format(src.path, task)
+    boxes = fmt in BOX_FORMATS
+    if task == "detection" and not boxes:
+        raise LabelError(f"dataset.labels ({src.path or fmt}) is read as {fmt}, class labels, but "
+                         f"the model is a detector: give COCO JSON (format coco) or a folder of "
+                         f"YOLO .txt files (format yolo)")
+    if task != "detection" and boxes:
+        raise LabelError(f"dataset.labels ({src.path}) is {fmt} detection ground truth, but the "
+                         f"model's task is {task}: give class labels (docs/accuracy.md)")
+    return fmt
+
+
 def read_spec_labels(spec, image_ids: Sequence[str] | pa.Array | None = None,
                      classes: ClassSpace | None = None) -> pa.Table:
     """The spec's ``dataset.labels`` read into ``LABEL_SCHEMA`` in the model's class indices;
@@ -383,10 +424,43 @@ def read_spec_labels(spec, image_ids: Sequence[str] | pa.Array | None = None,
                        meta_mat=src.meta_mat, image_ids=image_ids)
 
 
+def read_spec_boxes(spec, image_ids: Sequence[str] | pa.Array | None = None,
+                    classes: ClassSpace | None = None) -> tuple[pa.Table, pa.Table, bool]:
+    """A detector's ``dataset.labels``: (boxes ``BOX_SCHEMA``, images ``IMAGE_BOX_SCHEMA``,
+    normalised). COCO boxes are in pixels; YOLO's stay normalised to 0-1 (``normalised`` True,
+    image sizes 1 x 1) until analysis scales them by each image's size in ``images.parquet``,
+    so the driver opens no image. YOLO needs ``image_ids`` (None: the folder is only checked)."""
+    from .label_boxes import BOX_SCHEMA, IMAGE_BOX_SCHEMA
+
+    src = _source(spec)
+    classes = classes or model_classes(spec.model)
+    fmt = _format(src, "detection")
+    if fmt == "coco":
+        by = "index" if src.by == "index" else "name"
+        boxes, images = read_coco(src.path, classes, by, src.index_base)
+        return boxes, images, False
+    if image_ids is None:
+        if not os.path.isdir(src.path):
+            raise LabelError(f"YOLO labels folder {src.path} does not exist")
+        return BOX_SCHEMA.empty_table(), IMAGE_BOX_SCHEMA.empty_table(), True
+    ids = pc.cast(pa.array(image_ids) if not isinstance(image_ids, (pa.Array, pa.ChunkedArray))
+                  else image_ids, pa.string())
+    ones = pa.array(np.ones(len(ids), np.int32))
+    boxes, images = read_yolo(src.path, pa.table({"image_id": ids, "width": ones, "height": ones}),
+                              classes)
+    return boxes, images, True
+
+
 def check_spec_labels(spec) -> None:
     """Read and map the spec's labels before anything heavy runs, so an unmapped label is one
     error line at once, not after the model's conversion; a no-op without ``dataset.labels``."""
-    if _source(spec) is not None:
+    src = _source(spec)
+    if src is None:
+        return
+    if model_task(spec.model) == "detection":
+        read_spec_boxes(spec)
+    else:
+        _format(src, model_task(spec.model))
         read_spec_labels(spec)
 
 
@@ -395,6 +469,8 @@ def labels_for_run(spec, images: Path, scratch: Path) -> tuple[Path | None, dict
     ``scratch`` that the chunk list joins, and the coverage the manifest records; (None, None)
     when the spec names no labels (``dataset.labels``).
 
+    For a detector the path is None: the boxes go to ``BOXES_FILE`` and ``BOX_IMAGES_FILE`` in
+    ``scratch``, named in the coverage's ``files`` for the caller to put in the run directory.
     ``images`` is the run's sorted image list (a Parquet file with an ``image_id`` column).
     Raises ``LabelError`` when the labels cannot be read or mapped, or name none of the images.
     """
@@ -405,16 +481,89 @@ def labels_for_run(spec, images: Path, scratch: Path) -> tuple[Path | None, dict
         return None, None
     ids = pq.read_table(images, columns=["image_id"])["image_id"].combine_chunks()
     classes = model_classes(spec.model)
+    task = model_task(spec.model)
+    fmt = _format(src, task)
+    if task == "detection":
+        return None, _boxes_for_run(spec, ids, classes, fmt, Path(scratch))
     labels = read_spec_labels(spec, ids, classes)
     table, cov = attach(labels, ids, src.match)
+    _refuse_none_named(spec, cov, labels["key"], ids)
+    out = Path(scratch) / "labels.parquet"
+    pq.write_table(table.filter(pc.is_valid(table["label_index"])), out)
+    return out, dict(cov, source=src.path, format=fmt, classes=len(classes))
+
+
+def _refuse_none_named(spec, cov: LabelCoverage, keys: pa.Array | pa.ChunkedArray,
+                       ids: pa.Array) -> None:
     if cov["labelled"] == 0 and len(ids) and not spec.dataset.limit:   # a limit may cut them all
-        example = labels["key"][0].as_py() if labels.num_rows else None
+        src = _source(spec)
+        example = keys[0].as_py() if len(keys) else None
         raise LabelError(f"no image of the dataset is named in {src.path or 'the folder names'} "
                          f"(matched by {cov['match']}; e.g. label {example!r}, image "
                          f"{ids[0].as_py()!r}): give labels by path relative to the dataset root, "
                          "file name or stem")
-    out = Path(scratch) / "labels.parquet"
-    pq.write_table(table.filter(pc.is_valid(table["label_index"])), out)
-    return out, dict(cov, source=src.path, format=src.format if src.format != "auto"
-                     else ("imagefolder" if src.path is None else detect_format(src.path)),
-                     classes=len(classes))
+
+
+def _boxes_for_run(spec, ids: pa.Array, classes: ClassSpace, fmt: str, scratch: Path) -> dict:
+    """Write a detector's ground truth for the run's images (``BOXES_FILE``: image_id, box in
+    pixels or normalised, label_index, iscrowd, area; ``BOX_IMAGES_FILE``: every run image the
+    ground truth covers, boxes or none, with its size) and return the coverage."""
+    import pyarrow.parquet as pq
+
+    src = _source(spec)
+    boxes, images, normalised = read_spec_boxes(spec, ids, classes)
+    image_of, cov = _match_keys(images["key"], ids, src.match)
+    _refuse_none_named(spec, cov, images["key"], ids)
+    covered = pc.is_valid(image_of)
+    size_null = pa.nulls(len(images), pa.int32())
+    pq.write_table(pa.table({
+        "image_id": image_of, "width": size_null if normalised else images["width"],
+        "height": size_null if normalised else images["height"]}).filter(covered),
+        scratch / BOX_IMAGES_FILE)
+    owner = pc.take(image_of, pc.index_in(boxes["key"], value_set=images["key"]))
+    table = boxes.drop_columns(["key"]).add_column(0, "image_id", owner)
+    table = table.filter(pc.is_valid(owner))
+    pq.write_table(table, scratch / BOXES_FILE)
+    return dict(cov, source=src.path, format=fmt, classes=len(classes), boxes=table.num_rows,
+                normalised=normalised, files=[BOXES_FILE, BOX_IMAGES_FILE])
+
+
+def _match_keys(keys: pa.Array | pa.ChunkedArray, image_ids: pa.Array, match: str = "auto"
+                ) -> tuple[pa.Array, LabelCoverage]:
+    """For each image the ground truth names (``keys``, distinct), the run's image id it is
+    (null: not in the run), matched as ``attach`` does: whole id, file name or stem, ``auto`` the
+    level that finds the most; a level at which two keys or two image ids look alike is refused
+    if it would be used."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {', '.join(MATCHES)}, not {match!r}")
+    keys = pc.cast(keys, pa.string())
+    keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+    levels = ("id", "name", "stem") if match == "auto" else (match,)
+    best = None
+    for level in levels:
+        k = _derive(keys, level)
+        if pc.count_distinct(k).as_py() < len(k):
+            if match != "auto":
+                counts = pa.table({"k": k}).group_by("k").aggregate([("k", "count")])
+                dup = counts.filter(pc.greater(counts["k_count"], 1))["k"][0].as_py()
+                raise LabelError(f"the ground truth names two images with the {level} {dup!r}: "
+                                 "match by id (the path relative to the dataset root)")
+            continue
+        pos = pc.index_in(_derive(image_ids, level), value_set=k)
+        n = len(pos) - pos.null_count
+        if best is None or n > best[0]:
+            best = (n, level, k, pos)
+    if best is None:
+        raise LabelError("the ground truth names images alike at every level: give file names "
+                         "as paths relative to the dataset root")
+    n, level, k, pos = best
+    if level != "id" and n:
+        _refuse_lookalikes(image_ids, _derive(image_ids, level), pos, level)
+    at = pc.index_in(k, value_set=_derive(image_ids, level))
+    image_of = pc.take(image_ids, at)
+    unused = pc.is_null(at)
+    n_unused = int(pc.sum(pc.cast(unused, pa.int64())).as_py() or 0)
+    cov = LabelCoverage(match=level, images=len(image_ids), labelled=n,
+                        unlabelled=len(image_ids) - n, unused=n_unused,
+                        unused_example=pc.filter(keys, unused)[0].as_py() if n_unused else None)
+    return image_of, cov

@@ -215,6 +215,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         print("dmx: a compacted row file is damaged; its chunks are computed again", file=sys.stderr)
     previous = run.fetch_chunk_list(scratch / "previous-chunks.parquet") if old else None
     labels, label_coverage = labels_for_run(spec, listing.images, scratch)
+    for name in (label_coverage or {}).get("files", ()):   # a detector's boxes: analysis reads them here
+        run.upload(name, scratch / name)
     try:
         index = plan_chunks(listing.images, chunk_size, scratch / "chunks.parquet", previous,
                             run.done_chunks() if old else set(), run.uri, labels=labels)

@@ -15,7 +15,8 @@ from dmx.matrix.errors import SpecError
 from dmx.matrix.schema import LABEL_BY, LABEL_FORMATS, LABEL_MATCHES
 from dmx.matrix.spec import parse_spec
 from dmx.runner.label_classes import BY, LabelError, UnmappedLabel
-from dmx.runner.labels import FORMATS, MATCHES, check_spec_labels, labels_for_run, model_classes
+from dmx.runner.labels import (BOX_FORMATS, FORMATS, MATCHES, check_spec_labels, labels_for_run,
+                               model_classes)
 
 BASE = {"name": "t", "dataset": {"path": "imgs"}, "model": "tiny", "axes": {"decoder": ["pil"]}}
 
@@ -36,7 +37,7 @@ def image_list(tmp_path: Path, ids: list[str]) -> Path:
 
 
 def test_the_schema_and_the_readers_allow_the_same_formats_and_matches():
-    assert LABEL_FORMATS == ("auto", *FORMATS)
+    assert LABEL_FORMATS == ("auto", *FORMATS, *BOX_FORMATS)
     assert LABEL_MATCHES == MATCHES and LABEL_BY == BY
 
 
@@ -157,10 +158,18 @@ def test_a_user_model_without_class_names_is_asked_for_model_labels(tmp_path: Pa
         check_spec_labels(s)
 
 
-def test_a_detector_is_told_its_ground_truth_is_not_joined_yet(tmp_path: Path):
+def test_a_detector_given_class_labels_is_asked_for_coco_or_yolo(tmp_path: Path):
+    pytest.importorskip("ddddocr")
     (tmp_path / "val.txt").write_text("a.jpg 1\n")
     s = spec_with(tmp_path, "val.txt", model="ddddocr_det")
-    with pytest.raises(LabelError, match="detection ground truth .* not joined"):
+    with pytest.raises(LabelError, match="the model is a detector: give COCO JSON"):
+        check_spec_labels(s)
+
+
+def test_a_classifier_given_coco_boxes_is_told_they_are_detection_ground_truth(tmp_path: Path):
+    (tmp_path / "gt.json").write_text('{"images": [], "annotations": [], "categories": []}')
+    s = spec_with(tmp_path, "gt.json")
+    with pytest.raises(LabelError, match="is coco detection ground truth, but the model's task"):
         check_spec_labels(s)
 
 
