@@ -5,6 +5,8 @@ cell, never one per image. The interval and McNemar's p of each cell's change co
 paired counts (``dmx.analysis.paired.paired_from_counts``, exact for the paired bootstrap over
 images). Accuracies and changes are in **points** (percentage points, 0-100).
 
+A detector's mAP against boxes: ``dmx.analysis.detection_accuracy``.
+
 Views (``register_accuracy_views``): ``accuracy`` (per cell: n labelled, n judged, top-1 and
 top-5) and ``accuracy_contrasts`` (each non-reference cell against the reference, paired over
 the images both judged: n, accuracies, change with its 95% interval, right->wrong,
@@ -100,12 +102,20 @@ def _mcnemar(rw: int, wr: int) -> float:
 ACCURACY_VIEWS = ("accuracy", "accuracy_contrasts")
 
 
-def register_accuracy_views(con: duckdb.DuckDBPyConnection) -> bool:
+def register_accuracy_views(con: duckdb.DuckDBPyConnection, run: Any = None) -> bool:
     """Define the ``accuracy`` and ``accuracy_contrasts`` views over an open run (``db.open_run``):
     plain SQL over ``rows`` and ``cells``, computed when queried (defining them reads nothing).
     The interval and p-value are SQL functions of a cell's counts (``dmx_ci_low``,
     ``dmx_ci_high``, ``dmx_mcnemar_p``). False, and no view, when the rows have no
-    ground-truth columns (runs written before them)."""
+    ground-truth columns (runs written before them).
+
+    Given the ``run`` (a ``RunDir`` or path) whose directory holds a detector's ground truth,
+    the detection views (``dmx.analysis.detection_accuracy``: ``detection_accuracy``,
+    ``detection_matches``) are defined too; they are computed at once (COCOeval and the
+    bootstrap, once per process), not when queried."""
+    if run is not None:
+        from .detection_accuracy import register_detection_accuracy
+        register_detection_accuracy(con, run)
     cols = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
     if not {"label", "correct_top1", "correct_top5"} <= cols:
         return False

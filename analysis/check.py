@@ -191,9 +191,12 @@ def _json_safe(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) -> CheckResult:
+def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None,
+              map_resamples: int | None = None) -> CheckResult:
     """Judge every non-reference ok cell of a run; ``tolerances`` overrides the spec's
-    ``check:`` section, which overrides the defaults (see the module docstring)."""
+    ``check:`` section, which overrides the defaults (see the module docstring).
+    ``map_resamples``: the paired bootstrap's resamples for a detector's mAP change (default
+    ``dmx.analysis.detection_accuracy.DEFAULT_RESAMPLES``)."""
     manifest = RunDir(run_dir).read_manifest()
     tol = resolve_tolerances(manifest.get("spec", {}).get("check"), tolerances)
     con = open_run(run_dir, require_complete=True)  # never judge (or pass) an incomplete run
@@ -267,7 +270,10 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None) 
             failures += _limit_failures(c, s, limits[cid, s["precision_effective"]], tol)
     accuracy: list[dict[str, Any]] = []
     if tol[ACCURACY_KEY] is not None:
-        acc_failures, accuracy = _accuracy_gate(con, cells, judged, tol[ACCURACY_KEY])
+        task = (manifest.get("model") or {}).get("task")
+        acc_failures, accuracy = (
+            _map_gate(con, run_dir, cells, judged, tol[ACCURACY_KEY], map_resamples)
+            if task == "detection" else _accuracy_gate(con, cells, judged, tol[ACCURACY_KEY]))
         failures += acc_failures
     return CheckResult(
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
@@ -354,6 +360,59 @@ def _accuracy_gate(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
             failures.append(Failure(c["cell_id"], c["label"], check, limit,
                                     None if gate.status != "fail" else gate.bound,
                                     r.right_to_wrong, r.n, note=message))
+    return failures, report
+
+
+def map_gate(m: Any, max_drop: float) -> tuple[str, float, float, str]:
+    """A detector cell's mAP change (``CellMap``) against ``max_drop`` points: (status, drop,
+    bound, message). It fails only when the drop is beyond the limit with confidence: the
+    interval's bound nearest zero (``-ci_high``) exceeds it."""
+    if max_drop < 0 or math.isnan(max_drop):
+        raise ValueError(f"max_drop is a drop in points, >= 0; got {max_drop}")
+    if m is None or m.delta is None or math.isnan(m.ci_high):
+        return ("not_judged", float("nan"), float("nan"),
+                "mAP not judged: no image with ground truth judged on both sides")
+    drop, bound, worst = -m.delta, -m.ci_high, -m.ci_low
+    lvl = f"{m.level:.0%}"
+    if bound > max_drop:
+        return ("fail", drop, bound, f"{m.text()}: a drop beyond {max_drop:.2f} pts with {lvl} "
+                                     f"confidence (at least {bound:.2f} pts, n = {m.n_paired})")
+    tail = "" if worst <= max_drop else f"; a drop up to {worst:.2f} pts is not ruled out at n = {m.n_paired}"
+    return "pass", drop, bound, f"{m.text()}: no mAP drop beyond {max_drop:.2f} pts shown{tail}"
+
+
+def _map_gate(con: duckdb.DuckDBPyConnection, run_dir: str | Path, cells: list[dict[str, Any]],
+              judged: list[dict[str, Any]], limits: float | Mapping[str, float],
+              resamples: int | None) -> tuple[list[Failure], list[dict[str, Any]]]:
+    """A detector's gate on ``max_accuracy_drop``: each judged cell's COCO mAP@[.5:.95] change
+    against the reference (points, paired bootstrap over images: ``dmx.analysis.
+    detection_accuracy``), through ``map_gate``; a run without detection ground truth fails
+    every cell as not judged."""
+    from .detection_accuracy import DEFAULT_RESAMPLES, register_detection_accuracy
+
+    axes = [k for k in (cells[0] if cells else {}) if k in AXES]
+    _check_selectors(limits, cells, axes)
+    maps = register_detection_accuracy(con, run_dir, resamples=resamples or DEFAULT_RESAMPLES) or {}
+    failures, report = [], []
+    for c in judged:
+        limit = drop_limit(limits, c, axes)
+        if limit is None:
+            continue
+        m = maps.get(c["cell_id"])
+        status, drop, bound, message = map_gate(m, limit)
+        if not maps:
+            message = ("accuracy not judged: the run has no detection ground truth "
+                       "(dataset.labels: COCO JSON or YOLO txt)")
+        n = m.n_paired if m is not None else 0
+        report.append({"cell_id": c["cell_id"], "cell": c["label"], "status": status,
+                       "limit": limit, "drop": drop, "bound": bound, "metric": "mAP",
+                       "conclusive": status == "fail" or (m is not None and m.delta is not None
+                                                         and -m.ci_low <= limit),
+                       "n": n, "message": message})
+        if status != "pass":
+            check = ACCURACY_KEY if status == "fail" else "accuracy_not_judged"
+            failures.append(Failure(c["cell_id"], c["label"], check, limit,
+                                    bound if status == "fail" else None, 0, n, note=message))
     return failures, report
 
 
@@ -488,8 +547,10 @@ def render_check_text(r: CheckResult) -> str:
                      f"{g(tol['min_top1_agreement'])}")
     drop = tol.get(ACCURACY_KEY)
     if drop is not None:
-        per = (f"{g(drop)} top-1 points" if not isinstance(drop, Mapping) else
-               ", ".join(f"{k}: {g(v)}" for k, v in drop.items()) + " (top-1 points)")
+        unit = ("COCO mAP@[.5:.95] points" if any(a.get("metric") == "mAP" for a in r.accuracy)
+                else "top-1 points")
+        per = (f"{g(drop)} {unit}" if not isinstance(drop, Mapping) else
+               ", ".join(f"{k}: {g(v)}" for k, v in drop.items()) + f" ({unit})")
         lines.append(f"accuracy: a cell fails when it loses more than {per} against the reference "
                      "with 95% confidence (the paired interval's bound); not judged is not passed")
     by_cell: dict[str, list[Failure]] = {}

@@ -21,6 +21,7 @@ from dmx.results.store import RunDir
 
 from .accuracy import CellAccuracy, accuracy_by_cell, correctness_shares
 from .db import open_run
+from .detection_accuracy import DEFAULT_RESAMPLES, CellMap, register_detection_accuracy
 from .effects import Attribution, CellStat, attribute
 from .paired import PairedAccuracy, unchanged_bound, verdict
 from .queries import query_dicts
@@ -112,6 +113,9 @@ class Contrast:
     acc_top5_delta: float | None = None
     acc_top5_ci_low: float | None = None
     acc_top5_ci_high: float | None = None
+    # A detector's COCO mAP against its ground truth, paired with the reference's over the
+    # images both judged (analysis/detection_accuracy.py); None without detection labels.
+    map: CellMap | None = None
 
     def accuracy_change(self) -> PairedAccuracy | None:
         """The top-1 change as a ``PairedAccuracy`` (its ``text()`` and ``verdict``), or None."""
@@ -146,6 +150,14 @@ class Explanation:
     # Ground truth, where the rows carry labels: the reference's accuracy, how many images are
     # labelled, the type-II shares of top-1 correctness per factor (None: no labels).
     accuracy: dict[str, Any] | None = None
+    # A detector's ground truth: the reference's mAP, the labelled images, the source, the
+    # bootstrap's resamples (None: no detection labels in the run).
+    detection_accuracy: dict[str, Any] | None = None
+
+    def map_ranking(self) -> list[Contrast]:
+        """Detector contrasts with a paired mAP change, the largest change (either sign) first."""
+        judged = [c for c in self.contrasts if c.map is not None and c.map.delta is not None]
+        return sorted(judged, key=lambda c: (-abs(c.map.delta), c.factor, c.level, c.detail))
 
     def accuracy_ranking(self) -> list[Contrast]:
         """Contrasts with a paired accuracy change, the largest change (either sign) first,
@@ -184,7 +196,9 @@ class Explanation:
                         "max_abs_max": c.max_abs_max, "px_mean_abs": c.px_mean_abs,
                         "shape_mismatches": c.shape_mismatches, "cell_id": c.cell_id,
                         "precision_effective": c.precision_effective,
-                        **_accuracy_fields(c)})
+                        **_accuracy_fields(c),
+                        "map_text": (c.map.text() if c.map is not None and c.map.delta is not None
+                                     else None)})
         return out
 
     def rare_but_large(self) -> list[Contrast]:
@@ -227,6 +241,11 @@ class Explanation:
                                                   "detail": c.detail or None, "cell_id": c.cell_id,
                                                   **_accuracy_fields(c)}
                                                  for c in self.accuracy_ranking()]},
+                "detection_accuracy": None if self.detection_accuracy is None else {
+                    **self.detection_accuracy,
+                    "ranking": [{"factor": c.factor, "level": c.level, "detail": c.detail or None,
+                                 **asdict(c.map), "indistinguishable": c.map.indistinguishable,
+                                 "text": c.map.text()} for c in self.map_ranking()]},
                 "precision_mismatches": self.precision_mismatches, "status": self.status,
                 "skipped_cells": self.skipped, "determinism": self.determinism}
 
@@ -436,7 +455,10 @@ def _contrast(factor: str, level: str, c: dict[str, Any], others: list[str],
         n_finite=n - int(s["n_nonfinite"] or 0), split=split)
 
 
-def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Explanation:
+def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL,
+                map_resamples: int = DEFAULT_RESAMPLES) -> Explanation:
+    """Rank a run's factors; ``map_resamples``: the paired bootstrap's resamples for a detector's
+    mAP change where the run has detection ground truth (its cost: analysis/paired_map.py)."""
     run = RunDir(path)
     manifest = run.read_manifest()
     con = open_run(run)
@@ -504,6 +526,8 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
     accuracy = _accuracy(con, stored, manifest, cells, axes, ref, contrasts)
+    detection_accuracy = (_detection_accuracy(con, run, manifest, ref, contrasts, map_resamples)
+                          if task == "detection" else None)
     attribution = main_effects(stored.rows("cell_moments"), cells, axes,
                                {a: ref[a] for a in axes})
     eta, inter = attribution.main, attribution.interactions
@@ -528,7 +552,30 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL) -> Expla
                      ("determinism_checks", "determinism_mismatches", "determinism_max_abs")},
         task=task, detection_rules=dict((manifest.get("model") or {}).get("detection") or {}),
         explained=attribution.explained, share_scale=attribution.scale, nested=attribution.nested,
-        nodes_differ=nodes_differ(manifest), nodes=_node_count(con, stored), accuracy=accuracy)
+        nodes_differ=nodes_differ(manifest), nodes=_node_count(con, stored), accuracy=accuracy,
+        detection_accuracy=detection_accuracy)
+
+
+def _detection_accuracy(con: duckdb.DuckDBPyConnection, run: RunDir, manifest: dict[str, Any],
+                        ref: dict[str, Any], contrasts: list[Contrast], resamples: int
+                        ) -> dict[str, Any] | None:
+    """A detector's mAP per cell against the run's ground truth: each contrast gets its
+    ``CellMap`` (paired change, points); returned: the reference's mAP and the coverage. None
+    when the run has no detection ground truth."""
+    maps = register_detection_accuracy(con, run, resamples=resamples)
+    if maps is None:
+        return None
+    for c in contrasts:
+        c.map = maps.get(c.cell_id)
+    r = maps.get(ref["cell_id"])
+    coverage = ((manifest.get("dataset") or {}).get("labels")) or {}
+    return {"reference_map": r.map if r else None, "reference_map50": r.map50 if r else None,
+            "reference_n": r.n if r else 0, "labelled_images": coverage.get("labelled", 0),
+            "images": coverage.get("images", manifest.get("images", 0)),
+            "boxes": coverage.get("boxes"), "source": coverage.get("source"),
+            "format": coverage.get("format"), "resamples": resamples,
+            "cells": {cid: {"n": m.n, "map": m.map, "map50": m.map50, "tp": m.tp, "fp": m.fp,
+                            "fn": m.fn} for cid, m in maps.items()}}
 
 
 def _accuracy(con: duckdb.DuckDBPyConnection, stored: Summary, manifest: dict[str, Any],

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["Boxes", "CocoMetrics", "ImageMatches", "PairedMap", "box_iou", "coco_eval",
-           "coco_metrics", "image_matches", "paired_map"]
+           "coco_metrics", "image_matches", "paired_from_evals", "paired_map"]
 
 _ALL_AREA = [0 ** 2, 1e5 ** 2]  # COCOeval's "all" area range
 
@@ -234,10 +234,18 @@ def paired_map(gt: Boxes, cell: Boxes, ref: Boxes, n_images: int, *, resamples: 
     """mAP (and mAP@.5) of ``cell`` and ``ref`` against ``gt``, their change and its paired
     bootstrap interval: each resample draws ``n_images`` images with replacement, the same draw
     for both sides. See the module note for the cost."""
+    return paired_from_evals(coco_eval(gt, cell, n_images), coco_eval(gt, ref, n_images),
+                             n_images, resamples=resamples, seed=seed, level=level)
+
+
+def paired_from_evals(ev_c, ev_r, n_images: int, *, resamples: int = 200, seed: int = 0,
+                      level: float = 0.95) -> PairedMap:
+    """``paired_map`` from two evaluated ``COCOeval`` (``coco_eval``) over the same ``n_images``
+    images and ground truth: a reference evaluated once serves every cell compared with it.
+    Neither evaluation is changed (resamples work on copies)."""
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
-    ev_c, ev_r = coco_eval(gt, cell, n_images), coco_eval(gt, ref, n_images)
-    mc, mr = _summary(ev_c), _summary(ev_r)
+    mc, mr = _summary(copy.copy(ev_c)), _summary(copy.copy(ev_r))
     rng = np.random.default_rng(seed)
     deltas = np.empty((resamples, 2))
     for b in range(resamples):

@@ -9,7 +9,7 @@ from .numbers import g, pct
 from .paired import format_p, unchanged_bound, verdict
 
 __all__ = ["g", "pct", "render_text", "render_markdown", "render_detection", "concentrated_text",
-           "render_accuracy", "accuracy_line"]
+           "render_accuracy", "accuracy_line", "render_map", "map_line"]
 
 
 def _props(w: dict[str, Any]) -> str:
@@ -167,6 +167,7 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
             for note in _why(c).split("; ") if _why(c) else []:
                 out.append(f"     {'':<14} {note}")
     out += render_accuracy(e)
+    out += render_map(e)
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     unit = "the raw detector head" if e.task == "detection" else "logits"
     out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}; the "
@@ -285,6 +286,40 @@ def render_accuracy(e: Explanation) -> list[str]:
         out.append("Share of top-1 correctness's variance per factor (type-II sums of squares; the "
                    f"cells explain {g(a['shares_explained'], 2)}, the rest is which images are "
                    "hard): " + "  ".join(f"{k} {g(v, 2)}" for k, v in shares.items()))
+    return out
+
+
+def map_line(c: Contrast) -> str:
+    """``mAP -3.1 pts [-4.0, -2.2] (n=500; ...)`` and, when the interval holds 0, that the
+    change is indistinguishable from zero at this n."""
+    m = c.map
+    if m is None or m.delta is None:
+        return "not judged (no labelled image judged in both cells)"
+    lvl = f"{m.level:.0%}"
+    tail = (f" - indistinguishable from zero at this n (the {lvl} interval holds 0)"
+            if m.indistinguishable else "")
+    return m.text() + tail
+
+
+def render_map(e: Explanation) -> list[str]:
+    """Explain's detection-accuracy section: the reference's COCO mAP against the run's ground
+    truth, then every one-factor contrast ranked by its mAP change in points."""
+    a = e.detection_accuracy
+    if a is None:
+        return []
+    src = f", {Path(a['source']).name}" if a.get("source") else ""
+    out = ["", f"Accuracy against ground truth ({a['labelled_images']} of {a['images']} images "
+               f"with boxes{src}): reference COCO mAP@[.5:.95] {_pts(a['reference_map'])}, "
+               f"mAP@.5 {_pts(a['reference_map50'])} (n={a['reference_n']})."]
+    ranked = e.map_ranking()
+    if not ranked:
+        return out + ["  No one-factor contrast was judged on a labelled image."]
+    out.append("Factors ranked by mAP change in points (each changed alone; pycocotools' COCOeval, "
+               f"paired over the images both cells judged: 95% paired bootstrap interval over "
+               f"images, {a['resamples']} resamples):")
+    w = max(len(f"{c.factor}={_level(c)}") for c in ranked)
+    for i, c in enumerate(ranked, 1):
+        out.append(f"  {i}. {f'{c.factor}={_level(c)}:':<{w + 1}} {map_line(c)}")
     return out
 
 

@@ -33,6 +33,7 @@ from dmx.results.store import RunDir
 from . import pictures
 from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_failure
 from .db import load_sql, open_run
+from .detection_accuracy import DEFAULT_RESAMPLES
 from .explain import Explanation, explain_run
 from .numbers import g, pct
 from .paired import format_p
@@ -63,10 +64,12 @@ def _template(name: str):
     return _TEMPLATES.get_template(name)
 
 
-def write_report(run_dir: str | Path, out_html: str | Path) -> Path:
-    """Write the report of the run in ``run_dir`` to ``out_html``; returns its path."""
+def write_report(run_dir: str | Path, out_html: str | Path,
+                 map_resamples: int = DEFAULT_RESAMPLES) -> Path:
+    """Write the report of the run in ``run_dir`` to ``out_html``; returns its path.
+    ``map_resamples``: the bootstrap's resamples for a detector's mAP change."""
     out = Path(out_html)
-    page = build_report(run_dir)
+    page = build_report(run_dir, map_resamples)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(page, encoding="utf-8")
@@ -74,15 +77,15 @@ def write_report(run_dir: str | Path, out_html: str | Path) -> Path:
     return out
 
 
-def build_report(run_dir: str | Path) -> str:
+def build_report(run_dir: str | Path, map_resamples: int = DEFAULT_RESAMPLES) -> str:
     """The report page as one HTML string."""
     manifest = RunDir(run_dir).read_manifest()
-    e = explain_run(run_dir)
+    e = explain_run(run_dir, map_resamples=map_resamples)
     con = open_run(run_dir)
     axes = varying_axes(con)
     order = _level_order(manifest, axes)
     try:
-        gate: CheckResult | str = check_run(run_dir)
+        gate: CheckResult | str = check_run(run_dir, map_resamples=map_resamples)
     except CheckError as err:  # a bad check: section must not cost the user the whole report
         gate = str(err)
     sections = [
@@ -306,12 +309,15 @@ def _ranking(e: Explanation) -> str:
              "max_abs_p95_text": g(by_cell[r["cell_id"]]["max_abs_p95"]),
              "px_text": g(by_cell[r["cell_id"]]["px_mean_abs"]),
              "ran": by_cell[r["cell_id"]].get("precision_effective") or "-",
-             "accuracy_text": _accuracy_cell(by_cell[r["cell_id"]])} for r in chart_rows]
+             "accuracy_text": (by_cell[r["cell_id"]].get("map_text") or "-"
+                               if e.detection_accuracy is not None
+                               else _accuracy_cell(by_cell[r["cell_id"]]))} for r in chart_rows]
     data = json.dumps(chart_rows, default=str).replace("</", "<\\/")
     chart = _img(fig, "factor ranking: bar = median cosine distance over images, diamond = "
                       "max (worst image)", "chart-ranking")
     return _template("ranking.html.j2").render(rows=rows, chart=chart, data=data,
-                                               accuracy=e.accuracy is not None)
+                                               accuracy=e.accuracy is not None,
+                                               detection_accuracy=e.detection_accuracy)
 
 
 def _accuracy_cell(r: dict[str, Any]) -> str:
