@@ -353,9 +353,13 @@ def _check_across(spec: Any, raw: dict, base_dir: str) -> None:
     labels = spec.dataset.labels
     for key in ("path", "meta_mat"):
         written = getattr(labels, key) if labels is not None else None
-        if written is not None and not Path(resolve(base_dir, written)).is_file():
-            raise _wrong(f"dataset.labels.{key}",
-                         f"file not found: {written} (looked in {resolve(base_dir, written)})")
+        if written is None:
+            continue
+        where = Path(resolve(base_dir, written))
+        folder = key == "path" and labels.value("format") in ("auto", "yolo")   # YOLO: a folder
+        if not (where.is_file() or (folder and where.is_dir())):
+            raise _wrong(f"dataset.labels.{key}", f"{'file or folder' if folder else 'file'} not "
+                                                  f"found: {written} (looked in {where})")
     m = spec.model
     kinds = [k for k in ("name", "torch", "onnx") if getattr(m, k)]
     if not kinds:

@@ -72,7 +72,8 @@ def test_labels_change_the_spec_digest(tmp_path: Path):
     ({"path": "val.txt", "format": "csv", "meta_mat": "m.mat"}, "dataset.labels.meta_mat",
      "imagenet-index"),
     (3, "dataset.labels", "a labels file path or a mapping"),
-    ("nowhere.txt", "dataset.labels.path", "file not found: nowhere.txt"),
+    ("nowhere.txt", "dataset.labels.path", "file or folder not found: nowhere.txt"),
+    ({"path": "nowhere", "format": "csv"}, "dataset.labels.path", "file not found: nowhere"),
     ({"path": "val.txt", "format": "imagenet-index", "meta_mat": "nometa.mat"},
      "dataset.labels.meta_mat", "file not found"),
 ])

@@ -10,7 +10,6 @@ pip install 'dmx[detect]')."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
 import io
 import json
@@ -30,7 +29,6 @@ from dmx.analysis.detection_accuracy import (BOX_IMAGES_FILE, BOXES_FILE,
 from dmx.analysis.explain import explain_run
 from dmx.analysis.render import render_text
 from dmx.matrix import parse_spec
-from dmx.matrix.spec import LabelsSpec
 from dmx.runner import labels as runner_labels
 from dmx.runner.sweep import RunOptions, run_spec
 
@@ -237,9 +235,8 @@ def test_yolo_labels_are_scaled_by_each_images_size(runs, tmp_path):
         (folder / Path(r["image_id"]).with_suffix(".txt")).write_text("".join(
             f"0 {(b['x1'] + b['x2']) / 2 / w} {(b['y1'] + b['y2']) / 2 / h} "
             f"{(b['x2'] - b['x1']) / w} {(b['y2'] - b['y1']) / h}\n" for b in r["det_boxes"]))
-    spec = _spec(runs["base"] / "plain-imgs", str(runs["gt"]))
-    spec = dataclasses.replace(spec, dataset=dataclasses.replace(
-        spec.dataset, labels=LabelsSpec(path=str(folder), format="auto")))
+    spec = _spec(runs["base"] / "plain-imgs", str(folder))   # a folder, as a spec names it
+    assert spec.dataset.labels.path == str(folder)
     out = tmp_path / "run"
     run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
     cov = json.loads((out / "manifest.json").read_text())["dataset"]["labels"]
@@ -270,3 +267,19 @@ def test_bad_coco_ground_truth_is_one_line_and_a_nonzero_exit(runs, tmp_path, na
     assert p.returncode != 0 and "Traceback" not in p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and says in lines[0] and lines[0].startswith("dmx: error:")
+
+
+def test_dmx_sql_answers_from_the_detection_views(runs):
+    """``dmx sql`` defines the mAP views when a query names them (they cost COCOeval), with the
+    same numbers explain and check use."""
+    con, maps = _maps(runs["run"])
+    p = subprocess.run([sys.executable, "-m", "dmx", "sql", str(runs["run"]),
+                        "SELECT cell_id, map FROM detection_accuracy ORDER BY cell_id",
+                        "--format", "csv", "--map-resamples", "50"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = {cid: float(v) for cid, v in (ln.split(",") for ln in p.stdout.splitlines()[1:])}
+    assert got == pytest.approx({cid: m.map for cid, m in maps.items()})
+    plain = subprocess.run([sys.executable, "-m", "dmx", "sql", str(runs["run"]),
+                            "SELECT count(*) FROM rows"], capture_output=True, text=True, timeout=300)
+    assert plain.returncode == 0 and "detection" not in plain.stderr

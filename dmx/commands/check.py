@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import EXIT_GATE, bounded_int
+from .common import EXIT_GATE, add_map_resamples, bounded_int
 
 NAME = "check"
 
@@ -35,6 +35,7 @@ def add_parser(sub) -> None:
                         "than POINTS with 95%% confidence (needs dataset.labels; per cell: "
                         "check.max_accuracy_drop in the spec; docs/accuracy.md)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_map_resamples(p)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -44,7 +45,8 @@ def run(a: argparse.Namespace) -> int:
              "allow_lower_precision": a.allow_lower_precision, "allow_errors": a.allow_errors,
              "max_reference_errors": a.max_reference_errors,
              "max_accuracy_drop": a.max_accuracy_drop}
-    result = check_run(a.run_dir, {k: v for k, v in given.items() if v is not None})
+    result = check_run(a.run_dir, {k: v for k, v in given.items() if v is not None},
+                       map_resamples=a.map_resamples)
     if a.json:
         print(json.dumps(result.to_json(), indent=2))
     else:

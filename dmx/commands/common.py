@@ -138,3 +138,11 @@ def summarise(out: str) -> None:
         print(f"dmx: warning: explain's summary was not written ({type(e).__name__}: "
               f"{str(e).splitlines()[0] if str(e) else ''}); explain will read the rows",
               file=sys.stderr)
+
+
+def add_map_resamples(p) -> None:
+    """``--map-resamples N``: the paired bootstrap's resamples for a detector's mAP change against
+    the reference (commands that read detection ground truth; docs/accuracy.md for the cost)."""
+    p.add_argument("--map-resamples", type=bounded_int(1, 100_000), default=200, metavar="N",
+                   help="bootstrap resamples for a detector's mAP change (default 200; each costs "
+                        "one COCOeval.accumulate per side)")

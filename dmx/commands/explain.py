@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import json_default
+from .common import add_map_resamples, json_default
 
 NAME = "explain"
 
@@ -13,12 +13,13 @@ def add_parser(sub) -> None:
     p = sub.add_parser("explain", help="rank the factors that drive divergence in a run")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    add_map_resamples(p)
 
 
 def run(a: argparse.Namespace) -> int:
     from dmx.analysis.explain import explain_run
     from dmx.analysis.render import render_markdown, render_text
-    e = explain_run(a.run_dir)
+    e = explain_run(a.run_dir, map_resamples=a.map_resamples)
     if a.format == "json":
         print(json.dumps(e.to_json(), indent=2, default=json_default))
     elif a.format == "markdown":

@@ -7,18 +7,20 @@ import re
 import sys
 from pathlib import Path
 
-from .common import CliError
+from .common import CliError, add_map_resamples
 
 NAME = "sql"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("sql", help="query a run with DuckDB (views rows, cells, images, contrasts, "
-                                   "effects, interactions, accuracy, accuracy_contrasts; layers "
+                                   "effects, interactions, accuracy, accuracy_contrasts, a "
+                                   "detector's detection_accuracy and detection_matches; layers "
                                    "once dmx localize ran)")
     p.add_argument("run_dir")
     p.add_argument("query", nargs="?", help="SQL; omit for an interactive prompt")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    add_map_resamples(p)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -29,6 +31,10 @@ def run(a: argparse.Namespace) -> int:
     # The attribution views cost a full explain (seconds on millions of rows): only when used.
     if not a.query or re.search(r"\b(contrasts|effects|interactions)\b", a.query, re.I):
         register_views(con, explain_run(a.run_dir))
+    # A detector's mAP views cost COCOeval and the bootstrap per cell: only when used.
+    if not a.query or re.search(r"\bdetection_(accuracy|matches|truth|truth_images)\b", a.query, re.I):
+        from dmx.analysis.detection_accuracy import register_detection_accuracy
+        register_detection_accuracy(con, a.run_dir, resamples=a.map_resamples)
     if not a.query:
         return _prompt(con, a.run_dir)
     try:
