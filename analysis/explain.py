@@ -96,6 +96,8 @@ class Contrast:
     n_finite: int = 0                   # rows behind the statistics and the median's interval
     split: str | None = None            # "ran bf16 on 10 and fp32 on 10 of 20 images" (a part of a cell)
     worst: list[dict[str, Any]] = field(default_factory=list)
+    # A model with several outputs: per output, images where it moved most, its median rel L2
+    outputs: list[dict[str, Any]] = field(default_factory=list)
     concentrated: dict[str, Any] | None = None
     detection: DetectionContrast | None = None
     # Accuracy against ground truth (dataset.labels), points, paired with the reference over
@@ -525,6 +527,12 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL,
                 c.detection = _detection_contrast(det_stats[c.cell_id])
                 c.detection.changed_images = changed.get(c.cell_id, [])
 
+    if contrasts and "outputs" in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
+        by_cell: dict[str, list[dict[str, Any]]] = {}
+        for d in stored.rows("output_worst"):
+            by_cell.setdefault(d.pop("cell_id"), []).append(d)
+        for c in contrasts:
+            c.outputs = by_cell.get(c.cell_id, [])
     accuracy = _accuracy(con, stored, manifest, cells, axes, ref, contrasts)
     detection_accuracy = (_detection_accuracy(con, run, manifest, ref, contrasts, map_resamples)
                           if task == "detection" else None)

@@ -58,6 +58,11 @@ def _why(c: Contrast) -> str:
     k = concentrated_text(c.concentrated)
     if k:
         notes.append(k)
+    if c.outputs and any(o["n_worst"] for o in c.outputs):
+        top = max(c.outputs, key=lambda o: (o["n_worst"], o["rel_l2_p50"] or 0.0))
+        each = ", ".join(f"{o['output']} {g(o['rel_l2_p50'])}" for o in c.outputs)
+        notes.append(f"output {top['output']} moved most on {top['n_worst']} of {top['n']} images "
+                     f"(median rel L2 per output: {each})")
     t = tolerance_verdict(c)
     if t and (c.cos_dist_max or 0) > 0:
         word = "within" if t["within"] else "outside"
@@ -170,6 +175,8 @@ def render_text(e: Explanation, top_images: int = 3) -> str:
     out += render_map(e)
     lw = max([len(_level(c)) for c in e.contrasts] + [10])
     unit = "the raw detector head" if e.task == "detection" else "logits"
+    if any(c.outputs for c in e.contrasts):
+        unit = "each output, the worst of model.compare_outputs"
     out += ["", f"Evidence - every one-factor contrast (n images; cos dist = 1 - cosine of {unit}; the "
                 "median's interval from order statistics, distribution-free; NaN/Inf rows left out "
                 "of the numbers and counted):",

@@ -49,6 +49,7 @@ QUERIES: dict[str, dict[str, Any]] = {
     "det_worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
     "accuracy_cells": {},
     "accuracy_pairs": {},
+    "output_worst": {},
 }
 
 
@@ -78,6 +79,8 @@ def _params(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str,
 def _applies(name: str, columns: set[str], task: str) -> bool:
     if name == "node_counts":
         return "node" in columns
+    if name == "output_worst":
+        return "outputs" in columns
     if name.startswith("accuracy_"):
         return {"label", "correct_top1", "correct_top5"} <= columns
     return task == "detection" or not name.startswith("det_")

@@ -170,3 +170,14 @@ def test_bad_output_names_are_refused_in_the_spec(model: dict, message: str):
     with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_spec({"name": "x", "dataset": ".", "model": {"torch": "m:f", **model},
                     "axes": {"resize": ["pil-bilinear"]}})
+
+
+def test_explain_names_the_output_that_moved(aux_run: Path):
+    from dmx.analysis.explain import explain_run
+    from dmx.analysis.render import render_text
+    e = explain_run(aux_run)
+    c = next(c for c in e.contrasts if c.factor == "resize")
+    per = {o["output"]: o for o in c.outputs}
+    assert per["aux"]["n_worst"] == N_IMAGES and per["logits"]["n_worst"] == 0
+    assert per["logits"]["rel_l2_p50"] == 0 and per["aux"]["rel_l2_p50"] > 0
+    assert f"output aux moved most on {N_IMAGES} of {N_IMAGES} images" in render_text(e)
