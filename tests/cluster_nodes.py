@@ -188,14 +188,17 @@ class Head:
 _LAUNCHER = r"""
 set -e
 mount --make-rprivate /
-mount -t tmpfs tmpfs /tmp
 keep_venv="$1"; repo="$2"; shift 2
+# the venv is set aside before /tmp and the repo are covered: a checkout under /tmp (a CI
+# clone in /tmp/x) would otherwise hide its own venv
+mount -t tmpfs tmpfs /mnt
 if [ -n "$keep_venv" ]; then
-  mkdir /tmp/.venv && mount --bind "$keep_venv" /tmp/.venv
+  mkdir /mnt/venv && mount --bind "$keep_venv" /mnt/venv
 fi
-mount -t tmpfs tmpfs "$repo"
+mount -t tmpfs tmpfs /tmp
+mkdir -p "$repo" && mount -t tmpfs tmpfs "$repo"
 if [ -n "$keep_venv" ]; then
-  mkdir -p "$keep_venv" && mount --move /tmp/.venv "$keep_venv"
+  mkdir -p "$keep_venv" && mount --move /mnt/venv "$keep_venv"
 fi
 mkdir -p "$HOME/.cache" "$HOME/.ray"
 mount -t tmpfs tmpfs "$HOME/.cache"
