@@ -17,11 +17,10 @@ and every reference to them as a module becomes ``dmx.runner...``:
 - references in docstrings, comments and Markdown, inside backticks (``runner.backends``),
   again only when they name an existing module;
 - pyproject.toml: package-dir, the packages list, package-data keys;
-- a few files by hand-written patches, each applied only to the text it was written against
-  (otherwise it is reported, not guessed): dmx/__init__.py (the subpackages of a checkout imported
-  without an editable install), runner/runtime_env.py (what Ray's ``py_modules`` ships: one
-  ``dmx`` folder), tests/test_runtime_env.py, tests/conftest.py (a top-level ``runner`` from the
-  checkout, which the repo root on sys.path makes importable, is refused).
+- applied once (20c7244), the hand-written edits it also made (dmx/__init__.py's finder for a
+  checkout imported without an install, runner/runtime_env.py's one ``dmx`` py_module,
+  tests/conftest.py's refusal of a top-level ``runner``) now live in those files, not here; what
+  it keeps doing is the rewrite above and pyproject.toml's packages list after a new folder.
 
 Idempotent: a second run changes nothing. Usage:
 
@@ -410,251 +409,6 @@ def rewrite_pyproject(text: str, root: Path) -> tuple[str, list[str]]:
     return text, notes
 
 
-# ---------------------------------------------------------------------------------------------
-# Hand-written patches: (file, what, old text, new text). A patch is applied when the file holds
-# the old text exactly (after the generic rewrite), skipped when it holds the new one, and
-# reported for a hand otherwise.
-
-DMX_INIT_OLD = '__version__ = "0.1.0"\n'
-DMX_INIT_NEW = '''__version__ = "0.1.0"
-
-
-def _checkout_subpackages() -> None:
-    """In a checkout, dmx's subpackages (runner/, matrix/, results/, analysis/) are folders beside
-    this one; pyproject.toml's package-dir maps them into dmx, so an installed wheel has
-    dmx/runner/... and an editable install resolves ``dmx.runner`` to runner/. Imported straight
-    from a checkout (its root on sys.path: ``PYTHONPATH=.``, ``python -m`` there, a bench script),
-    this finds them beside this dmx/ - even when another checkout is installed editable - and as
-    ``dmx.runner`` only: no top-level ``runner`` is made importable."""
-    import importlib.machinery
-    import os
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    if not os.path.isfile(os.path.join(root, "pyproject.toml")):
-        return
-    names = {f"{__name__}.{n}" for n in ("runner", "matrix", "results", "analysis")
-             if not os.path.isdir(os.path.join(here, n))
-             and os.path.isfile(os.path.join(root, n, "__init__.py"))}
-    if not names or any(getattr(f, "_dmx_checkout", None) == root for f in sys.meta_path):
-        return
-
-    class _CheckoutFinder:
-        _dmx_checkout = root
-
-        @staticmethod
-        def find_spec(fullname, path=None, target=None):
-            if fullname not in names:
-                return None
-            return importlib.machinery.PathFinder.find_spec(fullname, [root])
-
-    sys.meta_path.insert(0, _CheckoutFinder)   # before an editable install of another checkout
-
-
-_checkout_subpackages()
-'''
-
-RUNTIME_ENV_PATCHES = [
-    ("DMX_PACKAGES: one dmx folder",
-     '''#: dmx's importable top-level packages (what ``py_modules`` ships).
-DMX_PACKAGES = ("dmx", "runner", "matrix", "results", "analysis")
-''',
-     '''#: dmx's importable top-level package (what ``py_modules`` ships): one folder, its subpackages
-#: (``SUBPACKAGES``) inside it.
-DMX_PACKAGES = ("dmx",)
-#: dmx's subpackages: inside dmx/ when installed, folders beside dmx/ in a checkout (pyproject's
-#: package-dir maps them in).
-SUBPACKAGES = ("runner", "matrix", "results", "analysis")
-'''),
-    ("package_dirs/code_digest: the dmx package as the nodes import it",
-     '''def package_dirs() -> list[str]:
-    """The folders of dmx's packages in this process (an editable checkout or site-packages)."""
-    out = []
-    for name in DMX_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeEnvError(f"dmx's package {name!r} is not importable here; reinstall dmx")
-        out.append(str(Path(list(spec.submodule_search_locations)[0]).resolve()))
-    return out
-
-
-def code_digest(dirs: list[str] | None = None) -> str:
-    """SHA-256 (20 hex) of dmx's code: every ``.py`` file of its packages by relative path.
-    Equal on two nodes exactly when they run the same dmx, however it got there."""
-    h = hashlib.sha256()
-    for d in dirs or package_dirs():
-        root = Path(d)
-        for p in sorted(root.rglob("*.py")):
-            if "__pycache__" in p.parts:
-                continue
-            h.update(f"{root.name}/{p.relative_to(root).as_posix()}\\0".encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:20]
-''',
-     '''def _package_roots() -> dict[str, Path]:
-    """Where dmx's code is in this process: {"dmx": folder, "dmx/runner": folder, ...} - the
-    subpackages inside dmx's folder for an installed wheel, beside it in a checkout."""
-    out = {}
-    for name in (*DMX_PACKAGES, *(f"{DMX_PACKAGES[0]}.{s}" for s in SUBPACKAGES)):
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.submodule_search_locations:
-            raise RuntimeEnvError(f"dmx's package {name!r} is not importable here; reinstall dmx")
-        out[name.replace(".", "/")] = Path(list(spec.submodule_search_locations)[0]).resolve()
-    return out
-
-
-def _package_files(roots: Mapping[str, Path]) -> dict[tuple[str, ...], Path]:
-    """Every file of dmx by its path in the package the nodes import (``("dmx", "runner",
-    "worker.py")``), byte code and editor leftovers left out."""
-    files: dict[tuple[str, ...], Path] = {}
-    for prefix, root in roots.items():
-        for p in root.rglob("*"):
-            rel = p.relative_to(root).parts
-            if p.is_file() and "__pycache__" not in rel and ".pytest_cache" not in rel \\
-                    and p.suffix != ".pyc":
-                files.setdefault((*prefix.split("/"), *rel), p)
-    return files
-
-
-def package_dirs() -> list[str]:
-    """The folder ``py_modules`` ships: dmx's own when its subpackages are inside it (an installed
-    wheel); for a checkout, whose runner/, matrix/... are beside dmx/, a copy of the package as a
-    wheel lays it out, made once per content under dmx's cache (``py_modules/<digest>/dmx``)."""
-    roots = _package_roots()
-    top = roots[DMX_PACKAGES[0]]
-    if all(path == top / key.split("/")[-1] for key, path in roots.items() if "/" in key):
-        return [str(top)]
-    import os
-    import shutil
-    import tempfile
-    import time
-    from .cache import cache_dir
-    files = _package_files(roots)
-    h = hashlib.sha256()
-    for key, p in sorted(files.items()):
-        h.update("/".join(key).encode() + b"\\0" + p.read_bytes() + b"\\0")
-    base = cache_dir() / "py_modules"
-    target = base / h.hexdigest()[:20]
-    if not (target / DMX_PACKAGES[0]).is_dir():
-        base.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=base, prefix=".staging-"))
-        for key, p in files.items():
-            dest = tmp.joinpath(*key)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, dest)
-        try:
-            os.rename(tmp, target)
-        except OSError:                  # another driver made it first: the same bytes
-            shutil.rmtree(tmp, ignore_errors=True)
-        week = time.time() - 7 * 86400   # copies of older code, unused for a week
-        for old in base.iterdir():
-            try:
-                if old != target and old.stat().st_mtime < week:
-                    shutil.rmtree(old, ignore_errors=True)
-            except OSError:
-                pass
-    os.utime(target)
-    return [str(target / DMX_PACKAGES[0])]
-
-
-def code_digest(dirs: list[str] | None = None) -> str:
-    """SHA-256 (20 hex) of dmx's code: every ``.py`` file of the package by its path in it
-    (``dmx/runner/worker.py``), from a checkout, site-packages or ``dirs`` (folders of the package
-    as shipped). Equal on two nodes exactly when they run the same dmx, however it got there."""
-    roots = {Path(d).name: Path(d) for d in dirs} if dirs else _package_roots()
-    h = hashlib.sha256()
-    for key, p in sorted(_package_files(roots).items()):
-        if key[-1].endswith(".py"):
-            h.update(f"{'/'.join(key)}\\0".encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:20]
-'''),
-]
-
-TEST_RUNTIME_ENV_PATCHES = [
-    ("the code digest test copies the package as shipped",
-     '''    dirs = []
-    for name in renv.DMX_PACKAGES:
-        src = Path(__import__(name).__file__).parent
-        shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        dirs.append(str(tmp_path / name))
-    assert renv.code_digest(dirs) == renv.code_digest()
-    (tmp_path / "runner" / "worker.py").write_text(
-        (tmp_path / "runner" / "worker.py").read_text() + "\\n# edited\\n")
-''',
-     '''    dirs = []
-    for src in renv.package_dirs():          # the package as the nodes get it (dmx/runner/...)
-        shutil.copytree(src, tmp_path / Path(src).name,
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        dirs.append(str(tmp_path / Path(src).name))
-    assert renv.code_digest(dirs) == renv.code_digest()
-    (tmp_path / "dmx" / "runner" / "worker.py").write_text(
-        (tmp_path / "dmx" / "runner" / "worker.py").read_text() + "\\n# edited\\n")
-'''),
-    ("describe names the one py_module",
-     '''    assert "py_modules dmx, runner" in line and''',
-     '''    assert "py_modules dmx;" in line and'''),
-]
-
-CONFTEST_OLD = "import dmx.runner.backends  # noqa: F401"
-CONFTEST_GUARD = '''# dmx's subpackages are dmx.runner, dmx.matrix, dmx.results, dmx.analysis. The repo root on
-# sys.path (``python -m pytest`` puts it there) would make this checkout's runner/ importable as a
-# top-level ``runner`` too: a second copy of every module (two registries, classes that are not
-# each other's). Refuse it, naming the import to write; same-named PyPI packages stay importable.
-class _NoTopLevelSubpackages:
-    @staticmethod
-    def find_spec(fullname, path=None, target=None):
-        if path is None and fullname in ("runner", "matrix", "results", "analysis"):
-            import importlib.machinery
-            spec = importlib.machinery.PathFinder.find_spec(fullname)
-            here = Path(__file__).resolve().parents[1]
-            if spec and spec.origin and Path(spec.origin).resolve().parent.parent == here:
-                raise ImportError(f"import dmx.{fullname}, not {fullname}: {fullname}/ is "
-                                  f"dmx's subpackage (pyproject.toml's package-dir)")
-        return None
-
-
-sys.meta_path.insert(0, _NoTopLevelSubpackages)
-
-'''
-
-
-def patch(text: str, patches: list[tuple[str, str, str]], path: str,
-          notes: list[str], problems: list[str]) -> str:
-    for what, old, new in patches:
-        if new in text:
-            continue
-        if text.count(old) == 1:
-            text = text.replace(old, new)
-            notes.append(f"patched: {what}")
-        else:
-            problems.append(f"{path}: patch '{what}' not applied: the text it replaces has "
-                            "changed since this script was written - apply it by hand (see "
-                            "scripts/rename_packages.py)")
-    return text
-
-
-def patch_conftest(text: str, path: str, notes: list[str], problems: list[str]) -> str:
-    if "_NoTopLevelSubpackages" in text:
-        return text
-    if CONFTEST_OLD not in text:
-        problems.append(f"{path}: no '{CONFTEST_OLD}' to put the top-level import guard before")
-        return text
-    lines = text.splitlines(keepends=True)
-    at = next(i for i, ln in enumerate(lines) if ln.startswith(CONFTEST_OLD))
-    # the guard goes before the first import of dmx (the conftest imports it at module level)
-    lines.insert(at, CONFTEST_GUARD)
-    for mod, after in (("import sys\n", "import os\n"), ("from pathlib import Path\n", None)):
-        if mod not in lines:
-            lines.insert(lines.index(after) + 1 if after in lines else at, mod)
-    notes.append("patched: a top-level import of runner/matrix/results/analysis from the "
-                 "checkout is refused (ImportError naming dmx.<name>)")
-    return "".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def candidate_files(root: Path) -> list[Path]:
     try:
         out = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",
@@ -686,8 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     mods = Modules(root)
     problems: list[str] = []
     changed: list[tuple[str, str]] = []
-    totals = {"files": 0, "imports": 0, "module strings": 0, "doc references": 0, "patches": 0,
-              "pyproject": 0}
+    totals = {"files": 0, "imports": 0, "module strings": 0, "doc references": 0, "pyproject": 0}
 
     for p in candidate_files(root):
         rel = p.relative_to(root).as_posix()
@@ -711,17 +464,6 @@ def main(argv: list[str] | None = None) -> int:
             totals["imports"] += r.imports
             totals["module strings"] += r.strings
             totals["doc references"] += r.prose
-            before = len(notes)
-            if rel == f"{TOP}/__init__.py":
-                new = patch(new, [("the subpackages of a checkout imported without an install",
-                                   DMX_INIT_OLD, DMX_INIT_NEW)], rel, notes, problems)
-            elif rel == "runner/runtime_env.py":
-                new = patch(new, RUNTIME_ENV_PATCHES, rel, notes, problems)
-            elif rel == "tests/test_runtime_env.py":
-                new = patch(new, TEST_RUNTIME_ENV_PATCHES, rel, notes, problems)
-            elif rel == "tests/conftest.py":
-                new = patch_conftest(new, rel, notes, problems)
-            totals["patches"] += len(notes) - before
         elif p.suffix == ".md":
             new, n = rewrite_markdown(text, mods)
             if n:
@@ -743,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{verb} {rel}: {what}")
     print(f"{verb} {totals['files']} files: {totals['imports']} imports, "
           f"{totals['module strings']} module strings, {totals['doc references']} doc references, "
-          f"{totals['patches']} patches, {totals['pyproject']} pyproject.toml edits"
+          f"{totals['pyproject']} pyproject.toml edits"
           if changed else "nothing to change: the rename is applied")
     if problems:
         print(f"\nneeds a hand ({len(problems)}):")
