@@ -50,16 +50,39 @@ def _sql_list(paths: list[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
 
 
+def consecutive_groups(counts: list[tuple[str, int]], limit: int) -> list[list[str]]:
+    """Keys in the given order cut into consecutive groups of at most ``limit`` rows each (a
+    key with more rows than that is a group alone)."""
+    groups: list[list[str]] = []
+    size = 0
+    for key, n in counts:
+        if not groups or (size + n > limit and groups[-1]):
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += n
+    return groups
+
+
+BUCKET_ROWS = 1_000_000    # rows the bucketing pass buffers before writing (all groups together)
+
+
 def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_file: int,
                    row_group_rows: int, memory_limit: str, spill: str):
     """For each output file: an iterator over its tables, sorted by (cell_id, image_id).
 
     Cells are cut into consecutive groups of about ``rows_per_file`` rows (a cell never spans
-    two files); each group is one pass over the inputs that sorts only that group's rows, so
-    the sort stays within ``memory_limit`` where one global sort of 10 M wide rows would spill."""
+    two files). The inputs are read once, in a stream, and each row is appended to its group's
+    bucket file in the spill folder (at most ``BUCKET_ROWS`` rows buffered); each bucket is
+    then sorted on its own within ``memory_limit``. Reading every input once per group, as
+    before, was a full pass per 4 M rows: 64 M rows in 38,462 part files took 1,700 s."""
+    import numpy as np
+    import pyarrow.compute as pc
+
     con = duckdb.connect()
     con.execute(f"SET memory_limit = '{memory_limit}'")
     con.execute("SET enable_progress_bar = false")
+    con.execute("SET preserve_insertion_order = false")    # stream, any order: buckets are sorted
     con.execute(f"SET temp_directory = '{spill}'")
     if run.remote:
         con.register("src", pads.dataset(inputs, schema=schema, filesystem=run.fs, format="parquet"))
@@ -67,25 +90,51 @@ def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_f
     else:
         source = f"read_parquet({_sql_list(inputs)}, union_by_name = true, hive_partitioning = false)"
     counts = con.sql(f"SELECT cell_id, count(*) FROM {source} GROUP BY cell_id ORDER BY cell_id").fetchall()
-    groups: list[list[str]] = []
-    size = 0
-    for cell, n in counts:
-        if not groups or (size + n > rows_per_file and groups[-1]):
-            groups.append([])
-            size = 0
-        groups[-1].append(cell)
-        size += n
+    groups = consecutive_groups(counts, rows_per_file)
     cols = ", ".join(f'"{n}"' for n in schema.names)
+    paths: list[str] = []
+    if len(groups) > 1:
+        cells = pa.array([c for g in groups for c in g], pa.string())
+        group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+        Path(spill).mkdir(parents=True, exist_ok=True)
+        paths = [str(Path(spill) / f"bucket-{k:04d}.parquet") for k in range(len(groups))]
+        writers = [pq.ParquetWriter(p, schema, compression="lz4") for p in paths]
+        held: list[list[pa.Table]] = [[] for _ in groups]
+        n_held = np.zeros(len(groups), np.int64)
 
-    def tables(first: str, last: str):
-        reader = con.sql(f"SELECT {cols} FROM {source} WHERE cell_id BETWEEN $first AND $last "
-                         "ORDER BY cell_id, image_id", params={"first": first, "last": last}) \
+        def flush(k: int) -> None:
+            writers[k].write_table(pa.concat_tables(held[k]))
+            held[k], n_held[k] = [], 0
+
+        try:
+            for batch in con.sql(f"SELECT {cols} FROM {source}").to_arrow_reader(row_group_rows):
+                table = pa.Table.from_batches([batch]).cast(schema)
+                grp = group_of[pc.index_in(table.column("cell_id"), value_set=cells)
+                               .to_numpy(zero_copy_only=False)]
+                order = np.argsort(grp, kind="stable")
+                bounds = np.searchsorted(grp[order], np.arange(len(groups) + 1))
+                for k in np.flatnonzero(np.diff(bounds)):
+                    held[k].append(table.take(order[bounds[k]:bounds[k + 1]]))
+                    n_held[k] += bounds[k + 1] - bounds[k]
+                while n_held.sum() > BUCKET_ROWS:
+                    flush(int(n_held.argmax()))
+            for k in np.flatnonzero(n_held):
+                flush(int(k))
+        finally:
+            for w in writers:
+                w.close()
+
+    def tables(path: str | None):
+        rows = f"read_parquet('{path}')" if path else source   # one group: the inputs themselves
+        reader = con.sql(f"SELECT {cols} FROM {rows} ORDER BY cell_id, image_id") \
                     .to_arrow_reader(row_group_rows)
         for batch in reader:
             yield pa.Table.from_batches([batch]).cast(schema)
+        if path:
+            Path(path).unlink(missing_ok=True)       # the spill folder holds one bucket less
 
-    for g in groups:
-        yield tables(g[0], g[-1])
+    for path in paths or [None]:
+        yield tables(path)
 
 
 class _Writer:
