@@ -468,7 +468,8 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL,
     axes = _axes(con)
     cells = query_dicts(con, "SELECT * FROM cells")
     ref = next(c for c in cells if c["is_reference"])
-    parts = _parts(stored.rows("cell_stats", {"cos_eps": COS_EPS}))
+    parts = _parts(stored.rows("cell_stats", {"cells": [c["cell_id"] for c in cells],
+                                              "cos_eps": COS_EPS}))
 
     # A level's contrast is the cell with that level that differs from the reference in the
     # fewest other factors: exactly one where the matrix has it; otherwise (say int8, which
@@ -517,7 +518,7 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL,
 
     task = (manifest.get("model") or {}).get("task") or "classification"
     if task == "detection" and contrasts:
-        det_stats = {s["cell_id"]: s for s in stored.rows("det_cell_stats")}
+        det_stats = {s["cell_id"]: s for s in stored.rows("det_cell_stats", {"cells": [c.cell_id for c in contrasts]})}
         changed: dict[str, list[dict[str, Any]]] = {}
         for d in stored.rows("det_worst_images", {"cells": [c.cell_id for c in contrasts],
                                                    "per_cell": worst_per_cell}):
@@ -529,7 +530,7 @@ def explain_run(path: str | Path, worst_per_cell: int = WORST_PER_CELL,
 
     if contrasts and "outputs" in {r[0] for r in con.execute("DESCRIBE rows").fetchall()}:
         by_cell: dict[str, list[dict[str, Any]]] = {}
-        for d in stored.rows("output_worst"):
+        for d in stored.rows("output_worst", {"cells": [c.cell_id for c in contrasts]}):
             by_cell.setdefault(d.pop("cell_id"), []).append(d)
         for c in contrasts:
             c.outputs = by_cell.get(c.cell_id, [])

@@ -6,6 +6,15 @@ from typing import Any
 
 import duckdb
 
+from dmx.results.compact import consecutive_groups
+
+ROWS_PER_PASS = 4_000_000
+"""Rows one pass of a query that holds every value of its groups may read. DuckDB's exact
+``quantile_cont`` and ``list()`` keep all of a group's values in memory and do not spill (64 M
+rows: three quantiles per cell ran out of a 2 GB limit), so such a query runs once per group of
+consecutive cells of about this many rows: its memory follows this number (or the largest
+cell), never the run's size. A run this small or smaller is one pass, as before."""
+
 
 def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
                 params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -13,6 +22,19 @@ def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
     res = con.execute(sql, params or {})
     names = [d[0] for d in res.description]
     return [dict(zip(names, r)) for r in res.fetchall()]
+
+
+def cell_passes(con: duckdb.DuckDBPyConnection, cells: list[str],
+                rows_per_pass: int | None = None) -> list[list[str]]:
+    """``cells`` in passes of about ``rows_per_pass`` rows of the view ``rows`` each, in cell
+    order (the order compaction sorts the rows in, so a pass reads only its own row groups)."""
+    limit = rows_per_pass or ROWS_PER_PASS
+    cells = sorted(cells)
+    if con.execute("SELECT count(*) FROM rows").fetchall()[0][0] <= limit:   # Parquet metadata
+        return [cells]
+    counts = dict(con.execute("SELECT cell_id, count(*) FROM rows WHERE list_contains($cells, "
+                              "cell_id) GROUP BY cell_id", {"cells": cells}).fetchall())
+    return consecutive_groups([(c, counts.get(c, 0)) for c in cells], limit)
 
 
 SQL_DIR = Path(__file__).with_name("sql")

@@ -28,7 +28,7 @@ import pyarrow.fs as pafs
 from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
-from .queries import query_dicts
+from .queries import cell_passes, query_dicts
 from .tolerances import COS_EPS
 
 SUMMARY_DIR = "summary"
@@ -38,19 +38,31 @@ WORST_PER_CELL = 3       # explain's default
 
 # query name -> the parameters it is computed with
 QUERIES: dict[str, dict[str, Any]] = {
-    "cell_stats": {"cos_eps": COS_EPS},
+    "cell_stats": {"cells": ALL_CELLS, "cos_eps": COS_EPS},
     "median_ci": {"cells": ALL_CELLS},
     "cell_moments": {},
     "row_status": {},
     "node_counts": {},
     "worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
     "property_split": {"cells": ALL_CELLS, "cos_eps": COS_EPS},
-    "det_cell_stats": {},
+    "det_cell_stats": {"cells": ALL_CELLS},
     "det_worst_images": {"cells": ALL_CELLS, "per_cell": WORST_PER_CELL},
     "accuracy_cells": {},
     "accuracy_pairs": {},
-    "output_worst": {},
+    "output_worst": {"cells": ALL_CELLS},
 }
+# queries that hold every value of a cell (exact quantiles, sorted lists): run in passes of
+# cells (``queries.cell_passes``) so that their memory does not grow with the run
+HOLD_VALUES = {"cell_stats", "median_ci", "det_cell_stats", "output_worst"}
+
+
+def run_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any]) -> pa.Table:
+    """The named query's result; those in ``HOLD_VALUES`` one pass of cells at a time."""
+    sql = load_sql(name)
+    if name not in HOLD_VALUES:
+        return con.sql(sql, params=params).to_arrow_table()
+    return pa.concat_tables([con.sql(sql, params={**params, "cells": cells}).to_arrow_table()
+                             for cells in cell_passes(con, params["cells"])])
 
 
 def _sql_digest() -> str:
@@ -108,7 +120,7 @@ def write_summary(location: str | RunDir) -> int:
     for name, params in QUERIES.items():
         if not _applies(name, columns, task):
             continue
-        table = con.sql(load_sql(name), params=_params(con, params)).to_arrow_table()
+        table = run_query(con, name, _params(con, params))
         run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", _plain(table))
         held += table.num_rows
     run.write_bytes(KEY_FILE, json.dumps(_key(run)).encode())
@@ -142,7 +154,11 @@ class Summary:
                     wanted = set(params["cells"])
                     got = [r for r in got if r["cell_id"] in wanted]
                 return got
-        return query_dicts(self.con, load_sql(name), params)
+        sql = load_sql(name)
+        if name in HOLD_VALUES:
+            return [d for cells in cell_passes(self.con, params["cells"])
+                    for d in query_dicts(self.con, sql, {**params, "cells": cells})]
+        return query_dicts(self.con, sql, params)
 
     @staticmethod
     def _same(stored: dict[str, Any], params: dict[str, Any]) -> bool:

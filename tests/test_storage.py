@@ -297,16 +297,22 @@ def test_a_truncated_compacted_file_is_recomputed_by_resume(finished, tmp_path: 
 
 
 def test_compacted_files_hold_whole_cells_so_a_cell_filter_skips_files(images: Path,
-                                                                       tmp_path: Path):
-    from dmx.results.compact import compact_run
+                                                                       tmp_path: Path,
+                                                                       monkeypatch):
+    import dmx.results.compact as compact
     out = tmp_path / "run"
     run_spec(spec_for(images), _opts(out, chunk_size=2))
     expected = _pairs_with_values(out)
-    c = compact_run(out, rows_per_file=8, row_group_rows=4)      # 8 images: one cell per file
+    monkeypatch.setattr(compact, "BUCKET_ROWS", 3)   # the one pass flushes buckets as it reads
+    c = compact.compact_run(out, rows_per_file=8, row_group_rows=4)  # 8 images: one cell per file
     assert (c.files_before, c.files_after, c.rows) == (4, CELLS, CELLS * 8)
     files = sorted((out / "rows").glob("chunk=compacted-*/part-0.parquet"))
     cells = [pq.read_table(f, columns=["cell_id"])["cell_id"].unique().to_pylist() for f in files]
     assert all(len(c) == 1 for c in cells) and len({c[0] for c in cells}) == CELLS
+    for f in files:
+        keys = pq.read_table(f, columns=["cell_id", "image_id"]).to_pylist()
+        assert keys == sorted(keys, key=lambda k: (k["cell_id"], k["image_id"]))
+    assert not (out / ".compact-tmp").exists()          # the buckets went with the spill folder
     md = pq.read_metadata(files[0])
     assert md.num_row_groups == 2 and md.row_group(0).column(
         md.schema.to_arrow_schema().get_field_index("cell_id")).statistics.has_min_max
@@ -339,6 +345,56 @@ def test_explain_answers_from_the_summary_kept_at_compaction_and_says_the_same(
     got = explain_run(out).to_json()
     assert scans == []                                   # no query ran over the rows
     assert got == _explain_without_summary(out, tmp_path)
+
+
+def test_queries_that_hold_every_value_of_a_cell_run_in_passes_within_bounded_memory(
+        tmp_path: Path, monkeypatch):
+    """cell_stats' exact quantiles keep every value of a cell and DuckDB cannot spill them: in
+    one pass over all cells they ran out of memory (64 M rows, 2 GB); in passes of cells they
+    fit and give numpy's exact quantiles."""
+    import duckdb
+    import numpy as np
+
+    import dmx.analysis.queries as queries
+    from dmx.analysis.queries import load_sql
+    from dmx.analysis.summary import run_query
+    rows = tmp_path / "rows.parquet"
+    con = duckdb.connect()
+    con.execute(f"""COPY (SELECT 'c' || (i % 8)::VARCHAR AS cell_id, 'fp32' AS precision_effective,
+        i // 8 AS image_id, 'ok' AS status, 1 - (hash(i) % 100000) / 1e7 AS out_cosine,
+        (hash(3 * i) % 1000) / 100.0 AS out_max_abs, (hash(5 * i) % 1000) / 1e4 AS out_rel_l2,
+        true AS top1_agree, 0.0 AS px_mean_abs, true AS px_equal, true AS shape_match,
+        1.0 AS latency_ms FROM range(1000000) t(i) ORDER BY cell_id, image_id)
+        TO '{rows}' (FORMAT parquet)""")
+    con.execute(f"CREATE VIEW rows AS SELECT * FROM '{rows}'")
+    con.execute("SET memory_limit = '32MB'")
+    params = {"cells": [f"c{k}" for k in range(8)], "cos_eps": 1e-6}
+    with pytest.raises(duckdb.OutOfMemoryException):     # the query as one pass does not fit
+        con.sql(load_sql("cell_stats"), params=params).fetchall()
+    monkeypatch.setattr(queries, "ROWS_PER_PASS", 250_000)
+    assert queries.cell_passes(con, params["cells"]) == [["c0", "c1"], ["c2", "c3"],
+                                                         ["c4", "c5"], ["c6", "c7"]]
+    got = {d["cell_id"]: d for d in run_query(con, "cell_stats", params).to_pylist()}
+    con.execute("SET memory_limit = '1GB'")
+    values = con.execute("SELECT cell_id, list(1 - out_cosine), list(out_max_abs) FROM rows "
+                         "GROUP BY cell_id").fetchall()
+    assert len(got) == 8
+    for cell, cos_dist, max_abs in values:
+        assert got[cell]["n"] == len(cos_dist) == 125_000
+        assert got[cell]["cos_dist_p50"] == pytest.approx(np.quantile(cos_dist, 0.5), rel=1e-9)
+        assert got[cell]["cos_dist_p95"] == pytest.approx(np.quantile(cos_dist, 0.95), rel=1e-9)
+        assert got[cell]["max_abs_p95"] == pytest.approx(np.quantile(max_abs, 0.95), rel=1e-9)
+
+
+def test_explain_in_passes_of_cells_says_what_one_pass_says(images: Path, tmp_path: Path,
+                                                            monkeypatch):
+    import dmx.analysis.queries as queries
+    from dmx.analysis.explain import explain_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    one_pass = explain_run(out).to_json()
+    monkeypatch.setattr(queries, "ROWS_PER_PASS", 5)      # a pass per cell
+    assert explain_run(out).to_json() == one_pass
 
 
 def test_a_summary_that_no_longer_describes_the_rows_is_not_used(images: Path, tmp_path: Path,

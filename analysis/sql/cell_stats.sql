@@ -9,6 +9,7 @@ WITH r AS (
     SELECT *, out_cosine IS NOT NULL AND (NOT isfinite(out_cosine)
                                           OR coalesce(NOT isfinite(out_max_abs), false)) AS nonfinite
     FROM rows
+    WHERE list_contains($cells, cell_id)
 ), f AS (
     SELECT *, CASE WHEN out_cosine IS NULL OR nonfinite THEN NULL
                    ELSE greatest(1 - out_cosine, 0.0) END AS cos_dist,

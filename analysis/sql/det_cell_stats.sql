@@ -21,5 +21,5 @@ SELECT
     max(det_score_delta_max)                                 AS score_delta_max,
     sum(det_class_flips)                                     AS class_flips
 FROM rows
-WHERE status = 'ok' AND det_same IS NOT NULL
+WHERE status = 'ok' AND det_same IS NOT NULL AND list_contains($cells, cell_id)
 GROUP BY cell_id
