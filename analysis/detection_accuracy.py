@@ -11,7 +11,10 @@ against the reference over the images both judged, with a paired bootstrap inter
 Cost: one ``COCOeval.evaluate`` per cell (the reference's serves every cell judged on the same
 images), then ``resamples`` accumulations per non-reference cell and side; see
 ``dmx.analysis.paired_map`` for measured times (200 resamples of 1,000 images ~1 min per cell
-on 2 cores). Results are kept per process, so explain, check and report in one process pay once.
+on 2 cores). Results are kept beside the run (``RUN/summary/detection_accuracy*``, keyed like
+explain's summary by the row files, the ground truth, the resamples, the seed and this code), so
+explain, check, report and sql pay once per run, not once per command; a run directory that
+cannot be written to is computed again by each command.
 
 Views (``register_detection_accuracy``): ``detection_accuracy`` (one row per cell) and
 ``detection_matches`` (one row per cell and image), plus ``detection_truth`` (the boxes, in
@@ -90,6 +93,54 @@ def has_detection_labels(run: str | Path | RunDir) -> bool:
 
 
 _memo: dict[tuple, tuple[dict[str, CellMap], pa.Table]] = {}
+CACHE = "summary/detection_accuracy"      # .parquet (cells), -matches.parquet, .json (the key)
+
+
+def _cache_key(run: RunDir, resamples: int, seed: int) -> dict[str, Any]:
+    """What a stored result describes: the rows (explain's summary key), the ground truth files,
+    the bootstrap's parameters and the code and queries that computed it."""
+    import hashlib
+    import inspect
+
+    from . import paired_map
+    from .summary import rows_key
+    code = hashlib.sha256()
+    for module in (paired_map, inspect.getmodule(_cache_key)):
+        code.update(Path(module.__file__).read_bytes())
+    for name in ("detection_truth", "detection_truth_images", "detection_cell_boxes",
+                 "detection_cell_images"):
+        code.update(load_sql(name).encode())
+    truth = run.fs.get_file_info([run.path(BOXES_FILE), run.path(BOX_IMAGES_FILE)])
+    return {"rows": rows_key(run), "truth": [i.size for i in truth], "resamples": resamples,
+            "seed": seed, "code": code.hexdigest()}
+
+
+def _stored(run: RunDir, key: dict[str, Any]) -> tuple[dict[str, CellMap], pa.Table] | None:
+    import json
+    try:
+        if json.loads(run.read_bytes(CACHE + ".json").decode()) != key:
+            return None
+        cells = run.read_parquet(CACHE + ".parquet").to_pylist()
+        matches = run.read_parquet(CACHE + "-matches.parquet")
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return None
+    return {c["cell_id"]: CellMap(**c) for c in cells}, matches
+
+
+def _store(run: RunDir, key: dict[str, Any], cells: dict[str, CellMap], matches: pa.Table) -> None:
+    import json
+    try:
+        if run.is_file(CACHE + ".json"):
+            run.delete([run.path(CACHE + ".json")])     # no key while its tables are replaced
+        run.write_parquet(CACHE + ".parquet", _cell_table(cells))
+        run.write_parquet(CACHE + "-matches.parquet", matches)
+        run.write_bytes(CACHE + ".json", json.dumps(key).encode())   # the commit point
+    except OSError:
+        pass            # a run directory dmx may not write to: each command computes it again
+
+
+def _cell_table(cells: dict[str, CellMap]) -> pa.Table:
+    return pa.Table.from_pylist([asdict(c) for c in cells.values()], schema=_CELL_SCHEMA)
 
 
 def register_detection_accuracy(con: duckdb.DuckDBPyConnection, run: str | Path | RunDir, *,
@@ -106,12 +157,16 @@ def register_detection_accuracy(con: duckdb.DuckDBPyConnection, run: str | Path 
                 + load_sql("detection_truth_images"))
     con.execute("CREATE OR REPLACE VIEW detection_truth AS " + load_sql("detection_truth"))
     manifest = run.read_manifest()
-    key = (run.uri, manifest.get("run_id"), manifest.get("finished"), resamples, seed)
-    if key not in _memo:
-        _memo[key] = detection_accuracy(con, resamples=resamples, seed=seed)
-    cells, matches = _memo[key]
-    table = pa.Table.from_pylist([asdict(c) for c in cells.values()], schema=_CELL_SCHEMA)
-    con.register("_dmx_detection_accuracy", table)
+    memo = (run.uri, manifest.get("run_id"), manifest.get("finished"), resamples, seed)
+    if memo not in _memo:
+        key = _cache_key(run, resamples, seed)
+        found = _stored(run, key)
+        if found is None:
+            found = detection_accuracy(con, resamples=resamples, seed=seed)
+            _store(run, key, *found)
+        _memo[memo] = found
+    cells, matches = _memo[memo]
+    con.register("_dmx_detection_accuracy", _cell_table(cells))
     con.register("_dmx_detection_matches", matches)
     con.execute("CREATE OR REPLACE VIEW detection_accuracy AS SELECT c.label AS cell, d.* "
                 "FROM _dmx_detection_accuracy d JOIN cells c USING (cell_id) ORDER BY d.delta, d.cell_id")

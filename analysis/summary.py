@@ -70,7 +70,7 @@ def _sql_digest() -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _key(run: RunDir) -> dict[str, Any]:
+def rows_key(run: RunDir) -> dict[str, Any]:
     """What the summary describes: the row files and side tables (relative names, sizes) and
     the queries."""
     base = run.path("")
@@ -123,7 +123,7 @@ def write_summary(location: str | RunDir) -> int:
         table = run_query(con, name, _params(con, params))
         run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", _plain(table))
         held += table.num_rows
-    run.write_bytes(KEY_FILE, json.dumps(_key(run)).encode())
+    run.write_bytes(KEY_FILE, json.dumps(rows_key(run)).encode())
     return held
 
 
@@ -136,7 +136,7 @@ class Summary:
         self.valid = False
         try:
             if run.is_file(KEY_FILE):
-                self.valid = json.loads(run.read_bytes(KEY_FILE).decode()) == _key(run)
+                self.valid = json.loads(run.read_bytes(KEY_FILE).decode()) == rows_key(run)
         except (OSError, ValueError):
             self.valid = False
 

@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -283,3 +284,38 @@ def test_dmx_sql_answers_from_the_detection_views(runs):
     plain = subprocess.run([sys.executable, "-m", "dmx", "sql", str(runs["run"]),
                             "SELECT count(*) FROM rows"], capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0 and "detection" not in plain.stderr
+
+
+def test_map_results_are_kept_beside_the_run_and_recomputed_when_what_they_describe_changes(
+        runs, tmp_path, monkeypatch):
+    """COCOeval and its bootstrap run once per run, not once per command: the next process
+    reads them from the run directory - unless the resamples, the seed or the rows differ."""
+    import dmx.analysis.detection_accuracy as da
+    run = tmp_path / "run"
+    shutil.copytree(runs["run"], run)
+    for kept in (run / "summary").glob("detection_accuracy*"):   # what earlier tests stored
+        kept.unlink()
+    computed = []
+    real = da.detection_accuracy
+    monkeypatch.setattr(da, "detection_accuracy",
+                        lambda con, **kw: computed.append(kw) or real(con, **kw))
+
+    def maps(resamples: int = 50):
+        da._memo.clear()                       # as a new process (another dmx command) starts
+        return register_detection_accuracy(open_run(run), run, resamples=resamples)
+
+    first = maps()
+    assert len(computed) == 1 and (run / "summary" / "detection_accuracy.json").is_file()
+    assert maps() == first and len(computed) == 1          # read back, the same numbers
+    con = open_run(run)
+    register_detection_accuracy(con, run, resamples=50)
+    assert con.execute("SELECT count(*) FROM detection_matches").fetchone()[0] > 0
+    assert len(computed) == 1
+    maps(resamples=60)
+    assert [c["resamples"] for c in computed] == [50, 60]    # other parameters: computed again
+    maps(resamples=60)
+    assert len(computed) == 2
+    cells = pq.read_table(run / "cells.parquet")      # the run's files changed (say a resume)
+    pq.write_table(cells, run / "cells.parquet", compression="none")
+    maps(resamples=60)
+    assert len(computed) == 3
