@@ -58,3 +58,33 @@ def test_compile_is_recorded_like_a_conversion_and_cached_across_runs(two_runs, 
     info = next(v for v in second["backends"].values() if v["backend"] == "torch-compile")
     assert info["properties"]["inductor_cache_hit"] is True
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+
+
+@pytest.mark.slow
+def test_a_node_without_the_drivers_inductor_cache_loads_the_shipped_compile(
+        two_runs, private_cache: Path, photo_dir: Path, tmp_path: Path):
+    """A worker node holds the product the driver published (fetched into its own cache) and
+    nothing else of the driver's: no Inductor cache. Its workers load the compile from the
+    product and compile nothing (before: the product named the driver's cache folder, and each
+    node compiled from scratch)."""
+    import shutil
+    import subprocess
+    import sys
+    product = next((private_cache / "models").glob("*/inductor-cache.bin"))
+    assert product.stat().st_size > 0          # Inductor's portable cache, not a folder's name
+    node = tmp_path / "node-cache"
+    shutil.copytree(product.parent, node / "models" / product.parent.name)
+    assert not (node / "inductor").exists()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(json.dumps({**SPEC, "dataset": {"path": str(photo_dir)}}))
+    out = tmp_path / "node-run"
+    env = {**os.environ, "DMX_CACHE": str(node)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    r = subprocess.run([sys.executable, "-m", "dmx", "run", str(spec), "--out", str(out),
+                        "--executor", "local"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["conversion"]["inductor:default:cpu:fp32:b4"]["cached"] is True
+    info = next(v for v in m["backends"].values() if v["backend"] == "torch-compile")
+    assert info["properties"]["inductor_cache"] == str(node / "inductor")
+    assert info["properties"]["inductor_cache_hit"] is True

@@ -4,8 +4,10 @@ Inductor fuses operators (conv + batch-norm + activation, reductions), so its ou
 eager's by rounding: a path many users deploy. The compile is this backend's conversion: it is
 made once on the driver before the sweep (its seconds land in the manifest's
 ``model.conversion`` like an ONNX export), with Inductor's cache (``TORCHINDUCTOR_CACHE_DIR``)
-under dmx's cache directory, so the workers and later runs reuse the compiled kernels instead
-of compiling again. Every batch runs at one static batch size (the ``batch`` axis, else 8; a
+under dmx's cache directory. Its product is Inductor's portable cache
+(``torch.compiler.save_cache_artifacts``: the FX graphs and compiled kernels), published like an
+ONNX file, so a worker on a node that shares nothing with the driver loads it into its own
+cache (``load_cache_artifacts``) and does not compile again. Every batch runs at one static batch size (the ``batch`` axis, else 8; a
 smaller batch is padded, a larger one split), so the model compiles once: no recompilation on
 the last, shorter batch of a chunk.
 """
@@ -72,8 +74,8 @@ class TorchCompileRunner(BackendRunner):
 
     @classmethod
     def make_model(cls, setting: InferSetting, conv: Conversion) -> tuple[str, dict[str, Any]]:
-        """Compile once and run one batch, filling Inductor's cache; the product is a small
-        JSON file naming the cache (the kernels live in Inductor's own layout there)."""
+        """Compile once and run one batch, filling Inductor's cache; the product is that
+        compile's portable cache artifacts (empty where Inductor recorded none)."""
         import torch
         model = conv.model
         if model.torch_factory is None:
@@ -102,13 +104,14 @@ class TorchCompileRunner(BackendRunner):
                                       f"{str(e).strip().splitlines()[0][:300]}") from e
             finally:
                 torch.set_num_threads(before)
-            out.write_text(str(inductor_cache_dir()) + "\n")
+            saved = torch.compiler.save_cache_artifacts()
+            out.write_bytes(saved[0] if saved else b"")
             return {"command": f"torch.compile(backend='inductor', mode={setting.compile_mode or 'default'!r}, "
                                f"dynamic=False), batch {b} on {setting.device}, {threads} threads",
                     "torch": torch.__version__, "threads": threads,
                     "inductor_cache": str(inductor_cache_dir())}
 
-        return cached(key, "compiled.txt", make)
+        return cached(key, "inductor-cache.bin", make)
 
     @classmethod
     def unsupported(cls, artifacts: ModelArtifacts, setting: InferSetting) -> str | None:
@@ -124,6 +127,9 @@ class TorchCompileRunner(BackendRunner):
         misses = counters["inductor"]["fxgraph_cache_miss"]
         self.model = self.artifacts.build_torch()
         self.compiled = _compile(self.model, self.setting)
+        product = self.artifacts.file_for(self.setting)    # the driver's compile, shipped
+        if product and product.endswith(".bin") and os.path.getsize(product):
+            torch.compiler.load_cache_artifacts(Path(product).read_bytes())
         t = time.perf_counter()
         self._run(np.zeros((self.batch, *self.artifacts.input_shape), np.float32))   # compiles
         self.compile_s = time.perf_counter() - t
