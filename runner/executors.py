@@ -256,7 +256,7 @@ class RayExecutor:
                  gpus_per_worker: float | None = None, threads_per_worker: int = 1,
                  worker_memory_mb: int = WORKER_MEMORY_MB,
                  runtime_env: str | dict[str, Any] | None = "auto",
-                 chunk_deadline_s: float | None = None) -> None:
+                 chunk_deadline_s: float | None = None, node_wait_s: float | None = None) -> None:
         self.cap = workers
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.threads = max(1, threads_per_worker)
@@ -273,6 +273,7 @@ class RayExecutor:
         self.runtime_env_option = runtime_env
         self.runtime_env: dict[str, Any] | None = None   # what the actors get (``start``)
         self.chunk_deadline_s = chunk_deadline_s
+        self.node_wait_s = node_wait_s
         self.dataset_root: str | None = None   # a local dataset folder every node must read
 
     @property
@@ -362,7 +363,9 @@ class RayExecutor:
         import ray
         actor_cls = self._actor_class()
         scheduler = _Scheduler(plan, lambda: actor_cls.remote(plan), self.workers, on_summary,
-                               actors=self.actors or None, deadline_s=self.chunk_deadline_s)
+                               actors=self.actors or None, deadline_s=self.chunk_deadline_s,
+                               node_wait_s=(self.node_wait_s if self.node_wait_s is not None
+                                            else NODE_WAIT_S if self.cluster else 0.0))
         try:
             scheduler.run(chunks)
         finally:
@@ -378,6 +381,7 @@ DEADLINE_FLOOR_S = 300.0
 #: A loss is judged within this long: a node that is still alive by then (Ray's GCS marks a
 #: silent node dead after ~15-20 s by default) lost its worker to a crash, not to preemption.
 JUDGE_S = 60.0
+NODE_WAIT_S = 300.0   # on a cluster: how long to wait for a node when none can host a worker
 
 
 @dataclasses.dataclass
@@ -414,8 +418,10 @@ class _Scheduler:
 
     def __init__(self, plan: Plan, new_actor: Callable[[], Any], workers: int,
                  on_summary: OnSummary, actors: list[Any] | None = None,
-                 deadline_s: float | None = None) -> None:
+                 deadline_s: float | None = None, node_wait_s: float = 0.0) -> None:
         self.plan, self.new_actor, self.on_summary = plan, new_actor, on_summary
+        self.node_wait_s = node_wait_s
+        self.no_host_since: float | None = None          # when no node could host a worker
         self.skipped = dict(plan.skipped)
         self.actors = list(actors) if actors else [new_actor() for _ in range(workers)]
         workers = len(self.actors)
@@ -468,16 +474,18 @@ class _Scheduler:
                 time.sleep(timeout)
                 ready = []
             if not ready:
+                # No node with a CPU: the tasks pending on restarting actors cannot run either.
+                # Asked first: pings of restarting actors come due every few seconds and would
+                # otherwise keep the loop from ever asking (a run that waited forever).
+                if not self._any_node_can_host():
+                    self._wait_for_a_node()
+                    continue
+                self.no_host_since = None
                 if self.later and min(t for t, _ in self.later) <= time.monotonic():
                     continue
                 if self.judging or self._next_deadline() <= 0:
                     continue
                 self._check_nodes()
-                if not self.pending and not self._any_node_can_host():
-                    raise WorkersLost(
-                        "no node of the Ray cluster can run a worker any more (a Ray process died "
-                        "or the nodes were removed); finished chunks are saved: run the same "
-                        "command with --resume")
                 continue
             ref = ready[0]
             if ref in self.pings:
@@ -503,6 +511,22 @@ class _Scheduler:
                 self._piece_done(job.chunk, result)
             else:
                 self._report(result)
+
+    def _wait_for_a_node(self) -> None:
+        """No node can host a worker: an autoscaler or a preempted pool may bring one back, so
+        wait ``node_wait_s`` (the actors Ray is restarting land on it) before giving up."""
+        now = time.monotonic()
+        if self.no_host_since is None:
+            self.no_host_since = now
+            if self.node_wait_s > 0:
+                print(f"dmx: no node of the Ray cluster can run a worker; waiting up to "
+                      f"{self.node_wait_s:g} s for one to join (--wait-for-nodes)", file=sys.stderr)
+        if now - self.no_host_since >= self.node_wait_s:
+            raise WorkersLost(
+                "no node of the Ray cluster can run a worker any more (a Ray process died or the "
+                "nodes were removed" + (f"; none joined in {self.node_wait_s:g} s" if self.node_wait_s
+                                        else "") + "); finished chunks are saved: run the same "
+                "command with --resume")
 
     # ---------------------------------------------------------------- bookkeeping per actor
     def _finished(self, i: int, ref) -> float | None:

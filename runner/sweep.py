@@ -52,6 +52,7 @@ class RunOptions:
     threads_per_worker: int = 1  # intra-op threads per Ray worker (fewer actors, more threads)
     runtime_env: str = "auto"   # the actors' Ray runtime_env (``dmx.runner.runtime_env``)
     chunk_deadline_s: float | None = None   # a fixed deadline per chunk (default: derived)
+    node_wait_s: float | None = None   # no node can host a worker: wait this long for one to join
     compact: bool = True        # merge part files into few sorted files when the run ends
 
 
@@ -160,7 +161,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
     executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker,
-                            runtime_env=opts.runtime_env, chunk_deadline_s=opts.chunk_deadline_s)
+                            runtime_env=opts.runtime_env, chunk_deadline_s=opts.chunk_deadline_s,
+                            node_wait_s=opts.node_wait_s)
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
     executor.start(_cuda_devices(cells))
     on_cluster = getattr(executor, "cluster", False)

@@ -191,3 +191,36 @@ def test_a_hung_inference_is_killed_rescheduled_then_quarantined_alone(
     assert all(s == "ok" for _, i, s, *_ in got if i != "img99_black.jpg")
     assert "killed" in err and "deadline" in err
     assert time.time() - t0 < 150
+
+
+@pytest.mark.parametrize("wait", [0, 120])
+def test_a_cluster_left_without_nodes_waits_for_one_to_join(head, photo_dir: Path,
+                                                            tmp_path: Path, wait: int):
+    """Its only worker node preempted, the cluster has no CPU for a while (an autoscaler
+    launching a replacement). Before the fix the run never ended when no node came (pings of the
+    actor Ray was restarting came due every few seconds and the loop never asked whether any
+    node could host a worker; past this test's 400 s): with 0 it
+    now stops with finished chunks saved; with --wait-for-nodes it waits, the new node takes the
+    restarted worker and every (cell, image) is computed once."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    env = node_env(markers, DMX_TEST_DELAY_S="4")
+    head.workers.append(PlainNode(head.address, env))
+    up(head, 2)
+    images = photos(photo_dir, tmp_path / "photos", 2)
+    proc = driver(tmp_path, write_spec(tmp_path, images, "slow"), head.address, chunk_size=1,
+                  workers=1, node_wait_s=wait)
+    wait_for(lambda: any(markers.iterdir()), 120, "the chunk in flight", proc)
+    head.workers.pop().kill()                         # the last node with CPUs is gone
+    if wait:
+        time.sleep(25)                                # longer than dmx waited before the fix
+        head.workers.append(PlainNode(head.address, env))
+    out, err = proc.communicate(timeout=400)
+    if not wait:
+        assert proc.returncode != 0 and "no node of the Ray cluster can run a worker" in err, err
+        return
+    assert proc.returncode == 0, err[-3000:]
+    assert f"waiting up to {wait} s for one to join" in err
+    got = rows(tmp_path / "run")
+    assert len(got) == 4 and len({(c, i) for c, i, *_ in got}) == 4
+    assert all(s == "ok" for _, _, s, *_ in got), got

@@ -56,6 +56,17 @@ def _positive_seconds(text: str) -> float:
     return v
 
 
+def _seconds(text: str) -> float:
+    """A number of seconds, 0 or more (0: do not wait)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of seconds, got {text}")
+    return v
+
+
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """The options of a sweep (``dmx run`` and ``dmx demo``)."""
     p.add_argument("--executor", choices=("ray", "local"), default="ray",
@@ -80,6 +91,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="seconds a chunk may run before its worker is killed as hung and the "
                         "chunk rescheduled (default: 10x the slowest per-image time so far x "
                         "its images, at least 300)")
+    p.add_argument("--wait-for-nodes", type=_seconds, default=None, metavar="S",
+                   help="when no node of the cluster can run a worker (all preempted, scaled to "
+                        "zero), wait this long for one to join before stopping with finished "
+                        "chunks saved (default: 300 on a cluster, 0 on the embedded Ray)")
     p.add_argument("--chunk-size", type=bounded_int(1, MAX_CHUNK), default=None,
                    help="images per chunk (default: sized from the matrix)")
     p.add_argument("--batch", type=bounded_int(1, MAX_BATCH, "a batch is held in memory at once"),

@@ -96,7 +96,8 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
                       gpus_per_worker=a.gpus_per_worker,
                       threads_per_worker=getattr(a, "threads_per_worker", 1), compact=False,
                       runtime_env=getattr(a, "runtime_env", "auto"),
-                      chunk_deadline_s=getattr(a, "chunk_deadline", None))
+                      chunk_deadline_s=getattr(a, "chunk_deadline", None),
+                      node_wait_s=getattr(a, "wait_for_nodes", None))
     if a.executor == "ray":
         from dmx.runner.runtime_env import parse
         parse(getattr(a, "runtime_env", "auto"))   # a bad --runtime-env: one line, before Ray
