@@ -234,7 +234,9 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None,
         stats.setdefault(st["cell_id"], []).append(st)
     errors = {e["cell_id"]: e for e in query_dicts(con, load_sql("check_new_errors"))}
     unjudged = {d["cell_id"]: d for d in query_dicts(con, load_sql("check_not_judged"))}
-    images = int(con.execute("SELECT count(DISTINCT image_id) FROM rows").fetchone()[0] or 0)
+    # every image has a reference row (an error is a row too): one cell's rows, not all of them
+    images = int(con.execute("SELECT count(DISTINCT image_id) FROM rows WHERE is_reference")
+                 .fetchone()[0] or 0)
     ref_err = query_dicts(con, load_sql("check_reference_errors"))[0]
     ref_cell = next((c for c in cells if c["is_reference"]), None)
     ref_failed = int(ref_err["n"] or 0)
