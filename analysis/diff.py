@@ -36,7 +36,7 @@ from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
 from .numbers import g, pct
-from .queries import query_dicts
+from .queries import cell_passes, query_dicts
 
 DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
 
@@ -151,17 +151,34 @@ def diff_runs(dir_a: str | Path, dir_b: str | Path,
         tol[k] = float(v)
     ma, mb = RunDir(dir_a).read_manifest(), RunDir(dir_b).read_manifest()
     con_a, con_b = open_run(dir_a), open_run(dir_b)
-    con = duckdb.connect()
-    con.register("a_rows", con_a.sql(_diff_rows_sql(con_a)).to_arrow_table())
-    con.register("b_rows", con_b.sql(_diff_rows_sql(con_b)).to_arrow_table())
     missing = tuple(side for side, c in (("A", con_a), ("B", con_b)) if "out_digest" not in _columns(c))
     refs = {ma.get("reference_cell"), mb.get("reference_cell")}
-    cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in query_dicts(con, load_sql("diff_cells"))]
+    cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in _diff_cells(con_a, con_b)]
     return DiffResult(
         run_a=_run_info(dir_a, ma), run_b=_run_info(dir_b, mb),
         same_spec=ma.get("spec_digest") == mb.get("spec_digest"), tolerances=tol, cells=cells,
         environment=environment_diff(ma, mb), cell_status=_cell_status_changes(con_a, con_b),
         outputs_compared=not missing, digest_missing=missing)
+
+
+def _diff_cells(con_a: duckdb.DuckDBPyConnection,
+                con_b: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
+    """diff_cells.sql over both runs' rows, one pass of cells at a time: each pass holds about
+    half of ``ROWS_PER_PASS`` rows of each run in memory (both runs whole did not fit: 64 M rows
+    each were killed at 24 GB)."""
+    from . import queries
+    cells = sorted({r[0] for c in (con_a, con_b)
+                    for r in c.execute("SELECT cell_id FROM cells").fetchall()})
+    sql_a, sql_b, joined = _diff_rows_sql(con_a), _diff_rows_sql(con_b), load_sql("diff_cells")
+    con = duckdb.connect()
+    out: list[dict[str, Any]] = []
+    for part in cell_passes(con_a, cells, queries.ROWS_PER_PASS // 2):
+        con.register("a_rows", con_a.sql(sql_a, params={"cells": part}).to_arrow_table())
+        con.register("b_rows", con_b.sql(sql_b, params={"cells": part}).to_arrow_table())
+        out += query_dicts(con, joined)
+        con.unregister("a_rows")
+        con.unregister("b_rows")
+    return out
 
 
 def _columns(con: duckdb.DuckDBPyConnection) -> set[str]:
