@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import duckdb
 import numpy as np
@@ -126,31 +126,95 @@ SAMPLE_POINTS = 400   # points drawn per level in a distribution panel
 BOX_ROWS = 200_000    # rows per level the boxes are computed from (a uniform sample above)
 
 
-def _level_view(con: duckdb.DuckDBPyConnection, axis: str, key: str) -> None:
-    """``level_values``: (level, x, px_equal, h) of every ok non-reference row where ``axis``
-    applies and x is finite; x is the cosine distance (1 - cos) or the max abs difference
-    (logits), h a hash of the row (a uniform, reproducible sample)."""
-    a = _ident(axis)
-    x = {"cos_dist": "1 - out_cosine", "max_abs": "out_max_abs"}[key]
-    con.execute(f"CREATE OR REPLACE TEMP VIEW level_values AS SELECT * FROM ("
-                f"SELECT {a} AS level, {x} AS x, coalesce(px_equal, false) AS px_equal, "
-                "hash(image_id, cell_id) AS h FROM rows "
-                "WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT NULL "
-                f"AND {a} IS NOT NULL) WHERE x IS NOT NULL AND isfinite(x)")
+_X = {"cos_dist": "1 - out_cosine", "max_abs": "out_max_abs"}
+_SOURCES = itertools.count()
 
 
-def level_stats(con: duckdb.DuckDBPyConnection, axis: str, key: str, zero: float
+class LevelSource:
+    """What the distribution panels of ``axes`` read, in two scans of the rows whatever the
+    number of panels (one scan per panel and three queries each: 64 M rows, 10 panels, 155 s):
+
+    - ``counts[(axis, key)]``: per level, n, values at or below the metric's zero, max, smallest
+      positive - from every row, one GROUPING SETS scan for every axis and metric;
+    - ``level_sample_N``: a temp table of the rows whose hash falls under the largest sampling
+      threshold any panel needs (each panel's sample is a hash threshold too, so it is exactly
+      the subset of this table it would have read from the rows). An axis whose boxes need
+      every row (no level above ``BOX_ROWS``) reads the rows directly instead."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, axes: Sequence[str],
+                 zeros: Mapping[str, float]) -> None:
+        self.con, self.axes = con, list(axes)
+        self.table = f"level_sample_{next(_SOURCES)}"     # its own: sources may coexist
+        self.counts: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.threshold: dict[str, int | None] = {}
+        if not self.axes:
+            return
+        cols = ", ".join(_ident(a) for a in self.axes)
+        aggs = []
+        for key in _X:
+            fin = f"x_{key} IS NOT NULL AND isfinite(x_{key})"
+            z = float(zeros[key])
+            aggs += [f"count(*) FILTER (WHERE {fin}) AS n_{key}",
+                     f"count(*) FILTER (WHERE {fin} AND x_{key} <= {z!r}) AS zeros_{key}",
+                     f"max(x_{key}) FILTER (WHERE {fin}) AS hi_{key}",
+                     f"min(x_{key}) FILTER (WHERE {fin} AND x_{key} > {z!r}) AS low_{key}"]
+        grouping = ", ".join(f"GROUPING({_ident(a)}) AS g{i}" for i, a in enumerate(self.axes))
+        q = (f"SELECT {cols}, {grouping}, {', '.join(aggs)} FROM (SELECT {cols}, "
+             + ", ".join(f"{x} AS x_{k}" for k, x in _X.items())
+             + " FROM rows WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT NULL) "
+             f"GROUP BY GROUPING SETS ({', '.join(f'({_ident(a)})' for a in self.axes)})")
+        for d in query_dicts(con, q):
+            axis = next(a for i, a in enumerate(self.axes) if d[f"g{i}"] == 0)
+            if d[axis] is None:
+                continue
+            for key in _X:
+                if d[f"n_{key}"]:
+                    self.counts.setdefault((axis, key), []).append(
+                        {"level": d[axis], "n": d[f"n_{key}"], "zeros": d[f"zeros_{key}"],
+                         "hi": d[f"hi_{key}"], "low": d[f"low_{key}"]})
+        for axis in self.axes:      # the largest share any of its panels samples its boxes at
+            most = min(max((c["n"] for c in self.counts.get((axis, k), [])), default=0)
+                       for k in _X)
+            self.threshold[axis] = int(BOX_ROWS / most * 1_000_000) if most > BOX_ROWS else None
+        top = max((t for t in self.threshold.values() if t is not None), default=None)
+        if top is not None:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {self.table} AS SELECT * FROM ("
+                        f"SELECT {cols}, " + ", ".join(f"{x} AS x_{k}" for k, x in _X.items())
+                        + ", coalesce(px_equal, false) AS px_equal, hash(image_id, cell_id) AS h "
+                        "FROM rows WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT "
+                        f"NULL) WHERE h % 1000000 < {top}")
+
+    def view(self, axis: str, key: str) -> None:
+        """``level_values``: (level, x, px_equal, h) of the ok non-reference rows where ``axis``
+        applies and x is finite - from the sample where this axis is sampled, else every row;
+        x is the cosine distance (1 - cos) or the max abs difference (logits), h a hash of the
+        row (a uniform, reproducible sample)."""
+        a = _ident(axis)
+        if self.threshold.get(axis) is not None:
+            source = f"SELECT {a} AS level, x_{key} AS x, px_equal, h FROM {self.table}"
+        else:
+            source = (f"SELECT {a} AS level, {_X[key]} AS x, coalesce(px_equal, false) AS "
+                      "px_equal, hash(image_id, cell_id) AS h FROM rows WHERE status = 'ok' AND "
+                      "NOT is_reference AND out_cosine IS NOT NULL")
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW level_values AS SELECT * FROM ({source}) "
+                         f"WHERE level IS NOT NULL AND x IS NOT NULL AND isfinite(x)")
+
+
+def level_stats(con: duckdb.DuckDBPyConnection, axis: str, key: str, zero: float,
+                source: LevelSource | None = None
                 ) -> tuple[float, dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """What one distribution panel draws, from DuckDB in bounded memory whatever the row count:
     (floor, statistics per level, sampled points per level). Values <= ``zero`` are drawn at
     ``floor`` (a power of ten below the smallest positive value). The counts ("N rows, Z at
     0"), the floor and the axis range come from every row; the boxes from every row up to
     ``BOX_ROWS`` per level, above that from a uniform sample of about ``BOX_ROWS`` (by row
-    hash); the scattered points are at most ``SAMPLE_POINTS`` per level (px_equal second)."""
-    _level_view(con, axis, key)
-    counts = query_dicts(con, "SELECT level, count(*) AS n, count(*) FILTER (x <= $zero) AS zeros, "
-                              "max(x) AS hi, min(x) FILTER (x > $zero) AS low "
-                              "FROM level_values GROUP BY level", {"zero": zero})
+    hash); the scattered points are at most ``SAMPLE_POINTS`` per level (px_equal second).
+    ``source``: the report's ``LevelSource`` (else one is made for this panel alone)."""
+    if source is None:
+        other = {k: 0.0 for k in _X}
+        source = LevelSource(con, [axis], {**other, key: zero})
+    counts = [dict(c) for c in source.counts.get((axis, key), [])]
+    source.view(axis, key)
     low = min((d["low"] for d in counts if d["low"] is not None), default=None)
     floor = 10.0 ** (math.floor(math.log10(low)) - 1) if low else 1e-12
     most = max((d["n"] for d in counts), default=0)
@@ -390,8 +454,10 @@ def _distributions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[
     all from DuckDB aggregates (a run of 64 M rows draws in the time of a few queries)."""
     section = _template("distributions.html.j2")
     panels = []
+    source = LevelSource(con, axes, {key: zero for key, _, zero in _PANEL_METRICS})
     for axis in axes:
-        per_key = {key: level_stats(con, axis, key, zero) for key, _, zero in _PANEL_METRICS}
+        per_key = {key: level_stats(con, axis, key, zero, source)
+                   for key, _, zero in _PANEL_METRICS}
         if per_key["cos_dist"][1]:
             panels.append((axis, per_key))
     if not panels:

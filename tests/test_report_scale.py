@@ -47,3 +47,35 @@ def test_the_sample_of_points_is_bounded_per_level(run: Path, monkeypatch):
     monkeypatch.setattr(report, "SAMPLE_POINTS", 3)
     _, stats, points = report.level_stats(open_run(run), "exif", "cos_dist", report.COS_ROUNDING)
     assert all(len(p) == min(3, stats[lv]["n"]) for lv, p in points.items())
+
+
+def test_sampled_boxes_from_the_shared_sample_are_those_of_the_rows_hash_sample(run: Path,
+                                                                                monkeypatch):
+    """Every level above BOX_ROWS: the boxes come from the report's one shared sample table
+    (``LevelSource``), and equal numpy's on exactly the rows the panel's own hash threshold
+    keeps - the same whether the source serves one axis or all of them."""
+    monkeypatch.setattr(report, "BOX_ROWS", 5)
+    con = open_run(run)
+    zeros = {"cos_dist": report.COS_ROUNDING, "max_abs": 0.0}
+    shared = report.LevelSource(con, ["decoder", "exif", "resize"], zeros)
+    assert all(t is not None for t in shared.threshold.values())   # every axis sampled
+    for axis in ("decoder", "exif", "resize"):
+        for key, column in (("cos_dist", "1 - out_cosine"), ("max_abs", "out_max_abs")):
+            floor, stats, points = report.level_stats(con, axis, key, zeros[key], shared)
+            alone = report.level_stats(con, axis, key, zeros[key])
+            assert stats == alone[1] and floor == alone[0]
+            most = max(st["n"] for st in stats.values())
+            keep = int(5 / most * 1_000_000)
+            rows = con.execute(
+                f"SELECT {axis}, {column} FROM rows WHERE status = 'ok' AND NOT is_reference "
+                f"AND out_cosine IS NOT NULL AND hash(image_id, cell_id) % 1000000 < {keep}"
+            ).fetchall()
+            for level, st in stats.items():
+                v = np.array([x for lv, x in rows if lv == level and x is not None
+                              and np.isfinite(x)])
+                if not v.size:
+                    assert st.get("q1") is None
+                    continue
+                shown = np.where(v > zeros[key], v, floor)
+                assert np.allclose([st["q1"], st["med"], st["q3"]],
+                                   np.percentile(shown, [25, 50, 75]), rtol=1e-9, atol=0)
