@@ -64,7 +64,7 @@ def consecutive_groups(counts: list[tuple[str, int]], limit: int) -> list[list[s
     return groups
 
 
-BUCKET_ROWS = 1_000_000    # rows the bucketing pass buffers before writing (all groups together)
+BUCKET_ROWS = 200_000      # rows the bucketing pass buffers before writing (all groups together)
 
 
 def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_file: int,
