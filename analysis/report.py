@@ -128,6 +128,7 @@ BOX_ROWS = 200_000    # rows per level the boxes are computed from (a uniform sa
 
 _X = {"cos_dist": "1 - out_cosine", "max_abs": "out_max_abs"}
 _SOURCES = itertools.count()
+SHARED_SAMPLE_MAX = 100_000   # per million rows: the largest share the shared sample table holds
 
 
 class LevelSource:
@@ -176,6 +177,9 @@ class LevelSource:
             most = min(max((c["n"] for c in self.counts.get((axis, k), [])), default=0)
                        for k in _X)
             self.threshold[axis] = int(BOX_ROWS / most * 1_000_000) if most > BOX_ROWS else None
+        for axis, t in self.threshold.items():    # a sample of most rows is no sample: those
+            if t is not None and t > SHARED_SAMPLE_MAX:   # axes read the rows, as before
+                self.threshold[axis] = None
         top = max((t for t in self.threshold.values() if t is not None), default=None)
         if top is not None:
             con.execute(f"CREATE OR REPLACE TEMP TABLE {self.table} AS SELECT * FROM ("

@@ -521,7 +521,8 @@ class _Scheduler:
             if self.node_wait_s > 0:
                 print(f"dmx: no node of the Ray cluster can run a worker; waiting up to "
                       f"{self.node_wait_s:g} s for one to join (--wait-for-nodes)", file=sys.stderr)
-        if now - self.no_host_since >= self.node_wait_s:
+        # at least 2 s: one failed ``ray.nodes()`` (a GCS hiccup) is not a cluster without nodes
+        if now - self.no_host_since >= max(self.node_wait_s, 2.0):
             raise WorkersLost(
                 "no node of the Ray cluster can run a worker any more (a Ray process died or the "
                 "nodes were removed" + (f"; none joined in {self.node_wait_s:g} s" if self.node_wait_s

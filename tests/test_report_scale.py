@@ -55,6 +55,7 @@ def test_sampled_boxes_from_the_shared_sample_are_those_of_the_rows_hash_sample(
     (``LevelSource``), and equal numpy's on exactly the rows the panel's own hash threshold
     keeps - the same whether the source serves one axis or all of them."""
     monkeypatch.setattr(report, "BOX_ROWS", 5)
+    monkeypatch.setattr(report, "SHARED_SAMPLE_MAX", 1_000_000)   # the tiny run's shares are large
     con = open_run(run)
     zeros = {"cos_dist": report.COS_ROUNDING, "max_abs": 0.0}
     shared = report.LevelSource(con, ["decoder", "exif", "resize"], zeros)
@@ -79,3 +80,13 @@ def test_sampled_boxes_from_the_shared_sample_are_those_of_the_rows_hash_sample(
                 shown = np.where(v > zeros[key], v, floor)
                 assert np.allclose([st["q1"], st["med"], st["q3"]],
                                    np.percentile(shown, [25, 50, 75]), rtol=1e-9, atol=0)
+
+
+def test_diff_in_passes_of_cells_says_what_one_pass_says(run: Path, monkeypatch):
+    """diff holds ~ROWS_PER_PASS / 2 rows of each run at a time: in a pass per cell its
+    answer is the one of a single pass."""
+    import dmx.analysis.queries as queries
+    from dmx.analysis.diff import diff_runs
+    one = diff_runs(run, run)
+    monkeypatch.setattr(queries, "ROWS_PER_PASS", 2)
+    assert diff_runs(run, run) == one and len(one.cells) > 1

@@ -104,8 +104,9 @@ class TorchCompileRunner(BackendRunner):
                                       f"{str(e).strip().splitlines()[0][:300]}") from e
             finally:
                 torch.set_num_threads(before)
-            saved = torch.compiler.save_cache_artifacts()
-            out.write_bytes(saved[0] if saved else b"")
+            save = getattr(torch.compiler, "save_cache_artifacts", None)   # torch >= 2.7
+            saved = save() if save else None
+            out.write_bytes(saved[0] if saved else b"")      # empty: each node compiles
             return {"command": f"torch.compile(backend='inductor', mode={setting.compile_mode or 'default'!r}, "
                                f"dynamic=False), batch {b} on {setting.device}, {threads} threads",
                     "torch": torch.__version__, "threads": threads,
@@ -128,8 +129,9 @@ class TorchCompileRunner(BackendRunner):
         self.model = self.artifacts.build_torch()
         self.compiled = _compile(self.model, self.setting)
         product = self.artifacts.file_for(self.setting)    # the driver's compile, shipped
-        if product and product.endswith(".bin") and os.path.getsize(product):
-            torch.compiler.load_cache_artifacts(Path(product).read_bytes())
+        load = getattr(torch.compiler, "load_cache_artifacts", None)
+        if load and product and product.endswith(".bin") and os.path.getsize(product):
+            load(Path(product).read_bytes())
         t = time.perf_counter()
         self._run(np.zeros((self.batch, *self.artifacts.input_shape), np.float32))   # compiles
         self.compile_s = time.perf_counter() - t
