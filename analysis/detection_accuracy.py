@@ -103,7 +103,6 @@ def _cache_key(run: RunDir, resamples: int, seed: int) -> dict[str, Any]:
     import inspect
 
     from . import paired_map
-    from .summary import rows_key
     code = hashlib.sha256()
     for module in (paired_map, inspect.getmodule(_cache_key)):
         code.update(Path(module.__file__).read_bytes())
@@ -111,7 +110,7 @@ def _cache_key(run: RunDir, resamples: int, seed: int) -> dict[str, Any]:
                  "detection_cell_images"):
         code.update(load_sql(name).encode())
     truth = run.fs.get_file_info([run.path(BOXES_FILE), run.path(BOX_IMAGES_FILE)])
-    return {"rows": rows_key(run), "truth": [i.size for i in truth], "resamples": resamples,
+    return {"rows": run.files_key(), "truth": [i.size for i in truth], "resamples": resamples,
             "seed": seed, "code": code.hexdigest()}
 
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.fs as pafs
 
 from dmx.results.store import RunDir
 
@@ -73,12 +72,7 @@ def _sql_digest() -> str:
 def rows_key(run: RunDir) -> dict[str, Any]:
     """What the summary describes: the row files and side tables (relative names, sizes) and
     the queries."""
-    base = run.path("")
-    files = run.row_files() + [run.path("cells.parquet"), run.path("images.parquet")]
-    infos = run.fs.get_file_info(files)
-    return {"files": [[i.path[len(base):], i.size if i.type == pafs.FileType.File else None]
-                      for i in infos],
-            "queries": _sql_digest()}
+    return {"files": run.files_key(), "queries": _sql_digest()}
 
 
 def _params(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str, Any]:

@@ -448,6 +448,14 @@ class RunDir:
                 health.unreadable[c] = parts[c][0]
         return health
 
+    def files_key(self) -> list[list[Any]]:
+        """[relative name, size] of the row files, ``cells.parquet`` and ``images.parquet``:
+        what results computed from the rows (explain's summary, stored mAP) are keyed by."""
+        base = self.path("")
+        files = self.row_files() + [self.path("cells.parquet"), self.path("images.parquet")]
+        return [[i.path[len(base):], i.size if i.type == pafs.FileType.File else None]
+                for i in self.fs.get_file_info(files)]
+
     def row_files(self) -> list[str]:
         """The files holding the run's rows (paths on ``self.fs``): compacted files, then the
         intact part files of planned chunks they do not hold. Never a row twice."""
