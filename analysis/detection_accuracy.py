@@ -100,12 +100,11 @@ def _cache_key(run: RunDir, resamples: int, seed: int) -> dict[str, Any]:
     """What a stored result describes: the rows (explain's summary key), the ground truth files,
     the bootstrap's parameters and the code and queries that computed it."""
     import hashlib
-    import inspect
 
     from . import paired_map
     code = hashlib.sha256()
-    for module in (paired_map, inspect.getmodule(_cache_key)):
-        code.update(Path(module.__file__).read_bytes())
+    for source in (paired_map.__file__, __file__):
+        code.update(Path(source).read_bytes())
     for name in ("detection_truth", "detection_truth_images", "detection_cell_boxes",
                  "detection_cell_images"):
         code.update(load_sql(name).encode())

@@ -36,7 +36,7 @@ from dmx.results.store import RunDir
 
 from .db import load_sql, open_run
 from .numbers import g, pct
-from .queries import query_dicts
+from .queries import cell_passes, query_dicts
 
 DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
 
@@ -166,20 +166,10 @@ def _diff_cells(con_a: duckdb.DuckDBPyConnection,
     """diff_cells.sql over both runs' rows, one pass of cells at a time: each pass holds about
     half of ``ROWS_PER_PASS`` rows of each run in memory (both runs whole did not fit: 64 M rows
     each were killed at 24 GB)."""
-    from dmx.results.compact import consecutive_groups
-
     from . import queries
     cells = sorted({r[0] for c in (con_a, con_b)
                     for r in c.execute("SELECT cell_id FROM cells").fetchall()})
-    limit = queries.ROWS_PER_PASS // 2
-    if max(c.execute("SELECT count(*) FROM rows").fetchall()[0][0] for c in (con_a, con_b)) <= limit:
-        passes = [cells]
-    else:           # sized by the larger side of each cell: B may be far larger than A
-        n: dict[str, int] = {}
-        for c in (con_a, con_b):
-            for cell, k in c.execute("SELECT cell_id, count(*) FROM rows GROUP BY cell_id").fetchall():
-                n[cell] = max(n.get(cell, 0), k)
-        passes = consecutive_groups([(c, n.get(c, 0)) for c in cells], limit)
+    passes = cell_passes(cells, con_a, con_b, rows_per_pass=queries.ROWS_PER_PASS // 2)
     sql_a, sql_b, joined = _diff_rows_sql(con_a), _diff_rows_sql(con_b), load_sql("diff_cells")
     con = duckdb.connect()
     out: list[dict[str, Any]] = []

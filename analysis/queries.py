@@ -24,16 +24,20 @@ def query_dicts(con: duckdb.DuckDBPyConnection, sql: str,
     return [dict(zip(names, r)) for r in res.fetchall()]
 
 
-def cell_passes(con: duckdb.DuckDBPyConnection, cells: list[str],
+def cell_passes(cells: list[str], *cons: duckdb.DuckDBPyConnection,
                 rows_per_pass: int | None = None) -> list[list[str]]:
     """``cells`` in passes of about ``rows_per_pass`` rows of the view ``rows`` each, in cell
-    order (the order compaction sorts the rows in, so a pass reads only its own row groups)."""
+    order (the order compaction sorts the rows in, so a pass reads only its own row groups).
+    With several connections (diff's two runs) a cell weighs its most rows in any of them."""
     limit = rows_per_pass or ROWS_PER_PASS
     cells = sorted(cells)
-    if con.execute("SELECT count(*) FROM rows").fetchall()[0][0] <= limit:   # Parquet metadata
-        return [cells]
-    counts = dict(con.execute("SELECT cell_id, count(*) FROM rows WHERE list_contains($cells, "
-                              "cell_id) GROUP BY cell_id", {"cells": cells}).fetchall())
+    if all(c.execute("SELECT count(*) FROM rows").fetchall()[0][0] <= limit for c in cons):
+        return [cells]                                   # counted from Parquet metadata
+    counts: dict[str, int] = {}
+    for con in cons:
+        for cell, n in con.execute("SELECT cell_id, count(*) FROM rows WHERE list_contains("
+                                   "$cells, cell_id) GROUP BY cell_id", {"cells": cells}).fetchall():
+            counts[cell] = max(counts.get(cell, 0), n)
     return consecutive_groups([(c, counts.get(c, 0)) for c in cells], limit)
 
 

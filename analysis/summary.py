@@ -61,7 +61,7 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any])
     if name not in HOLD_VALUES:
         return con.sql(sql, params=params).to_arrow_table()
     return pa.concat_tables([con.sql(sql, params={**params, "cells": cells}).to_arrow_table()
-                             for cells in cell_passes(con, params["cells"])])
+                             for cells in cell_passes(params["cells"], con)])
 
 
 def _sql_digest() -> str:
@@ -150,7 +150,7 @@ class Summary:
                 return got
         sql = load_sql(name)
         if name in HOLD_VALUES:
-            return [d for cells in cell_passes(self.con, params["cells"])
+            return [d for cells in cell_passes(params["cells"], self.con)
                     for d in query_dicts(self.con, sql, {**params, "cells": cells})]
         return query_dicts(self.con, sql, params)
 

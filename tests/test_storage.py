@@ -372,7 +372,7 @@ def test_queries_that_hold_every_value_of_a_cell_run_in_passes_within_bounded_me
     with pytest.raises(duckdb.OutOfMemoryException):     # the query as one pass does not fit
         con.sql(load_sql("cell_stats"), params=params).fetchall()
     monkeypatch.setattr(queries, "ROWS_PER_PASS", 250_000)
-    assert queries.cell_passes(con, params["cells"]) == [["c0", "c1"], ["c2", "c3"],
+    assert queries.cell_passes(params["cells"], con) == [["c0", "c1"], ["c2", "c3"],
                                                          ["c4", "c5"], ["c6", "c7"]]
     got = {d["cell_id"]: d for d in run_query(con, "cell_stats", params).to_pylist()}
     con.execute("SET memory_limit = '1GB'")
