@@ -58,6 +58,7 @@ from dmx.results.store import RunDir
 from .db import load_sql, open_run
 from .numbers import g, pct
 from .queries import query_dicts
+from .summary import Summary
 from .tolerances import (DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, MANTISSA_BITS, RTOL, TORCH_TESTING,
                          WHOLE_MODEL_ALLOWANCE, default_limits, precision_family, split_text)
 
@@ -197,47 +198,26 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None,
     ``check:`` section, which overrides the defaults (see the module docstring).
     ``map_resamples``: the paired bootstrap's resamples for a detector's mAP change (default
     ``dmx.analysis.detection_accuracy.DEFAULT_RESAMPLES``)."""
-    manifest = RunDir(run_dir).read_manifest()
+    run = RunDir(run_dir)
+    manifest = run.read_manifest()
     tol = resolve_tolerances(manifest.get("spec", {}).get("check"), tolerances)
     con = open_run(run_dir, require_complete=True)  # never judge (or pass) an incomplete run
+    stored = Summary(con, run)      # the aggregates kept at compaction, when they fit these rows
     cells = query_dicts(con, "SELECT * FROM cells")
-    # A cell may have run at several precisions (bf16 on the nodes with AMX, fp32 elsewhere):
-    # each part is judged by its own precision's limits; ``effective`` names the main part.
-    parts: dict[str, list[tuple[str, int]]] = {}
-    for d in query_dicts(con, load_sql("cell_precision")):
-        parts.setdefault(d["cell_id"], []).append((d["precision_effective"], int(d["n"])))
+    parts = _parts(stored.rows("cell_precision"))
     effective = {cid: ps[0][0] for cid, ps in parts.items()}
     judged = [c for c in cells if not c["is_reference"] and c["status"] == "ok"]
-
-    failures: list[Failure] = []
-    limits: dict[tuple[str, str | None], dict[str, float | None]] = {}
-    used: dict[str, dict[str, float | None]] = {}
-    for c in judged:
-        asked = c.get("precision") or "fp32"
-        cell_parts = parts.get(c["cell_id"], [])
-        for eff, n in [(None, 0)] + cell_parts:   # None: rows that name no precision
-            family = precision_family(eff) or precision_family(asked)
-            limits[c["cell_id"], eff] = _cell_limits(tol, family)
-            if eff is not None or not cell_parts:
-                used.setdefault(family or "unknown", limits[c["cell_id"], eff])
-            if (eff is not None and not tol["allow_lower_precision"] and precision_family(eff)
-                    and precision_family(asked)
-                    and MANTISSA_BITS[precision_family(eff)] < MANTISSA_BITS[precision_family(asked)]):
-                failures.append(Failure(c["cell_id"], c["label"], "precision", asked, eff, n,
-                                        sum(k for _, k in cell_parts), precision=asked,
-                                        precision_effective=eff))
+    limits, used, failures = _limits(judged, parts, tol)
     splits = {c["label"]: split_text(parts[c["cell_id"]]) for c in judged
               if len(parts.get(c["cell_id"], [])) > 1}
 
     stats: dict[str, list[dict[str, Any]]] = {}
-    for st in _cell_stats(con, limits, tol["scope"] == "same-input"):
+    for st in _stats(con, stored, limits, tol["scope"] == "same-input"):
         stats.setdefault(st["cell_id"], []).append(st)
-    errors = {e["cell_id"]: e for e in query_dicts(con, load_sql("check_new_errors"))}
-    unjudged = {d["cell_id"]: d for d in query_dicts(con, load_sql("check_not_judged"))}
-    # every image has a reference row (an error is a row too): one cell's rows, not all of them
-    images = int(con.execute("SELECT count(DISTINCT image_id) FROM rows WHERE is_reference")
-                 .fetchone()[0] or 0)
-    ref_err = query_dicts(con, load_sql("check_reference_errors"))[0]
+    errors = {e["cell_id"]: e for e in stored.rows("check_new_errors")}
+    unjudged = {d["cell_id"]: d for d in stored.rows("check_not_judged")}
+    images = int(stored.rows("check_images")[0]["n"] or 0)
+    ref_err = stored.rows("check_reference_errors")[0]
     ref_cell = next((c for c in cells if c["is_reference"]), None)
     ref_failed = int(ref_err["n"] or 0)
     limit_ref = tol["max_reference_errors"]
@@ -245,7 +225,7 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None,
         failures.append(Failure(ref_cell["cell_id"], ref_cell["label"], "reference_errors", limit_ref,
                                 f"{ref_err['stage']}: {ref_err['example']}", ref_failed, images,
                                 ref_err["image_id"]))
-    batch_failures, reuse_guard = _batch_dependence(con, cells, limits, tol, effective)
+    batch_failures, reuse_guard = _batch_dependence(con, stored, cells, limits, tol)
     failures += batch_failures
     not_judged, not_judged_rows, rows_judged = [], {}, 0
     for c in judged:
@@ -275,7 +255,7 @@ def check_run(run_dir: str | Path, tolerances: Mapping[str, Any] | None = None,
         task = (manifest.get("model") or {}).get("task")
         acc_failures, accuracy = (
             _map_gate(con, run_dir, cells, judged, tol[ACCURACY_KEY], map_resamples)
-            if task == "detection" else _accuracy_gate(con, cells, judged, tol[ACCURACY_KEY]))
+            if task == "detection" else _accuracy_gate(con, stored, cells, judged, tol[ACCURACY_KEY]))
         failures += acc_failures
     return CheckResult(
         run_id=manifest["run_id"], spec_name=manifest["spec"]["name"], tolerances=tol,
@@ -330,7 +310,7 @@ def _check_selectors(limits: float | Mapping[str, float], cells: list[dict[str, 
                              "'backend=openvino precision=fp16'")
 
 
-def _accuracy_gate(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
+def _accuracy_gate(con: duckdb.DuckDBPyConnection, stored: Summary, cells: list[dict[str, Any]],
                    judged: list[dict[str, Any]], limits: float | Mapping[str, float]
                    ) -> tuple[list[Failure], list[dict[str, Any]]]:
     """Each judged cell's top-1 change against the reference, paired over the images both
@@ -342,8 +322,7 @@ def _accuracy_gate(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
 
     axes = [k for k in (cells[0] if cells else {}) if k in AXES]
     _check_selectors(limits, cells, axes)
-    acc = (accuracy_by_cell(lambda name: query_dicts(con, load_sql(name)))
-           if has_labels(con) else {})
+    acc = accuracy_by_cell(stored.rows) if has_labels(con) else {}
     failures, report = [], []
     for c in judged:
         limit = drop_limit(limits, c, axes)
@@ -439,9 +418,9 @@ def _limit_failures(c: dict[str, Any], s: dict[str, Any], lim: dict[str, float |
     return out
 
 
-def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]],
-                      limits: dict[tuple[str, str | None], dict[str, float | None]], tol: dict[str, Any],
-                      effective: dict[str, str | None]) -> tuple[list[Failure], dict[str, Any]]:
+def _batch_dependence(con: duckdb.DuckDBPyConnection, stored: Summary, cells: list[dict[str, Any]],
+                      limits: dict[tuple[str, str | None], dict[str, float | None]],
+                      tol: dict[str, Any]) -> tuple[list[Failure], dict[str, Any]]:
     """The reuse guard reaches the gate: a cell (the reference included) whose sampled outputs
     move, when re-inferred in another batch, by more than its rel L2 limit fails, since a reused
     output then stands for an inference the cell would not have reproduced."""
@@ -450,7 +429,7 @@ def _batch_dependence(con: duckdb.DuckDBPyConnection, cells: list[dict[str, Any]
         return [], {}
     by_id = {c["cell_id"]: c for c in cells}
     out = []
-    found = query_dicts(con, load_sql("check_batch"))
+    found = stored.rows("check_batch")
     summary = {"rows_sampled": sum(int(d["n"]) for d in found),
                "max_rel_l2": max((d["rel_l2"] for d in found), default=None),
                "max_abs": max((d["max_abs"] for d in found), default=None)}
@@ -472,20 +451,123 @@ def _cell_limits(tol: dict[str, Any], family: str | None) -> dict[str, float | N
     return {k: (auto[k] if tol[k] == AUTO else tol[k]) for k in ("max_abs", "max_rel_l2", "min_cosine")}
 
 
-def _cell_stats(con: duckdb.DuckDBPyConnection,
-                limits: dict[tuple[str, str | None], dict[str, float | None]],
-                same_input: bool) -> list[dict[str, Any]]:
+Limits = dict[tuple[str, str | None], dict[str, float | None]]   # (cell, effective precision) -> limits
+LIMIT_KEYS = ("max_abs", "max_rel_l2", "min_cosine")
+# limit -> (check_cells.sql's worst value, its rows beyond the limit)
+_WORST = {"max_abs": ("max_abs", "max_abs_bad"), "max_rel_l2": ("rel_l2", "rel_l2_bad"),
+          "min_cosine": ("cosine", "cosine_bad")}
+
+
+def _parts(rows: list[dict[str, Any]]) -> dict[str, list[tuple[str, int]]]:
+    """cell -> [(effective precision, rows)], most rows first (``cell_precision.sql``)."""
+    parts: dict[str, list[tuple[str, int]]] = {}
+    for d in rows:
+        parts.setdefault(d["cell_id"], []).append((d["precision_effective"], int(d["n"])))
+    return parts
+
+
+def _limits(judged: list[dict[str, Any]], parts: dict[str, list[tuple[str, int]]],
+            tol: dict[str, Any]) -> tuple[Limits, dict[str, dict[str, float | None]], list[Failure]]:
+    """The numeric limits of each judged cell's parts, those used per precision family, and the
+    cells that ran below the precision they asked for. A cell may have run at several
+    precisions (bf16 on the nodes with AMX, fp32 elsewhere): each part is judged by its own
+    precision's limits."""
+    failures: list[Failure] = []
+    limits: Limits = {}
+    used: dict[str, dict[str, float | None]] = {}
+    for c in judged:
+        asked = c.get("precision") or "fp32"
+        cell_parts = parts.get(c["cell_id"], [])
+        for eff, n in [(None, 0)] + cell_parts:   # None: rows that name no precision
+            family = precision_family(eff) or precision_family(asked)
+            limits[c["cell_id"], eff] = _cell_limits(tol, family)
+            if eff is not None or not cell_parts:
+                used.setdefault(family or "unknown", limits[c["cell_id"], eff])
+            if (eff is not None and not tol["allow_lower_precision"] and precision_family(eff)
+                    and precision_family(asked)
+                    and MANTISSA_BITS[precision_family(eff)] < MANTISSA_BITS[precision_family(asked)]):
+                failures.append(Failure(c["cell_id"], c["label"], "precision", asked, eff, n,
+                                        sum(k for _, k in cell_parts), precision=asked,
+                                        precision_effective=eff))
+    return limits, used, failures
+
+
+def _limits_table(limits: Limits) -> pa.Table:
+    return pa.table({"cell_id": pa.array([k[0] for k in limits], pa.string()),
+                     "precision_effective": pa.array([k[1] for k in limits], pa.string()),
+                     **{k: pa.array([lim[k] for lim in limits.values()], pa.float64())
+                        for k in LIMIT_KEYS}})
+
+
+def _cell_stats(con: duckdb.DuckDBPyConnection, limits: Limits, same_input: bool) -> pa.Table:
     """Worst values and rows breaking the limits, per cell and effective precision
-    (``check_cells.sql``)."""
-    table = pa.table({"cell_id": pa.array([k[0] for k in limits], pa.string()),
-                      "precision_effective": pa.array([k[1] for k in limits], pa.string()),
-                      **{k: pa.array([lim[k] for lim in limits.values()], pa.float64())
-                         for k in ("max_abs", "max_rel_l2", "min_cosine")}})
-    con.register("limits", table)
+    (``check_cells.sql``), of the parts in ``limits``."""
+    con.register("limits", _limits_table(limits))
     try:
-        return query_dicts(con, load_sql("check_cells"), {"same_input": same_input})
+        return con.sql(load_sql("check_cells"), params={"same_input": same_input}).to_arrow_table()
     finally:
         con.unregister("limits")
+
+
+def stored_tables(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any]) -> dict[str, pa.Table]:
+    """What the run's summary keeps for ``check``: ``check_cells`` at the run's own tolerances
+    (its spec's ``check:`` over the defaults) in both scopes (column ``same_input``), and the
+    limits they were counted at (``check_limits``). A spec whose ``check:`` is not valid keeps
+    nothing (``dmx check`` says what is wrong)."""
+    try:
+        tol = resolve_tolerances(manifest.get("spec", {}).get("check"))
+    except CheckError:
+        return {}
+    cells = query_dicts(con, "SELECT * FROM cells")
+    judged = [c for c in cells if not c["is_reference"] and c["status"] == "ok"]
+    limits, _, _ = _limits(judged, _parts(query_dicts(con, load_sql("cell_precision"))), tol)
+    tables = [_cell_stats(con, limits, same) for same in (False, True)]
+    tables = [t.append_column("same_input", pa.array([same] * t.num_rows, pa.bool_()))
+              for same, t in zip((False, True), tables)]
+    return {"check_cells": pa.concat_tables(tables), "check_limits": _limits_table(limits)}
+
+
+def _breaks(key: str, s: Mapping[str, Any], limit: float | None) -> bool:
+    """Whether the worst value of ``s`` (a ``check_cells`` row) breaks ``limit`` - i.e. whether
+    any of its rows does (NaN breaks every limit; -2 is check_cells.sql's mark for a NaN cosine)."""
+    worst = s[_WORST[key][0]]
+    if limit is None or worst is None:
+        return False
+    if key == "min_cosine":
+        return worst == -2.0 or worst < limit
+    return math.isnan(worst) or worst > limit
+
+
+def _stats(con: duckdb.DuckDBPyConnection, stored: Summary, limits: Limits,
+           same_input: bool) -> list[dict[str, Any]]:
+    """``check_cells`` at ``limits``. From the summary where it describes the rows: a part at
+    the limits it was counted at is read back; a part whose limits differ is read back too when
+    its worst value breaks none of the changed ones (then no row does: 0 rows beyond them), and
+    only the parts left are counted from the rows."""
+    kept, kept_limits = stored.table("check_cells"), stored.table("check_limits")
+    if kept is None or kept_limits is None:
+        return _cell_stats(con, limits, same_input).to_pylist()
+    before = {(d["cell_id"], d["precision_effective"]): d for d in kept_limits.to_pylist()}
+    rows = {(d["cell_id"], d["precision_effective"]): d for d in kept.to_pylist()
+            if d.pop("same_input") == same_input}
+    out: list[dict[str, Any]] = []
+    recount: Limits = {}
+    for part, lim in limits.items():
+        old = before.get(part)
+        if old is None:
+            recount[part] = lim
+            continue
+        s = rows.get(part)
+        if s is None:                 # no row of this part in scope, whatever the limits
+            continue
+        changed = [k for k in LIMIT_KEYS if lim[k] != old[k]]
+        if any(_breaks(k, s, lim[k]) for k in changed):
+            recount[part] = lim
+            continue
+        out.append({**s, **{_WORST[k][1]: 0 for k in changed}})
+    if recount:
+        out += _cell_stats(con, recount, same_input).to_pylist()
+    return out
 
 
 def _seen(v: float | None) -> float | str | None:

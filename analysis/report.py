@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import duckdb
 import numpy as np
@@ -35,16 +35,18 @@ from .check import CHECK_WORDS, CheckError, CheckResult, check_run, describe_fai
 from .db import load_sql, open_run
 from .detection_accuracy import DEFAULT_RESAMPLES
 from .explain import Explanation, explain_run
+from .layer_curve import layer_curve_section
 from .numbers import g, pct
 from .paired import format_p
+from .panels import (BOX_ROWS, COS_ROUNDING, SAMPLE_POINTS, Panel, level_pair_means, panels,
+                     panels_from_tables, varying_axes)
 from .queries import query_dicts
-from .layer_curve import layer_curve_section
+from .summary import Summary
 
 DPI = 110
 TOP_IMAGES = 6
 GATE_ROWS = 10
 DIFF_GAIN = 10.0
-COS_ROUNDING = 1e-15  # 1 - cos of two equal float32 vectors, computed in float64, is about 2e-16
 FACTOR_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1",
                   "#ff9da7", "#9c755f", "#bab0ac")
 
@@ -82,8 +84,14 @@ def build_report(run_dir: str | Path, map_resamples: int = DEFAULT_RESAMPLES) ->
     manifest = RunDir(run_dir).read_manifest()
     e = explain_run(run_dir, map_resamples=map_resamples)
     con = open_run(run_dir)
+    stored = Summary(con, RunDir(run_dir))
     axes = varying_axes(con)
     order = _level_order(manifest, axes)
+    tables = [stored.table(n) for n in ("report_pairs", "report_levels", "report_points")]
+    if all(t is not None for t in tables):    # the panels kept when the run was compacted
+        pairs, per_axis = tables[0].to_pylist(), panels_from_tables(tables[1], tables[2])
+    else:
+        pairs, per_axis = level_pair_means(con, axes), panels(con, axes)
     try:
         gate: CheckResult | str = check_run(run_dir, map_resamples=map_resamples)
     except CheckError as err:  # a bad check: section must not cost the user the whole report
@@ -91,12 +99,12 @@ def build_report(run_dir: str | Path, map_resamples: int = DEFAULT_RESAMPLES) ->
     sections = [
         _summary(manifest, e, con),
         _ranking(e),
-        _interactions(con, axes, order, e),
-        _distributions(con, axes, order),
+        _interactions(pairs, axes, order, e),
+        _distributions(per_axis, axes, order),
         _images(con, e, manifest),
         _gate(gate, run_dir, e),
         layer_curve_section(run_dir),  # only when dmx localize has run on this run
-        _notes(e, con),
+        _notes(e, stored.rows("report_error_images")),
     ]
     title = f"dmx report - {manifest['spec']['name']} ({manifest['run_id']})"
     nav = (("summary", "Run"), ("ranking", "Ranking"), ("interactions", "Interactions"),
@@ -109,160 +117,6 @@ def build_report(run_dir: str | Path, map_resamples: int = DEFAULT_RESAMPLES) ->
 
 # ---------------------------------------------------------------- queries (identifiers validated)
 
-def _ident(axis: str) -> str:
-    if axis not in AXES:
-        raise ValueError(f"not an axis: {axis}")
-    return f'"{axis}"'
-
-
-def varying_axes(con: duckdb.DuckDBPyConnection) -> list[str]:
-    """Axes of the run with more than one non-null level among its cells, in column order."""
-    cols = [r[0] for r in con.execute("DESCRIBE cells").fetchall() if r[0] in AXES]
-    return [a for a in cols
-            if con.execute(f"SELECT count(DISTINCT {_ident(a)}) FROM cells").fetchone()[0] > 1]
-
-
-SAMPLE_POINTS = 400   # points drawn per level in a distribution panel
-BOX_ROWS = 200_000    # rows per level the boxes are computed from (a uniform sample above)
-
-
-_X = {"cos_dist": "1 - out_cosine", "max_abs": "out_max_abs"}
-_SOURCES = itertools.count()
-SHARED_SAMPLE_MAX = 100_000   # per million rows: the largest share the shared sample table holds
-
-
-class LevelSource:
-    """What the distribution panels of ``axes`` read, in two scans of the rows whatever the
-    number of panels (one scan per panel and three queries each: 64 M rows, 10 panels, 155 s):
-
-    - ``counts[(axis, key)]``: per level, n, values at or below the metric's zero, max, smallest
-      positive - from every row, one GROUPING SETS scan for every axis and metric;
-    - ``level_sample_N``: a temp table of the rows whose hash falls under the largest sampling
-      threshold any panel needs (each panel's sample is a hash threshold too, so it is exactly
-      the subset of this table it would have read from the rows). An axis whose boxes need
-      every row (no level above ``BOX_ROWS``) reads the rows directly instead."""
-
-    def __init__(self, con: duckdb.DuckDBPyConnection, axes: Sequence[str],
-                 zeros: Mapping[str, float]) -> None:
-        self.con, self.axes = con, list(axes)
-        self.table = f"level_sample_{next(_SOURCES)}"     # its own: sources may coexist
-        self.counts: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self.threshold: dict[str, int | None] = {}
-        if not self.axes:
-            return
-        cols = ", ".join(_ident(a) for a in self.axes)
-        aggs = []
-        for key in _X:
-            fin = f"x_{key} IS NOT NULL AND isfinite(x_{key})"
-            z = float(zeros[key])
-            aggs += [f"count(*) FILTER (WHERE {fin}) AS n_{key}",
-                     f"count(*) FILTER (WHERE {fin} AND x_{key} <= {z!r}) AS zeros_{key}",
-                     f"max(x_{key}) FILTER (WHERE {fin}) AS hi_{key}",
-                     f"min(x_{key}) FILTER (WHERE {fin} AND x_{key} > {z!r}) AS low_{key}"]
-        grouping = ", ".join(f"GROUPING({_ident(a)}) AS g{i}" for i, a in enumerate(self.axes))
-        q = (f"SELECT {cols}, {grouping}, {', '.join(aggs)} FROM (SELECT {cols}, "
-             + ", ".join(f"{x} AS x_{k}" for k, x in _X.items())
-             + " FROM rows WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT NULL) "
-             f"GROUP BY GROUPING SETS ({', '.join(f'({_ident(a)})' for a in self.axes)})")
-        for d in query_dicts(con, q):
-            axis = next(a for i, a in enumerate(self.axes) if d[f"g{i}"] == 0)
-            if d[axis] is None:
-                continue
-            for key in _X:
-                if d[f"n_{key}"]:
-                    self.counts.setdefault((axis, key), []).append(
-                        {"level": d[axis], "n": d[f"n_{key}"], "zeros": d[f"zeros_{key}"],
-                         "hi": d[f"hi_{key}"], "low": d[f"low_{key}"]})
-        for axis in self.axes:      # the largest share any of its panels samples its boxes at
-            most = min(max((c["n"] for c in self.counts.get((axis, k), [])), default=0)
-                       for k in _X)
-            self.threshold[axis] = int(BOX_ROWS / most * 1_000_000) if most > BOX_ROWS else None
-        for axis, t in self.threshold.items():    # a sample of most rows is no sample: those
-            if t is not None and t > SHARED_SAMPLE_MAX:   # axes read the rows, as before
-                self.threshold[axis] = None
-        top = max((t for t in self.threshold.values() if t is not None), default=None)
-        if top is not None:
-            con.execute(f"CREATE OR REPLACE TEMP TABLE {self.table} AS SELECT * FROM ("
-                        f"SELECT {cols}, " + ", ".join(f"{x} AS x_{k}" for k, x in _X.items())
-                        + ", coalesce(px_equal, false) AS px_equal, hash(image_id, cell_id) AS h "
-                        "FROM rows WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT "
-                        f"NULL) WHERE h % 1000000 < {top}")
-
-    def view(self, axis: str, key: str) -> None:
-        """``level_values``: (level, x, px_equal, h) of the ok non-reference rows where ``axis``
-        applies and x is finite - from the sample where this axis is sampled, else every row;
-        x is the cosine distance (1 - cos) or the max abs difference (logits), h a hash of the
-        row (a uniform, reproducible sample)."""
-        a = _ident(axis)
-        if self.threshold.get(axis) is not None:
-            source = f"SELECT {a} AS level, x_{key} AS x, px_equal, h FROM {self.table}"
-        else:
-            source = (f"SELECT {a} AS level, {_X[key]} AS x, coalesce(px_equal, false) AS "
-                      "px_equal, hash(image_id, cell_id) AS h FROM rows WHERE status = 'ok' AND "
-                      "NOT is_reference AND out_cosine IS NOT NULL")
-        self.con.execute(f"CREATE OR REPLACE TEMP VIEW level_values AS SELECT * FROM ({source}) "
-                         f"WHERE level IS NOT NULL AND x IS NOT NULL AND isfinite(x)")
-
-
-def level_stats(con: duckdb.DuckDBPyConnection, axis: str, key: str, zero: float,
-                source: LevelSource | None = None
-                ) -> tuple[float, dict[str, dict[str, Any]], dict[str, np.ndarray]]:
-    """What one distribution panel draws, from DuckDB in bounded memory whatever the row count:
-    (floor, statistics per level, sampled points per level). Values <= ``zero`` are drawn at
-    ``floor`` (a power of ten below the smallest positive value). The counts ("N rows, Z at
-    0"), the floor and the axis range come from every row; the boxes from every row up to
-    ``BOX_ROWS`` per level, above that from a uniform sample of about ``BOX_ROWS`` (by row
-    hash); the scattered points are at most ``SAMPLE_POINTS`` per level (px_equal second).
-    ``source``: the report's ``LevelSource`` (else one is made for this panel alone)."""
-    if source is None:
-        other = {k: 0.0 for k in _X}
-        source = LevelSource(con, [axis], {**other, key: zero})
-    counts = [dict(c) for c in source.counts.get((axis, key), [])]
-    source.view(axis, key)
-    low = min((d["low"] for d in counts if d["low"] is not None), default=None)
-    floor = 10.0 ** (math.floor(math.log10(low)) - 1) if low else 1e-12
-    most = max((d["n"] for d in counts), default=0)
-    keep = 1.0 if most <= BOX_ROWS else BOX_ROWS / most      # share of rows the boxes use
-    con.execute("CREATE OR REPLACE TEMP VIEW level_box AS SELECT * FROM level_values "
-                f"WHERE h % 1000000 < {int(keep * 1_000_000)}" if keep < 1 else
-                "CREATE OR REPLACE TEMP VIEW level_box AS SELECT * FROM level_values")
-    boxes = {d["level"]: d for d in query_dicts(con, load_sql("report_level_stats"),
-                                                  {"zero": zero, "floor": floor})}
-    stats = {d["level"]: {**d, **boxes.get(d["level"], {})} for d in counts}
-    per = SAMPLE_POINTS / max(1, most)
-    sample = con.execute(
-        "SELECT level, CASE WHEN x > $zero THEN x ELSE $floor END, px_equal FROM ("
-        " SELECT *, row_number() OVER (PARTITION BY level ORDER BY h) AS k FROM level_values"
-        f" WHERE h % 1000000 < {max(1, int(min(1.0, 4 * per) * 1_000_000))}) WHERE k <= $n",
-        {"zero": zero, "floor": floor, "n": SAMPLE_POINTS}).fetchall()
-    points: dict[str, list] = {}
-    for level, x, same in sample:
-        points.setdefault(level, []).append((x, same))
-    return floor, stats, {lv: np.array(p, dtype=float) for lv, p in points.items()}
-
-
-def level_pair_means(con: duckdb.DuckDBPyConnection, axes: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean cosine distance and row count for every level of each axis and every pair of levels
-    of two axes, over ok non-reference rows (GROUPING SETS). Keys: ``a``, ``la``, ``b``, ``lb``
-    (``b``/``lb`` None for a single level), ``mean``, ``n``."""
-    if not axes:
-        return []
-    cols = ", ".join(_ident(a) for a in axes)
-    sets = [f"({_ident(a)})" for a in axes]
-    sets += [f"({_ident(a)}, {_ident(b)})" for a, b in itertools.combinations(axes, 2)]
-    grouping = ", ".join(f"GROUPING({_ident(a)}) AS g{i}" for i, a in enumerate(axes))
-    q = (f"SELECT {cols}, {grouping}, avg(1 - out_cosine) AS mean, count(*) AS n FROM rows "
-         f"WHERE status = 'ok' AND NOT is_reference AND out_cosine IS NOT NULL "
-         f"GROUP BY GROUPING SETS ({', '.join(sets)})")
-    out = []
-    for d in query_dicts(con, q):
-        present = [a for i, a in enumerate(axes) if d[f"g{i}"] == 0]
-        if any(d[a] is None for a in present):
-            continue
-        a, b = (present + [None])[:2]
-        out.append({"a": a, "la": d[a], "b": b, "lb": d[b] if b else None,
-                    "mean": d["mean"], "n": d["n"]})
-    return out
 
 
 def _level_order(manifest: dict[str, Any], axes: Iterable[str]) -> dict[str, list[str]]:
@@ -399,9 +253,8 @@ def _accuracy_cell(r: dict[str, Any]) -> str:
             f"p = {format_p(r['accuracy_p'])})")
 
 
-def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]],
+def _interactions(data: list[dict[str, Any]], axes: list[str], order: dict[str, list[str]],
                   e: Explanation) -> str:
-    data = level_pair_means(con, axes)
     if len(axes) < 2 or not data:
         return _template("interactions.html.j2").render(chart=None)
     levels = [(a, lv) for a in axes
@@ -453,26 +306,23 @@ def _interactions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[s
         scale=g(e.share_scale, 2) if e.share_scale < 1 else None)
 
 
-def _distributions(con: duckdb.DuckDBPyConnection, axes: list[str], order: dict[str, list[str]]) -> str:
+def _distributions(per_axis: dict[str, dict[str, Panel]], axes: list[str],
+                   order: dict[str, list[str]]) -> str:
     """Per level of each varying axis: boxes over every row, a sample of the points, counts -
-    all from DuckDB aggregates (a run of 64 M rows draws in the time of a few queries)."""
+    all from DuckDB aggregates (``panels``; a run of 64 M rows draws in the time of a few queries,
+    a compacted one from its summary)."""
     section = _template("distributions.html.j2")
-    panels = []
-    source = LevelSource(con, axes, {key: zero for key, _, zero in _PANEL_METRICS})
-    for axis in axes:
-        per_key = {key: level_stats(con, axis, key, zero, source)
-                   for key, _, zero in _PANEL_METRICS}
-        if per_key["cos_dist"][1]:
-            panels.append((axis, per_key))
-    if not panels:
+    shown = [(axis, per_axis[axis]) for axis in axes
+             if axis in per_axis and per_axis[axis]["cos_dist"][1]]
+    if not shown:
         return section.render(chart=None, rounding=g(COS_ROUNDING), box_rows=f"{BOX_ROWS:,}",
                               points=SAMPLE_POINTS)
-    heights = [len(k["cos_dist"][1]) for _, k in panels]
-    fig = Figure(figsize=(12, 0.42 * sum(heights) + 1.0 * len(panels) + 0.4))
-    grid = fig.add_gridspec(len(panels), 2, height_ratios=[h + 1.4 for h in heights], hspace=0.6,
+    heights = [len(k["cos_dist"][1]) for _, k in shown]
+    fig = Figure(figsize=(12, 0.42 * sum(heights) + 1.0 * len(shown) + 0.4))
+    grid = fig.add_gridspec(len(shown), 2, height_ratios=[h + 1.4 for h in heights], hspace=0.6,
                             wspace=0.12)
     rng = np.random.default_rng(0)
-    for row, (axis, per_key) in enumerate(panels):
+    for row, (axis, per_key) in enumerate(shown):
         levels = _sorted_levels(per_key["cos_dist"][1], order[axis])
         for col, (key, xlabel, zero) in enumerate(_PANEL_METRICS):
             floor, stats, points = per_key[key]
@@ -674,14 +524,14 @@ def _gate(r: CheckResult | str, run_dir: str | Path, e: Explanation) -> str:
         more=len(by_cell) - GATE_ROWS if len(by_cell) > GATE_ROWS else 0)
 
 
-def _notes(e: Explanation, con: duckdb.DuckDBPyConnection) -> str:
+def _notes(e: Explanation, error_images: list[dict[str, Any]]) -> str:
     d = e.determinism
     guard = ({"checks": int(d["determinism_checks"]), "mismatches": int(d.get("determinism_mismatches", 0)),
               "max_abs": g(d.get("determinism_max_abs") or 0.0)} if d.get("determinism_checks") else None)
     return _template("notes.html.j2").render(
         mismatches=e.precision_mismatches, skipped=list(e.skipped.items()),
         errors=[s for s in e.status if s["status"] == "error"],
-        error_images=query_dicts(con, load_sql("report_error_images")), guard=guard)
+        error_images=error_images, guard=guard)
 
 
 # ---------------------------------------------------------------- helpers

@@ -12,6 +12,11 @@ queries and their parameters. After a resume adds rows, a recompaction, or a dmx
 changed, the key differs and the queries run on the rows as before - a summary can make
 ``explain`` faster, never different.
 
+``check`` and ``report`` read theirs from it too: the tables of the queries below, check's
+worst values and rows beyond the run's own tolerances (``check.stored_tables``; other limits
+recount only the cells whose worst value breaks them) and the report's panels
+(``panels.panel_tables``). ``aggregates.write_summary`` computes and stores them all.
+
     RUN/summary/<query>.parquet   one table per query (computed for every cell)
     RUN/summary/summary.json      the key; written last (the commit point)
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -26,7 +32,7 @@ import pyarrow as pa
 
 from dmx.results.store import RunDir
 
-from .db import load_sql, open_run
+from .db import load_sql
 from .queries import cell_passes, query_dicts
 from .tolerances import COS_EPS
 
@@ -49,7 +55,17 @@ QUERIES: dict[str, dict[str, Any]] = {
     "accuracy_cells": {},
     "accuracy_pairs": {},
     "output_worst": {"cells": ALL_CELLS},
+    # dmx check's and dmx report's queries without parameters
+    "cell_precision": {},
+    "check_new_errors": {},
+    "check_not_judged": {},
+    "check_reference_errors": {},
+    "check_images": {},
+    "check_batch": {},
+    "report_error_images": {},
 }
+# the code that computes the stored tables besides these queries' SQL (its text is in the key)
+CODE_FILES = ("summary.py", "aggregates.py", "check.py", "panels.py", "tolerances.py", "queries.py")
 # queries that hold every value of a cell (exact quantiles, sorted lists): run in passes of
 # cells (``queries.cell_passes``) so that their memory does not grow with the run
 HOLD_VALUES = {"cell_stats", "median_ci", "det_cell_stats", "output_worst"}
@@ -64,15 +80,20 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any])
                              for cells in cell_passes(params["cells"], con)])
 
 
-def _sql_digest() -> str:
-    text = json.dumps({n: [load_sql(n), p] for n, p in QUERIES.items()}, sort_keys=True)
+def _code_digest() -> str:
+    here = Path(__file__).parent
+    text = json.dumps({"queries": QUERIES,
+                       "sql": {p.name: p.read_text(encoding="utf-8")
+                               for p in sorted((here / "sql").glob("*.sql"))},
+                       "code": {n: (here / n).read_text(encoding="utf-8") for n in CODE_FILES}},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def rows_key(run: RunDir) -> dict[str, Any]:
     """What the summary describes: the row files and side tables (relative names, sizes) and
-    the queries."""
-    return {"files": run.files_key(), "queries": _sql_digest()}
+    the code and SQL that computed it."""
+    return {"files": run.files_key(), "queries": _code_digest()}
 
 
 def _params(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> dict[str, Any]:
@@ -87,6 +108,8 @@ def _applies(name: str, columns: set[str], task: str) -> bool:
         return "node" in columns
     if name == "output_worst":
         return "outputs" in columns
+    if name == "check_batch":
+        return "batch_rel_l2" in columns
     if name.startswith("accuracy_"):
         return {"label", "correct_top1", "correct_top5"} <= columns
     return task == "detection" or not name.startswith("det_")
@@ -102,23 +125,23 @@ def _plain(table: pa.Table) -> pa.Table:
     return table
 
 
-def write_summary(location: str | RunDir) -> int:
-    """Compute and store the summary of the run at ``location``; returns the rows it holds."""
-    run = location if isinstance(location, RunDir) else RunDir(location)
+def query_tables(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, pa.Table]:
+    """The results of ``QUERIES`` that apply to the run on ``con``."""
     task = (run.read_manifest().get("model") or {}).get("task") or "classification"
-    con = open_run(run)
+    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
+    return {name: _plain(run_query(con, name, _params(con, params)))
+            for name, params in QUERIES.items() if _applies(name, columns, task)}
+
+
+def store_tables(run: RunDir, tables: dict[str, pa.Table]) -> int:
+    """Replace the run's summary by ``tables``; returns the rows they hold. The key goes first
+    and comes back last, so a summary half written is never read."""
     if run.is_file(KEY_FILE):
         run.delete([run.path(KEY_FILE)])          # no key while its tables are replaced
-    columns = {r[0] for r in con.execute("DESCRIBE rows").fetchall()}
-    held = 0
-    for name, params in QUERIES.items():
-        if not _applies(name, columns, task):
-            continue
-        table = run_query(con, name, _params(con, params))
-        run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", _plain(table))
-        held += table.num_rows
+    for name, table in tables.items():
+        run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", table)
     run.write_bytes(KEY_FILE, json.dumps(rows_key(run)).encode())
-    return held
+    return sum(t.num_rows for t in tables.values())
 
 
 class Summary:
@@ -134,14 +157,20 @@ class Summary:
         except (OSError, ValueError):
             self.valid = False
 
+    def table(self, name: str) -> pa.Table | None:
+        """The stored table ``name`` when the summary describes the rows, else None."""
+        if not self.valid:
+            return None
+        try:
+            return self.run.read_parquet(f"{SUMMARY_DIR}/{name}.parquet")
+        except (OSError, pa.ArrowInvalid):
+            return None
+
     def rows(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         params = params or {}
         stored = QUERIES.get(name)
-        if self.valid and stored is not None and self._same(stored, params):
-            try:
-                table = self.run.read_parquet(f"{SUMMARY_DIR}/{name}.parquet")
-            except (OSError, pa.ArrowInvalid):
-                table = None
+        if stored is not None and self._same(stored, params):
+            table = self.table(name)
             if table is not None:
                 got = table.to_pylist()
                 if "cells" in params:

@@ -415,14 +415,15 @@ def explain_analyze(con, sql: str, params) -> list[str]:
 
 def compacted_copy(src: Path, dest: Path) -> tuple[float, float]:
     """The same run compacted by dmx itself (``dmx.results.compact.compact_run`` and
-    ``dmx.analysis.summary.write_summary``, what every run does at its end and ``dmx compact`` does
+    ``dmx.analysis.aggregates.write_summary``, what every run does at its end and ``dmx compact`` does
     for older runs): the part files are hard-linked into ``dest`` and merged there into few
     files sorted by cell, then explain's aggregates are stored beside them. Cached; returns the
     seconds the compaction and the summary took (0 when cached)."""
     import shutil
 
     from dmx.analysis.db import open_run
-    from dmx.analysis.summary import Summary, write_summary
+    from dmx.analysis.aggregates import write_summary
+    from dmx.analysis.summary import Summary
     from dmx.results.compact import compact_run
     key = repr(RunDir(src).read_manifest().get("bench_key", {}))
     done = dest / ".compacted-from"

@@ -449,11 +449,13 @@ class RunDir:
         return health
 
     def files_key(self) -> list[list[Any]]:
-        """[relative name, size] of the row files, ``cells.parquet`` and ``images.parquet``:
-        what results computed from the rows (explain's summary, stored mAP) are keyed by."""
+        """[relative name, size, mtime in ns] of the row files, ``cells.parquet`` and
+        ``images.parquet``: what results computed from the rows (the run's summary, stored mAP)
+        are keyed by. The time sees a file rewritten in place at the same size."""
         base = self.path("")
         files = self.row_files() + [self.path("cells.parquet"), self.path("images.parquet")]
-        return [[i.path[len(base):], i.size if i.type == pafs.FileType.File else None]
+        return [[i.path[len(base):], *((i.size, i.mtime_ns) if i.type == pafs.FileType.File
+                                       else (None, None))]
                 for i in self.fs.get_file_info(files)]
 
     def row_files(self) -> list[str]:

@@ -102,7 +102,8 @@ def test_the_accuracy_view_counts_labelled_and_judged_rows_per_cell(run: Path):
 
 
 def test_explain_matches_the_view_from_stored_summaries_and_from_the_rows(run: Path):
-    from dmx.analysis.summary import Summary, write_summary
+    from dmx.analysis.aggregates import write_summary
+    from dmx.analysis.summary import Summary
     live = explain_run(run)
     write_summary(run)
     con = open_run(run)

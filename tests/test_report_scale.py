@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmx.analysis import report
+from dmx.analysis import panels
 from dmx.analysis.db import open_run
 from dmx.matrix import parse_spec
 from dmx.runner.sweep import RunOptions, run_spec
@@ -24,11 +24,11 @@ def run(photo_dir: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("key,column,zero", [("cos_dist", "1 - out_cosine", report.COS_ROUNDING),
+@pytest.mark.parametrize("key,column,zero", [("cos_dist", "1 - out_cosine", panels.COS_ROUNDING),
                                              ("max_abs", "out_max_abs", 0.0)])
 def test_the_boxes_and_counts_are_those_of_every_row(run: Path, key: str, column: str, zero: float):
     con = open_run(run)
-    floor, stats, points = report.level_stats(con, "resize", key, zero)
+    floor, stats, points = panels.level_stats(con, "resize", key, zero)
     rows = con.execute(f"SELECT resize, {column} FROM rows WHERE status = 'ok' AND NOT is_reference "
                        "AND out_cosine IS NOT NULL AND resize IS NOT NULL").fetchall()
     assert set(stats) == {lv for lv, _ in rows}
@@ -40,12 +40,12 @@ def test_the_boxes_and_counts_are_those_of_every_row(run: Path, key: str, column
         assert np.allclose([st["q1"], st["med"], st["q3"]], [q1, med, q3], rtol=1e-9, atol=0)
         inside = shown[(shown >= q1 - 1.5 * (q3 - q1)) & (shown <= q3 + 1.5 * (q3 - q1))]
         assert np.isclose(st["whislo"], inside.min()) and np.isclose(st["whishi"], inside.max())
-        assert len(points[level]) == min(v.size, report.SAMPLE_POINTS)
+        assert len(points[level]) == min(v.size, panels.SAMPLE_POINTS)
 
 
 def test_the_sample_of_points_is_bounded_per_level(run: Path, monkeypatch):
-    monkeypatch.setattr(report, "SAMPLE_POINTS", 3)
-    _, stats, points = report.level_stats(open_run(run), "exif", "cos_dist", report.COS_ROUNDING)
+    monkeypatch.setattr(panels, "SAMPLE_POINTS", 3)
+    _, stats, points = panels.level_stats(open_run(run), "exif", "cos_dist", panels.COS_ROUNDING)
     assert all(len(p) == min(3, stats[lv]["n"]) for lv, p in points.items())
 
 
@@ -54,16 +54,16 @@ def test_sampled_boxes_from_the_shared_sample_are_those_of_the_rows_hash_sample(
     """Every level above BOX_ROWS: the boxes come from the report's one shared sample table
     (``LevelSource``), and equal numpy's on exactly the rows the panel's own hash threshold
     keeps - the same whether the source serves one axis or all of them."""
-    monkeypatch.setattr(report, "BOX_ROWS", 5)
-    monkeypatch.setattr(report, "SHARED_SAMPLE_MAX", 1_000_000)   # the tiny run's shares are large
+    monkeypatch.setattr(panels, "BOX_ROWS", 5)
+    monkeypatch.setattr(panels, "SHARED_SAMPLE_MAX", 1_000_000)   # the tiny run's shares are large
     con = open_run(run)
-    zeros = {"cos_dist": report.COS_ROUNDING, "max_abs": 0.0}
-    shared = report.LevelSource(con, ["decoder", "exif", "resize"], zeros)
+    zeros = {"cos_dist": panels.COS_ROUNDING, "max_abs": 0.0}
+    shared = panels.LevelSource(con, ["decoder", "exif", "resize"], zeros)
     assert all(t is not None for t in shared.threshold.values())   # every axis sampled
     for axis in ("decoder", "exif", "resize"):
         for key, column in (("cos_dist", "1 - out_cosine"), ("max_abs", "out_max_abs")):
-            floor, stats, points = report.level_stats(con, axis, key, zeros[key], shared)
-            alone = report.level_stats(con, axis, key, zeros[key])
+            floor, stats, points = panels.level_stats(con, axis, key, zeros[key], shared)
+            alone = panels.level_stats(con, axis, key, zeros[key])
             assert stats == alone[1] and floor == alone[0]
             most = max(st["n"] for st in stats.values())
             keep = int(5 / most * 1_000_000)

@@ -143,7 +143,7 @@ def summarise(out: str) -> None:
     """Keep explain's aggregates beside the freshly compacted rows (analysis/summary.py)."""
     import duckdb
 
-    from dmx.analysis.summary import write_summary
+    from dmx.analysis.aggregates import write_summary
     from dmx.results.store import RunDirError
     try:
         write_summary(out)

@@ -1,0 +1,141 @@
+"""``check`` and ``report`` answer from the summary kept beside a compacted run (as ``explain``
+does), and say exactly what they say from the rows: the same verdict at the run's own
+tolerances, at other limits (only the cells whose worst value breaks them are counted again)
+and in either scope; the same panels. A row file rewritten in place, even at the same size,
+voids the summary."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from dmx.analysis import check, panels, report
+from dmx.analysis.aggregates import write_summary
+from dmx.analysis.check import check_run
+from dmx.analysis.db import open_run
+from dmx.analysis.summary import Summary
+from dmx.matrix import parse_spec
+from dmx.results.store import RunDir
+from dmx.runner.sweep import RunOptions, run_spec
+
+AXES = {"decoder": ["pil", "opencv"], "resize": ["pil-bilinear", "cv2-linear"],
+        "backend": ["torch", "onnxruntime"]}
+
+
+@pytest.fixture(scope="module")
+def bare(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run with error rows (three bad files) and cells that diverge (resize) or hardly
+    (backend), compacted, without a summary."""
+    out = tmp_path_factory.mktemp("stored") / "run"
+    spec = parse_spec({"name": "stored", "dataset": {"path": str(photo_dir)}, "model": "tiny",
+                       "axes": AXES, "check": {"min_cosine": 0.9999}})
+    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
+    assert not (out / "summary").exists()
+    return out
+
+
+@pytest.fixture(scope="module")
+def summarised(bare: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = Path(shutil.copytree(bare, tmp_path_factory.mktemp("summarised") / "run"))
+    write_summary(out)
+    assert Summary(open_run(out), RunDir(out)).valid
+    return out
+
+
+TOLERANCES = [None, {"max_abs": 1e-9}, {"max_rel_l2": 1e-12, "min_cosine": 0.9999999},
+              {"max_rel_l2": 10.0, "min_cosine": 0.0, "min_top1_agreement": 0.5},
+              {"scope": "same-input"}, {"scope": "same-input", "max_abs": 1e-9},
+              {"allow_errors": True, "max_reference_errors": 3}]
+
+
+@pytest.mark.parametrize("tolerances", TOLERANCES, ids=lambda t: str(t))
+def test_check_from_the_summary_says_what_the_rows_say(bare: Path, summarised: Path,
+                                                        tolerances: dict | None):
+    from_rows, stored = check_run(bare, tolerances).to_json(), check_run(summarised, tolerances).to_json()
+    assert stored == from_rows
+    assert stored["rows_judged"] > 0
+
+
+def test_check_counts_from_the_rows_only_the_cells_whose_worst_value_breaks_a_changed_limit(
+        summarised: Path, monkeypatch):
+    counted: list[list[tuple[str, str | None]]] = []
+    real = check._cell_stats
+
+    def spy(con, limits, same_input):
+        counted.append(sorted(limits, key=str))
+        return real(con, limits, same_input)
+
+    monkeypatch.setattr(check, "_cell_stats", spy)
+    default = check_run(summarised)
+    assert counted == [] and not default.passed     # the spec's 0.9999 cosine breaks the resize
+    loose = check_run(summarised, {"max_rel_l2": 10.0, "min_cosine": 0.0})
+    assert counted == []                            # nothing breaks: nothing to count
+    assert not {f.check for f in loose.failures} & {"max_rel_l2", "min_cosine", "max_abs"}
+    strict = check_run(summarised, {"max_abs": 1e-9})
+    assert len(counted) == 1
+    breaking = {f.cell_id for f in strict.failures if f.check == "max_abs"}
+    assert breaking and {cell for cell, _ in counted[0]} == breaking
+
+
+def test_a_limit_changed_but_not_broken_reads_zero_rows_beyond_it():
+    s = {"max_abs": 0.5, "rel_l2": float("nan"), "cosine": -2.0}
+    assert check._breaks("max_abs", s, 0.4) and not check._breaks("max_abs", s, 0.5)
+    assert check._breaks("max_rel_l2", s, 100.0), "NaN breaks every limit"
+    assert check._breaks("min_cosine", s, 0.0), "-2 marks a NaN cosine"
+    assert not check._breaks("max_abs", s, None)
+
+
+def test_the_report_panels_kept_in_the_summary_are_those_drawn_from_the_rows(summarised: Path):
+    con = open_run(summarised)
+    axes = panels.varying_axes(con)
+    live = panels.panels(con, axes)
+    kept = Summary(con, RunDir(summarised))
+    back = panels.panels_from_tables(kept.table("report_levels"), kept.table("report_points"))
+    assert set(back) == {a for a in axes if live[a]["cos_dist"][1]}
+    for axis, per_key in back.items():
+        for key, (floor, stats, points) in per_key.items():
+            floor_l, stats_l, points_l = live[axis][key]
+            assert floor == floor_l and stats == stats_l
+            assert {lv: sorted(map(tuple, p)) for lv, p in points.items()} == \
+                   {lv: sorted(map(tuple, p)) for lv, p in points_l.items()}
+    def by_pair(rows: list[dict]) -> dict:
+        return {(d["a"], d["la"], d["b"], d["lb"]): (d["n"], pytest.approx(d["mean"], rel=1e-12))
+                for d in rows}
+
+    assert by_pair(kept.table("report_pairs").to_pylist()) == by_pair(panels.level_pair_means(con, axes))
+
+
+def test_the_report_of_a_summarised_run_draws_without_scanning_for_its_panels(
+        summarised: Path, monkeypatch):
+    def scan(*_a, **_k):
+        raise AssertionError("scanned the rows for a panel the summary keeps")
+
+    monkeypatch.setattr(report, "panels", scan)
+    monkeypatch.setattr(report, "level_pair_means", scan)
+    html = report.build_report(summarised)
+    assert 'id="chart-distributions"' in html and 'id="chart-interactions"' in html
+
+
+def test_a_row_file_rewritten_at_the_same_size_voids_the_summary(summarised: Path, tmp_path: Path):
+    run = Path(shutil.copytree(summarised, tmp_path / "run"))
+    assert Summary(open_run(run), RunDir(run)).valid, "a copy that keeps the times keeps the summary"
+    part = next(p for p in (run / "rows").rglob("*.parquet"))
+    plain = {"compression": "none", "use_dictionary": False}   # fixed-width values: same size
+    t = pq.read_table(part)
+    pq.write_table(t, part, **plain)
+    write_summary(run)
+    size = part.stat().st_size
+    assert Summary(open_run(run), RunDir(run)).valid
+    i = t.schema.get_field_index("out_max_abs")
+    t = t.set_column(i, t.schema.field(i), pc.if_else(pc.is_valid(t["out_max_abs"]),
+                                                      pa.scalar(7.0), t["out_max_abs"]))
+    pq.write_table(t, part, **plain)
+    assert part.stat().st_size == size
+    assert not Summary(open_run(run), RunDir(run)).valid
+    worst = {f.seen for f in check_run(run, {"max_abs": 1.0}).failures if f.check == "max_abs"}
+    assert worst == {7.0}, "the rewritten values are judged"
