@@ -481,18 +481,33 @@ def time_explain(dest: Path, repeat: int) -> tuple[float, float, str, str]:
     return best, sub_s, text, proc.stdout
 
 
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def time_command(args: list[str]) -> tuple[float, float, int]:
-    """(wall s, peak RSS MB, exit code) of ``dmx ARGS`` in a fresh process (its own rusage)."""
+    """(wall s, peak RSS MB, exit code) of ``dmx ARGS`` in a fresh process. The peak is the
+    child's VmHWM read from /proc while it runs: its rusage would also count this process's
+    own peak, which a child inherits at fork and keeps through exec."""
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dmx", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _vm_hwm_mb(proc.pid) or 0.0)
+        time.sleep(0.02)
     wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
     err = proc.stderr.read().decode(errors="replace")
     if proc.returncode not in (0, 1):     # check and diff answer 1 for "broken" / "moved"
         raise SystemExit(f"dmx {' '.join(args)} failed ({proc.returncode}):\n{err}")
-    return wall, usage.ru_maxrss / 1024, proc.returncode
+    return wall, peak, proc.returncode
 
 
 def main() -> None:
