@@ -157,7 +157,6 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     cells, ref = plan_cells(spec)
     listing = collect(spec.dataset, scratch)
     timings["list_s"] = time.perf_counter() - t0
-    ensure_decoder_envs(c.get("decoder") for c in cells)  # pinned decoder envs, before any image
     old = _check_out_dir(run, spec, opts.resume)
     model = resolve_model(spec.model)
     executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker,
@@ -166,6 +165,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
     executor.start(_cuda_devices(cells))
     on_cluster = getattr(executor, "cluster", False)
+    if not on_cluster:   # pinned decoder envs, built before any image; on a cluster each node
+        ensure_decoder_envs(c.get("decoder") for c in cells)   # builds its own (cell probe)
     if on_cluster:   # every node must read a local dataset at this path: the probe checks
         executor.dataset_root = _local_dataset_dir(listing.images)
     # Every setting is converted here (conversions are device-independent and cached); which

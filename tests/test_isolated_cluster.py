@@ -74,9 +74,9 @@ def cluster(s3, private_cache: Path, tmp_path_factory):
 
 
 def dmx_run(tmp: Path, dataset: str, out: str, address: str, aws: dict, *extra: str,
-            wait: bool = True):
+            wait: bool = True, axes: str = AXES):
     spec = tmp / "spec.yaml"
-    spec.write_text(f"name: isolated\ndataset: {{path: {dataset}}}\nmodel: tiny\naxes: {AXES}\n")
+    spec.write_text(f"name: isolated\ndataset: {{path: {dataset}}}\nmodel: tiny\naxes: {axes}\n")
     cmd = [sys.executable, "-m", "dmx", "run", str(spec), "--out", out, "--address", address,
            *extra]
     env = clean_env(**aws, DMX_CACHE=str(tmp / "driver-cache"))
@@ -86,12 +86,12 @@ def dmx_run(tmp: Path, dataset: str, out: str, address: str, aws: dict, *extra: 
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def run_rows(fs, out: str) -> list[tuple]:
+def run_rows(fs, out: str, columns: tuple[str, ...] = (
+        "cell_id", "image_id", "status", "error_stage", "error", "node")) -> list[tuple]:
     import pyarrow.dataset as ds
     prefix = out.split("://", 1)[1]
     table = ds.dataset(f"{prefix}/rows", filesystem=fs, format="parquet",
-                       partitioning="hive").to_table(
-        columns=["cell_id", "image_id", "status", "error_stage", "error", "node"])
+                       partitioning="hive").to_table(columns=list(columns))
     return list(zip(*(table[c].to_pylist() for c in table.column_names)))
 
 
@@ -179,3 +179,59 @@ def test_without_a_runtime_env_bare_nodes_cannot_start_a_worker_and_dmx_says_why
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dmx: error")]
     assert len(lines) == 1 and "No module named" in lines[0] and "--runtime-env" in lines[0], r.stderr[-2000:]
+
+
+PIN = "pillow==9.4.0"          # as tests/test_envs.py: a manylinux wheel for CPython 3.11
+PINNED = f"pil[{PIN}]"         # the decoder level's label, as the rows' ``decoder`` names it
+#: what uv or the env builder prints when there is no uv or no package index to reach
+NO_INDEX = ("uv is not installed", "failed to fetch", "error sending request", "dns error",
+            "connection refused", "network is unreachable", "did not finish within")
+
+
+def env_json_on(node: IsolatedNode, key: str) -> Path:
+    """``env.json`` of env ``key`` in the node's own dmx cache (``~/.cache/dmx``, a tmpfs of its
+    mount namespace), read from outside through /proc/<pid>/root, which resolves paths in the
+    mount namespace of that process."""
+    return Path(f"/proc/{node.proc.pid}/root") / Path.home().relative_to("/") / ".cache" / \
+        "dmx" / "envs" / key / "env.json"
+
+
+@pytest.mark.slow(reason="a uv environment built on each isolated node, from the package index")
+def test_a_decoder_package_version_is_built_on_the_worker_nodes_not_on_the_driver(
+        s3, photos: str, cluster, tmp_path: Path):
+    import PIL
+
+    from dmx.runner.decoders.isolated import requirements_for
+    from dmx.runner.envs import env_key
+    pytest.importorskip("uv", reason="uv builds the environments (pip install uv)")
+    fs, aws = s3
+    head, nodes, _, _ = cluster
+    key = env_key(requirements_for(PINNED))
+    driver_envs = tmp_path / "driver-cache" / "envs"     # dmx_run's DMX_CACHE for the driver
+    out = f"s3://{BUCKET}/runs/pinned-decoder"
+    r = dmx_run(tmp_path, photos, out, head.address, aws, "--chunk-size", "2",
+                axes=f'{{decoder: [pil, {{name: pil, package: "{PIN}"}}], backend: [torch]}}')
+    print(r.stderr)
+    rows = run_rows(fs, out, ("decoder", "image_id", "status", "error", "decoder_version", "node")
+                    ) if r.returncode == 0 else []
+    build_errors = [e for e in [r.stderr if r.returncode else "", *(e for *_, e, _, _ in rows)]
+                    if e and "cannot build a Python environment" in e]
+    if any(m in e.lower() for e in build_errors for m in NO_INDEX):
+        pytest.skip(f"no uv or no package index for {PIN}: {build_errors[0][-500:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(rows) == 2 * N_IMAGES
+    pinned = [(s, e, v) for d, _, s, e, v, _ in rows if d == PINNED]
+    assert len(pinned) == N_IMAGES
+    assert all(s == "ok" for s, _, _ in pinned), pinned[:3]          # no env-build error rows
+    assert {v for *_, v in pinned} == {"pillow 9.4.0"}               # the pinned Pillow ran
+    assert {v for d, *_, v, _ in rows if d == "pil"} == {f"pillow {PIL.__version__}"}
+    ran_on = {n for *_, n in rows}
+    assert ran_on <= worker_labels(head)                 # no row from the head or the driver
+    # every node that ran rows built the env in its own cache (a tmpfs the driver never sees)
+    built = [json.loads(p.read_text()) for n in nodes if (p := env_json_on(n, key)).is_file()]
+    assert len(built) >= len(ran_on), [str(env_json_on(n, key)) for n in nodes]
+    assert all(b["versions"]["pillow"] == "9.4.0" for b in built)
+    print({"built on nodes": [(b["built_at"], b["build_s"]) for b in built], "rows from": ran_on})
+    # and the driver built nothing: the package version is the nodes' business
+    on_driver = sorted(p.name for p in driver_envs.glob("*")) if driver_envs.is_dir() else []
+    assert key not in on_driver, f"the driver built {PIN} in {driver_envs}: {on_driver}"
