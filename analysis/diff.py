@@ -37,6 +37,7 @@ from dmx.results.store import RunDir
 from .db import load_sql, open_run
 from .numbers import g, pct
 from .queries import cell_passes, query_dicts
+from .summary import Summary
 
 DEFAULT_DIFF_TOLERANCES = {"max_abs": 1e-5, "cos_dist": 1e-6, "top1_prob": 1e-5}
 
@@ -153,7 +154,9 @@ def diff_runs(dir_a: str | Path, dir_b: str | Path,
     con_a, con_b = open_run(dir_a), open_run(dir_b)
     missing = tuple(side for side, c in (("A", con_a), ("B", con_b)) if "out_digest" not in _columns(c))
     refs = {ma.get("reference_cell"), mb.get("reference_cell")}
-    cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in _diff_cells(con_a, con_b)]
+    same = _same_cells(Summary(con_a, RunDir(dir_a)), Summary(con_b, RunDir(dir_b)))
+    found = sorted([*same.values(), *_diff_cells(con_a, con_b, set(same))], key=lambda d: d["cell_id"])
+    cells = [_cell_diff(d, tol, d["cell_id"] in refs) for d in found]
     return DiffResult(
         run_a=_run_info(dir_a, ma), run_b=_run_info(dir_b, mb),
         same_spec=ma.get("spec_digest") == mb.get("spec_digest"), tolerances=tol, cells=cells,
@@ -161,14 +164,27 @@ def diff_runs(dir_a: str | Path, dir_b: str | Path,
         outputs_compared=not missing, digest_missing=missing)
 
 
-def _diff_cells(con_a: duckdb.DuckDBPyConnection,
-                con_b: duckdb.DuckDBPyConnection) -> list[dict[str, Any]]:
-    """diff_cells.sql over both runs' rows, one pass of cells at a time: each pass holds about
-    half of ``ROWS_PER_PASS`` rows of each run in memory (both runs whole did not fit: 64 M rows
-    each were killed at 24 GB)."""
+def _same_cells(a: Summary, b: Summary) -> dict[str, dict[str, Any]]:
+    """Cells whose rows are the same in both runs, by the digests the runs' summaries keep
+    (``diff_self.sql``), with what diff_cells.sql says of them: they need no join."""
+    ta, tb = a.table("diff_self"), b.table("diff_self")
+    if ta is None or tb is None:
+        return {}
+    digests = {d["cell_id"]: (d["n"], d["digest"]) for d in tb.to_pylist()}
+    return {d["cell_id"]: {k: v for k, v in d.items() if k not in ("n", "digest")}
+            for d in ta.to_pylist() if digests.get(d["cell_id"]) == (d["n"], d["digest"])}
+
+
+def _diff_cells(con_a: duckdb.DuckDBPyConnection, con_b: duckdb.DuckDBPyConnection,
+                skip: set[str] = frozenset()) -> list[dict[str, Any]]:
+    """diff_cells.sql over both runs' rows of the cells not in ``skip``, one pass of cells at a
+    time: each pass holds about half of ``ROWS_PER_PASS`` rows of each run in memory (both runs
+    whole did not fit: 64 M rows each were killed at 24 GB)."""
     from . import queries
     cells = sorted({r[0] for c in (con_a, con_b)
-                    for r in c.execute("SELECT cell_id FROM cells").fetchall()})
+                    for r in c.execute("SELECT cell_id FROM cells").fetchall()} - skip)
+    if not cells:
+        return []
     passes = cell_passes(cells, con_a, con_b, rows_per_pass=queries.ROWS_PER_PASS // 2)
     sql_a, sql_b, joined = _diff_rows_sql(con_a), _diff_rows_sql(con_b), load_sql("diff_cells")
     con = duckdb.connect()

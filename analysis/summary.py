@@ -63,6 +63,7 @@ QUERIES: dict[str, dict[str, Any]] = {
     "check_images": {},
     "check_batch": {},
     "report_error_images": {},
+    "diff_self": {},     # dmx diff: each cell against itself, and a digest of its rows
 }
 # the code that computes the stored tables besides these queries' SQL (its text is in the key)
 CODE_FILES = ("summary.py", "aggregates.py", "check.py", "panels.py", "tolerances.py", "queries.py")
@@ -110,6 +111,8 @@ def _applies(name: str, columns: set[str], task: str) -> bool:
         return "outputs" in columns
     if name == "check_batch":
         return "batch_rel_l2" in columns
+    if name == "diff_self":
+        return {"threads_used", "out_digest"} <= columns
     if name.startswith("accuracy_"):
         return {"label", "correct_top1", "correct_top5"} <= columns
     return task == "detection" or not name.startswith("det_")

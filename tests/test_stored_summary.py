@@ -139,3 +139,45 @@ def test_a_row_file_rewritten_at_the_same_size_voids_the_summary(summarised: Pat
     assert not Summary(open_run(run), RunDir(run)).valid
     worst = {f.seen for f in check_run(run, {"max_abs": 1.0}).failures if f.check == "max_abs"}
     assert worst == {7.0}, "the rewritten values are judged"
+
+
+def _without_summary(run: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("summary")))
+
+
+def test_diff_joins_only_the_cells_whose_rows_differ_and_says_what_the_join_says(
+        bare: Path, summarised: Path, tmp_path: Path, monkeypatch):
+    from dmx.analysis import diff
+    changed = Path(shutil.copytree(summarised, tmp_path / "changed"))
+    cells = pq.read_table(changed / "cells.parquet").to_pylist()
+    moved = next(c["cell_id"] for c in cells if not c["is_reference"] and c["status"] == "ok")
+    for part in (changed / "rows").rglob("*.parquet"):
+        t = pq.read_table(part)
+        i = t.schema.get_field_index("out_max_abs")
+        mine = pc.equal(t["cell_id"], moved)
+        t = t.set_column(i, t.schema.field(i), pc.if_else(mine, pc.add(t["out_max_abs"], 0.5),
+                                                          t["out_max_abs"]))
+        pq.write_table(t, part)
+    write_summary(changed)
+    changed_bare = _without_summary(changed, tmp_path / "changed-bare")
+
+    joined: list[set[str]] = []
+    real = diff._diff_cells
+
+    def spy(con_a, con_b, skip=frozenset()):
+        out = real(con_a, con_b, skip)
+        joined.append({d["cell_id"] for d in out})
+        return out
+
+    monkeypatch.setattr(diff, "_diff_cells", spy)
+    same = diff.diff_runs(summarised, summarised)
+    assert joined == [set()] and not same.moved      # a run against itself: nothing joined
+    assert same.to_json()["cells_compared"] == len(cells)
+    assert [c for c in same.cells] == [c for c in diff.diff_runs(bare, bare).cells]
+    joined.clear()
+    stored = diff.diff_runs(summarised, changed)
+    assert joined[0] == {moved}                      # only the rewritten cell was joined
+    from_rows = diff.diff_runs(bare, changed_bare)
+    assert len(joined[1]) == len(cells)
+    assert stored.cells == from_rows.cells
+    assert [c.cell_id for c in stored.moved] == [moved]

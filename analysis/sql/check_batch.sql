@@ -3,7 +3,8 @@
 -- Per cell and effective precision (each part judged by its own limit). Units: max abs in
 -- output units (logits), rel L2 a ratio.
 SELECT cell_id, precision_effective, count(batch_rel_l2) AS n, max(batch_rel_l2) AS rel_l2,
-       max(batch_max_abs) AS max_abs, arg_max(image_id, batch_rel_l2) AS image_id
+       max(batch_max_abs) AS max_abs, arg_max(image_id, {'v': batch_rel_l2, 'i': image_id}) AS image_id
 FROM rows
 WHERE status = 'ok' AND batch_rel_l2 IS NOT NULL
 GROUP BY cell_id, precision_effective
+ORDER BY cell_id, precision_effective

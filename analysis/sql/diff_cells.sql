@@ -3,7 +3,8 @@
 -- come from diff_rows.sql. Deltas are |B - A|: max abs in logits, cosine distance (1 - cos),
 -- top-1 probability in 0-1. NaN on either side makes the delta NaN. outputs_changed: images whose
 -- output itself differs bit for bit (out_digest) - the only measure that sees a change moving
--- the reference cell too, for every task.
+-- the reference cell too, for every task. Images named: the largest delta's (of equal ones the
+-- last image id), the first whose top-1 or output changed.
 WITH j AS (
     SELECT coalesce(a.cell_id, b.cell_id) AS cell_id, coalesce(a.image_id, b.image_id) AS image_id,
            coalesce(a.label, b.label) AS label,
@@ -28,14 +29,14 @@ SELECT
     count(d_max_abs)                                                        AS compared,
     avg(d_max_abs)                                                          AS max_abs_delta_mean,
     max(d_max_abs)                                                          AS max_abs_delta_max,
-    arg_max(image_id, d_max_abs)                                            AS max_abs_image,
+    arg_max(image_id, {'v': d_max_abs, 'i': image_id}) FILTER (WHERE d_max_abs IS NOT NULL) AS max_abs_image,
     avg(d_cos)                                                              AS cos_delta_mean,
     max(d_cos)                                                              AS cos_delta_max,
     max(d_prob)                                                             AS top1_prob_delta_max,
     avg(agree_a::DOUBLE) FILTER (WHERE agree_a IS NOT NULL AND agree_b IS NOT NULL) AS top1_agree_a,
     avg(agree_b::DOUBLE) FILTER (WHERE agree_a IS NOT NULL AND agree_b IS NOT NULL) AS top1_agree_b,
     count(*) FILTER (WHERE status_a = 'ok' AND status_b = 'ok' AND top1_a <> top1_b) AS top1_changed,
-    arg_max(image_id, CASE WHEN top1_a <> top1_b THEN 1 ELSE 0 END)         AS top1_image,
+    min(image_id) FILTER (WHERE status_a = 'ok' AND status_b = 'ok' AND top1_a <> top1_b) AS top1_image,
     count(*) FILTER (WHERE digest_a IS NOT NULL AND digest_b IS NOT NULL)   AS outputs_compared,
     count(*) FILTER (WHERE digest_a <> digest_b)                            AS outputs_changed,
     min(image_id) FILTER (WHERE digest_a <> digest_b)                       AS output_image,
