@@ -67,8 +67,34 @@ def consecutive_groups(counts: list[tuple[str, int]], limit: int) -> list[list[s
 BUCKET_ROWS = 200_000      # rows the bucketing pass buffers before writing (all groups together)
 
 
-def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_file: int,
-                   row_group_rows: int, memory_limit: str, spill: str):
+def _local_source(by_schema: list[list[str]]) -> str:
+    """The inputs (grouped by schema: files written by older dmx versions may lack columns) as
+    one DuckDB relation: one ``read_parquet`` per schema, joined ``UNION ALL BY NAME``.
+    ``union_by_name`` over all of them, as before, keeps a reader per file open: the
+    compacting process grew by ~0.2 MB per input file (7.8 GB for 38,462 part files; a plain
+    scan of 9,616 files peaks at 590 MB against 2,149 MB with it)."""
+    reads = [f"SELECT * FROM read_parquet({_sql_list(files)}, hive_partitioning = false)"
+             for files in by_schema]
+    return "(" + " UNION ALL BY NAME ".join(reads) + ")"
+
+
+def _count_and_group(run: RunDir, inputs: list[str]) -> tuple[int, list[list[str]], pa.Schema]:
+    """The inputs' rows (from their footers), the inputs grouped by schema, and the schema of
+    the output: the last input's, then the columns only earlier ones have."""
+    rows, groups, schemas = 0, {}, {}
+    for path in inputs:
+        md = pq.read_metadata(path, filesystem=run.fs)
+        rows += md.num_rows
+        schema = md.schema.to_arrow_schema().remove_metadata()
+        key = tuple((f.name, str(f.type)) for f in schema)
+        groups.setdefault(key, []).append(path)
+        schemas[key] = schema
+    last = schemas[next(k for k, g in groups.items() if inputs[-1] in g)]
+    return rows, list(groups.values()), pa.unify_schemas([last, *schemas.values()])
+
+
+def _sorted_groups(run: RunDir, inputs: list[str], by_schema: list[list[str]], schema: pa.Schema,
+                   rows_per_file: int, row_group_rows: int, memory_limit: str, spill: str):
     """For each output file: an iterator over its tables, sorted by (cell_id, image_id).
 
     Cells are cut into consecutive groups of about ``rows_per_file`` rows (a cell never spans
@@ -88,7 +114,7 @@ def _sorted_groups(run: RunDir, inputs: list[str], schema: pa.Schema, rows_per_f
         con.register("src", pads.dataset(inputs, schema=schema, filesystem=run.fs, format="parquet"))
         source = "src"
     else:
-        source = f"read_parquet({_sql_list(inputs)}, union_by_name = true, hive_partitioning = false)"
+        source = _local_source(by_schema)
     counts = con.sql(f"SELECT cell_id, count(*) FROM {source} GROUP BY cell_id ORDER BY cell_id").fetchall()
     groups = consecutive_groups(counts, rows_per_file)
     cols = ", ".join(f'"{n}"' for n in schema.names)
@@ -205,16 +231,15 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
         run.delete(stale)
         return CompactSummary(len(old_files), len(old_files), int(state.get("rows", 0)), len(held))
     inputs = old_files + [new[c] for c in sorted(new)]
-    expected = sum(pq.read_metadata(p, filesystem=run.fs).num_rows for p in inputs)
-    schema = pq.read_schema(inputs[-1], filesystem=run.fs).remove_metadata()
+    expected, by_schema, schema = _count_and_group(run, inputs)
     gen = int(state["generation"]) + 1
     written: list[str] = []
     writer: _Writer | None = None
     total = 0
     spill = tempfile.mkdtemp(prefix="dmx-compact-") if run.remote else run.path(".compact-tmp")
     try:
-        for group in _sorted_groups(run, inputs, schema, rows_per_file, row_group_rows,
-                                    memory_limit, spill):
+        for group in _sorted_groups(run, inputs, by_schema, schema, rows_per_file,
+                                    row_group_rows, memory_limit, spill):
             rel = f"rows/chunk=compacted-{gen:03d}-{len(written):03d}/part-0.parquet"
             writer = _Writer(run, rel, schema, spill)
             written.append(rel)
