@@ -180,3 +180,26 @@ def test_diff_joins_only_the_cells_whose_rows_differ_and_says_what_the_join_says
     assert len(joined[1]) == len(cells)
     assert stored.cells == from_rows.cells
     assert [c.cell_id for c in stored.moved] == [moved]
+
+
+def test_outputs_swapped_between_two_images_are_a_change_the_digest_sees(summarised: Path,
+                                                                          tmp_path: Path):
+    """Only out_digest moves (as for the reference cell, whose divergences are 0 by
+    construction), swapped between two images: the cell's digest must differ."""
+    from dmx.analysis import diff
+    swapped = Path(shutil.copytree(summarised, tmp_path / "swapped"))
+    ref = next(c["cell_id"] for c in pq.read_table(swapped / "cells.parquet").to_pylist()
+               if c["is_reference"])
+    (part,) = [p for p in (swapped / "rows").rglob("*.parquet")
+               if ref in pq.read_table(p, columns=["cell_id"])["cell_id"].to_pylist()]
+    t = pq.read_table(part)
+    rows = [i for i, (c, d) in enumerate(zip(t["cell_id"].to_pylist(), t["out_digest"].to_pylist()))
+            if c == ref and d is not None]
+    values = t["out_digest"].to_pylist()
+    a, b = next((x, y) for x in rows for y in rows if values[x] != values[y])
+    values[a], values[b] = values[b], values[a]
+    i = t.schema.get_field_index("out_digest")
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(values, pa.string())), part)
+    write_summary(swapped)
+    cell = next(c for c in diff.diff_runs(summarised, swapped).cells if c.cell_id == ref)
+    assert cell.outputs_changed == 2
