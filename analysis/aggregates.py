@@ -1,5 +1,5 @@
-"""Computing a run's summary (``dmx.analysis.summary``): what ``explain``, ``check`` and
-``report`` read instead of scanning the rows, computed once when the run is compacted (at the
+"""Computing a run's summary (``dmx.analysis.summary``): what ``explain``, ``check``,
+``report`` and ``diff`` read instead of scanning the rows, computed once when the run is compacted (at the
 end of ``dmx run`` and by ``dmx compact``)."""
 from __future__ import annotations
 
@@ -16,6 +16,6 @@ def write_summary(location: str | RunDir) -> int:
     run = location if isinstance(location, RunDir) else RunDir(location)
     con = open_run(run)
     tables = query_tables(con, run)
-    tables.update(stored_tables(con, run.read_manifest()))
+    tables.update(stored_tables(con, run.read_manifest(), tables["cell_precision"].to_pylist()))
     tables.update(panel_tables(con))
     return store_tables(run, tables)

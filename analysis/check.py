@@ -509,7 +509,8 @@ def _cell_stats(con: duckdb.DuckDBPyConnection, limits: Limits, same_input: bool
         con.unregister("limits")
 
 
-def stored_tables(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any]) -> dict[str, pa.Table]:
+def stored_tables(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any],
+                  precision_rows: list[dict[str, Any]]) -> dict[str, pa.Table]:
     """What the run's summary keeps for ``check``: ``check_cells`` at the run's own tolerances
     (its spec's ``check:`` over the defaults) in both scopes (column ``same_input``), and the
     limits they were counted at (``check_limits``). A spec whose ``check:`` is not valid keeps
@@ -520,7 +521,7 @@ def stored_tables(con: duckdb.DuckDBPyConnection, manifest: Mapping[str, Any]) -
         return {}
     cells = query_dicts(con, "SELECT * FROM cells")
     judged = [c for c in cells if not c["is_reference"] and c["status"] == "ok"]
-    limits, _, _ = _limits(judged, _parts(query_dicts(con, load_sql("cell_precision"))), tol)
+    limits, _, _ = _limits(judged, _parts(precision_rows), tol)   # cell_precision.sql's rows
     tables = [_cell_stats(con, limits, same) for same in (False, True)]
     tables = [t.append_column("same_input", pa.array([same] * t.num_rows, pa.bool_()))
               for same, t in zip((False, True), tables)]

@@ -15,7 +15,8 @@ changed, the key differs and the queries run on the rows as before - a summary c
 ``check`` and ``report`` read theirs from it too: the tables of the queries below, check's
 worst values and rows beyond the run's own tolerances (``check.stored_tables``; other limits
 recount only the cells whose worst value breaks them) and the report's panels
-(``panels.panel_tables``). ``aggregates.write_summary`` computes and stores them all.
+(``panels.panel_tables``); ``diff`` its per-cell digests (``diff_self``).
+``aggregates.write_summary`` computes and stores them all.
 
     RUN/summary/<query>.parquet   one table per query (computed for every cell)
     RUN/summary/summary.json      the key; written last (the commit point)
