@@ -67,7 +67,8 @@ QUERIES: dict[str, dict[str, Any]] = {
     "diff_self": {},     # dmx diff: each cell against itself, and a digest of its rows
 }
 # the code that computes the stored tables besides these queries' SQL (its text is in the key)
-CODE_FILES = ("summary.py", "aggregates.py", "check.py", "panels.py", "tolerances.py", "queries.py")
+CODE_FILES = ("summary.py", "aggregates.py", "check.py", "panels.py", "tolerances.py", "queries.py",
+              "db.py")
 # queries that hold every value of a cell (exact quantiles, sorted lists): run in passes of
 # cells (``queries.cell_passes``) so that their memory does not grow with the run
 HOLD_VALUES = {"cell_stats", "median_ci", "det_cell_stats", "output_worst"}
@@ -83,11 +84,14 @@ def run_query(con: duckdb.DuckDBPyConnection, name: str, params: dict[str, Any])
 
 
 def _code_digest() -> str:
+    from dmx.matrix import axes       # the axes registry: levels, what the panels split by
     here = Path(__file__).parent
+    code = {n: (here / n).read_text(encoding="utf-8") for n in CODE_FILES}
+    code["matrix/axes.py"] = Path(axes.__file__).read_text(encoding="utf-8")
     text = json.dumps({"queries": QUERIES,
                        "sql": {p.name: p.read_text(encoding="utf-8")
                                for p in sorted((here / "sql").glob("*.sql"))},
-                       "code": {n: (here / n).read_text(encoding="utf-8") for n in CODE_FILES}},
+                       "code": code},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -137,14 +141,23 @@ def query_tables(con: duckdb.DuckDBPyConnection, run: RunDir) -> dict[str, pa.Ta
             for name, params in QUERIES.items() if _applies(name, columns, task)}
 
 
-def store_tables(run: RunDir, tables: dict[str, pa.Table]) -> int:
-    """Replace the run's summary by ``tables``; returns the rows they hold. The key goes first
-    and comes back last, so a summary half written is never read."""
+def store_tables(run: RunDir, tables: dict[str, pa.Table], key: dict[str, Any]) -> int:
+    """Replace the run's summary by ``tables``, computed from the rows that ``key``
+    (``rows_key``, taken *before* they were read) describes; returns the rows they hold.
+
+    The key goes first and comes back last, so a summary half written is never read; it is the
+    key of the rows before the queries ran, so rows that changed while they ran (a resume
+    writing part files, a compaction) leave a key that no longer matches: never used. The key
+    names its tables: a stored table it does not name (a query that no longer applies to the
+    run) is removed and never read."""
     if run.is_file(KEY_FILE):
         run.delete([run.path(KEY_FILE)])          # no key while its tables are replaced
     for name, table in tables.items():
         run.write_parquet(f"{SUMMARY_DIR}/{name}.parquet", table)
-    run.write_bytes(KEY_FILE, json.dumps(rows_key(run)).encode())
+    keep = {run.path(f"{SUMMARY_DIR}/{name}.parquet") for name in tables}
+    run.delete(i.path for i in run._list(SUMMARY_DIR)
+               if i.path.endswith(".parquet") and i.path not in keep)
+    run.write_bytes(KEY_FILE, json.dumps({**key, "tables": sorted(tables)}).encode())
     return sum(t.num_rows for t in tables.values())
 
 
@@ -154,16 +167,18 @@ class Summary:
 
     def __init__(self, con: duckdb.DuckDBPyConnection, run: RunDir) -> None:
         self.con, self.run = con, run
-        self.valid = False
+        self.valid, self.names = False, frozenset()
         try:
             if run.is_file(KEY_FILE):
-                self.valid = json.loads(run.read_bytes(KEY_FILE).decode()) == rows_key(run)
-        except (OSError, ValueError):
+                stored = json.loads(run.read_bytes(KEY_FILE).decode())
+                self.names = frozenset(stored.pop("tables", ()))
+                self.valid = stored == rows_key(run)
+        except (OSError, ValueError, TypeError, AttributeError):
             self.valid = False
 
     def table(self, name: str) -> pa.Table | None:
-        """The stored table ``name`` when the summary describes the rows, else None."""
-        if not self.valid:
+        """The stored table ``name`` when the summary describes the rows and holds it, else None."""
+        if not self.valid or name not in self.names:
             return None
         try:
             return self.run.read_parquet(f"{SUMMARY_DIR}/{name}.parquet")

@@ -90,7 +90,19 @@ def _count_and_group(run: RunDir, inputs: list[str]) -> tuple[int, list[list[str
         groups.setdefault(key, []).append(path)
         schemas[key] = schema
     last = schemas[next(k for k, g in groups.items() if inputs[-1] in g)]
-    return rows, list(groups.values()), pa.unify_schemas([last, *schemas.values()])
+    return rows, list(groups.values()), _united(last, list(schemas.values()))
+
+
+def _united(last: pa.Schema, schemas: list[pa.Schema]) -> pa.Schema:
+    """The output schema: the last input's columns, then those only earlier inputs have; a
+    column whose type changed between dmx versions gets the type both promote to (int32 and
+    int64: int64; null: the other), else the last input's."""
+    try:
+        return pa.unify_schemas([last, *schemas], promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        seen = set(last.names)
+        extra = [f for s in schemas for f in s if f.name not in seen and not seen.add(f.name)]
+        return pa.schema([*last, *extra])
 
 
 def _sorted_groups(run: RunDir, inputs: list[str], by_schema: list[list[str]], schema: pa.Schema,

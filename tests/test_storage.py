@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -172,6 +173,29 @@ def test_part_files_of_two_schemas_compact_into_one_with_the_missing_column_null
     assert not any(p.exists() for p in parts)         # the inputs are gone
     assert t["out_digest"].null_count > 0 and t["out_digest"].null_count < t.num_rows
     assert _pairs_with_values(out) == before
+
+
+def test_part_files_whose_column_types_differ_compact_into_the_wider_type(
+        images: Path, tmp_path: Path):
+    """A column written as float32 by one dmx version and float64 by another (or int32 and
+    int64) is promoted, not a compaction that stops: pyarrow's unify_schemas refuses them."""
+    from dmx.results.compact import compact_run
+    out = tmp_path / "run"
+    run_spec(spec_for(images), _opts(out, chunk_size=2))
+    parts = sorted((out / "rows").rglob("part-0.parquet"))
+    before = pq.read_table(parts[0]).column_names
+    for part in parts[:2]:
+        t = pq.read_table(part)
+        i = t.schema.get_field_index("px_max_abs")
+        t = t.set_column(i, pa.field("px_max_abs", pa.float32()), t["px_max_abs"].cast(pa.float32()))
+        pq.write_table(t, part)
+    expected = len(_pairs_with_values(out))
+    compact_run(out)
+    (merged,) = list((out / "rows").rglob("*.parquet"))
+    t = pq.read_table(merged)
+    assert t.schema.field("px_max_abs").type == pa.float64()
+    assert t.column_names == before and t.num_rows == expected
+    assert not any(p.exists() for p in parts)
 
 
 def test_a_compacted_run_extended_by_resume_has_every_pair_once(images: Path, tmp_path: Path):
@@ -451,7 +475,7 @@ def test_a_summary_that_cannot_be_written_is_one_warning_and_the_rows_stay(image
                        text=True)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
-    assert any(ln.startswith("dmx: warning: explain's summary was not written")
+    assert any(ln.startswith("dmx: warning: the run's summary was not written")
                for ln in r.stderr.splitlines()), r.stderr
     assert (out / "summary").read_text() == "the user's notes"
     assert sum(s["n"] for s in explain_run(out).to_json()["status"]) == CELLS * 8

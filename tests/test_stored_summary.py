@@ -140,6 +140,74 @@ def test_a_row_file_rewritten_at_the_same_size_voids_the_summary(summarised: Pat
     assert worst == {7.0}, "the rewritten values are judged"
 
 
+def test_a_stored_table_the_key_does_not_name_is_never_read_and_is_removed(summarised: Path,
+                                                                          tmp_path: Path):
+    run = Path(shutil.copytree(summarised, tmp_path / "run"))
+    pq.write_table(pa.table({"x": [1]}), run / "summary" / "made_up.parquet")
+    kept = Summary(open_run(run), RunDir(run))
+    assert kept.valid and kept.table("made_up") is None, "a table left by another summary"
+    assert kept.table("cell_precision") is not None
+    write_summary(run)
+    assert not (run / "summary" / "made_up.parquet").exists()
+    assert Summary(open_run(run), RunDir(run)).table("cell_precision") is not None
+
+
+def test_rows_rewritten_while_the_summary_is_computed_void_it(summarised: Path, tmp_path: Path,
+                                                              monkeypatch):
+    from dmx.analysis import aggregates
+    run = Path(shutil.copytree(summarised, tmp_path / "run"))
+    real = aggregates.query_tables
+
+    def then_rewrite(con, location):
+        tables = real(con, location)
+        part = next(p for p in (run / "rows").rglob("*.parquet"))
+        t = pq.read_table(part)
+        i = t.schema.get_field_index("out_max_abs")
+        pq.write_table(t.set_column(i, t.schema.field(i), pc.if_else(
+            pc.is_valid(t["out_max_abs"]), pa.scalar(7.0), t["out_max_abs"])), part)
+        return tables
+
+    monkeypatch.setattr(aggregates, "query_tables", then_rewrite)
+    write_summary(run)
+    assert not Summary(open_run(run), RunDir(run)).valid, "tables of the rows before the rewrite"
+    worst = {f.seen for f in check_run(run, {"max_abs": 1.0}).failures if f.check == "max_abs"}
+    assert worst == {7.0}
+
+
+@pytest.mark.parametrize("name", ["db.py", "axes.py", "check.py"])
+def test_the_summary_key_changes_with_the_code_that_computes_its_tables(name: str, monkeypatch):
+    from dmx.analysis import summary
+    before = summary._code_digest()
+    real = Path.read_text
+
+    def edited(self, *a, **k):
+        text = real(self, *a, **k)
+        return text + "\n# edited\n" if self.name == name else text
+
+    monkeypatch.setattr(Path, "read_text", edited)
+    assert summary._code_digest() != before
+
+
+def test_a_summary_that_fails_is_a_warning_and_compact_still_succeeds(summarised: Path,
+                                                                     tmp_path: Path, monkeypatch,
+                                                                     capsys):
+    import argparse
+
+    from dmx.analysis import aggregates
+    from dmx.commands import compact
+
+    def broken(*_a, **_k):
+        raise ValueError("a defect in a summary query")
+
+    run = _without_summary(summarised, tmp_path / "run")
+    monkeypatch.setattr(aggregates, "write_summary", broken)
+    assert compact.run(argparse.Namespace(run_dir=str(run))) == 0
+    err = capsys.readouterr().err
+    assert "warning: the run's summary was not written (ValueError: a defect" in err
+    assert "Traceback" not in err
+    assert check_run(run).rows_judged > 0, "the rows are there to read"
+
+
 def _without_summary(run: Path, dest: Path) -> Path:
     return Path(shutil.copytree(run, dest, ignore=shutil.ignore_patterns("summary")))
 

@@ -140,19 +140,20 @@ def json_default(v: object) -> object:
 
 
 def summarise(out: str) -> None:
-    """Keep explain's aggregates beside the freshly compacted rows (analysis/summary.py)."""
-    import duckdb
-
+    """Keep the run's aggregates (``summary/``) beside the freshly compacted rows. They only
+    make explain, check, report and diff faster: whatever fails here (a full disk, a DuckDB
+    error, a defect) is a one-line warning, and the commands read the rows instead - never a
+    compaction that looks failed, since the rows are compacted and safe by now."""
     from dmx.analysis.aggregates import write_summary
     from dmx.results.store import RunDirError
     try:
         write_summary(out)
     except RunDirError:          # no readable rows: explain will say so itself
         pass
-    except (OSError, duckdb.Error) as e:   # the rows are safe; explain scans them instead
-        print(f"dmx: warning: explain's summary was not written ({type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}); explain will read the rows",
-              file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the summary is optional; the rows are safe
+        print(f"dmx: warning: the run's summary was not written ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); explain, check, report and diff "
+              "will read the rows", file=sys.stderr)
 
 
 def add_map_resamples(p) -> None:
