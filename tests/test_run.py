@@ -163,3 +163,17 @@ def test_ray_run_gives_the_same_rows_as_the_local_run(photo_dir: Path, local_run
     assert m["executor"]["name"] == "ray" and m["counters"]["model_builds"] <= 2 * 2
     # the workers' start (process, imports, probe) is recorded apart from the sweep it precedes
     assert 0 < m["executor"]["start_s"] == round(s.start_s, 2) < m["wall_s"]
+
+
+@pytest.mark.parametrize("n_images", [1, 7, 100, 5_000, 100_000, 10_000_000])
+@pytest.mark.parametrize("input_hw", [(32, 32), (224, 224), (1024, 1024)])
+def test_the_default_chunk_bounds_memory_spreads_over_the_workers_and_batches(n_images, input_hw):
+    from dmx.runner.plan import CHUNK_BYTES, MAX_CHUNK, default_chunk_size
+    workers, variants = 2, 4
+    size = default_chunk_size(n_images, variants, workers, input_hw)
+    per_image = 24 * input_hw[0] * input_hw[1] * variants
+    assert 1 <= size <= MAX_CHUNK
+    assert size * per_image <= max(CHUNK_BYTES, per_image), "a chunk's inputs fit the budget"
+    assert size <= max(4, -(-n_images // (8 * workers))), "about 8 chunks per worker, or more"
+    if n_images >= 8 * workers * MAX_CHUNK and per_image * MAX_CHUNK <= CHUNK_BYTES:
+        assert size == MAX_CHUNK, "a large run of small inputs gets the largest chunks"
