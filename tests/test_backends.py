@@ -62,3 +62,35 @@ def test_a_level_a_backend_lacks_is_its_skip_reason(tmp_path):
     reason = BACKENDS["onnxruntime"].unsupported(
         art, InferSetting(backend="onnxruntime", conversion="openvino-from-torch"))
     assert reason and "openvino-from-torch" in reason
+
+
+def test_the_graph_float_type_is_read_once_per_file_and_again_when_the_file_changes(
+        tmp_path, monkeypatch):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from dmx.runner.backends import onnxruntime_backend as ort_backend
+
+    def save(dtype) -> None:
+        w = numpy_helper.from_array(np.ones((4,), dtype), "w")
+        node = helper.make_node("Add", ["x", "w"], ["y"])
+        t = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", t, [4])],
+                                  [helper.make_tensor_value_info("y", t, [4])], [w])
+        onnx.save(helper.make_model(graph), str(path))
+
+    monkeypatch.setenv("DMX_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "m.onnx"
+    save(np.float16)
+    assert ort_backend.graph_float_type(str(path)) == "fp16"
+    real = ort_backend._onnx_float_types
+
+    def unread(_p):
+        raise AssertionError("read the graph again")
+
+    monkeypatch.setattr(ort_backend, "_onnx_float_types", unread)
+    assert ort_backend.graph_float_type(str(path)) == "fp16"
+    save(np.float32)                      # another file at the same path: read again
+    monkeypatch.setattr(ort_backend, "_onnx_float_types", real)
+    assert ort_backend.graph_float_type(str(path)) == "fp32"

@@ -4,11 +4,12 @@ optimisation level."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmx.matrix.axes import INFER, Axis
-from dmx.runner.cache import cached, file_digest
+from dmx.runner.cache import cache_dir, cached, file_digest
 
 from .base import BackendRunner, Conversion, InferSetting, ModelArtifacts
 from .onnx_export import ONNX_EXPORTERS
@@ -33,6 +34,33 @@ def _onnx_float_types(path: str) -> str:
     if T.BFLOAT16 in kinds:
         return "bf16"
     return "fp32"
+
+
+_FLOAT_TYPES = ("fp32", "fp16", "bf16", "int8")
+
+
+def graph_float_type(path: str) -> str:
+    """``_onnx_float_types``, remembered in dmx's cache per file (its path, size and mtime):
+    reading it needs the ``onnx`` package, whose import cost every worker ~0.7 s of its first
+    chunk for a fact that stays the same until the file changes."""
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.realpath(path)}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    memo = cache_dir() / "graph-float-types" / f"{key.hexdigest()[:32]}.txt"
+    try:
+        known = memo.read_text(encoding="utf-8").strip()
+        if known in _FLOAT_TYPES:
+            return known
+    except OSError:
+        pass
+    found = _onnx_float_types(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(found, encoding="utf-8")
+        os.replace(tmp, memo)
+    except OSError:   # a read-only cache: computed again next time
+        pass
+    return found
 
 
 def convert_fp16(onnx_path: str, digest: str) -> tuple[str, dict]:
@@ -156,7 +184,7 @@ class OnnxRuntimeRunner(BackendRunner):
         del self.session
 
     def info(self) -> dict[str, Any]:
-        graph = _onnx_float_types(self.path)
+        graph = graph_float_type(self.path)
         note = None
         if graph == "fp16" and self.setting.device == "cpu":
             note = "fp16 weights; ONNX Runtime's CPU provider computes most ops in fp32 via inserted casts"
