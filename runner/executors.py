@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import logging
 import os
 import secrets
@@ -191,6 +192,7 @@ class _WorkerActor:
     def __init__(self, plan: Plan) -> None:
         import ray
         self.worker = Worker(plan, node_name(ray.get_runtime_context().get_node_id()))
+        self._frozen = False
 
     def probe(self, dataset_root: str | None = None) -> tuple[str, dict, dict[str, str], bool]:
         """(node, its environment, cell id -> why this node cannot run that cell, whether the
@@ -208,7 +210,15 @@ class _WorkerActor:
     def process(self, chunk: Chunk, skipped: dict[str, str]) -> ChunkSummary:
         """Compute ``chunk`` and write its part file; report a summary."""
         self._skip(skipped)
-        return self.worker.run_chunk(chunk)
+        summary = self.worker.run_chunk(chunk)
+        if not self._frozen:
+            # What lives after the first chunk (the frameworks, the built models) lives as
+            # long as this process: out of the cyclic collector's sight, its passes over each
+            # chunk's garbage stop rescanning it (per 10,000 small images 0.26-0.38 s of
+            # collection, 0.10-0.12 s frozen). An actor only: never the caller's process.
+            gc.freeze()
+            self._frozen = True
+        return summary
 
     def compute(self, chunk: Chunk, skipped: dict[str, str]) -> ChunkResult:
         """Compute without writing (pieces of a split chunk, merged by the driver)."""
