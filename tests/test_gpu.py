@@ -41,3 +41,22 @@ def test_without_a_gpu_cuda_cells_are_skipped_with_the_reason_and_the_run_comple
     assert s.skipped_cells == 3 and s.rows == 5 * 7
     gpu = json.loads((out / "manifest.json").read_text())["environment"]["gpu"]
     assert gpu["available"] is False
+
+
+def test_a_worker_that_runs_no_torch_cell_on_a_machine_without_a_gpu_driver_never_imports_torch():
+    import os
+    import subprocess
+    import sys
+
+    from dmx.results.environment import _GPU_NODES
+    if any(os.path.exists(p) for p in _GPU_NODES):
+        pytest.skip("this machine has a GPU driver: torch is asked about it")
+    code = f"""
+import sys
+from dmx.runner.worker import Worker, node_environment
+env = node_environment()
+assert env["gpu"]["available"] is False, env["gpu"]
+assert "torch" not in sys.modules, "the environment's GPU facts imported torch"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

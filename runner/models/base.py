@@ -7,11 +7,12 @@ import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from dmx.runner.detection import DetectionConfig
+
+if TYPE_CHECKING:   # the model modules import torch; workers that never build one skip it
+    import torch
 
 __all__ = [
     "FIT_MODES",
