@@ -48,6 +48,25 @@ def input_divergence(x: np.ndarray, ref: np.ndarray) -> dict[str, float | bool]:
     }
 
 
+def input_divergence_rows(x: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    """``input_divergence`` of each pair ``x[i]``, ``ref[i]`` of two (N, H, W, C) stacks, as
+    arrays of N, equal to it value for value (each row is reduced as the pair alone is)."""
+    if x.shape != ref.shape or x.ndim != 4 or x[0].size == 0:
+        raise ValueError(f"input stacks differ or are empty: {x.shape} vs {ref.shape}")
+    n, h, w, c = x.shape
+    d = np.abs(x.astype(np.float64) - ref.astype(np.float64)).reshape(n, -1)
+    mse = np.mean(d * d, axis=1)
+    differs = (d.reshape(n, h * w, c) != 0).any(axis=2)
+    return {
+        "px_equal": (x == ref).reshape(n, -1).all(axis=1),
+        "px_max_abs": d.max(axis=1),
+        "px_mean_abs": d.mean(axis=1),
+        "px_frac_diff": np.count_nonzero(differs, axis=1) / (h * w),
+        "px_psnr": np.array([math.inf if e == 0 else 10.0 * math.log10(PIXEL_PEAK ** 2 / e)
+                             for e in mse.tolist()]),
+    }
+
+
 def output_divergence(y: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Elementwise divergence of two outputs of equal shape (units of the output, e.g. logits)."""
     a = y.astype(np.float64).ravel()

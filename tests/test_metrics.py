@@ -128,3 +128,20 @@ def test_kendall_tau_b_counts_equal_infinite_scores_as_a_tie():
     x = np.array([np.inf, np.inf, 1.0])   # inf - inf was NaN pair by pair
     assert kendall_tau_b(x, np.array([3.0, 2.0, 1.0])) == pytest.approx(2 / math.sqrt(6))
     assert math.isnan(kendall_tau_b(np.array([np.nan, 1.0, 2.0]), np.array([1.0, 2.0, 3.0])))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 3]),
+       st.integers(0, 2 ** 32 - 1), st.floats(0.0, 1.0))
+def test_input_divergence_of_a_stack_is_the_pairwise_value_for_value(n, h, w, c, seed, share):
+    from dmx.runner.metrics import input_divergence_rows
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(0, 256, (n, h, w, c)) + rng.random((n, h, w, c))).astype(np.float32)
+    ref = x.copy()
+    change = rng.random((n, h, w, c)) < share                # some pairs equal, some not
+    ref[change] = rng.integers(0, 256, int(change.sum())).astype(np.float32)
+    ref[0] = x[0]                                            # at least one identical pair
+    rows = input_divergence_rows(x, ref)
+    for i in range(n):
+        one = input_divergence(x[i], ref[i])
+        assert {k: (bool(v[i]) if k == "px_equal" else float(v[i])) for k, v in rows.items()} == one
