@@ -54,7 +54,8 @@ def input_divergence_rows(x: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarra
     if x.shape != ref.shape or x.ndim != 4 or x[0].size == 0:
         raise ValueError(f"input stacks differ or are empty: {x.shape} vs {ref.shape}")
     n, h, w, c = x.shape
-    d = np.abs(x.astype(np.float64) - ref.astype(np.float64)).reshape(n, -1)
+    d = np.subtract(x, ref, dtype=np.float64).reshape(n, -1)    # one pass: cast and subtract
+    np.abs(d, out=d)
     mse = np.mean(d * d, axis=1)
     differs = (d.reshape(n, h * w, c) != 0).any(axis=2)
     return {
