@@ -49,8 +49,11 @@ def model_input(path: str | Path, factors: Mapping[str, str | None],
 
 
 def class_labels(model: Mapping[str, Any]) -> tuple[str, ...] | None:
-    """Class names of a built-in model (the manifest's ``model`` section), None for user models
-    or when the model's package is not installed here."""
+    """Class names of the run's model: those the run recorded (the manifest's ``model.labels``),
+    else - a run written before they were recorded - a built-in model's (importing its module,
+    and so torch), None for user models or when the model's package is not installed here."""
+    if isinstance(model.get("labels"), list):
+        return tuple(str(x) for x in model["labels"])
     from .models import MODELS, ModelUnavailable, UnknownModel, get_model
     name = model.get("name")
     if name not in MODELS:

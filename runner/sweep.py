@@ -236,6 +236,7 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
         "started": old["started"] if old else dt.datetime.now(dt.timezone.utc).isoformat(),
         "spec_digest": spec.digest, "spec": spec.raw,
         "model": {"name": model.name, "task": model.task, "digest": artifacts.digest,
+                  "labels": list(model.labels) if model.labels else None,
                   "preprocess": model.preprocess.__dict__,
                   "torch_factory": model.torch_factory, "weights": model.weights,
                   "files": dict(artifacts.files), "conversion": artifacts.conversion_notes,

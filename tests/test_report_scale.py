@@ -90,3 +90,22 @@ def test_diff_in_passes_of_cells_says_what_one_pass_says(run: Path, monkeypatch)
     one = diff_runs(run, run)
     monkeypatch.setattr(queries, "ROWS_PER_PASS", 2)
     assert diff_runs(run, run) == one and len(one.cells) > 1
+
+
+def test_the_report_names_classes_from_the_run_without_importing_the_model(run: Path):
+    import json
+    import subprocess
+    import sys
+
+    from dmx.runner.models import get_model
+    model = json.loads((run / "manifest.json").read_text())["model"]
+    assert model["labels"] == list(get_model("tiny").labels), "the run records its class names"
+    code = f"""
+import json, sys
+from dmx.analysis.pictures import class_labels
+model = json.load(open({str(run / "manifest.json")!r}))["model"]
+assert class_labels(model) == tuple(model["labels"])
+assert "torch" not in sys.modules, "naming classes imported the model (and torch)"
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
