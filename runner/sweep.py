@@ -150,9 +150,29 @@ def _chunks_to_run(index: ChunkIndex, reader: ChunkReader):
                     int(pos))
 
 
+def _import_meanwhile(module: str) -> None:
+    """Import ``module`` in a background thread while this one lists the dataset: the driver
+    needs torch to digest a torch model's weights (~1.5-2 s to import), the listing waits on
+    DuckDB and the file system. A failure is left to the import that needs it."""
+    import importlib
+    import threading
+    if module in sys.modules:
+        return
+
+    def load() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - raised again, where it matters, by the real import
+            pass
+
+    threading.Thread(target=load, name=f"dmx-import-{module}", daemon=True).start()
+
+
 def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    if spec.model.name or spec.model.torch:
+        _import_meanwhile("torch")
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
     listing = collect(spec.dataset, scratch)

@@ -51,7 +51,7 @@ def test_a_worker_that_runs_no_torch_cell_on_a_machine_without_a_gpu_driver_neve
     from dmx.results.environment import _GPU_NODES
     if any(os.path.exists(p) for p in _GPU_NODES):
         pytest.skip("this machine has a GPU driver: torch is asked about it")
-    code = f"""
+    code = """
 import sys
 from dmx.runner.worker import Worker, node_environment
 env = node_environment()
