@@ -24,6 +24,7 @@ from dmx.results.planning import (ChunkIndex, ChunkReader, PlanError, first_imag
 
 from .backends import InferSetting
 from .convert import ResolvedModel, prepare_artifacts, resolve_model
+from .models import check_model_name
 from .dataset import ImageRef, NotRead, collect
 from .labels import labels_for_run
 from .decoders import DecodeError, decode_options, ensure_decoder_envs, get_decoder
@@ -151,9 +152,9 @@ def _chunks_to_run(index: ChunkIndex, reader: ChunkReader):
 
 
 def _import_meanwhile(module: str) -> None:
-    """Import ``module`` in a background thread while this one lists the dataset: the driver
-    needs torch to digest a torch model's weights (~1.5-2 s to import), the listing waits on
-    DuckDB and the file system. A failure is left to the import that needs it."""
+    """Import ``module`` in a background thread while this one starts Ray: the driver needs
+    torch to digest a torch model's weights (~1.5-2 s to import), ``ray.init`` mostly waits on
+    the processes it starts. A failure is left to the import that needs it."""
     import importlib
     import threading
     if module in sys.modules:
@@ -171,19 +172,21 @@ def _import_meanwhile(module: str) -> None:
 def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    if spec.model.name or spec.model.torch:
-        _import_meanwhile("torch")
     run = RunDir(opts.out)
     cells, ref = plan_cells(spec)
     listing = collect(spec.dataset, scratch)
     timings["list_s"] = time.perf_counter() - t0
     old = _check_out_dir(run, spec, opts.resume)
-    model = resolve_model(spec.model)
+    if spec.model.name:
+        check_model_name(spec.model.name)   # an unknown name is one line before Ray starts
     executor = (RayExecutor(opts.workers, opts.address, opts.gpus_per_worker, opts.threads_per_worker,
                             runtime_env=opts.runtime_env, chunk_deadline_s=opts.chunk_deadline_s,
                             node_wait_s=opts.node_wait_s)
                 if opts.executor == "ray" else LocalExecutor(opts.workers))
+    if spec.model.name or spec.model.torch:
+        _import_meanwhile("torch")   # while Ray starts its processes (~4.5 s, mostly waiting)
     executor.start(_cuda_devices(cells))
+    model = resolve_model(spec.model)
     on_cluster = getattr(executor, "cluster", False)
     if not on_cluster:   # pinned decoder envs, built before any image; on a cluster each node
         ensure_decoder_envs(c.get("decoder") for c in cells)   # builds its own (cell probe)

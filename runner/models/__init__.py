@@ -18,6 +18,7 @@ __all__ = [
     "ModelUnavailable",
     "Preprocess",
     "UnknownModel",
+    "check_model_name",
     "get_model",
     "imagenet_labels",
 ]
@@ -32,12 +33,16 @@ _MODULES: dict[str, str] = {
 MODELS: tuple[str, ...] = tuple(_MODULES)
 
 
+def check_model_name(name: str) -> None:
+    """Raise ``UnknownModel`` for a name not in ``MODELS`` (nothing is imported)."""
+    if name not in _MODULES:
+        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+
+
 def get_model(name: str) -> ModelDef:
     """Return the ``ModelDef`` registered under ``name``."""
-    try:
-        module_name = _MODULES[name]
-    except KeyError:
-        raise UnknownModel(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
+    check_model_name(name)
+    module_name = _MODULES[name]
     module = importlib.import_module(module_name)
     model_def: ModelDef = module.model_def()
     return model_def
