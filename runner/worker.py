@@ -461,6 +461,11 @@ def _masked(values, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
     return pa.array([v if ok else None for v, ok in zip(values, valid)], typ)
 
 
+# the float64 differences of one block of input pairs: cache-sized, and bounded whatever the
+# chunk (256 pairs of 224 x 224 inputs would be 300 MB at once)
+_DIVERGENCE_BLOCK_BYTES = 8 * 2 ** 20
+
+
 class _RowContext:
     """What the cells of one chunk share while their columns are built (see ``Worker._rows``)."""
 
@@ -514,11 +519,14 @@ class _RowContext:
             idx = np.flatnonzero(cmp_)
             if len(idx) and len({ps[i].pixels.shape for i in idx}
                                 | {self.ref_pre[i].pixels.shape for i in idx}) == 1 \
-                    and ps[idx[0]].pixels.size:    # model inputs: one shape, all pairs at once
-                v = metrics.input_divergence_rows(np.stack([ps[i].pixels for i in idx]),
-                                                  np.stack([self.ref_pre[i].pixels for i in idx]))
-                for k in m:
-                    m[k][idx] = v[k]
+                    and ps[idx[0]].pixels.size:    # model inputs: one shape, pairs in blocks
+                step = max(1, _DIVERGENCE_BLOCK_BYTES // (8 * ps[idx[0]].pixels.size))
+                for b in range(0, len(idx), step):
+                    part = idx[b:b + step]
+                    v = metrics.input_divergence_rows(np.stack([ps[i].pixels for i in part]),
+                                                      np.stack([self.ref_pre[i].pixels for i in part]))
+                    for k in m:
+                        m[k][part] = v[k]
             else:
                 for i in idx:
                     p, rp = ps[i], self.ref_pre[i]
