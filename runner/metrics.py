@@ -15,11 +15,6 @@ from .detection import box_iou, score_order
 PIXEL_PEAK = 255.0
 
 
-IDENTICAL_INPUT: dict[str, float | bool] = {
-    "px_equal": True, "px_max_abs": 0.0, "px_mean_abs": 0.0, "px_frac_diff": 0.0,
-    "px_psnr": math.inf}
-
-
 def _frac_pixels_differing(d: np.ndarray) -> float:
     """Share of pixels (H*W) where any channel of the difference ``d`` is non-zero."""
     px = d.reshape(-1, d.shape[-1])

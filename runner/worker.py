@@ -517,23 +517,14 @@ class _RowContext:
             m = {k: np.zeros(self.n) for k in ("px_max_abs", "px_mean_abs", "px_frac_diff", "px_psnr")}
             m["px_equal"] = np.zeros(self.n, bool)
             idx = np.flatnonzero(cmp_)
-            if len(idx) and len({ps[i].pixels.shape for i in idx}
-                                | {self.ref_pre[i].pixels.shape for i in idx}) == 1 \
-                    and ps[idx[0]].pixels.size:    # model inputs: one shape, pairs in blocks
-                step = max(1, _DIVERGENCE_BLOCK_BYTES // (8 * ps[idx[0]].pixels.size))
+            if len(idx):   # model inputs, all of one shape: the pairs in blocks
+                step = max(1, _DIVERGENCE_BLOCK_BYTES // (8 * max(1, ps[idx[0]].pixels.size)))
                 for b in range(0, len(idx), step):
                     part = idx[b:b + step]
                     v = metrics.input_divergence_rows(np.stack([ps[i].pixels for i in part]),
                                                       np.stack([self.ref_pre[i].pixels for i in part]))
                     for k in m:
                         m[k][part] = v[k]
-            else:
-                for i in idx:
-                    p, rp = ps[i], self.ref_pre[i]
-                    v = (metrics.IDENTICAL_INPUT if p.digest == rp.digest and np.array_equal(p.pixels, rp.pixels)
-                         else metrics.input_divergence(p.pixels, rp.pixels))
-                    for k in m:
-                        m[k][i] = v[k]
             return {"ok": ok, "fail": [p if isinstance(p, _Failure) else None for p in ps],
                     "digest": [p.digest if o else None for p, o in zip(ps, ok)],
                     "preprocess_ms": np.array([p.ms if o else 0.0 for p, o in zip(ps, ok)]),
