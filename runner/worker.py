@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import platform
 import resource
 import time
@@ -429,8 +430,8 @@ class Worker:
                 cols.update(status=_const("skipped", n), error=_const(skip, n))
             else:
                 cols.update(ctx.cell_columns(cell, info, seen))
-            tables.append(pa.table({f.name: cols.get(f.name, pa.nulls(n, f.type)).cast(f.type)
-                                    for f in schema}, schema=schema))
+            tables.append(pa.table({f.name: _typed(cols.get(f.name), f.type, n) for f in schema},
+                                   schema=schema))
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def _detections(self, cache: dict, key: tuple, outputs: tuple[np.ndarray, ...]
@@ -447,6 +448,13 @@ class Worker:
         return cache[key]
 
 
+def _typed(column: pa.Array | None, typ: pa.DataType, n: int) -> pa.Array:
+    """``column`` as the schema's type ``typ`` (nulls when the cell has no such column)."""
+    if column is None:
+        return pa.nulls(n, typ)
+    return column if column.type == typ else column.cast(typ)
+
+
 def _const(value, n: int, typ: pa.DataType | None = None) -> pa.Array:
     """A column of ``n`` times ``value`` (a constant factor of a cell)."""
     if value is None:
@@ -455,10 +463,14 @@ def _const(value, n: int, typ: pa.DataType | None = None) -> pa.Array:
 
 
 def _masked(values, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
-    """A column of ``values`` where ``valid``, null elsewhere."""
-    if isinstance(values, np.ndarray):
-        return pa.array(values, typ, mask=~valid)
-    return pa.array([v if ok else None for v, ok in zip(values, valid)], typ)
+    """A column of ``values`` where ``valid``, null elsewhere; a 2-D array becomes a list
+    column of its rows."""
+    if isinstance(values, np.ndarray) and values.ndim == 2:
+        n, k = values.shape
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)),
+                                        pa.array(values.ravel(), typ.value_type),
+                                        mask=pa.array(~valid))
+    return pa.array(values, typ, mask=~valid)
 
 
 # the float64 differences of one block of input pairs: cache-sized, and bounded whatever the
@@ -488,6 +500,8 @@ class _RowContext:
                                 for d, p, y in zip(self.ref_dec, self.ref_pre, self.ref_y)], bool)
         self.blocks: dict[tuple, dict[str, Any]] = {}
         self.detections: dict[tuple, Any] = {}
+        self.digests: dict[tuple, str] = {}
+        self.ref_stacks: dict[tuple, np.ndarray | None] = {}
 
     def _block(self, key: tuple, make) -> dict[str, Any]:
         if key not in self.blocks:
@@ -517,12 +531,14 @@ class _RowContext:
             m = {k: np.zeros(self.n) for k in ("px_max_abs", "px_mean_abs", "px_frac_diff", "px_psnr")}
             m["px_equal"] = np.zeros(self.n, bool)
             idx = np.flatnonzero(cmp_)
-            if len(idx):   # model inputs, all of one shape: the pairs in blocks
+            if pkey == self.ref.key(PREPROCESS):   # the reference's own inputs: equal by identity
+                m["px_equal"][idx], m["px_psnr"][idx] = True, math.inf
+            elif len(idx):   # model inputs, all of one shape: the pairs in blocks
                 step = max(1, _DIVERGENCE_BLOCK_BYTES // (8 * max(1, ps[idx[0]].pixels.size)))
                 for b in range(0, len(idx), step):
                     part = idx[b:b + step]
                     v = metrics.input_divergence_rows(np.stack([ps[i].pixels for i in part]),
-                                                      np.stack([self.ref_pre[i].pixels for i in part]))
+                                                      self._ref_pixels(part))
                     for k in m:
                         m[k][part] = v[k]
             return {"ok": ok, "fail": [p if isinstance(p, _Failure) else None for p in ps],
@@ -531,6 +547,13 @@ class _RowContext:
                     "shape_match": np.array([dec["shape"][i] == ref_shape[i] for i in range(self.n)], bool),
                     "cmp": cmp_, **m}
         return self._block(("input", pkey), make)
+
+    def _ref_pixels(self, idx: np.ndarray) -> np.ndarray:
+        """The reference's model inputs of the images ``idx``, stacked once for every block."""
+        key = ("pixels", idx.tobytes())
+        if key not in self.ref_stacks:
+            self.ref_stacks[key] = np.stack([self.ref_pre[i].pixels for i in idx])
+        return self.ref_stacks[key]
 
     def output_block(self, ikey: tuple, pkey: tuple, setting: InferSetting) -> dict[str, Any]:
         """Inference columns and output divergence vs the reference, per image."""
@@ -546,7 +569,8 @@ class _RowContext:
             block: dict[str, Any] = {
                 "ok": ok, "fail": [y if isinstance(y, _Failure) else None for y in ys],
                 "latency_ms": np.array([y[1] if o else 0.0 for y, o in zip(ys, ok)]),
-                "out_digest": [_output_digest(y[0]) if o else None for y, o in zip(ys, ok)],
+                "out_digest": [self._digest(ikey, p.digest, y[0]) if o else None
+                               for p, y, o in zip(ps, ys, ok)],
                 "cmp": cmp_}
             sk = _setting_key(setting)
             checks = [w._batch_checks.get((sk, p.digest)) if isinstance(p, _Prepped) else None
@@ -560,21 +584,22 @@ class _RowContext:
                     block["fail"][i] = _Failure("infer", f"this cell's model returned {len(ys[i][0])} "
                                                          f"outputs, the reference's {len(self.ref_y[i][0])}")
                     ok[i] = cmp_[i] = False
-            if task == "classification" and ok.any():
-                idx = np.flatnonzero(ok)
-                top, prob = metrics.top5_rows(np.stack([ys[i][0][0] for i in idx]))
-                block["top5"] = _scatter_lists(top, idx, self.n)
-                block["top5_prob"] = _scatter_lists(prob, idx, self.n)
-                if self.labelled.any():
-                    label = self.labels[idx][:, None]
-                    block["correct_top1"] = _scatter(top[:, 0] == label[:, 0], idx, self.n)
-                    block["correct_top5"] = _scatter((top == label).any(axis=1), idx, self.n)
             idx = np.flatnonzero(cmp_)
+            stacks: dict[bytes, np.ndarray] = {}   # output 0 of the images idx, stacked once
+            if task == "classification" and ok.any():
+                ok_idx = np.flatnonzero(ok)
+                top, prob = metrics.top5_rows(_stacked(ys, ok_idx, 0, stacks))
+                block["top5"] = _scatter(top, ok_idx, self.n)
+                block["top5_prob"] = _scatter(prob, ok_idx, self.n)
+                if self.labelled.any():
+                    label = self.labels[ok_idx][:, None]
+                    block["correct_top1"] = _scatter(top[:, 0] == label[:, 0], ok_idx, self.n)
+                    block["correct_top5"] = _scatter((top == label).any(axis=1), ok_idx, self.n)
             if len(idx):
-                m = self._output_divergence(ys, idx)
+                m = self._output_divergence(ys, idx, stacks)
                 if task == "classification":
-                    mine, theirs = (np.stack([y[i][0][0] for i in idx]) for y in (ys, self.ref_y))
-                    m.update(metrics.classification_rows(mine, theirs))
+                    m.update(metrics.classification_rows(_stacked(ys, idx, 0, stacks),
+                                                         self._ref_stacked(idx, 0)))
                 block.update({k: _scatter(v, idx, self.n) if isinstance(v, np.ndarray)
                               else _scatter_lists(v, idx, self.n) for k, v in m.items()})
                 if task == "detection":
@@ -582,7 +607,22 @@ class _RowContext:
             return block
         return self._block(("output", ikey, pkey), make)
 
-    def _output_divergence(self, ys: list, idx: np.ndarray) -> dict[str, Any]:
+    def _digest(self, ikey: tuple, input_digest: bytes, y) -> str:
+        """``_output_digest`` of the output inferred from one distinct input: once per chunk,
+        however many cells and images share it."""
+        key = (ikey, input_digest)
+        if key not in self.digests:
+            self.digests[key] = _output_digest(y)
+        return self.digests[key]
+
+    def _ref_stacked(self, idx: np.ndarray, j: int) -> np.ndarray | None:
+        """The reference's output ``j`` of the images ``idx``, stacked once for every block."""
+        key = (j, idx.tobytes())
+        if key not in self.ref_stacks:
+            self.ref_stacks[key] = _stacked(self.ref_y, idx, j)
+        return self.ref_stacks[key]
+
+    def _output_divergence(self, ys: list, idx: np.ndarray, stacks: dict) -> dict[str, Any]:
         """out_* of the images ``idx``: each output against the reference's same output, and per
         column the worst over the compared outputs (``model.compare_outputs``), so a change in any
         of them shows in out_* and fails the gate; ``out_worst`` names the output with the
@@ -590,12 +630,13 @@ class _RowContext:
         names, compared = self.w.plan.model.output_names(len(ys[idx[0]][0]))
         per = []
         for j in range(len(names)):
-            mine = [np.asarray(ys[i][0][j]) for i in idx]
-            theirs = [np.asarray(self.ref_y[i][0][j]) for i in idx]
-            if len({a.shape for a in mine + theirs}) == 1:
-                per.append(metrics.output_divergence_rows(np.stack(mine), np.stack(theirs)))
+            mine = _stacked(ys, idx, j, stacks if j == 0 else None)
+            theirs = self._ref_stacked(idx, j)
+            if mine is not None and theirs is not None and mine.shape == theirs.shape:
+                per.append(metrics.output_divergence_rows(mine, theirs))
             else:   # outputs of varying shape (a detector's dynamic box count): row by row
-                rows = [metrics.output_divergence(a, b) for a, b in zip(mine, theirs)]
+                rows = [metrics.output_divergence(np.asarray(ys[i][0][j]), np.asarray(self.ref_y[i][0][j]))
+                        for i in idx]
                 per.append({k: np.array([d[k] for d in rows]) for k in rows[0]})
         judged = [per[j] for j in compared]
         worst = np.array(compared)[np.argmax(np.stack([d["out_rel_l2"] for d in judged]), axis=0)]
@@ -724,8 +765,24 @@ def write_with_retries(run: RunDir, res: ChunkResult, retry: bool = False) -> st
 
 
 def _scatter(values: np.ndarray, idx: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, values.dtype)
+    """``values`` (one row per image of ``idx``) at their images' places among ``n``."""
+    out = np.zeros((n, *values.shape[1:]), values.dtype)
     out[idx] = values
+    return out
+
+
+def _stacked(ys: list, idx: np.ndarray, j: int, memo: dict | None = None) -> np.ndarray | None:
+    """Output ``j`` of the images ``idx`` (``ys[i][0][j]``) as one array, or None when their
+    shapes differ; ``memo`` keeps it for the next ask with the same images."""
+    key = idx.tobytes()
+    if memo is not None and key in memo:
+        return memo[key]
+    try:
+        out = np.stack([ys[i][0][j] for i in idx])
+    except ValueError:   # outputs of varying shape
+        out = None
+    if memo is not None:
+        memo[key] = out
     return out
 
 
