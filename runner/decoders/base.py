@@ -129,13 +129,35 @@ class Decoder:
         raise NotImplementedError
 
 
-_memo: list = [None, None]   # [the bytes last parsed, their source_header result or error]
+# the source_header of the images being decoded, by identity of their bytes (id -> (bytes,
+# result or error)): the worker parses a group of images' headers, then decodes the group
+_memo: dict[int, tuple[bytes, Any]] = {}
+_memo_bytes = [0]
+_MEMO_IMAGES, _MEMO_BYTES = 64, 64 * 2 ** 20
 
 
 def remember_header(data: bytes, header: tuple[str | None, int | None] | DecodeError) -> None:
     """What ``source_header(data)`` returns (or raises), already known from a parse of the same
-    bytes (the worker reads every image's header once, for images.parquet)."""
-    _memo[0], _memo[1] = data, header
+    bytes (the worker reads every image's header once, for images.parquet). The most recent
+    are kept (at most ``_MEMO_IMAGES`` images and, past the newest, ``_MEMO_BYTES``) until
+    ``forget_headers``."""
+    _forget(id(data))
+    while _memo and (len(_memo) >= _MEMO_IMAGES or _memo_bytes[0] + len(data) > _MEMO_BYTES):
+        _forget(next(iter(_memo)))
+    _memo[id(data)] = (data, header)
+    _memo_bytes[0] += len(data)
+
+
+def _forget(key: int) -> None:
+    old = _memo.pop(key, None)
+    if old is not None:
+        _memo_bytes[0] -= len(old[0])
+
+
+def forget_headers() -> None:
+    """Drop the remembered headers (and the bytes they keep alive)."""
+    _memo.clear()
+    _memo_bytes[0] = 0
 
 
 def source_header(data: bytes) -> tuple[str | None, int | None]:
@@ -143,11 +165,12 @@ def source_header(data: bytes) -> tuple[str | None, int | None]:
     None) from a header-only parse (Pillow's lazy ``open``, no pixels decoded, ~0.03 ms).
     (None, None) when Pillow cannot read the header: the decoding library reports its own error.
     Raises DecodeError for a decompression bomb: Pillow's guard is kept on for every decoder.
-    The last bytes parsed are remembered (by identity), so the decoders of one image share it."""
-    if _memo[0] is data:
-        if isinstance(_memo[1], DecodeError):
-            raise _memo[1]
-        return _memo[1]
+    Bytes parsed before are remembered (by identity), so the decoders of one image share it."""
+    known = _memo.get(id(data))
+    if known is not None and known[0] is data:
+        if isinstance(known[1], DecodeError):
+            raise known[1]
+        return known[1]
     try:
         header = parse_source_header(data)
     except DecodeError as e:
