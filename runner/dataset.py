@@ -147,6 +147,27 @@ def list_images(ds: DatasetSpec) -> list[ImageRef]:
     return scan_dataset(ds).images
 
 
+def check_dataset(ds: DatasetSpec) -> None:
+    """Raise the SpecError that listing a local dataset would raise first - a path that does not
+    exist, a file that is no manifest - without listing it (a run lists while Ray starts)."""
+    from . import sources
+    if not sources.handles(ds):
+        _local_target(ds)
+
+
+def _local_target(ds: DatasetSpec) -> str:
+    target = ds.path if os.path.isabs(ds.path) else str(Path(ds.base_dir) / ds.path)
+    if _is_glob(ds.path) or os.path.isdir(target):
+        return target
+    if os.path.isfile(target) and Path(target).suffix.lower() in MANIFEST_SUFFIXES:
+        return target
+    if os.path.isfile(target):
+        raise SpecError("dataset.path", f"{ds.path} is a file but not a manifest "
+                                        f"({', '.join(sorted(MANIFEST_SUFFIXES))})")
+    raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target}); "
+                                    "give a folder, a glob or a .txt/.csv manifest")
+
+
 def list_into(ds: DatasetSpec, sink: ListingSink) -> None:
     """Append every entry of the dataset to ``sink``: images with their size and identity
     (device, inode, whether the name is a symlink) for de-duplication, and every other entry
@@ -155,8 +176,7 @@ def list_into(ds: DatasetSpec, sink: ListingSink) -> None:
     if sources.handles(ds):
         sources.list_into(ds, sink)
         return
-    base = Path(ds.base_dir)
-    target = ds.path if os.path.isabs(ds.path) else str(base / ds.path)
+    target = _local_target(ds)
     if _is_glob(ds.path):
         root = Path(target.split("*")[0].split("?")[0].split("[")[0])
         root = root if root.is_dir() else root.parent
@@ -166,16 +186,10 @@ def list_into(ds: DatasetSpec, sink: ListingSink) -> None:
                 _add_path(sink, p, root)
     elif os.path.isdir(target):
         _walk(Path(target), sink)
-    elif os.path.isfile(target) and Path(target).suffix.lower() in MANIFEST_SUFFIXES:
+    else:   # a manifest (``_local_target`` raised for anything else)
         root = os.path.dirname(os.path.abspath(target))
         for p in _read_manifest(Path(target)):
             _add_path(sink, p if os.path.isabs(p) else os.path.join(root, p), root)
-    elif os.path.isfile(target):
-        raise SpecError("dataset.path", f"{ds.path} is a file but not a manifest "
-                                        f"({', '.join(sorted(MANIFEST_SUFFIXES))})")
-    else:
-        raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target}); "
-                                        "give a folder, a glob or a .txt/.csv manifest")
 
 
 def _add_path(sink: ListingSink, p: str, root: str) -> None:

@@ -74,3 +74,33 @@ def test_the_chunk_list_covers_every_image_once_in_id_order_named_by_its_ids(man
             assert all(Path(p).is_file() for _, _, p, _ in rows)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name, says", [("missing", "does not exist"),
+                                        ("notes.md", "is a file but not a manifest")])
+def test_a_dataset_path_that_cannot_be_listed_is_one_line_before_ray_starts(tmp_path, name, says):
+    import ray
+
+    from dmx.matrix import parse_spec
+    from dmx.matrix.errors import SpecError
+    from dmx.runner.sweep import RunOptions, run_spec
+    (tmp_path / "notes.md").write_text("not a manifest")
+    spec = parse_spec({"name": "bad", "dataset": {"path": str(tmp_path / name)}, "model": "tiny",
+                       "axes": {"decoder": ["pil"]}})
+    assert not ray.is_initialized()
+    with pytest.raises(SpecError, match=says):
+        run_spec(spec, RunOptions(out=str(tmp_path / "run"), progress=False))
+    assert not ray.is_initialized()       # the listing runs while Ray starts; this check before
+
+
+def test_a_listing_that_fails_while_the_executor_starts_raises_its_own_error(tmp_path):
+    from dmx.matrix import parse_spec
+    from dmx.matrix.errors import SpecError
+    from dmx.runner.sweep import RunOptions, run_spec
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    spec = parse_spec({"name": "empty", "dataset": {"path": str(tmp_path / "empty")},
+                       "model": "tiny", "axes": {"decoder": ["pil"]}})
+    with pytest.raises(SpecError, match="no images found"):
+        run_spec(spec, RunOptions(out=str(tmp_path / "run"), executor="local", progress=False))
+    assert not (tmp_path / "run" / "manifest.json").exists()
