@@ -53,3 +53,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return 0
+
+
+def entry() -> None:
+    """The ``dmx`` console command (and ``python -m dmx``): ``main``, then ``exit_now``."""
+    exit_now(main())
+
+
+def exit_now(code: int | None) -> None:
+    """Exit as the interpreter does - other non-daemon threads joined, atexit handlers run (Ray's
+    shutdown, logging, temporary files, decoder servers), stdout and stderr flushed - but without
+    its teardown of every module: with torch imported that teardown alone took 0.69 s, with Ray
+    0.2-0.4 s more (~1 s after the last line of every ``dmx run``). Nothing dmx writes waits on
+    it: files are closed where they are written."""
+    import atexit
+    import threading
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe (`dmx ... | head`): nothing more to say
+            pass
+    os._exit(int(code or 0))

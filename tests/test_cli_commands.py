@@ -72,3 +72,34 @@ def test_each_command_module_registers_exactly_its_own_subcommand(command):
 def test_dmx_help_lists_every_command_module_once():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert list(sub.choices) == [c.NAME for c in COMMANDS]
+
+
+def test_the_console_exit_joins_threads_runs_atexit_and_flushes_before_it_skips_teardown(tmp_path):
+    """``exit_now``: what an exit must still do is done; only the interpreter's module teardown
+    (~0.7 s with torch imported) is skipped."""
+    script = f"""
+import atexit, sys, threading, time
+from pathlib import Path
+out = Path({str(tmp_path)!r})
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    (out / "thread").write_text("joined")
+threading.Thread(target=late).start()
+sys.stdout.write("buffered, no newline")
+from dmx.cli import exit_now
+exit_now(3)
+print("never")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").read_text() == "ran"
+    assert (tmp_path / "thread").read_text() == "joined"
+
+
+def test_python_m_dmx_exits_with_the_commands_code_and_its_one_line():
+    done = subprocess.run([sys.executable, "-m", "dmx", "explain", "/nonexistent/run"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().startswith("dmx: error:") and len(done.stderr.strip().splitlines()) == 1

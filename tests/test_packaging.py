@@ -106,4 +106,4 @@ def test_the_wheel_installs_only_dmx_at_the_top_level(tmp_path: Path):
                          f"(a package folder not in pyproject's packages list? run "
                          f"python3 scripts/rename_packages.py): {missing[:5]}")
     meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "dmx = dmx.cli:main" in zipfile.ZipFile(wheel).read(meta).decode()
+    assert "dmx = dmx.cli:entry" in zipfile.ZipFile(wheel).read(meta).decode()
