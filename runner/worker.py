@@ -483,6 +483,8 @@ def _masked(values, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
 # the float64 differences of one block of input pairs: cache-sized, and bounded whatever the
 # chunk (256 pairs of 224 x 224 inputs would be 300 MB at once)
 _DIVERGENCE_BLOCK_BYTES = 8 * 2 ** 20
+# the reference's stacks kept for a chunk's other blocks, each at most this big
+_REF_STACK_KEEP_BYTES = 16 * 2 ** 20
 
 
 class _RowContext:
@@ -557,10 +559,19 @@ class _RowContext:
 
     def _ref_pixels(self, idx: np.ndarray) -> np.ndarray:
         """The reference's model inputs of the images ``idx``, stacked once for every block."""
-        key = ("pixels", idx.tobytes())
-        if key not in self.ref_stacks:
-            self.ref_stacks[key] = np.stack([self.ref_pre[i].pixels for i in idx])
-        return self.ref_stacks[key]
+        return self._ref_stack(("pixels", idx.tobytes()),
+                               lambda: np.stack([self.ref_pre[i].pixels for i in idx]))
+
+    def _ref_stack(self, key: tuple, make):
+        """A stack of the reference's inputs or outputs that the next block asks for again; kept
+        for the chunk when small (``_REF_STACK_KEEP_BYTES``: a detector's raw heads or large
+        inputs are stacked again rather than held beside the block's own)."""
+        if key in self.ref_stacks:
+            return self.ref_stacks[key]
+        out = make()
+        if out is None or out.nbytes <= _REF_STACK_KEEP_BYTES:
+            self.ref_stacks[key] = out
+        return out
 
     def output_block(self, ikey: tuple, pkey: tuple, setting: InferSetting) -> dict[str, Any]:
         """Inference columns and output divergence vs the reference, per image."""
@@ -624,10 +635,7 @@ class _RowContext:
 
     def _ref_stacked(self, idx: np.ndarray, j: int) -> np.ndarray | None:
         """The reference's output ``j`` of the images ``idx``, stacked once for every block."""
-        key = (j, idx.tobytes())
-        if key not in self.ref_stacks:
-            self.ref_stacks[key] = _stacked(self.ref_y, idx, j)
-        return self.ref_stacks[key]
+        return self._ref_stack((j, idx.tobytes()), lambda: _stacked(self.ref_y, idx, j))
 
     def _output_divergence(self, ys: list, idx: np.ndarray, stacks: dict) -> dict[str, Any]:
         """out_* of the images ``idx``: each output against the reference's same output, and per

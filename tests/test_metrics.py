@@ -166,4 +166,6 @@ def test_the_rows_input_divergence_is_the_same_in_blocks_of_any_size(photo_dir, 
     whole = rows(tmp_path / "whole")
     monkeypatch.setattr(worker, "_DIVERGENCE_BLOCK_BYTES", 1)      # one pair per block
     assert rows(tmp_path / "pairs") == whole
+    monkeypatch.setattr(worker, "_REF_STACK_KEEP_BYTES", 0)        # the reference's stacks made again
+    assert rows(tmp_path / "unkept") == whole
     assert any(r[3] not in (None, 0.0) for r in whole), "some inputs differ"
