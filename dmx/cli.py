@@ -68,9 +68,9 @@ def exit_now(code: int | None) -> None:
     it: files are closed where they are written."""
     import atexit
     import threading
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # what the interpreter's exit runs first: the threading module's exit hooks (they stop idle
+    # ThreadPoolExecutor workers, which a plain join would wait on forever), then the joins
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

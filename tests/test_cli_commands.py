@@ -86,6 +86,9 @@ def late():
     time.sleep(0.3)
     (out / "thread").write_text("joined")
 threading.Thread(target=late).start()
+from concurrent.futures import ThreadPoolExecutor
+pool = ThreadPoolExecutor(2)
+pool.submit(time.sleep, 0.01).result()      # an idle worker thread that only the exit hooks stop
 sys.stdout.write("buffered, no newline")
 from dmx.cli import exit_now
 exit_now(3)
