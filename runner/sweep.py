@@ -183,19 +183,11 @@ def _in_background(fn, *args):
 def _import_meanwhile(module: str) -> None:
     """Import ``module`` in a background thread while this one starts Ray: the driver needs
     torch to digest a torch model's weights (~1.5-2 s to import), ``ray.init`` mostly waits on
-    the processes it starts. A failure is left to the import that needs it."""
+    the processes it starts. A failure is left to the import that needs it (nobody waits on
+    this one's result)."""
     import importlib
-    import threading
-    if module in sys.modules:
-        return
-
-    def load() -> None:
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - raised again, where it matters, by the real import
-            pass
-
-    threading.Thread(target=load, name=f"dmx-import-{module}", daemon=True).start()
+    if module not in sys.modules:
+        _in_background(importlib.import_module, module)
 
 
 def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
