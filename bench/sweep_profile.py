@@ -74,7 +74,7 @@ def ray_timeline_summary(path: str, run_start: float, run_end: float) -> None:
 # ----------------------------------------------------------------------------- the workers' code
 # (function name suffix in cProfile's keys, bucket); cumulative times, so buckets must not nest.
 _BUCKETS = (
-    ("imageinfo.py:read_image_info", "image info (header parse + sha256)"),
+    ("imageinfo.py:image_info_with_header", "image info (header parse + sha256)"),
     ("worker.py:_decode", "decode"),
     ("worker.py:_preprocess", "resize + crop + normalise + tensor hash"),
     ("torch_backend.py:_infer_all", "infer torch"),
@@ -84,10 +84,11 @@ _BUCKETS = (
     ("onnxruntime_backend.py:_activate", "model build onnxruntime"),
     ("openvino_backend.py:_activate", "model build openvino"),
     ("onnxruntime_backend.py:info", "backend info (reads the ONNX file)"),
-    ("metrics.py:input_divergence", "metric: input divergence"),
-    ("metrics.py:output_divergence", "metric: output divergence"),
-    ("metrics.py:classification_divergence", "metric: classification"),
-    ("metrics.py:top5_of", "metric: top-5"),
+    ("metrics.py:input_divergence_rows", "metric: input divergence"),
+    ("metrics.py:output_divergence_rows", "metric: output divergence"),
+    ("metrics.py:output_divergence", "metric: output divergence"),   # outputs of varying shape
+    ("metrics.py:classification_rows", "metric: classification"),
+    ("metrics.py:top5_rows", "metric: top-5"),
     ("worker.py:_rows", "rows"),   # reported minus the metric buckets, which it contains
 )
 
@@ -136,7 +137,7 @@ def profile_worker(paths: list[str], spec, cells, ref, model, artifacts, a: argp
     buckets = _bucket_times(pstats.Stats(prof))
     rows_s, rows_n = buckets.pop("rows", (0.0, 0))
     metric_s = sum(v[0] for k, v in buckets.items() if k.startswith("metric"))
-    buckets["rows: dicts -> pa.Table, excl. metrics"] = (rows_s - metric_s, rows_n)
+    buckets["rows: Arrow columns, excl. metrics"] = (rows_s - metric_s, rows_n)
     n = len(paths)
     counters = worker.counters
     print(f"profile: one Worker, 1 thread, in a fresh process, {len(chunks)} chunks of {chunk_size}: "
