@@ -10,6 +10,7 @@ wrote or owns: private tmpfs over /tmp, ~/.cache and ~/.ray, and over the checko
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -211,6 +212,20 @@ shift
 echo "dmx-node: isolated"
 exec "$@"
 """
+
+
+# The launcher makes these folders as mount points for its tmpfs; the folder is made on this
+# machine's disk, so it would outlive the nodes. The ones this test session made are removed
+# again when it ends, if still empty (rmdir never removes anything inside).
+_MOUNT_POINTS = {p: p.exists() for p in (Path.home() / ".cache", Path.home() / ".ray")}
+
+
+@atexit.register
+def _remove_mount_points() -> None:
+    for path, existed in _MOUNT_POINTS.items():
+        if not existed:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 class IsolatedNode:
