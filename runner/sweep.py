@@ -304,10 +304,12 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
                      "worker_memory_mb": round(getattr(executor, "memory", 0) / 2 ** 20)},
         "batch": opts.batch,
         "plan": {"decode_variants": n_dec, "preprocess_variants": n_pre, "infer_settings": n_inf},
-        # The least work the spec needs: every image decoded once per decode variant and
+        # The work the spec asks for: every image decoded once per decode variant and
         # preprocessed once per preprocessing variant, every model built once per worker.
-        # Counters equal these when every image decodes; reused outputs cut inferences below
-        # images x preprocessing variants x settings.
+        # Counters equal these when every image decodes; a decode equal to an earlier variant's
+        # shares its preprocessed inputs (``shared_resizes``: resizes + shared_resizes = the
+        # minimum), and reused outputs cut inferences below images x preprocessing variants x
+        # settings.
         "minimum": {"decodes": n_images * n_dec, "resizes": n_images * n_pre,
                     "inferences_without_reuse": n_images * n_pre * n_inf,
                     "model_builds": executor.workers * n_inf},

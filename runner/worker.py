@@ -211,10 +211,13 @@ class Worker:
         # header parse took 2-3x longer between decodes). Each decode feeds its preprocessing
         # variants at once and is then dropped (only its shape stays), so a worker holds one
         # full-resolution decode at a time, not the chunk's (64 twelve-megapixel photos x 4
-        # variants were ~9 GB).
+        # variants were ~9 GB) - but for up to ``SHARE_KEEP_BYTES`` of a group's decodes, kept
+        # so that a later decode of the same image that is equal to one of them, pixel for
+        # pixel (Pillow and OpenCV on most JPEGs), shares its preprocessed inputs.
         dkeys = _unique(c.key(DECODE) for c in cells)
         pkeys = _unique(c.key(PREPROCESS) for c in cells)
         pkeys_of = {d: [k for k in pkeys if _decode_part(k) == d] for d in dkeys}
+        prep_part = {k: tuple(f for f in k if AXES[f[0]].stage != DECODE) for k in pkeys}
         decoded: dict[tuple, list[_Decoded | _Failure]] = {k: [] for k in dkeys}
         prepped: dict[tuple, list[_Prepped | _Failure]] = {k: [] for k in pkeys}
         image_rows = []
@@ -230,17 +233,33 @@ class Worker:
                                    **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
                 if isinstance(data, _Failure):
                     image_rows[-1]["error"] = data.message
-            for dkey in dkeys:
+            kept: list[list] = [[] for _ in group]  # per image: [pixels, {preprocessing: input}]
+            budget = SHARE_KEEP_BYTES
+            for di, dkey in enumerate(dkeys):
                 factors = dict(dkey)
-                for _, data in group:
+                for j, (_, data) in enumerate(group):
                     d = self._decode(data, factors)
+                    same = _same_decode(d, kept[j])
+                    mine = {}
                     for pkey in pkeys_of[dkey]:
-                        resize = dict(pkey).get("resize") or "pil-bilinear"
-                        prepped[pkey].append(self._preprocess(d, resize, dict(pkey).get("fit")))
+                        p = same.get(prep_part[pkey]) if same is not None else None
+                        if p is None:
+                            pk = dict(pkey)
+                            p = self._preprocess(d, pk.get("resize") or "pil-bilinear", pk.get("fit"))
+                        else:
+                            self.counters["shared_resizes"] += 1
+                        prepped[pkey].append(mine.setdefault(prep_part[pkey], p))
+                    if same is not None:
+                        for part, p in mine.items():
+                            same.setdefault(part, p)
+                    elif (isinstance(d, _Decoded) and di < len(dkeys) - 1
+                          and d.pixels.nbytes <= budget):
+                        kept[j].append((d.pixels, mine))
+                        budget -= d.pixels.nbytes
                     decoded[dkey].append(d.without_pixels() if isinstance(d, _Decoded) else d)
-                    del d
+                    del d, same, mine
             forget_headers()
-            del group
+            del group, kept
 
         outputs: dict[tuple, dict[bytes, tuple[np.ndarray, float] | _Failure]] = {}
         infos: dict[str, dict[str, Any]] = {}
@@ -511,6 +530,8 @@ class _RowContext:
         self.detections: dict[tuple, Any] = {}
         self.digests: dict[tuple, str] = {}
         self.ref_stacks: dict[tuple, np.ndarray | None] = {}
+        # (image, input digest) -> (its pixels, the block's input divergence): measured once
+        self.measured: dict[tuple[int, bytes], tuple[np.ndarray, dict]] = {}
 
     def _block(self, key: tuple, make) -> dict[str, Any]:
         if key not in self.blocks:
@@ -542,7 +563,9 @@ class _RowContext:
             idx = np.flatnonzero(cmp_)
             if pkey == self.ref.key(PREPROCESS):   # the reference's own inputs: equal by identity
                 m["px_equal"][idx], m["px_psnr"][idx] = True, math.inf
-            elif len(idx):   # model inputs, all of one shape: the pairs in blocks
+            elif len(idx):
+                idx = self._known_inputs(ps, idx, m)
+            if len(idx):   # model inputs, all of one shape: the pairs in blocks
                 step = max(1, _DIVERGENCE_BLOCK_BYTES // (8 * max(1, ps[idx[0]].pixels.size)))
                 for b in range(0, len(idx), step):
                     part = idx[b:b + step]
@@ -550,12 +573,33 @@ class _RowContext:
                                                       self._ref_pixels(part))
                     for k in m:
                         m[k][part] = v[k]
+                for i in idx.tolist():
+                    self.measured[(i, ps[i].digest)] = (ps[i].pixels, m)
             return {"ok": ok, "fail": [p if isinstance(p, _Failure) else None for p in ps],
                     "digest": [p.digest if o else None for p, o in zip(ps, ok)],
                     "preprocess_ms": np.array([p.ms if o else 0.0 for p, o in zip(ps, ok)]),
                     "shape_match": np.array([dec["shape"][i] == ref_shape[i] for i in range(self.n)], bool),
                     "cmp": cmp_, **m}
         return self._block(("input", pkey), make)
+
+    def _known_inputs(self, ps: list, idx: np.ndarray, m: dict[str, np.ndarray]) -> np.ndarray:
+        """Fill ``m`` for the images of ``idx`` whose model input is, pixel for pixel, the
+        reference's (equal) or one whose divergence another block of the chunk measured (its
+        values); the rest of ``idx``, still to be measured. Matched by the tensor's digest, then
+        compared byte for byte: float pixels that differ can normalise to the same tensor."""
+        rest = []
+        for i in idx.tolist():
+            p, r = ps[i], self.ref_pre[i]
+            if p is r or (p.digest == r.digest and _same_pixels(p.pixels, r.pixels)):
+                m["px_equal"][i], m["px_psnr"][i] = True, math.inf
+                continue
+            known = self.measured.get((i, p.digest))
+            if known is not None and _same_pixels(p.pixels, known[0]):
+                for k in m:
+                    m[k][i] = known[1][k][i]
+                continue
+            rest.append(i)
+        return np.array(rest, np.int64)
 
     def _ref_pixels(self, idx: np.ndarray) -> np.ndarray:
         """The reference's model inputs of the images ``idx``, stacked once for every block."""
@@ -752,6 +796,10 @@ class _RowContext:
 _REFERENCE_FAILED = "the reference cell failed on this image: no divergence measured"
 
 
+def _same_pixels(a: np.ndarray, b: np.ndarray) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b))
+
+
 def _output_digest(y) -> str:
     """Hex of the first 16 bytes of SHA-256 over the bytes of all of an image's outputs,
     so two runs can tell bit for bit whether the same cell gave the same output."""
@@ -869,6 +917,21 @@ def _groups(items) -> Iterator[list]:
         size += n
     if group:
         yield group
+
+
+# a group's decodes kept for a later decoder's equal decode to share their inputs, in bytes
+SHARE_KEEP_BYTES = 32 * 2 ** 20
+
+
+def _same_decode(d: "_Decoded | _Failure", kept: list) -> dict | None:
+    """The preprocessed inputs (preprocessing factors -> input) of an earlier decode of the same
+    image whose pixels equal ``d``'s, or None."""
+    if not isinstance(d, _Decoded):
+        return None
+    for pixels, inputs in kept:
+        if _same_pixels(pixels, d.pixels):
+            return inputs
+    return None
 
 
 def _decode_part(pkey: tuple) -> tuple:

@@ -334,3 +334,39 @@ def test_pil_reduces_a_png_with_image_reduce_and_says_so():
     dec = get_decoder("pil")
     assert dec.decode(buf.getvalue(), DecodeOptions(reduce=2)).shape == (-(-H // 2), -(-W // 2), 3)
     assert dec.last_note == "reduce 2 by Image.reduce (draft is JPEG-only)"
+
+
+# --- the decode's own overhead ------------------------------------------------------------
+
+@pytest.mark.parametrize("exif", ["apply", "ignore"])
+def test_pil_decodes_every_kind_of_file_as_plain_pillow_does(jpegs: Path, tmp_path: Path, exif: str):
+    """The copies Pillow makes for an orientation of 1 (``exif_transpose``) and a conversion to
+    the mode an image already has are skipped: the pixels stay those of the plain calls."""
+    Image.open(jpegs / "420.jpg").convert("P").save(tmp_path / "palette.png")
+    Image.open(jpegs / "420.jpg").convert("RGBA").save(tmp_path / "rgba.png")
+    files = [jpegs / n for n in ("420.jpg", "444.jpg", "grey.jpg", "cmyk.jpg")]
+    files += [jpegs / f"exif{k}.jpg" for k in range(1, 9)] + [tmp_path / "palette.png",
+                                                              tmp_path / "rgba.png"]
+    for path in files:
+        im = Image.open(path)
+        plain = np.asarray((ImageOps.exif_transpose(im) if exif == "apply" else im).convert("RGB"))
+        mine = decode("pil", path, exif=exif)
+        assert mine.shape == plain.shape and np.array_equal(mine, plain), path.name
+
+
+def test_each_capture_of_c_stderr_holds_only_what_was_written_during_it(monkeypatch):
+    """The sink is appended to and read from where the last capture ended, and emptied when it
+    grows past ``_SINK_REWIND``: each capture still gets exactly its own lines."""
+    import os
+
+    from dmx.runner.decoders import portable
+    monkeypatch.setattr(portable, "_SINK_REWIND", 40)
+    got = []
+    for i in range(30):
+        lines: list[str] = []
+        with portable.captured_fd2(lines):
+            if i % 3 == 0:
+                os.write(2, f"message {i}\nsecond line {i}\n".encode())
+        got.append(lines)
+    assert got == [[f"message {i}", f"second line {i}"] if i % 3 == 0 else [] for i in range(30)]
+    assert portable._SINK[2] < 40 + 30 and os.fstat(2).st_ino != os.fstat(portable._SINK[1].fileno()).st_ino

@@ -81,3 +81,43 @@ def test_the_rows_are_the_same_whatever_the_size_of_the_header_groups(photo_dir,
     monkeypatch.setattr(worker, "GROUP_BYTES", 1)            # by bytes: one image per group
     assert rows(tmp_path / "bytes") == grouped
     assert len(grouped[0]) > 8 and any(r[2] == "ok" for r in grouped[0])
+
+
+def test_equal_decodes_share_their_inputs_and_the_rows_are_those_of_separate_inputs(
+        photo_dir, tmp_path, monkeypatch):
+    """Pillow's and OpenCV's decodes of an ordinary JPEG are equal, so the later one shares the
+    earlier one's preprocessed inputs; a CMYK JPEG (they differ by one) and EXIF applied or not
+    (a rotated photo) decode differently and are preprocessed again. Every row but the timings
+    is the same as when nothing is shared (``SHARE_KEEP_BYTES`` 0), including input divergence
+    of fractional pixels (a torch resize) taken over from another cell's equal input."""
+    import json
+    import shutil
+
+    import duckdb
+    from PIL import Image
+
+    from dmx.runner import worker
+    d = tmp_path / "photos"
+    shutil.copytree(photo_dir, d)
+    Image.open(d / "chelsea_444.jpg").convert("CMYK").save(d / "cmyk.jpg", quality=90)
+    spec = parse_spec({"name": "share", "dataset": {"path": str(d)}, "model": "tiny",
+                       "axes": {"decoder": ["pil", "opencv"], "exif": ["apply", "ignore"],
+                                "resize": ["pil-bilinear", "cv2-area", "torch-bilinear-aa"]}})
+    timing = ("preprocess_ms", "decode_ms", "latency_ms", "run_id")
+
+    def run(out):
+        run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
+        rows = duckdb.sql(f"SELECT * EXCLUDE ({', '.join(timing)}) FROM "
+                          f"read_parquet('{out}/rows/**/*.parquet') ORDER BY cell_id, image_id")
+        return rows.fetchall(), json.loads((out / "manifest.json").read_text())["counters"]
+
+    shared, c = run(tmp_path / "shared")
+    monkeypatch.setattr(worker, "SHARE_KEEP_BYTES", 0)
+    alone, c0 = run(tmp_path / "alone")
+    assert shared == alone and len(shared) == 8 * 12   # 8 files x 12 cells
+    good = 5                                     # the 3 bad files decode in no variant
+    assert c0["resizes"] == good * 4 * 3 and not c0.get("shared_resizes")
+    assert c["resizes"] + c["shared_resizes"] == c0["resizes"]
+    # 7 distinct decodes of the 5 photos: the 3 ordinary ones decode alike in all 4 variants;
+    # the CMYK one differs between the libraries, the rotated one between EXIF applied or not
+    assert c["resizes"] == 7 * 3 and c["decodes"] == c0["decodes"] == good * 4

@@ -143,7 +143,8 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
     c, m = s.counters, s.minimum
     print(f"dmx: work done (each at most once per image and variant): "
           f"{int(c.get('decodes', 0))}/{m['decodes']} decodes, "
-          f"{int(c.get('resizes', 0))}/{m['resizes']} resizes, "
+          f"{int(c.get('resizes', 0))}/{m['resizes']} resizes"
+          f"{_shared(c.get('shared_resizes'))}, "
           f"{int(c.get('inferences', 0))} inferences for {m['inferences_without_reuse']} "
           f"image x cell inputs ({int(c.get('reuses', 0))} outputs reused), "
           f"{int(c.get('model_builds', 0))}/{m['model_builds']} model builds", file=sys.stderr)
@@ -184,6 +185,10 @@ def _shutdown_ray() -> None:
     import ray
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _shared(n) -> str:
+    return f" (the other {int(n)} shared by equal decodes)" if n else ""
 
 
 def _print_not_read(not_read, count: int, out: str) -> None:

@@ -40,14 +40,17 @@ def exif_note(orientation: object, exif: str, how: str) -> str | None:
     return None
 
 
-_SINK: list = []       # [pid, temporary file]: one per process, reused for every decode
+_SINK: list = []       # [pid, temporary file, bytes written to it so far]: one per process
 _ACTIVE: list = []     # non-empty while a capture runs (captures do not nest)
+_SINK_REWIND = 1 << 20  # the sink is emptied once it holds this much
 
 
 @contextlib.contextmanager
 def captured_fd2(lines: list[str]):
     """Collect what C code writes to file descriptor 2 (stderr) meanwhile into ``lines``,
-    instead of the terminal. Python-level warnings are the caller's to catch."""
+    instead of the terminal. Python-level warnings are the caller's to catch. Five system
+    calls when nothing is written (dup, dup2, dup2, close, lseek): the sink is one temporary
+    file per process, appended to and read from where the last capture ended."""
     if _ACTIVE:               # nested: the outer capture collects it
         yield
         return
@@ -57,22 +60,25 @@ def captured_fd2(lines: list[str]):
         yield
         return
     if not _SINK or _SINK[0] != os.getpid():
-        _SINK[:] = [os.getpid(), tempfile.TemporaryFile()]
+        _SINK[:] = [os.getpid(), tempfile.TemporaryFile(), 0]
         atexit.register(_SINK[1].close)
-    sink = _SINK[1]
-    sink.seek(0)
-    sink.truncate()
+    fd, start = _SINK[1].fileno(), _SINK[2]
     try:
         _ACTIVE.append(True)
-        os.dup2(sink.fileno(), 2)
+        os.dup2(fd, 2)
         yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         _ACTIVE.clear()
-        sink.seek(0)
-        text = sink.read().decode("utf-8", "replace")
-        lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
+        end = os.lseek(fd, 0, os.SEEK_CUR)   # fd 2 wrote through the same file offset
+        if end > start:
+            text = os.pread(fd, end - start, start).decode("utf-8", "replace")
+            lines.extend(ln.strip() for ln in text.splitlines() if ln.strip())
+        if end >= _SINK_REWIND:
+            os.ftruncate(fd, 0)
+            end = os.lseek(fd, 0, os.SEEK_SET)
+        _SINK[2] = end
 
 
 def library_notes(caught: list, stderr_lines: list[str]) -> list[str]:
@@ -101,7 +107,7 @@ def decode_pil(data: bytes, exif: str, reduce: int) -> tuple[np.ndarray, list[st
                 img = img.reduce(reduce)
                 notes.append(f"reduce {reduce} by Image.reduce (draft is JPEG-only)")
             orientation = img.getexif().get(ORIENTATION)
-            if exif == "apply":
+            if exif == "apply" and orientation not in (None, 1):   # else Pillow returns a copy
                 img = ImageOps.exif_transpose(img)
         note = exif_note(orientation, exif, "Pillow exif_transpose")
         notes += [note] if note else []
@@ -109,7 +115,8 @@ def decode_pil(data: bytes, exif: str, reduce: int) -> tuple[np.ndarray, list[st
             notes.append(f"{img.mode}->RGB (Pillow convert)")
         notes += library_notes([w for w in caught
                                 if not issubclass(w.category, DeprecationWarning)], [])
-        return np.ascontiguousarray(np.asarray(img.convert("RGB"))), notes
+        # (convert to the mode an image has already is a copy too)
+        return np.ascontiguousarray(np.asarray(img if img.mode == "RGB" else img.convert("RGB"))), notes
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeFailed("Pillow: " + re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "",
