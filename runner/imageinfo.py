@@ -16,6 +16,7 @@ them in ``decode_note``). Only a path that cannot be opened raises.
 from __future__ import annotations
 
 import hashlib
+import contextlib
 import io
 import struct
 import warnings
@@ -94,8 +95,16 @@ def image_info_with_header(data: bytes) -> tuple[dict[str, Any], tuple[Any, Any]
     """``image_info_from_bytes`` and, from the same Pillow open, what the decoders ask Pillow
     first (``decoders.base.source_header``): (mode, EXIF orientation), ("bomb", message), or
     None when not known here."""
+    info, header, _ = image_info_for_decoders(data)
+    return info, header
+
+
+def image_info_for_decoders(data: bytes) -> tuple[dict[str, Any], tuple[Any, Any] | None, Any]:
+    """``image_info_with_header`` and the Pillow image of that open, not yet loaded, for the
+    Pillow decoder to decode (``decoders.base.remember_header``): a JPEG's, when its open
+    raised no warning (those belong to the decode's notes), else None."""
     info = _info(data)
-    return info, info.pop("_source_header", None)
+    return info, info.pop("_source_header", None), info.pop("_opened", None)
 
 
 def _info(data: bytes) -> dict[str, Any]:
@@ -220,7 +229,8 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # DecompressionBombWarning etc., kept, not shown
-            with Image.open(io.BytesIO(data)) as im:  # lazy: no pixel decode
+            im = Image.open(io.BytesIO(data))  # lazy: no pixel decode
+            with contextlib.closing(im) if im.format != "JPEG" else contextlib.nullcontext():
                 info["format"] = im.format
                 info["width"], info["height"] = im.size
                 info["color_mode"] = im.mode
@@ -231,6 +241,8 @@ def _parse_with_pillow(data: bytes, info: dict[str, Any]) -> str | None:
                 late_exif = im.format == "PNG" and "exif" not in im.info  # asked before any load
                 info["_source_header"] = header = _source_header(im, caught)
                 info["exif_orientation"] = None if late_exif else _exif_orientation(im, header)
+            if im.format == "JPEG" and not caught:
+                info["_opened"] = im
     except UnidentifiedImageError:
         info["_source_header"] = (None, None)
         return "not an image"

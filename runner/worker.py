@@ -37,7 +37,7 @@ from .decoders import DecodeError, DecoderUnavailable, decode_options, get_decod
 from .decoders.base import forget_headers, remember_header
 from .detection import (Candidates, DetectionConfig, DetectionDecodeError, Detections, detect,
                         to_image)
-from .imageinfo import image_info_with_header
+from .imageinfo import image_info_for_decoders
 from .memory import keep_freed_memory
 from .plan import Chunk, Plan
 from .sources import TransientReadError, read_image
@@ -224,11 +224,11 @@ class Worker:
         for group in _groups(zip(chunk.images, self._reads(chunk.images))):
             for img, data in group:
                 # from the bytes already read: the file is read once per chunk, its header parsed once
-                info, header = (image_info_with_header(data) if not isinstance(data, _Failure)
-                                else ({}, None))
+                info, header, opened = (image_info_for_decoders(data)
+                                        if not isinstance(data, _Failure) else ({}, None, None))
                 if header is not None:
                     remember_header(data, DecodeError(f"decompression bomb: {header[1]}")
-                                    if header[0] == "bomb" else header)
+                                    if header[0] == "bomb" else header, opened)
                 image_rows.append({"image_id": img.image_id, "path": img.path,
                                    **{k: info.get(k) for k, _ in IMAGE_COLUMNS[2:]}})
                 if isinstance(data, _Failure):

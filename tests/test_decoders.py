@@ -370,3 +370,24 @@ def test_each_capture_of_c_stderr_holds_only_what_was_written_during_it(monkeypa
         got.append(lines)
     assert got == [[f"message {i}", f"second line {i}"] if i % 3 == 0 else [] for i in range(30)]
     assert portable._SINK[2] < 40 + 30 and os.fstat(2).st_ino != os.fstat(portable._SINK[1].fileno()).st_ino
+
+
+@pytest.mark.parametrize("options", [{}, {"exif": "ignore"}, {"reduce": 2}])
+def test_the_pillow_image_the_header_parse_opened_decodes_as_a_fresh_open(jpegs: Path, options):
+    """The worker hands the header parse's ``Image.open`` to the Pillow decoder (once) instead
+    of opening the file again: the pixels and notes are those of a fresh open."""
+    from dmx.runner.decoders import base
+    from dmx.runner.imageinfo import image_info_for_decoders
+    pil = get_decoder("pil")
+    names = ["420.jpg", "444.jpg", "grey.jpg", "cmyk.jpg"] + [f"exif{k}.jpg" for k in range(1, 9)]
+    for name in names:
+        data = (jpegs / name).read_bytes()
+        _, header, opened = image_info_for_decoders(data)
+        assert opened is not None
+        base.remember_header(data, header, opened)
+        handed = pil.decode(data, DecodeOptions(**options)), pil.last_note
+        assert base.take_opened(data) is None      # taken once
+        base.forget_headers()
+        fresh = pil.decode(data, DecodeOptions(**options)), pil.last_note
+        assert np.array_equal(handed[0], fresh[0]) and handed[1] == fresh[1], name
+    assert image_info_for_decoders((jpegs / "truncated.jpg").read_bytes())[0]["error"]

@@ -129,23 +129,35 @@ class Decoder:
         raise NotImplementedError
 
 
-# the source_header of the images being decoded, by identity of their bytes (id -> (bytes,
-# result or error)): the worker parses a group of images' headers, then decodes the group
-_memo: dict[int, tuple[bytes, Any]] = {}
+# the source_header of the images being decoded, by identity of their bytes (id -> [bytes,
+# result or error, Pillow's opened image or None]): the worker parses a group of images'
+# headers, then decodes the group
+_memo: dict[int, list] = {}
 _memo_bytes = [0]
 _MEMO_IMAGES, _MEMO_BYTES = 64, 64 * 2 ** 20
 
 
-def remember_header(data: bytes, header: tuple[str | None, int | None] | DecodeError) -> None:
+def remember_header(data: bytes, header: tuple[str | None, int | None] | DecodeError,
+                    opened: Any = None) -> None:
     """What ``source_header(data)`` returns (or raises), already known from a parse of the same
-    bytes (the worker reads every image's header once, for images.parquet). The most recent
-    are kept (at most ``_MEMO_IMAGES`` images and, past the newest, ``_MEMO_BYTES``) until
-    ``forget_headers``."""
+    bytes (the worker reads every image's header once, for images.parquet), and ``opened``:
+    that parse's Pillow image, not loaded, which the Pillow decoder may take once
+    (``take_opened``) instead of opening the file again. The most recent are kept (at most
+    ``_MEMO_IMAGES`` images and, past the newest, ``_MEMO_BYTES``) until ``forget_headers``."""
     _forget(id(data))
     while _memo and (len(_memo) >= _MEMO_IMAGES or _memo_bytes[0] + len(data) > _MEMO_BYTES):
         _forget(next(iter(_memo)))
-    _memo[id(data)] = (data, header)
+    _memo[id(data)] = [data, header, opened]
     _memo_bytes[0] += len(data)
+
+
+def take_opened(data: bytes) -> Any:
+    """The remembered Pillow image of ``data`` (``remember_header``), once; else None."""
+    known = _memo.get(id(data))
+    if known is None or known[0] is not data:
+        return None
+    opened, known[2] = known[2], None
+    return opened
 
 
 def _forget(key: int) -> None:

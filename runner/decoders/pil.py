@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import REDUCTIONS, DecodeError, Decoder, DecodeOptions
+from .base import REDUCTIONS, DecodeError, Decoder, DecodeOptions, take_opened
 from .portable import DecodeFailed, decode_pil
 
 
@@ -19,7 +19,7 @@ class PilDecoder(Decoder):
 
     def _decode(self, data: bytes, options: DecodeOptions) -> np.ndarray:
         try:
-            rgb, notes = decode_pil(data, options.exif, options.reduce)
+            rgb, notes = decode_pil(data, options.exif, options.reduce, take_opened(data))
         except DecodeFailed as e:
             raise DecodeError(str(e)) from None
         for note in notes:

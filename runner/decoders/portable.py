@@ -88,17 +88,18 @@ def library_notes(caught: list, stderr_lines: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def decode_pil(data: bytes, exif: str, reduce: int) -> tuple[np.ndarray, list[str]]:
+def decode_pil(data: bytes, exif: str, reduce: int, opened=None) -> tuple[np.ndarray, list[str]]:
     """Pillow: ``Image.open`` + ``load`` (``draft`` for a JPEG reduce, ``Image.reduce`` for other
     formats), ``exif_transpose`` when asked, the library's own conversion to RGB. Pillow's
-    decompression-bomb guard stays on."""
+    decompression-bomb guard stays on. ``opened``: ``Image.open`` of these bytes, already made
+    (not loaded, and its open raised no warning)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     notes: list[str] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = opened if opened is not None else Image.open(io.BytesIO(data))
             if reduce > 1 and img.format == "JPEG":
                 w, h = img.size
                 img.draft("RGB", (max(1, w // reduce), max(1, h // reduce)))
