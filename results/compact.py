@@ -106,7 +106,7 @@ def _united(last: pa.Schema, schemas: list[pa.Schema]) -> pa.Schema:
 
 
 def _sorted_groups(run: RunDir, inputs: list[str], by_schema: list[list[str]], schema: pa.Schema,
-                   rows_per_file: int, row_group_rows: int, memory_limit: str, spill: str):
+                   rows: int, rows_per_file: int, row_group_rows: int, memory_limit: str, spill: str):
     """For each output file: an iterator over its tables, sorted by (cell_id, image_id).
 
     Cells are cut into consecutive groups of about ``rows_per_file`` rows (a cell never spans
@@ -127,8 +127,10 @@ def _sorted_groups(run: RunDir, inputs: list[str], by_schema: list[list[str]], s
         source = "src"
     else:
         source = _local_source(by_schema)
-    counts = con.sql(f"SELECT cell_id, count(*) FROM {source} GROUP BY cell_id ORDER BY cell_id").fetchall()
-    groups = consecutive_groups(counts, rows_per_file)
+    # ``rows`` (the footers' count) fit one file: no pass over the rows to count each cell's
+    groups = [[]] if rows <= rows_per_file else consecutive_groups(con.sql(
+        f"SELECT cell_id, count(*) FROM {source} GROUP BY cell_id ORDER BY cell_id").fetchall(),
+        rows_per_file)
     cols = ", ".join(f'"{n}"' for n in schema.names)
     paths: list[str] = []
     if len(groups) > 1:
@@ -250,7 +252,7 @@ def compact_run(location: str | os.PathLike, *, rows_per_file: int = 4_000_000,
     total = 0
     spill = tempfile.mkdtemp(prefix="dmx-compact-") if run.remote else run.path(".compact-tmp")
     try:
-        for group in _sorted_groups(run, inputs, by_schema, schema, rows_per_file,
+        for group in _sorted_groups(run, inputs, by_schema, schema, expected, rows_per_file,
                                     row_group_rows, memory_limit, spill):
             rel = f"rows/chunk=compacted-{gen:03d}-{len(written):03d}/part-0.parquet"
             writer = _Writer(run, rel, schema, spill)

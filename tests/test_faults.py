@@ -63,6 +63,8 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_resume_completes(many_photos: P
     deadline = time.time() + 120
     while not list(out.glob("rows/chunk=*/part-0.parquet")) and time.time() < deadline:
         time.sleep(0.01)
+    kids = _descendants(proc.pid)          # the compaction child, started with the run
+    assert any(b"--when-told" in Path(f"/proc/{p}/cmdline").read_bytes() for p in kids)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -70,6 +72,9 @@ def test_ctrl_c_exits_130_says_how_to_resume_and_resume_completes(many_photos: P
     done_before = len(list(out.glob("rows/chunk=*/part-0.parquet")))
     assert 0 < done_before < 96
     assert not list(out.rglob("*.tmp"))                    # no half-written file left behind
+    # the compaction child, started with the run, ended untold: nothing was compacted
+    time.sleep(1)
+    assert not list(out.glob("rows/chunk=compacted-*")) and _alive(kids) == []
     r = subprocess.run(cmd + ["--resume", "--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     got = pairs(out)

@@ -82,7 +82,7 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
                    spec_path: str) -> int:
     """Sweep ``spec`` into ``out`` and print the summary; a lost worker or a full disk is one
     line with the resume command (exit 3), Ctrl-C exit 130."""
-    from dmx.runner.sweep import RunOptions, run_spec
+    from dmx.runner.sweep import RunOptions
     if getattr(a, "verbose", False):
         os.environ["DMX_VERBOSE"] = "1"   # read where Ray starts (runner/executors.py)
     elif a.executor == "ray":
@@ -110,6 +110,18 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         # Read and mapped here, once: an unmapped label is one line before the model converts.
         from dmx.runner.labels import check_spec_labels
         check_spec_labels(spec)
+    # started now, so that its imports (~0.5 s) overlap Ray's start; it compacts when told
+    compactor = _Compactor(out) if compact else None
+    try:
+        return _run_and_report(spec, opts, a, out, resume_cmd, compactor, explain)
+    finally:
+        if compactor is not None:
+            compactor.cancel()
+
+
+def _run_and_report(spec, opts, a, out: str, resume_cmd: str, compactor: "_Compactor | None",
+                    explain: bool) -> int:
+    from dmx.runner.sweep import run_spec
     try:
         s = run_spec(spec, opts)
     except KeyboardInterrupt:
@@ -134,9 +146,8 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         print(f"dmx: error: {len(s.unwritten)} chunk(s) of {s.out} could not be written (see "
               f"above); the other chunks are saved. Resume with: {resume_cmd}", file=sys.stderr)
         return EXIT_FAILED
-    if compact:   # Ray's own shutdown (~1.5-3 s of waiting on its processes) overlaps it
-        _compact_in_child(s.out, quiet=a.quiet,
-                          meanwhile=_shutdown_ray if a.executor == "ray" else None)
+    if compactor is not None:   # Ray's own shutdown (~1.5-3 s of waiting on its processes) overlaps it
+        compactor.finish(quiet=a.quiet, meanwhile=_shutdown_ray if a.executor == "ray" else None)
     print(f"dmx: {s.rows} rows ({s.errors} errors, {s.skipped_cells} skipped cells) for {s.images} "
           f"images x {s.cells} cells in {s.wall_s:.1f} s -> {s.out}", file=sys.stderr)
     _print_not_read(s.not_read, s.not_read_count, s.out)
@@ -160,24 +171,46 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
     return 0
 
 
-def _compact_in_child(out: str, quiet: bool, meanwhile=None) -> None:
-    """``dmx compact OUT`` in a fresh process, ``meanwhile()`` run here while it works; a
-    failure is one warning (the rows stand)."""
-    import subprocess
-    child = subprocess.Popen([sys.executable, "-m", "dmx", "compact", out],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        if meanwhile is not None:
-            meanwhile()
-    finally:
-        _, err = child.communicate()
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    if child.returncode != 0:
-        print(f"dmx: warning: compaction did not finish ({lines[-1] if lines else child.returncode}); "
-              f"the rows stand as part files: run `dmx compact {out}` to retry", file=sys.stderr)
-    elif not quiet:
-        for ln in lines:
-            print(ln, file=sys.stderr)
+class _Compactor:
+    """``dmx compact OUT`` in a fresh process, started before the run and told to go once the
+    rows are written (``finish``), or to exit without touching anything (``cancel``)."""
+
+    def __init__(self, out: str) -> None:
+        import subprocess
+        self.out = out
+        self.child = subprocess.Popen([sys.executable, "-m", "dmx", "compact", out, "--when-told"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+
+    def finish(self, quiet: bool, meanwhile=None) -> None:
+        """Compact now, ``meanwhile()`` run here while it works; a failure is one warning (the
+        rows stand)."""
+        child = self.child
+        try:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        except OSError:   # it has ended already (e.g. its imports failed): its stderr says why
+            pass
+        try:
+            if meanwhile is not None:
+                meanwhile()
+        finally:
+            _, err = child.communicate()
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        if child.returncode != 0:
+            print(f"dmx: warning: compaction did not finish ({lines[-1] if lines else child.returncode}); "
+                  f"the rows stand as part files: run `dmx compact {self.out}` to retry", file=sys.stderr)
+        elif not quiet:
+            for ln in lines:
+                print(ln, file=sys.stderr)
+
+    def cancel(self) -> None:
+        """End the child if it was not told to go (closing its stdin ends it untouched)."""
+        if self.child.returncode is None:
+            try:
+                self.child.communicate()
+            except OSError:
+                self.child.wait()
 
 
 def _shutdown_ray() -> None:
