@@ -22,6 +22,17 @@ def cache_dir() -> Path:
     return root
 
 
+def torch_version() -> str:
+    """torch's version as its installed distribution records it (``torch.__version__`` for a
+    wheel), read without importing torch (~2 s); by the import when there is no record."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        import torch
+        return torch.__version__
+
+
 def file_digest(path: str) -> str:
     """SHA-256 of a file's bytes (hex)."""
     h = hashlib.sha256()

@@ -132,6 +132,15 @@ def _version(dist: str) -> str | None:
 def code_digest(model: ResolvedModel, net: Any) -> str:
     """Hash of the code that defines the torch model: the factory's module and the source file
     of every module class in ``net`` outside torch (torch's own version is keyed apart)."""
+    return _code_digest(_code_files(model, net))
+
+
+def _code_digest(files: Iterable[str]) -> str:
+    return hashlib.sha256("".join(sorted(file_digest(f) for f in files)).encode()).hexdigest()[:20]
+
+
+def _code_files(model: ResolvedModel, net: Any) -> list[str]:
+    """The source files ``code_digest`` hashes."""
     import torch
     factory = model.torch_factory or ""
     if factory.startswith("builtin:"):
@@ -146,9 +155,7 @@ def code_digest(model: ResolvedModel, net: Any) -> str:
             files.add(inspect.getsourcefile(type(m)))
         except TypeError:   # a class without a source file (built in C)
             pass
-    own = sorted(file_digest(f) for f in files
-                 if f and os.path.isfile(f) and not f.startswith(torch_dir))
-    return hashlib.sha256("".join(own).encode()).hexdigest()[:20]
+    return sorted(f for f in files if f and os.path.isfile(f) and not f.startswith(torch_dir))
 
 
 def conversion_digest(model: ResolvedModel, build: Callable[[], Any]) -> str:
@@ -158,13 +165,68 @@ def conversion_digest(model: ResolvedModel, build: Callable[[], Any]) -> str:
     if model.onnx:
         root = {"onnx": file_digest(model.onnx)[:20]}
     else:
-        net = build()
-        root = {"weights": weights_digest(model, lambda: net), "code": code_digest(model, net)}
+        root = _known_root(model)
+        if root is None:
+            net = build()
+            files = _code_files(model, net)
+            root = {"weights": weights_digest(model, lambda: net), "code": _code_digest(files)}
+            _remember_root(model, files, root)
     pre = model.preprocess
     text = json.dumps({**root, "input": [getattr(pre, "channels", "rgb"), 3, pre.crop, pre.crop],
                        "opset": model.opset, "libraries": {d: _version(d) for d in CONVERTERS}},
                       sort_keys=True)
     return ("onnx-" if model.onnx else "") + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _root_record(model: ResolvedModel) -> Path | None:
+    """Where the digest root of a built-in torch model is kept: it is a function of its code,
+    its weights file and torch's version, so a later run need not import torch and build the
+    network to know it (~2-3 s of CPU while Ray starts). A user's factory is built every time:
+    nothing says its initialisation is deterministic."""
+    factory = model.torch_factory or ""
+    if not factory.startswith("builtin:"):
+        return None
+    return cache_dir() / "digests" / f"{factory.split(':', 1)[1]}.json"
+
+
+def _weights_stat(model: ResolvedModel) -> list | None:
+    if not model.weights or not os.path.isfile(model.weights):
+        return None
+    st = os.stat(model.weights)
+    return [os.path.abspath(model.weights), st.st_size, st.st_mtime_ns]
+
+
+def _known_root(model: ResolvedModel) -> dict | None:
+    """The remembered root (``_remember_root``) while torch's version, the weights file and
+    every source file it hashed are unchanged; else None."""
+    path = _root_record(model)
+    try:
+        rec = json.loads(path.read_text()) if path is not None else None
+        if (rec is None or rec["torch"] != _version("torch") or rec["weights"] != _weights_stat(model)
+                or _code_digest(rec["files"]) != rec["root"]["code"]):
+            return None
+        return rec["root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_root(model: ResolvedModel, files: list[str], root: dict) -> None:
+    path = _root_record(model)
+    if path is None:
+        return
+    rec = {"torch": _version("torch"), "weights": _weights_stat(model), "files": files, "root": root}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a cache that cannot be written costs the next run the build, nothing else
+
+
+def conversion_root_known(model: ResolvedModel) -> bool:
+    """Whether ``conversion_digest`` can answer without building the torch model."""
+    return bool(model.onnx) or _known_root(model) is not None
 
 
 def file_key(backend: str, precision: str, conversion: str | None) -> str:

@@ -23,7 +23,7 @@ from dmx.results.planning import (ChunkIndex, ChunkReader, PlanError, first_imag
                               scratch_dir)
 
 from .backends import InferSetting
-from .convert import ResolvedModel, prepare_artifacts, resolve_model
+from .convert import ResolvedModel, conversion_root_known, prepare_artifacts, resolve_model
 from .models import check_model_name
 from .dataset import ImageRef, NotRead, check_dataset, collect
 from .labels import labels_for_run
@@ -208,11 +208,11 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     # While Ray starts its processes (~4.5 s, mostly waiting): the listing (1.3 s at 100,000
     # manifest entries; an object store's listing is mostly waiting too), and torch.
     listed = _in_background(_timed_collect, spec.dataset, scratch)
-    if spec.model.name or spec.model.torch:
+    model = resolve_model(spec.model)
+    if (spec.model.name or spec.model.torch) and not conversion_root_known(model):
         _import_meanwhile("torch")
     executor.start(_cuda_devices(cells))
     listing, timings["list_s"] = listed()
-    model = resolve_model(spec.model)
     on_cluster = getattr(executor, "cluster", False)
     if not on_cluster:   # pinned decoder envs, built before any image; on a cluster each node
         ensure_decoder_envs(c.get("decoder") for c in cells)   # builds its own (cell probe)

@@ -90,3 +90,58 @@ def test_a_new_input_size_is_converted_again(user_model):
     small, _ = _export(weights, size=32)
     large, notes = _export(weights, size=48)
     assert large != small and notes["cached"] is False
+
+
+def test_a_built_in_models_digest_is_known_without_building_it_until_its_code_changes(tmp_path):
+    """The root of a built-in model's digest (its code, its weights, torch's version) is kept,
+    so a later run neither imports torch nor builds the network to find its conversions; any
+    of the three changing builds it again. A user's factory is built every time."""
+    import json
+
+    from dmx.runner import convert
+    model = resolve_model(parse_spec({"name": "k", "dataset": {"path": "."}, "model": "tiny",
+                                    "axes": {"backend": ["onnxruntime"]}}).model)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return importlib.import_module("dmx.runner.models.tiny").build()
+
+    record = convert._root_record(model)
+    record.unlink(missing_ok=True)
+    first = convert.conversion_digest(model, build)
+    assert len(builds) == 1 and record.is_file() and convert.conversion_root_known(model)
+    assert convert.conversion_digest(model, build) == first and len(builds) == 1
+    rec = json.loads(record.read_text())
+    assert any(f.endswith("tiny_net.py") for f in rec["files"])    # the network's own code
+    net_file = next(f for f in rec["files"] if f.endswith("tiny_net.py"))
+    copy = tmp_path / "tiny_net.py"      # the record pointed at a copy of the network's code
+    copy.write_text(Path(net_file).read_text())
+    rec["files"] = [str(copy) if f == net_file else f for f in rec["files"]]
+    record.write_text(json.dumps(rec))
+    assert convert.conversion_digest(model, build) == first and len(builds) == 1
+    copy.write_text(copy.read_text() + "\n# edited\n")                  # the code changed
+    assert convert.conversion_digest(model, build) == first and len(builds) == 2
+    rec = json.loads(record.read_text())
+    rec["torch"] = "0.0.1"                                            # another torch
+    record.write_text(json.dumps(rec))
+    assert not convert.conversion_root_known(model)
+    assert convert.conversion_digest(model, build) == first and len(builds) == 3
+
+
+def test_a_user_factorys_digest_is_computed_by_building_it_every_time(user_model):
+    from dmx.runner import convert
+    _, weights = user_model
+    spec = parse_spec({"name": "k", "dataset": {"path": "."}, "axes": {"backend": ["onnxruntime"]},
+                       "model": {"torch": f"{MODULE}:make", "weights": str(weights),
+                                 "input": {"size": 32}}})
+    model = resolve_model(spec.model)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return importlib.import_module(MODULE).make()
+
+    convert.conversion_digest(model, build)
+    convert.conversion_digest(model, build)
+    assert len(builds) == 2 and not convert.conversion_root_known(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dmx.runner.cache import cached
+from dmx.runner.cache import cached, torch_version
 
 from .base import ConversionError
 
@@ -20,15 +20,15 @@ ONNX_EXPORTERS = ("onnx-dynamo", "onnx-legacy")
 def export_onnx(model: Any, digest: str, exporter: str = "onnx-dynamo") -> tuple[str, dict]:
     """torch -> ONNX with a dynamic batch, cached by weights hash; ``model`` is a
     ``dmx.runner.convert.ResolvedModel``. Raises ConversionError."""
-    import torch
-
     dynamo = exporter == "onnx-dynamo"
-    key = f"{digest}-{exporter}-op{model.opset}-torch{torch.__version__}"
+    key = f"{digest}-{exporter}-op{model.opset}-torch{torch_version()}"   # cached: no torch import
 
     def make(out: Path) -> dict[str, Any]:
         import contextlib
         import io
         import logging
+
+        import torch
         from dmx.runner.models.loading import build_torch_model
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" noise
         net = build_torch_model(model.torch_factory, model.weights)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dmx.matrix.axes import INFER, Axis
-from dmx.runner.cache import cached, file_digest
+from dmx.runner.cache import cached, file_digest, torch_version
 
 from .base import BackendRunner, Conversion, ConversionError, InferSetting, ModelArtifacts
 from .onnx_export import ONNX_EXPORTERS
@@ -31,11 +31,11 @@ _SOURCE = {None: "onnx-dynamo", "openvino-from-onnx": "onnx-dynamo", "openvino-f
 def openvino_from_torch(model: Any, digest: str) -> tuple[str, dict]:
     """torch -> OpenVINO IR directly with ``openvino.convert_model`` (no ONNX in between)."""
     import openvino as ov
-    import torch
 
-    key = f"{digest}-ov-from-torch-ov{ov.__version__.split('-')[0]}-torch{torch.__version__}"
+    key = f"{digest}-ov-from-torch-ov{ov.__version__.split('-')[0]}-torch{torch_version()}"
 
     def make(out: Path) -> dict[str, Any]:
+        import torch
         from dmx.runner.models.loading import build_torch_model
         net = build_torch_model(model.torch_factory, model.weights)
         crop = model.preprocess.crop

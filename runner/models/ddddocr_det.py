@@ -17,7 +17,7 @@ Torch cells run the ONNX graph through ``dmx.runner.models.onnx_torch`` (torch k
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
 from dmx.runner.detection import DetectionConfig
 from dmx.runner.models.base import ModelDef, Preprocess, package_file
@@ -38,7 +38,7 @@ def onnx_path() -> str:
     return package_file(PACKAGE, ONNX_FILE, INSTALL_HINT)
 
 
-def build() -> nn.Module:
+def build() -> Any:
     """The ONNX graph as a torch module (fp32, CPU, eval mode)."""
     from dmx.runner.models.onnx_torch import OnnxModule
     return OnnxModule.from_file(onnx_path()).float().eval()

@@ -18,9 +18,7 @@ BatchNorm running statistics match 127/128 inputs and not ImageNet-normalised on
 from __future__ import annotations
 
 import importlib.util
-
-import torch
-from torch import nn
+from typing import Any
 
 from dmx.runner.models.base import ModelDef, ModelUnavailable, Preprocess, imagenet_labels, package_file
 
@@ -48,9 +46,11 @@ def _require_architecture() -> None:
         )
 
 
-def build() -> nn.Module:
-    """Build EfficientNet-Lite0 with pretrained weights, fp32, CPU, eval mode (input 224x224)."""
+def build() -> Any:
+    """Build EfficientNet-Lite0 with pretrained weights (a torch ``nn.Module``), fp32, CPU,
+    eval mode (input 224x224)."""
     _require_architecture()
+    import torch
     from efficientnet_lite_pytorch import EfficientNet
 
     model = EfficientNet.from_name("efficientnet-lite0")
