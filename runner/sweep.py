@@ -10,7 +10,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +55,9 @@ class RunOptions:
     chunk_deadline_s: float | None = None   # a fixed deadline per chunk (default: derived)
     node_wait_s: float | None = None   # no node can host a worker: wait this long for one to join
     compact: bool = True        # merge part files into few sorted files when the run ends
+    # called once every chunk's rows are written (none failed to be), before the image facts
+    # are merged: ``dmx run`` tells its compaction child to start on the rows meanwhile
+    rows_written: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -360,6 +363,8 @@ def _run_spec(spec: Spec, opts: RunOptions, scratch) -> RunSummary:
     executor.run(plan, _chunks_to_run(index, ChunkReader(scratch / "chunks.parquet")), on_summary)
     timings["sweep_s"] = time.perf_counter() - t_sweep
     driver_rss["swept"] = _peak_rss_mb()
+    if opts.rows_written is not None and not unwritten:
+        opts.rows_written()
     t_merge = time.perf_counter()
     n_merged = run.merge_images(set(index.ids.tolist()), scratch)
     timings["merge_images_s"] = time.perf_counter() - t_merge

@@ -271,3 +271,29 @@ def test_outputs_swapped_between_two_images_are_a_change_the_digest_sees(summari
     write_summary(swapped)
     cell = next(c for c in diff.diff_runs(summarised, swapped).cells if c.cell_id == ref)
     assert cell.outputs_changed == 2
+
+
+@pytest.mark.parametrize("told,compacted,summary", [("", False, False), ("rows\n", True, False),
+                                                     ("rows\nsummary\n", True, True)])
+def test_the_compaction_child_does_what_it_is_told_and_nothing_more(photo_dir: Path, tmp_path: Path,
+                                                                    told: str, compacted: bool,
+                                                                    summary: bool):
+    """``dmx run``'s compaction child (``dmx compact RUN --when-told``): untold (the run failed
+    or was interrupted) it touches nothing; told "rows" it compacts them (the run merges its
+    image facts meanwhile); told "summary" as well, it writes the summary."""
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    spec = parse_spec({"name": "told", "dataset": {"path": str(photo_dir)}, "model": "tiny",
+                       "axes": {"resize": ["pil-bilinear", "cv2-linear"]}})
+    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False, compact=False))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out), "--when-told"],
+                       input=told, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert bool(list(out.glob("rows/chunk=compacted-*"))) == compacted
+    assert (out / "summary").exists() == summary
+    if not compacted:
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    else:
+        assert check_run(out).rows_judged > 0

@@ -21,16 +21,23 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     import time
     from dmx.results.compact import compact_run
-    if getattr(a, "when_told", False):
+    told = getattr(a, "when_told", False)
+    if told:
         import dmx.analysis.aggregates  # noqa: F401 - the summary's imports, before the wait
-        try:
-            if sys.stdin.readline().strip() != "go":
-                return 0
-        except KeyboardInterrupt:   # the run was interrupted: nothing to compact
-            return 0
+        if _told() != "rows":
+            return 0       # the run failed or was interrupted: nothing to compact
     t = time.perf_counter()
     c = compact_run(a.run_dir)
-    summarise(a.run_dir)
+    if not told or _told() == "summary":   # told: once the run's image facts are merged
+        summarise(a.run_dir)
     print(f"dmx: {a.run_dir}: {c.files_before} file(s) -> {c.files_after} ({c.rows} rows of "
           f"{c.chunks} chunks, sorted by cell) in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return 0
+
+
+def _told() -> str:
+    """The next word ``dmx run`` writes on stdin ("" at its end, or if interrupted)."""
+    try:
+        return sys.stdin.readline().strip()
+    except KeyboardInterrupt:
+        return ""

@@ -3,6 +3,7 @@ console summary that ``dmx demo`` shares."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import sys
@@ -110,8 +111,11 @@ def run_and_report(spec, a: argparse.Namespace, out: str, *, resume: bool, expla
         # Read and mapped here, once: an unmapped label is one line before the model converts.
         from dmx.runner.labels import check_spec_labels
         check_spec_labels(spec)
-    # started now, so that its imports (~0.5 s) overlap Ray's start; it compacts when told
+    # started now, so that its imports (~0.5 s) overlap Ray's start; it compacts the rows when
+    # they are all written, while this process merges the image facts, then writes the summary
     compactor = _Compactor(out) if compact else None
+    if compactor is not None:
+        opts = dataclasses.replace(opts, rows_written=compactor.start_rows)
     try:
         return _run_and_report(spec, opts, a, out, resume_cmd, compactor, explain)
     finally:
@@ -172,8 +176,10 @@ def _run_and_report(spec, opts, a, out: str, resume_cmd: str, compactor: "_Compa
 
 
 class _Compactor:
-    """``dmx compact OUT`` in a fresh process, started before the run and told to go once the
-    rows are written (``finish``), or to exit without touching anything (``cancel``)."""
+    """``dmx compact OUT`` in a fresh process, started before the run: told "rows" once every
+    chunk's rows are written (``start_rows``: it compacts them), then "summary" once the run's
+    image facts and manifest are (``finish``: it writes the summary); an untold child exits
+    touching nothing, one told only "rows" leaves the rows compacted (``cancel``)."""
 
     def __init__(self, out: str) -> None:
         import subprocess
@@ -181,16 +187,26 @@ class _Compactor:
         self.child = subprocess.Popen([sys.executable, "-m", "dmx", "compact", out, "--when-told"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
+        self.told = False
 
-    def finish(self, quiet: bool, meanwhile=None) -> None:
-        """Compact now, ``meanwhile()`` run here while it works; a failure is one warning (the
-        rows stand)."""
-        child = self.child
+    def _tell(self, word: str) -> None:
         try:
-            child.stdin.write("go\n")
-            child.stdin.flush()
+            self.child.stdin.write(word + "\n")
+            self.child.stdin.flush()
         except OSError:   # it has ended already (e.g. its imports failed): its stderr says why
             pass
+
+    def start_rows(self) -> None:
+        if not self.told:
+            self._tell("rows")
+            self.told = True
+
+    def finish(self, quiet: bool, meanwhile=None) -> None:
+        """Compact (if not told yet) and summarise now, ``meanwhile()`` run here while it works;
+        a failure is one warning (the rows stand)."""
+        child = self.child
+        self.start_rows()
+        self._tell("summary")
         try:
             if meanwhile is not None:
                 meanwhile()
