@@ -94,7 +94,7 @@ ROW_COLUMNS: tuple[tuple[str, pa.DataType, str, str], ...] = (
     ("decode_ms", pa.float64(), "ms", "decode time of this image for this cell's decoder"),
     ("decode_note", pa.string(), "", "what the decoder converted beyond a plain YCbCr/RGB decode "
                                      "(e.g. 'CMYK->RGB (Pillow convert)', reduce fallbacks); null when nothing"),
-    ("preprocess_ms", pa.float64(), "ms", "resize/crop/normalise time"),
+    ("preprocess_ms", pa.float64(), "ms", "resize/crop/normalise time (shared with an earlier decode variant of the image whose pixels are equal)"),
     ("latency_ms", pa.float64(), "ms", "inference time per image (batch time / batch size)"),
     ("node", pa.string(), "", "the machine that computed the row: host name, and on Ray the first 8 "
                               "hex digits of its Ray node id ('host/1a2b3c4d'); its environment is "

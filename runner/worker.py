@@ -532,6 +532,7 @@ class _RowContext:
         self.ref_stacks: dict[tuple, np.ndarray | None] = {}
         # (image, input digest) -> (its pixels, the block's input divergence): measured once
         self.measured: dict[tuple[int, bytes], tuple[np.ndarray, dict]] = {}
+        self.twins: dict[tuple, tuple] = {}     # preprocessing variant -> its twin (``_twin``)
 
     def _block(self, key: tuple, make) -> dict[str, Any]:
         if key not in self.blocks:
@@ -550,8 +551,22 @@ class _RowContext:
                     "shape": [d.shape if o else None for d, o in zip(ds, ok)]}
         return self._block(("decode", dkey), make)
 
+    def _twin(self, pkey: tuple) -> tuple:
+        """An earlier preprocessing variant whose inputs are this one's, object for object (a
+        decode equal to an earlier one took over its inputs, for every image of the chunk):
+        its blocks are this variant's too. Else ``pkey`` itself."""
+        if pkey not in self.twins:
+            ps = self.prepped[pkey]
+            self.twins[pkey] = next((k for k, t in self.twins.items() if k == t and
+                                     all(a is b for a, b in zip(ps, self.prepped[k]))), pkey)
+        return self.twins[pkey]
+
     def input_block(self, pkey: tuple, dkey: tuple) -> dict[str, Any]:
         """Preprocessing columns and input divergence vs the reference, per image."""
+        twin = self._twin(pkey)
+        if twin != pkey:    # equal decodes, so equal shapes too: the same columns
+            return self.input_block(twin, _decode_part(twin))
+
         def make():
             ps = self.prepped[pkey]
             ok = np.array([isinstance(p, _Prepped) for p in ps], bool)
@@ -619,6 +634,10 @@ class _RowContext:
 
     def output_block(self, ikey: tuple, pkey: tuple, setting: InferSetting) -> dict[str, Any]:
         """Inference columns and output divergence vs the reference, per image."""
+        twin = self._twin(pkey)
+        if twin != pkey:
+            return self.output_block(ikey, twin, setting)
+
         def make():
             w = self.w
             plan = w.plan

@@ -273,9 +273,18 @@ def test_outputs_swapped_between_two_images_are_a_change_the_digest_sees(summari
     assert cell.outputs_changed == 2
 
 
+@pytest.fixture(scope="module")
+def uncompacted(photo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("told") / "run"
+    spec = parse_spec({"name": "told", "dataset": {"path": str(photo_dir)}, "model": "tiny",
+                       "axes": {"resize": ["pil-bilinear", "cv2-linear"]}})
+    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False, compact=False))
+    return out
+
+
 @pytest.mark.parametrize("told,compacted,summary", [("", False, False), ("rows\n", True, False),
                                                      ("rows\nsummary\n", True, True)])
-def test_the_compaction_child_does_what_it_is_told_and_nothing_more(photo_dir: Path, tmp_path: Path,
+def test_the_compaction_child_does_what_it_is_told_and_nothing_more(uncompacted: Path, tmp_path: Path,
                                                                     told: str, compacted: bool,
                                                                     summary: bool):
     """``dmx run``'s compaction child (``dmx compact RUN --when-told``): untold (the run failed
@@ -283,10 +292,7 @@ def test_the_compaction_child_does_what_it_is_told_and_nothing_more(photo_dir: P
     image facts meanwhile); told "summary" as well, it writes the summary."""
     import subprocess
     import sys
-    out = tmp_path / "run"
-    spec = parse_spec({"name": "told", "dataset": {"path": str(photo_dir)}, "model": "tiny",
-                       "axes": {"resize": ["pil-bilinear", "cv2-linear"]}})
-    run_spec(spec, RunOptions(out=str(out), executor="local", progress=False, compact=False))
+    out = Path(shutil.copytree(uncompacted, tmp_path / "run"))
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     r = subprocess.run([sys.executable, "-m", "dmx", "compact", str(out), "--when-told"],
                        input=told, capture_output=True, text=True, timeout=120)

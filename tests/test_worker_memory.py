@@ -121,3 +121,43 @@ def test_equal_decodes_share_their_inputs_and_the_rows_are_those_of_separate_inp
     # 7 distinct decodes of the 5 photos: the 3 ordinary ones decode alike in all 4 variants;
     # the CMYK one differs between the libraries, the rotated one between EXIF applied or not
     assert c["resizes"] == 7 * 3 and c["decodes"] == c0["decodes"] == good * 4
+
+
+def test_variants_whose_inputs_are_all_shared_share_their_columns_and_the_rows_stay(
+        photo_dir, tmp_path, monkeypatch):
+    """On ordinary JPEGs every OpenCV decode equals Pillow's, so OpenCV's preprocessing variants
+    hold Pillow's inputs object for object and take their blocks of columns (``_twin``); the
+    rows are those computed apart (``SHARE_KEEP_BYTES`` 0)."""
+    import shutil
+
+    import duckdb
+
+    from dmx.runner import worker
+    d = tmp_path / "ordinary"
+    d.mkdir()
+    for name in ("chelsea_420.jpg", "chelsea_444.jpg", "coffee_420.jpg"):
+        shutil.copy(photo_dir / name, d / name)
+    spec = parse_spec({"name": "twins", "dataset": {"path": str(d)}, "model": "tiny",
+                       "axes": {"decoder": ["pil", "opencv"],
+                                "resize": ["pil-bilinear", "torch-bilinear-aa"]}})
+    twins = []
+    real = worker._RowContext._twin
+
+    def spy(self, pkey):
+        t = real(self, pkey)
+        twins.append(t != pkey)
+        return t
+
+    monkeypatch.setattr(worker._RowContext, "_twin", spy)
+
+    def rows(out):
+        run_spec(spec, RunOptions(out=str(out), executor="local", progress=False))
+        return duckdb.sql(f"SELECT * EXCLUDE (preprocess_ms, decode_ms, latency_ms, run_id) FROM "
+                          f"read_parquet('{out}/rows/**/*.parquet') ORDER BY cell_id, image_id").fetchall()
+
+    shared = rows(tmp_path / "shared")
+    assert any(twins)
+    twins.clear()
+    monkeypatch.setattr(worker, "SHARE_KEEP_BYTES", 0)
+    alone = rows(tmp_path / "alone")
+    assert not any(twins) and alone == shared and len(shared) == 3 * 4
