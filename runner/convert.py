@@ -186,7 +186,11 @@ def _root_record(model: ResolvedModel) -> Path | None:
     factory = model.torch_factory or ""
     if not factory.startswith("builtin:"):
         return None
-    return cache_dir() / "digests" / f"{factory.split(':', 1)[1]}.json"
+    from .models import get_model
+    name = factory.split(":", 1)[1]
+    # one record per installed copy of dmx: two checkouts sharing the cache may hold other code
+    where = os.path.abspath(inspect.getsourcefile(get_model(name).build) or name)
+    return cache_dir() / "digests" / f"{name}-{hashlib.sha256(where.encode()).hexdigest()[:16]}.json"
 
 
 def _weights_stat(model: ResolvedModel) -> list | None:

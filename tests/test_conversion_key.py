@@ -145,3 +145,17 @@ def test_a_user_factorys_digest_is_computed_by_building_it_every_time(user_model
     convert.conversion_digest(model, build)
     convert.conversion_digest(model, build)
     assert len(builds) == 2 and not convert.conversion_root_known(model)
+
+
+def test_each_installed_copy_of_a_built_in_model_keeps_its_own_digest_root(monkeypatch, tmp_path):
+    """Two checkouts (or venvs) of dmx sharing one cache may hold other model code: the record
+    of one must not answer for the other."""
+    from dmx.runner import convert
+    from dmx.runner.models import tiny
+    model = resolve_model(parse_spec({"name": "k", "dataset": {"path": "."}, "model": "tiny",
+                                      "axes": {"backend": ["onnxruntime"]}}).model)
+    here = convert._root_record(model)
+    copy = tmp_path / "tiny.py"           # another copy of the model's module
+    copy.write_text(Path(tiny.__file__).read_text())
+    monkeypatch.setattr(tiny.build, "__code__", tiny.build.__code__.replace(co_filename=str(copy)))
+    assert convert._root_record(model) != here
