@@ -28,7 +28,7 @@ from dmx.matrix import ModelSpec
 from .backends import BACKENDS, InferSetting
 from .backends.base import ConversionError, ModelArtifacts
 from .backends.onnx_export import ONNX_EXPORTERS, export_onnx, onnx_batch_limit
-from .cache import cache_dir, cached, file_digest  # noqa: F401 - cache_dir: public name kept
+from .cache import cache_dir, cached, file_digest, torch_version  # noqa: F401 - cache_dir: public name kept
 from .detection import DetectionConfig, config_from
 from .models.base import ModelDef, Preprocess
 
@@ -206,7 +206,7 @@ def _known_root(model: ResolvedModel) -> dict | None:
     path = _root_record(model)
     try:
         rec = json.loads(path.read_text()) if path is not None else None
-        if (rec is None or rec["torch"] != _version("torch") or rec["weights"] != _weights_stat(model)
+        if (rec is None or rec["torch"] != torch_version() or rec["weights"] != _weights_stat(model)
                 or _code_digest(rec["files"]) != rec["root"]["code"]):
             return None
         return rec["root"]
@@ -218,7 +218,7 @@ def _remember_root(model: ResolvedModel, files: list[str], root: dict) -> None:
     path = _root_record(model)
     if path is None:
         return
-    rec = {"torch": _version("torch"), "weights": _weights_stat(model), "files": files, "root": root}
+    rec = {"torch": torch_version(), "weights": _weights_stat(model), "files": files, "root": root}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

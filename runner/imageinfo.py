@@ -15,8 +15,8 @@ them in ``decode_note``). Only a path that cannot be opened raises.
 
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import io
 import struct
 import warnings

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                                        "sorted by cell (fast to query; safe to interrupt)")
     p.add_argument("run_dir", help="run directory (local folder, s3:// or gs://)")
     # ``dmx run`` starts the compaction before its run, so that the imports overlap the run's
-    # start: the child waits for "go" on stdin (end of input: it exits, touching nothing)
+    # start: the child waits for "rows" on stdin, compacts, then for "summary" (end of input
+    # first: it exits, touching nothing; after "rows": the rows stay compacted, no summary)
     p.add_argument("--when-told", action="store_true", help=argparse.SUPPRESS)
 
 
