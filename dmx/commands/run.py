@@ -237,7 +237,7 @@ def _shutdown_ray() -> None:
 
 
 def _shared(n) -> str:
-    return f" (the other {int(n)} shared by equal decodes)" if n else ""
+    return f" (+{int(n)} taken over from equal decodes)" if n else ""
 
 
 def _print_not_read(not_read, count: int, out: str) -> None:
