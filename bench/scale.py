@@ -282,37 +282,22 @@ def plan_seconds(path: str) -> tuple[float, int, int]:
         _sh.rmtree(scratch, ignore_errors=True)
 
 
-def s3_prefix(n: int) -> tuple[str, object]:
-    """moto's S3 server holding ``n`` small objects under ``s3://scale/p/dNNNNN/``, the AWS
-    variables pointing at it; returns (URI, the server process)."""
+def s3_prefix(n: int, latency_ms: float = 0.0) -> tuple[str, object]:
+    """moto's S3 server (``bench/moto_indexed.py``: filled in its own process, listing by
+    bisection) holding ``n`` small objects under ``s3://scale/p/dNNNNN/``, the AWS variables
+    pointing at it; returns (URI, the server process)."""
     import socket
-    import pyarrow.fs as pafs
-    from concurrent.futures import ThreadPoolExecutor
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(150):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("moto_indexed.py")),
+                             str(n), str(port), "--per-folder", str(PER_FOLDER),
+                             "--latency-ms", str(latency_ms)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit("bench/moto_indexed.py did not start")
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x",
                       AWS_SECRET_ACCESS_KEY="x", AWS_REGION="us-east-1")
-    fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="x",
-                           secret_key="x", region="us-east-1", allow_bucket_creation=True)
-    fs.create_dir("scale")
-
-    def put(i: int) -> None:
-        with fs.open_output_stream(f"scale/p/d{i // PER_FOLDER:05d}/s{i:07d}.jpg") as f:
-            f.write(b"\xff\xd8")
-    t = time.perf_counter()
-    with ThreadPoolExecutor(32) as pool:
-        list(pool.map(put, range(n), chunksize=256))
-    print(f"put {n} objects into moto in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return "s3://scale/p", proc
 
 
@@ -325,12 +310,16 @@ def plan_only(a: argparse.Namespace, data: Path, manifest: Path) -> None:
         s, n, chunks = plan_seconds(path)
         res[f"{kind}_plan_s"], res[f"{kind}_images"] = round(s, 2), n
     if a.s3:
-        uri, proc = s3_prefix(a.s3)
+        uri, proc = s3_prefix(a.s3, a.s3_latency_ms)
         try:
             s, n, _ = plan_seconds(uri)
             res["s3_plan_s"], res["s3_images"] = round(s, 2), n
+            res["s3_latency_ms"] = a.s3_latency_ms
         finally:
-            proc.terminate()
+            proc.stdin.close()
+            proc.wait(timeout=60)
+    import resource     # this process only plans (the S3 server is its own process)
+    res["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(res))
 
 
@@ -362,6 +351,8 @@ def main() -> None:
                     help="only time planning: the manifest, the folder tree (when it holds exactly "
                          "--images) and, with --s3 N, a moto S3 prefix of N objects")
     ap.add_argument("--s3", type=int, default=0, metavar="N")
+    ap.add_argument("--s3-latency-ms", type=float, default=0.0,
+                    help="with --s3: delay each listing answer (S3's round trip per page)")
     a = ap.parse_args()
     data = Path(a.data).expanduser()
     manifest = build_small_set(data, a.images, a.workers)

@@ -14,8 +14,10 @@ Parquet shard row group by row group and a tar shard whole, keeping only the las
 """
 from __future__ import annotations
 
-import fnmatch
 import bisect
+import contextlib
+import fnmatch
+import itertools
 import os
 import random
 import re
@@ -23,6 +25,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -71,49 +74,66 @@ def _glob_regex(pattern: str) -> re.Pattern:
     return re.compile(out + r"\Z")
 
 
-def _select(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
-    """Every file under ``root``. In an object store the first level is listed once and each
-    sub-prefix is then listed in its own thread (a listing is one request per 1,000 keys, so a
-    large prefix is latency-bound); a local folder is listed by one recursive selector."""
+LIST_THREADS = 16      # sub-prefixes of an object-store location listed at once
+
+
+def _select(fs: pafs.FileSystem, root: str) -> Iterator[pafs.FileInfo]:
+    """Every file under ``root``, as it is listed. In an object store the first level is
+    listed once and its sub-prefixes are then listed recursively in ``LIST_THREADS`` threads
+    (a listing is one request per 1,000 keys, so a large prefix is latency-bound), at most
+    twice that many sub-prefixes ahead of the consumer, so memory holds a few sub-prefixes'
+    listings, not the whole; a local folder is listed by one recursive selector."""
     if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
-        return [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
-                                                              allow_not_found=True))
-                if i.type == pafs.FileType.File]
+        yield from (i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
+                                                                  allow_not_found=True))
+                    if i.type == pafs.FileType.File)
+        return
     top = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    files = [i for i in top if i.type == pafs.FileType.File]
     dirs = [i.path for i in top if i.type == pafs.FileType.Directory]
-    if dirs:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(min(16, len(dirs))) as pool:
-            for infos in pool.map(lambda d: fs.get_file_info(pafs.FileSelector(d, recursive=True)),
-                                  dirs):
-                files += [i for i in infos if i.type == pafs.FileType.File]
-    return files
+    yield from (i for i in top if i.type == pafs.FileType.File)
+    del top
+    if not dirs:
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def listed(d: str) -> list[pafs.FileInfo]:
+        return fs.get_file_info(pafs.FileSelector(d, recursive=True))
+    pending = iter(dirs)
+    with ThreadPoolExecutor(min(LIST_THREADS, len(dirs))) as pool:
+        ahead = deque(pool.submit(listed, d) for d in itertools.islice(pending, 2 * LIST_THREADS))
+        while ahead:
+            infos = ahead.popleft().result()
+            ahead.extend(pool.submit(listed, d) for d in itertools.islice(pending, 1))
+            yield from (i for i in infos if i.type == pafs.FileType.File)
 
 
-def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, list[pafs.FileInfo]]:
-    """Files matching ``ds.path`` (a glob, a folder/prefix, or one file): (fs, root, infos)."""
+def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, Iterator[pafs.FileInfo]]:
+    """Files matching ``ds.path`` (a glob, a folder/prefix, or one file): (fs, root, infos),
+    the infos listed as they are consumed (``_listing_errors`` names a failure)."""
     target = ds.path if (is_remote(ds.path) or os.path.isabs(ds.path)) else str(Path(ds.base_dir) / ds.path)
-    try:
+    with _listing_errors(ds):
         fs, path = filesystem(target)
         first_glob = min((path.find(c) for c in "*?[" if c in path), default=-1)
         if first_glob >= 0:
             root = path[:first_glob].rsplit("/", 1)[0]
             rx = _glob_regex(path)
-            infos = [i for i in _select(fs, root) if rx.match(i.path)]
-        else:
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.File:
-                root, infos = path.rsplit("/", 1)[0], [info]
-            elif info.type == pafs.FileType.Directory or is_remote(target):
-                root = path
-                infos = [i for i in _select(fs, path)
-                         if PurePosixPath(i.path).suffix.lower() in suffixes]
-            else:
-                raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target})")
+            return fs, root, (i for i in _select(fs, root) if rx.match(i.path))
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            return fs, path.rsplit("/", 1)[0], iter([info])
+        if info.type == pafs.FileType.Directory or is_remote(target):
+            return fs, path, (i for i in _select(fs, path)
+                              if PurePosixPath(i.path).suffix.lower() in suffixes)
+    raise SpecError("dataset.path", f"{ds.path} does not exist (resolved to {target})")
+
+
+@contextlib.contextmanager
+def _listing_errors(ds: DatasetSpec) -> Iterator[None]:
+    try:
+        yield
     except (OSError, StorageError) as e:
         raise SpecError("dataset.path", f"cannot list {ds.path}: {str(e).splitlines()[0]}") from None
-    return fs, root, infos
 
 
 def _rel(path: str, root: str) -> str:
@@ -126,12 +146,15 @@ def list_into(ds: DatasetSpec, sink) -> None:
     suffix = _shard_suffix(ds.path)
     if suffix is None:
         fs, root, infos = _files(ds, IMAGE_SUFFIXES)
-        for i in infos:
-            if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES:
-                sink.image(_rel(i.path, root), uri(fs, i.path), i.size)
+        with _listing_errors(ds):
+            for i in infos:
+                if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES:
+                    sink.image(_rel(i.path, root), uri(fs, i.path), i.size)
         return
     fs, root, infos = _files(ds, {suffix})
-    for info in sorted(infos, key=lambda i: i.path):
+    with _listing_errors(ds):
+        shards = sorted(infos, key=lambda i: i.path)    # shard files: few
+    for info in shards:
         shard = uri(fs, info.path)
         lister = _parquet_members if suffix == ".parquet" else _tar_members
         try:

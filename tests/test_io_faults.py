@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -150,3 +151,30 @@ def test_a_tar_shard_read_by_several_chunks_is_fetched_once_per_worker(
                        text=True)
     assert r.returncode == 0, r.stderr
     assert proxy.gets("/shard-000000.tar") <= 1 + 2     # 8 chunks, 2 workers
+
+
+def test_a_prefix_is_listed_a_few_sub_prefixes_ahead_of_what_planning_has_taken(
+        store, monkeypatch):
+    """A 1M-object prefix is not held whole in memory: sub-prefixes are listed in threads, at
+    most 2 x LIST_THREADS ahead of the consumer, and each exactly once."""
+    from dmx.results.fs import filesystem
+    from dmx.runner import sources
+    proxy, direct = store
+    names = [f"{BUCKET}/tree/d{d:02d}/s{j}.jpg" for d in range(12) for j in range(2)]
+    for name in names:
+        with direct.open_output_stream(name) as f:
+            f.write(b"\xff\xd8")
+    monkeypatch.setattr(sources, "LIST_THREADS", 2)
+    proxy.reset()
+    listed: list[str] = []
+    proxy.policy = lambda m, p, attempt: listed.append(p) if "list-type" in p else None
+    fs, root = filesystem(f"s3://{BUCKET}/tree")
+    files = iter(sources._select(fs, root))
+    first = next(files)
+    time.sleep(1.0)         # the threads list what they may before the consumer takes more
+    sub = [p for p in listed if "prefix=tree%2Fd" in p or "prefix=tree/d" in p]
+    assert 1 <= len(sub) <= 2 * 2 + 1, listed
+    got = [first.path, *(i.path for i in files)]
+    assert sorted(got) == names and got == sorted(got)      # every file, in listing order
+    sub = [p for p in listed if "prefix=tree%2Fd" in p or "prefix=tree/d" in p]
+    assert len(sub) == 12 and len(set(sub)) == 12           # each sub-prefix listed once
