@@ -265,7 +265,7 @@ def measure_floor(manifest: Path, sample: int, workers: int, share: bool = False
 
 
 # ----------------------------------------------------------------------------- planning only
-def plan_seconds(path: str) -> tuple[float, int, int]:
+def plan_seconds(path: str, limit: int | None = None) -> tuple[float, int, int]:
     """(seconds, images, chunks) to list and chunk the dataset at ``path`` as ``dmx run`` does."""
     import shutil as _sh
 
@@ -275,7 +275,7 @@ def plan_seconds(path: str) -> tuple[float, int, int]:
     scratch = scratch_dir()
     try:
         t = time.perf_counter()
-        listing = collect(DatasetSpec(path, None, "."), scratch)
+        listing = collect(DatasetSpec(path, limit, "."), scratch)
         index = plan_chunks(listing.images, 64, scratch / "chunks.parquet")
         return time.perf_counter() - t, listing.n_images, len(index)
     finally:
@@ -307,12 +307,12 @@ def plan_only(a: argparse.Namespace, data: Path, manifest: Path) -> None:
     for kind, path in (("manifest", str(manifest)), ("folder", str(data))):
         if kind == "folder" and a.images != _built(data):
             continue        # the folder holds the whole built set, not --images of it
-        s, n, chunks = plan_seconds(path)
+        s, n, chunks = plan_seconds(path, a.limit)
         res[f"{kind}_plan_s"], res[f"{kind}_images"] = round(s, 2), n
     if a.s3:
         uri, proc = s3_prefix(a.s3, a.s3_latency_ms)
         try:
-            s, n, _ = plan_seconds(uri)
+            s, n, _ = plan_seconds(uri, a.limit)
             res["s3_plan_s"], res["s3_images"] = round(s, 2), n
             res["s3_latency_ms"] = a.s3_latency_ms
         finally:
@@ -351,6 +351,8 @@ def main() -> None:
                     help="only time planning: the manifest, the folder tree (when it holds exactly "
                          "--images) and, with --s3 N, a moto S3 prefix of N objects")
     ap.add_argument("--s3", type=int, default=0, metavar="N")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="with --plan-only: plan with dataset.limit")
     ap.add_argument("--s3-latency-ms", type=float, default=0.0,
                     help="with --s3: delay each listing answer (S3's round trip per page)")
     a = ap.parse_args()

@@ -25,7 +25,7 @@ import tarfile
 import threading
 import time
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -78,37 +78,44 @@ LIST_THREADS = 16      # sub-prefixes of an object-store location listed at once
 
 
 def _select(fs: pafs.FileSystem, root: str) -> Iterator[pafs.FileInfo]:
-    """Every file under ``root``, as it is listed. In an object store the first level is
-    listed once and its sub-prefixes are then listed recursively in ``LIST_THREADS`` threads
-    (a listing is one request per 1,000 keys, so a large prefix is latency-bound), at most
-    twice that many sub-prefixes ahead of the consumer, so memory holds a few sub-prefixes'
-    listings, not the whole; a local folder is listed by one recursive selector."""
+    """Every file under ``root``, as it is listed. In an object store, in key order (so that
+    ``dataset.limit`` can stop the listing): the first level is listed once, and its
+    sub-prefixes are then listed recursively in ``LIST_THREADS`` threads (a listing is one
+    request per 1,000 keys, so a large prefix is latency-bound), at most twice that many
+    ahead of the consumer, so memory holds a few sub-prefixes' listings, not the whole. A
+    local folder is listed by one recursive selector."""
     if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
         yield from (i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
                                                                   allow_not_found=True))
                     if i.type == pafs.FileType.File)
         return
     top = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
-    dirs = [i.path for i in top if i.type == pafs.FileType.Directory]
-    yield from (i for i in top if i.type == pafs.FileType.File)
-    del top
-    if not dirs:
-        return
+    # "b.jpg" < "b/x.jpg" < "b0.jpg": a sub-prefix sorts as its name and a slash
+    top = sorted((i for i in top if i.type in (pafs.FileType.File, pafs.FileType.Directory)),
+                 key=lambda i: i.path + ("/" if i.type == pafs.FileType.Directory else ""))
+    dirs = iter([i.path for i in top if i.type == pafs.FileType.Directory])
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     def listed(d: str) -> list[pafs.FileInfo]:
-        return fs.get_file_info(pafs.FileSelector(d, recursive=True))
-    pending = iter(dirs)
-    with ThreadPoolExecutor(min(LIST_THREADS, len(dirs))) as pool:
-        ahead = deque(pool.submit(listed, d) for d in itertools.islice(pending, 2 * LIST_THREADS))
-        while ahead:
+        return sorted((i for i in fs.get_file_info(pafs.FileSelector(d, recursive=True))
+                       if i.type == pafs.FileType.File), key=lambda i: i.path)
+    pool = ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="dmx-list")
+    try:
+        ahead = deque(pool.submit(listed, d) for d in itertools.islice(dirs, 2 * LIST_THREADS))
+        for entry in top:
+            if entry.type == pafs.FileType.File:
+                yield entry
+                continue
             infos = ahead.popleft().result()
-            ahead.extend(pool.submit(listed, d) for d in itertools.islice(pending, 1))
-            yield from (i for i in infos if i.type == pafs.FileType.File)
+            ahead.extend(pool.submit(listed, d) for d in itertools.islice(dirs, 1))
+            yield from infos
+    finally:    # a consumer that stops early (``limit``) leaves the rest unlisted
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, Iterator[pafs.FileInfo]]:
+def _files(ds: DatasetSpec, suffixes: set[str]
+           ) -> tuple[pafs.FileSystem, str, Generator[pafs.FileInfo, None, None]]:
     """Files matching ``ds.path`` (a glob, a folder/prefix, or one file): (fs, root, infos),
     the infos listed as they are consumed (``_listing_errors`` names a failure)."""
     target = ds.path if (is_remote(ds.path) or os.path.isabs(ds.path)) else str(Path(ds.base_dir) / ds.path)
@@ -121,7 +128,7 @@ def _files(ds: DatasetSpec, suffixes: set[str]) -> tuple[pafs.FileSystem, str, I
             return fs, root, (i for i in _select(fs, root) if rx.match(i.path))
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.File:
-            return fs, path.rsplit("/", 1)[0], iter([info])
+            return fs, path.rsplit("/", 1)[0], (i for i in (info,))
         if info.type == pafs.FileType.Directory or is_remote(target):
             return fs, path, (i for i in _select(fs, path)
                               if PurePosixPath(i.path).suffix.lower() in suffixes)
@@ -142,14 +149,21 @@ def _rel(path: str, root: str) -> str:
 
 def list_into(ds: DatasetSpec, sink) -> None:
     """Append the images of an object-store location or of shard files to ``sink`` (a
-    ``dataset.ListingSink``); sorting, the duplicate check and ``limit`` follow in DuckDB."""
+    ``dataset.ListingSink``); sorting, the duplicate check and ``limit`` follow in DuckDB (an
+    object store's listing, in key order, stops at ``limit`` images)."""
     suffix = _shard_suffix(ds.path)
     if suffix is None:
         fs, root, infos = _files(ds, IMAGE_SUFFIXES)
+        n = 0
         with _listing_errors(ds):
             for i in infos:
                 if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES:
                     sink.image(_rel(i.path, root), uri(fs, i.path), i.size)
+                    n += 1
+                    if ds.limit and n >= ds.limit and isinstance(
+                            fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+                        break   # keys come in order: the first ``limit`` are the ones kept
+            infos.close()
         return
     fs, root, infos = _files(ds, {suffix})
     with _listing_errors(ds):

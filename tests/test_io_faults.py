@@ -178,3 +178,35 @@ def test_a_prefix_is_listed_a_few_sub_prefixes_ahead_of_what_planning_has_taken(
     assert sorted(got) == names and got == sorted(got)      # every file, in listing order
     sub = [p for p in listed if "prefix=tree%2Fd" in p or "prefix=tree/d" in p]
     assert len(sub) == 12 and len(set(sub)) == 12           # each sub-prefix listed once
+
+
+def test_a_limit_stops_an_object_store_listing_and_keeps_the_images_a_full_listing_keeps(
+        store, monkeypatch, tmp_path: Path):
+    """Keys come in order ("b.jpg" < "b/x.jpg" < "b0.jpg", top-level objects among sub-prefixes),
+    so the listing stops after ``limit`` images and the plan is the full listing's first ones."""
+    import pyarrow.parquet as pq
+
+    from dmx.matrix import DatasetSpec
+    from dmx.runner import sources
+    from dmx.runner.dataset import collect
+    proxy, direct = store
+    names = ["b.jpg", "b/x.jpg", "b0.jpg", "a/z/1.jpg", "a.txt", "c.png", "a/y.jpg",
+             *(f"d{d:02d}/s{j}.jpg" for d in range(12) for j in range(2))]
+    for name in names:
+        with direct.open_output_stream(f"{BUCKET}/lim/{name}") as f:
+            f.write(b"\xff\xd8")
+    monkeypatch.setattr(sources, "LIST_THREADS", 2)
+
+    def planned(limit, folder):
+        proxy.reset()
+        listed: list[str] = []
+        proxy.policy = lambda m, p, attempt: listed.append(p) if "list-type" in p else None
+        result = collect(DatasetSpec(f"s3://{BUCKET}/lim", limit, "."), tmp_path / folder)
+        return pq.read_table(result.images).column("image_id").to_pylist(), listed
+
+    everything, all_listed = planned(None, "all")
+    assert everything == sorted(n for n in names if not n.endswith(".txt"))
+    for limit in (1, 3, 6):
+        got, listed = planned(limit, f"limit-{limit}")
+        assert got == everything[:limit]
+        assert len(listed) < len(all_listed) - 2, (limit, listed)  # the later sub-prefixes unlisted
