@@ -75,6 +75,7 @@ def _glob_regex(pattern: str) -> re.Pattern:
 
 
 LIST_THREADS = 16      # sub-prefixes of an object-store location listed at once
+_OBJECT_STORES = (pafs.S3FileSystem, pafs.GcsFileSystem)   # listed in key order, by prefix
 
 
 def _select(fs: pafs.FileSystem, root: str) -> Iterator[pafs.FileInfo]:
@@ -84,7 +85,7 @@ def _select(fs: pafs.FileSystem, root: str) -> Iterator[pafs.FileInfo]:
     request per 1,000 keys, so a large prefix is latency-bound), at most twice that many
     ahead of the consumer, so memory holds a few sub-prefixes' listings, not the whole. A
     local folder is listed by one recursive selector."""
-    if not isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+    if not isinstance(fs, _OBJECT_STORES):
         yield from (i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True,
                                                                   allow_not_found=True))
                     if i.type == pafs.FileType.File)
@@ -160,8 +161,7 @@ def list_into(ds: DatasetSpec, sink) -> None:
                 if PurePosixPath(i.path).suffix.lower() in IMAGE_SUFFIXES:
                     sink.image(_rel(i.path, root), uri(fs, i.path), i.size)
                     n += 1
-                    if ds.limit and n >= ds.limit and isinstance(
-                            fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+                    if ds.limit and n >= ds.limit and isinstance(fs, _OBJECT_STORES):
                         break   # keys come in order: the first ``limit`` are the ones kept
             infos.close()
         return
